@@ -1,0 +1,51 @@
+"""Byzantine attacks: what a Byzantine peer publishes (model attacks) or trains on (data attacks).
+
+Public API
+----------
+``get(name, **params)``
+    Build a registered attack with its hyperparameters.
+``names(kind=None, omniscient=None)``, ``info(name)``
+    Registered names (optionally filtered by ``kind`` "data"/"model" and by ``omniscient``) and their
+    metadata (:class:`AttackInfo`: kind, omniscient, summary, reference, defaults).
+
+Model attacks: ``attack(honest=None, own=None) -> (d,)`` with ``honest`` the (h, d) honest vectors of
+the round (read by omniscient attacks) and ``own`` the Byzantine peer's own honestly computed (d,) average
+gradient (read by non-omniscient ones); numpy or torch, the output matches ``own`` if given, else
+``honest``. Data attacks: ``attack.poison(x, y) -> (x, y)``; called as a model attack they return ``own``.
+
+Adding an attack: one module in this package with a class derived from :class:`ModelAttack` or
+:class:`DataAttack`, decorated with ``@register("name")``; modules are imported automatically.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._base import Attack, AttackInfo, DataAttack, ModelAttack, register, registry
+
+registry.load_package(__name__, __path__)
+
+
+def get(name: str, **params: Any) -> Attack:
+    """Instantiate the attack ``name`` (or an alias) with ``params``."""
+    return registry.get(name, **params)
+
+
+def names(kind: str | None = None, omniscient: bool | None = None) -> list[str]:
+    """Sorted registered names, optionally filtered by ``kind`` ("data"/"model") and ``omniscient``."""
+    if kind not in (None, "data", "model"):
+        raise ValueError(f"kind must be None, 'data' or 'model' (got {kind!r})")
+    out = []
+    for n in registry.names():
+        cls = registry.cls(n)
+        if (kind is None or cls.kind == kind) and (omniscient is None or cls.omniscient == omniscient):
+            out.append(n)
+    return out
+
+
+def info(name: str) -> AttackInfo:
+    """Metadata of the attack ``name`` (or an alias)."""
+    return registry.info(name)
+
+
+__all__ = ["get", "names", "info", "register", "Attack", "ModelAttack", "DataAttack", "AttackInfo"]

@@ -1,0 +1,31 @@
+"""Benchmark fixtures: one server for the whole session, and result collectors that write reports/."""
+
+from __future__ import annotations
+
+import os
+import pytest
+
+from spirt.servers import start_server
+
+try:
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:  # pragma: no cover
+    pass
+
+@pytest.fixture(scope="session")
+def bench_server():
+    srv = start_server(os.environ.get("SPIRT_BENCH_SERVER", "valkey"))
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="session")
+def bench_client(bench_server):
+    # long Lua / JSON reference calls run for tens of seconds at ResNet-18 size
+    c = bench_server.client(socket_timeout=1800)
+    yield c
+    c.close()

