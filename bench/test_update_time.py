@@ -25,9 +25,10 @@ def _write_reports():
         ub.write_reports(ub.with_speedups(list(_rows)), REPORTS, profile=PROFILE)
 
 
-@pytest.mark.parametrize(("n_floats", "k", "backend"), CELLS, ids=[f"{ub.SIZE_NAMES.get(n, n)}-K{k}-{b}" for n, k, b in CELLS])
-def test_update_time(benchmark, bench_client, n_floats, k, backend):
-    cell, fn = ub.prepare_cell(bench_client, backend, n_floats, k)
+@pytest.mark.parametrize(("op", "n_floats", "k", "backend"), CELLS,
+                         ids=[f"{op}-{ub.SIZE_NAMES.get(n, n)}-K{k}-{b}" for op, n, k, b in CELLS])
+def test_update_time(benchmark, bench_client, op, n_floats, k, backend):
+    cell, fn = ub.prepare_cell(bench_client, backend, n_floats, k, op=op)
     times: list[float] = []
 
     def timed():
@@ -35,7 +36,7 @@ def test_update_time(benchmark, bench_client, n_floats, k, backend):
         fn()
         times.append(time.perf_counter() - t0)
 
-    benchmark.extra_info.update(backend=backend, n_floats=n_floats, k=k)
+    benchmark.extra_info.update(op=op, backend=backend, n_floats=n_floats, k=k)
     benchmark.pedantic(timed, rounds=cell.rounds, iterations=1, warmup_rounds=0)
     cell = ub.finish_cell(bench_client, cell, times)
     _rows.append(cell.row())

@@ -30,7 +30,7 @@ def _bench_client(args):
 def _progress_printer(console):
     def show(row):
         console.print(
-            f"  {row['backend']:>16}  n={row['n_floats']:>9,}  K={row['k']:>2}  "
+            f"  {row['op']:>12} {row['backend']:>16}  n={row['n_floats']:>10,}  K={row['k']:>2}  "
             f"median {row['median_s'] * 1e3:9.2f} ms  ({row['rounds']} rounds)"
         )
 
@@ -65,7 +65,7 @@ def _cmd_bench_update(args) -> int:
             for key in sorted(base["speedups"]):
                 now = current.get(key, float("nan"))
                 mark = "FAIL" if any(f.startswith(key + ":") for f in failures) else "ok"
-                print(f"{mark:4}  {key:32} now {now:8.2f}x  baseline {base['speedups'][key]:8.2f}x")
+                print(f"{mark:4}  {key:40} now {now:8.2f}x  baseline {base['speedups'][key]:8.2f}x")
             if failures:
                 print(f"{len(failures)} speedup regression(s) beyond {args.tolerance:.0%}:")
                 for f in failures:
@@ -147,8 +147,8 @@ def _cmd_demo(args) -> int:
 
     from .benchmarks import update as ub
     from .config import load_config
-    from .runner import run_training, write_run_reports
     from .reports import write_comparison
+    from .runner import run_training, write_run_reports
 
     console = Console(stderr=True)
     out = Path(args.out)

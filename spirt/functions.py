@@ -115,7 +115,6 @@ def compute_gradient(task: GradTask) -> GradResult:
 def _compute_gradient(task: GradTask) -> GradResult:
     import os
 
-    import torch
     import torch.nn.functional as F
 
     from .data import minibatch_indices

@@ -3,8 +3,6 @@ torchvision parameter counts, and a short real training run of the cnn on Fashio
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -132,18 +130,11 @@ def test_argument_errors():
         build_model("cnn", 1, 10, 3, seed=0)
 
 
-def test_cnn_forward_backward_is_cheap():
-    # The cnn is sized for ~12 ms per batch of 64 on one thread; the bound is loose so a busy CI
-    # machine does not fail it, while a model 10x too big would.
+def test_cnn_stays_small():
+    # The cnn is sized for ~12 ms per batch of 64 on one thread (measured in the round-time benchmark);
+    # its size is the deterministic proxy checked here, never a wall-clock bound.
     model = build_model("cnn", 1, 10, 28, seed=0)
-    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
-    _loss_and_grads(model, x, y)
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        _loss_and_grads(model, x, y)
-        times.append(time.perf_counter() - t)
-    assert min(times) < 0.15
+    assert count_parameters(model) < 300_000
 
 
 def test_cnn_sgd_on_fashion_mnist_reduces_loss():

@@ -192,7 +192,7 @@ def _model(cmd, args, state):
         dst_ok(state, args[0])
         xs = sources(state, args[2::2])
         acc = F32(alphas[0]) * xs[0]
-        for a, x in zip(alphas[1:], xs[1:]):
+        for a, x in zip(alphas[1:], xs[1:], strict=False):
             acc = acc + F32(a) * x
         return xs[0].size, {args[0]: acc.astype(F32).tobytes()}
     if cmd == "TENSOR.TRIMMEAN":
@@ -318,7 +318,21 @@ def db_states(draw):
     state = {}
     for key in KEYS:
         kind = draw(
-            st.sampled_from(["missing", "tensor", "tensor", "tensor", "tensor", "other", "bytes", "int", "list", "hash", "set"])
+            st.sampled_from(
+                [
+                    "missing",
+                    "tensor",
+                    "tensor",
+                    "tensor",
+                    "tensor",
+                    "other",
+                    "bytes",
+                    "int",
+                    "list",
+                    "hash",
+                    "set",
+                ]
+            )
         )
         if kind == "tensor" or kind == "other":
             style = draw(st.sampled_from(["normal", "wide", "bits", "ints", "specials"]))
@@ -327,7 +341,10 @@ def db_states(draw):
         elif kind == "bytes":
             state[key] = ("string", draw(st.binary(max_size=24)))
         elif kind == "int":
-            state[key] = ("string", draw(st.sampled_from([b"1234", b"-100", b"0", b"12345678", b"99999999", b"7777"])))
+            state[key] = (
+                "string",
+                draw(st.sampled_from([b"1234", b"-100", b"0", b"12345678", b"99999999", b"7777"])),
+            )
         elif kind != "missing":
             state[key] = (kind,)
     return state
@@ -346,8 +363,23 @@ NUMBERS = st.one_of(
 )
 _NONNEG_OK = st.floats(0, 2).map(lambda f: repr(f).encode())
 NONNEG = st.one_of(_NONNEG_OK, _NONNEG_OK, _NONNEG_OK, NUMBERS)
-WORDS = st.sampled_from([b"MOMENTUM", b"momentum", b"DAMPENING", b"Dampening", b"NESTEROV", b"nesterov", b"WD", b"wd", b"LR", b"x"])
-TOKENS = st.one_of(KEY_TOKENS, NUMBERS, WORDS, st.binary(max_size=6), st.integers(0, 9).map(lambda i: str(i).encode()))
+WORDS = st.sampled_from(
+    [
+        b"MOMENTUM",
+        b"momentum",
+        b"DAMPENING",
+        b"Dampening",
+        b"NESTEROV",
+        b"nesterov",
+        b"WD",
+        b"wd",
+        b"LR",
+        b"x",
+    ]
+)
+TOKENS = st.one_of(
+    KEY_TOKENS, NUMBERS, WORDS, st.binary(max_size=6), st.integers(0, 9).map(lambda i: str(i).encode())
+)
 
 
 def case(cmd):

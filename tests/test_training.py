@@ -13,7 +13,7 @@ from spirt.data import load_dataset, minibatch_indices, partition
 from spirt.models import build_model
 from spirt.peer import Keys, Peer
 from spirt.runner import run_training
-from spirt.servers import make_client, start_server
+from spirt.servers import start_server
 from spirt.tensors import FlatParams, from_f32_bytes
 
 SMALL = {

@@ -38,6 +38,7 @@ class Cell:
     median_s: float
     min_s: float
     mean_s: float
+    op: str = "update"
 
     @property
     def size_name(self) -> str:
@@ -46,7 +47,8 @@ class Cell:
     def row(self) -> dict:
         d = asdict(self)
         d["size"] = self.size_name
-        d["gbytes_per_s"] = (self.k + 2) * self.n_floats * 4 / self.median_s / 1e9
+        streams = self.k + 2 if self.op == "update" else self.k
+        d["gbytes_per_s"] = streams * self.n_floats * 4 / self.median_s / 1e9
         return d
 
 
@@ -86,6 +88,43 @@ def stage(client: redis.Redis, backend_name: str, n: int, k: int, seed: int = 0)
     return lambda: backend.update(client, param, buf, grads, SGD)
 
 
+ROBUST_OPS = ("median", "trimmed_mean", "dist")
+
+
+def stage_robust(client: redis.Redis, op: str, backend: str, n: int, k: int, seed: int = 0) -> Callable[[], None]:
+    """Coordinate-wise median, trimmed mean (b = K/4 per side) or Krum's pairwise distances over K
+    stored vectors: in the database (``module``) or fetched and computed with numpy (``client``, the
+    defenses' own client-side forms)."""
+    import defenses
+
+    rng = np.random.default_rng(seed)
+    keys = [f"{{bench}}:in:{i}" for i in range(k)]
+    dst = "{bench}:agg"
+    client.delete(dst, *keys)
+    for i, key in enumerate(keys):
+        client.set(key, rng.standard_normal(n, dtype=np.float32).tobytes())
+    trim = k // 4
+    if backend == "module":
+        cmd = {
+            "median": ["TENSOR.MEDIAN", dst, *keys],
+            "trimmed_mean": ["TENSOR.TRIMMEAN", dst, trim, *keys],
+            "dist": ["TENSOR.DIST", *keys],
+        }[op]
+        return lambda: client.execute_command(*cmd)
+    if backend != "client":
+        raise ValueError(f"robust op {op!r} is measured for 'module' and 'client', not {backend!r}")
+    rule = {"median": defenses.get("median"), "trimmed_mean": defenses.get("trimmed_mean", f=trim)}.get(op)
+
+    def run():
+        X = np.stack([np.frombuffer(b, dtype=np.float32) for b in client.mget(keys)])
+        if op == "dist":
+            defenses.pairwise_sq_dists(X)
+        else:
+            client.set(dst, np.asarray(rule(X), dtype=np.float32).tobytes())
+
+    return run
+
+
 def numpy_inprocess(n: int, k: int, seed: int = 0) -> Callable[[], None]:
     """The same arithmetic on arrays already in this process: the memory-bandwidth reference."""
     rng = np.random.default_rng(seed)
@@ -119,33 +158,46 @@ def time_call(fn: Callable[[], None], rounds: int, warmup: int = 1) -> list[floa
     return out
 
 
+def _stage_any(client, op: str, backend: str, n: int, k: int) -> Callable[[], None]:
+    if op != "update":
+        return stage_robust(client, op, backend, n, k)
+    return numpy_inprocess(n, k) if backend == "numpy-inprocess" else stage(client, backend, n, k)
+
+
+def _cleanup(client, cell: Cell) -> None:
+    if client is None or cell.backend == "numpy-inprocess":
+        return
+    param, buf, grads = keys_for(cell.k)
+    client.delete(param, buf, *grads, "{bench}:agg", *[f"{{bench}}:in:{i}" for i in range(cell.k)])
+
+
 def measure(
     client: redis.Redis | None,
     backend: str,
     n: int,
     k: int,
     *,
+    op: str = "update",
     budget_s: float = 3.0,
     max_rounds: int = 30,
     min_rounds: int = 3,
 ) -> Cell:
-    """Median update time of one (backend, size, K) cell."""
-    fn = numpy_inprocess(n, k) if backend == "numpy-inprocess" else stage(client, backend, n, k)
+    """Median time of one (op, backend, size, K) cell."""
+    fn = _stage_any(client, op, backend, n, k)
     first = time_call(fn, 1, warmup=0)[0]  # also the warm-up (creates the momentum state)
     slow = backend in ("lua", "spirt-reference")
     rounds = _rounds_for(first, budget_s, max_rounds, 1 if slow else min_rounds)
     times = time_call(fn, rounds, warmup=0)
-    if client is not None and backend != "numpy-inprocess":
-        param, buf, grads = keys_for(k)
-        client.delete(param, buf, *grads)
-    return Cell(backend, n, k, rounds, statistics.median(times), min(times), statistics.fmean(times))
+    cell = Cell(backend, n, k, rounds, statistics.median(times), min(times), statistics.fmean(times), op)
+    _cleanup(client, cell)
+    return cell
 
 
 def with_speedups(rows: list[dict]) -> list[dict]:
-    """Add ``speedup_vs_client`` (client median / this median) for the same size and K."""
-    client = {(r["n_floats"], r["k"]): r["median_s"] for r in rows if r["backend"] == "client"}
+    """Add ``speedup_vs_client`` (client median / this median) for the same operation, size and K."""
+    client = {(r.get("op", "update"), r["n_floats"], r["k"]): r["median_s"] for r in rows if r["backend"] == "client"}
     for r in rows:
-        ref = client.get((r["n_floats"], r["k"]))
+        ref = client.get((r.get("op", "update"), r["n_floats"], r["k"]))
         r["speedup_vs_client"] = ref / r["median_s"] if ref else float("nan")
     return rows
 
@@ -172,27 +224,33 @@ def reports_dir():
 
 PROFILES = {
     # CI-sized: quick, but large enough that the database paths are not dominated by round trips
-    "small": dict(sizes=(100_000, 1_000_000), ks=(4, 8), backends=("client", "module", "lua", "numpy-inprocess")),
-    "full": dict(sizes=FULL_SIZES, ks=FULL_KS, backends=FULL_BACKENDS),
+    "small": dict(sizes=(100_000, 1_000_000), ks=(4, 8), backends=("client", "module", "lua", "numpy-inprocess"),
+                  robust=((1_000_000, 16),)),
+    "full": dict(sizes=FULL_SIZES, ks=FULL_KS, backends=FULL_BACKENDS,
+                 robust=((1_000_000, 8), (1_000_000, 16), (MOBILENET_V3_SMALL, 16))),
 }
 
 
-def profile_cells(profile: str) -> list[tuple[int, int, str]]:
+def profile_cells(profile: str) -> list[tuple[str, int, int, str]]:
+    """(op, n_floats, K, backend) of a profile: the update cells, then the robust-aggregation cells."""
     try:
         p = PROFILES[profile]
     except KeyError:
         raise ValueError(f"unknown benchmark profile {profile!r}; allowed: {', '.join(PROFILES)}") from None
     # size and K outside, backend inside: the backends of one cell run back to back
-    return [(n, k, b) for n in p["sizes"] for k in p["ks"] for b in p["backends"]]
+    cells = [("update", n, k, b) for n in p["sizes"] for k in p["ks"] for b in p["backends"]]
+    cells += [(op, n, k, b) for n, k in p["robust"] for op in ROBUST_OPS for b in ("client", "module")]
+    return cells
 
 
-def prepare_cell(client, backend: str, n: int, k: int, budget_s: float = 3.0, max_rounds: int = 30):
+def prepare_cell(client, backend: str, n: int, k: int, op: str = "update", budget_s: float = 3.0,
+                 max_rounds: int = 30):
     """Stage a cell, warm it up, choose the round count; returns (cell, timed callable)."""
-    fn = numpy_inprocess(n, k) if backend == "numpy-inprocess" else stage(client, backend, n, k)
+    fn = _stage_any(client, op, backend, n, k)
     first = time_call(fn, 1, warmup=0)[0]
     slow = backend in ("lua", "spirt-reference")
     rounds = _rounds_for(first, budget_s, max_rounds, 1 if slow else 3)
-    cell = Cell(backend, n, k, rounds, first, first, first)
+    cell = Cell(backend, n, k, rounds, first, first, first, op)
     return cell, fn
 
 
@@ -202,22 +260,21 @@ def finish_cell(client, cell: Cell, times: list[float]) -> Cell:
         cell.min_s = min(times)
         cell.mean_s = statistics.fmean(times)
         cell.rounds = len(times)
-    if client is not None and cell.backend != "numpy-inprocess":
-        param, buf, grads = keys_for(cell.k)
-        client.delete(param, buf, *grads)
+    _cleanup(client, cell)
     return cell
 
 
 def run_profile(client, profile: str, progress=None) -> list[dict]:
     rows = []
-    for n, k, b in profile_cells(profile):
-        rows.append(measure(client, b, n, k).row())
+    for op, n, k, b in profile_cells(profile):
+        rows.append(measure(client, b, n, k, op=op).row())
         if progress:
             progress(rows[-1])
     return with_speedups(rows)
 
 
-COLUMNS = ["backend", "size", "n_floats", "k", "rounds", "median_s", "min_s", "speedup_vs_client", "gbytes_per_s"]
+COLUMNS = ["op", "backend", "size", "n_floats", "k", "rounds", "median_s", "min_s", "speedup_vs_client",
+           "gbytes_per_s"]
 
 
 def write_reports(rows: list[dict], out_dir, *, profile: str = "full", stem: str = "update_time"):
@@ -225,23 +282,32 @@ def write_reports(rows: list[dict], out_dir, *, profile: str = "full", stem: str
 
     from ..reports import plot_update_speedups, write_table
 
-    df = pd.DataFrame(rows)[COLUMNS].sort_values(["n_floats", "k", "backend"])
+    df = pd.DataFrame(rows)[COLUMNS].sort_values(["op", "n_floats", "k", "backend"], key=_op_order)
     notes = (
         f"One peer's model-update time (average K float32 gradients + SGD step with momentum 0.9 and weight "
         f"decay 5e-4), median over rounds, profile `{profile}`, measured side by side in one run on one "
         "server. `speedup_vs_client` = client-side median / this median for the same size and K. "
         "`numpy-inprocess` is the same arithmetic on arrays already in memory (no database): the "
-        "memory-bandwidth reference. `gbytes_per_s` counts K gradients + parameters + momentum read once."
+        "memory-bandwidth reference. `gbytes_per_s` counts K gradients + parameters + momentum read once. "
+        "Rows with `op` median / trimmed_mean (b = K/4) / dist (Krum's pairwise squared distances) compare "
+        "the module's TENSOR.MEDIAN / TENSOR.TRIMMEAN / TENSOR.DIST with the defenses' client-side forms "
+        "(fetch the K vectors, numpy, store the result back)."
     )
     write_table(df, out_dir, stem, "Model-update time per backend", notes)
-    plot_update_speedups(df, f"{out_dir}/{stem}.png")
+    plot_update_speedups(df[df["op"] == "update"], f"{out_dir}/{stem}.png")
     return df
 
 
+def _op_order(col):
+    if col.name == "op":
+        return col.map({"update": 0, "median": 1, "trimmed_mean": 2, "dist": 3})
+    return col
+
+
 def speedups(rows: list[dict]) -> dict[str, float]:
-    """Tracked ratios, keyed ``backend/n_floats/K``: every backend's speedup over client-side."""
+    """Tracked ratios, keyed ``op/backend/n_floats/K``: every backend's speedup over client-side."""
     return {
-        f"{r['backend']}/{r['n_floats']}/{r['k']}": float(r["speedup_vs_client"])
+        f"{r.get('op', 'update')}/{r['backend']}/{r['n_floats']}/{r['k']}": float(r["speedup_vs_client"])
         for r in rows
         if r["backend"] != "client"
     }

@@ -12,8 +12,8 @@
  *     fails cleanly (REDISMODULE_ERR, nothing registered) if one is missing, and then registers the
  *     module name and version with SetModuleAttribs.
  *
- * Both Redis (>= 6) and Valkey export their API under the "RedisModule_" names, so the same shared
- * object loads into either server.
+ * Both Redis and Valkey export their API under the "RedisModule_" names, so the same shared object
+ * loads into either server (checked with Redis 7.0 and Valkey 9.1).
  */
 #ifndef SPIRT_REDISMODULE_API_H
 #define SPIRT_REDISMODULE_API_H
