@@ -65,6 +65,11 @@ class Backend:
         """Average ``grads`` and apply one SGD step to ``param`` (momentum state in ``buf``)."""
         raise NotImplementedError
 
+    def queue_update(self, pipe, client: redis.Redis, param: str, buf: str, grad: str, sgd: SGDConfig) -> None:
+        """Queue the SGD step with the aggregated gradient ``grad`` on a transaction ``pipe``, so that it
+        lands atomically with the peer's bookkeeping (round completed, parameter version)."""
+        raise NotImplementedError
+
 
 class ModuleBackend(Backend):
     name = "module"
@@ -88,6 +93,9 @@ class ModuleBackend(Backend):
         if sgd.weight_decay > 0:
             args += ["WD", repr(float(sgd.weight_decay))]
         return args
+
+    def queue_update(self, pipe, client, param, buf, grad, sgd):
+        pipe.execute_command(*self.sgd_args(param, grad, buf, sgd))
 
     def update(self, client, param, buf, grads, sgd):
         tmp = f"{param}:avg"
@@ -115,6 +123,9 @@ class LuaBackend(Backend):
             )
         )
 
+    def queue_update(self, pipe, client, param, buf, grad, sgd):
+        pipe.fcall("spirt_update", 3, param, buf, grad, sgd.lr, sgd.momentum, sgd.weight_decay)
+
 
 class ClientBackend(Backend):
     name = "client"
@@ -141,6 +152,13 @@ class ClientBackend(Backend):
         return (acc, raw[: len(extra)]) if extra else acc
 
     def update(self, client, param, buf, grads, sgd):
+        pipe = client.pipeline(transaction=False)
+        n = self.queue_update(pipe, client, param, buf, grads, sgd)
+        pipe.execute()
+        return n
+
+    def queue_update(self, pipe, client, param, buf, grad, sgd):
+        grads = [grad] if isinstance(grad, str) else list(grad)
         g, (p_raw, b_raw) = self._mean(client, grads, extra=[param, buf])
         p = from_f32_bytes(p_raw, key=param, writable=True)
         if p.size != g.size:
@@ -148,7 +166,6 @@ class ClientBackend(Backend):
         d = g
         if sgd.weight_decay > 0:
             d += np.float32(sgd.weight_decay) * p
-        pipe = client.pipeline(transaction=False)
         if sgd.momentum > 0:
             if b_raw is not None:
                 b = from_f32_bytes(b_raw, key=buf, writable=True)
@@ -158,7 +175,6 @@ class ClientBackend(Backend):
             pipe.set(buf, as_f32_bytes(d))
         p -= np.float32(sgd.lr) * d
         pipe.set(param, as_f32_bytes(p))
-        pipe.execute()
         return p.size
 
 

@@ -43,6 +43,8 @@ class DataSection(_Section):
     alpha: float = Field(0.5, gt=0)
     limit_train: int | None = Field(None, ge=1)
     limit_test: int | None = Field(None, ge=1)
+    parts: int | None = Field(None, ge=1, description="data parts (default: peers.count); peers joining later "
+                              "take the parts beyond the initial peers")
 
 
 class PeersSection(_Section):
@@ -51,6 +53,8 @@ class PeersSection(_Section):
     batch_size: int = Field(64, ge=1)
     server: str = Field("valkey", description="valkey, redis, or a server binary path")
     urls: list[str] = Field(default_factory=list, description="databases of already running servers, one per peer")
+    persistence: bool = Field(False, description="AOF with fsync on every write: a restarted database "
+                              "resumes from its last completed round")
     unix_socket: bool = Field(True, description="started servers listen on unix sockets (faster than TCP loopback)")
     mode: Literal["process", "thread"] = Field(
         "process", description="peer orchestrators as separate processes (default) or threads of one process"
@@ -78,8 +82,15 @@ class ExecutorSection(_Section):
 
 
 class BarrierSection(_Section):
-    timeout_s: float = Field(60.0, gt=0, description="deadline for the other peers' averages of a round")
-    poll_s: float = Field(0.002, gt=0)
+    timeout_s: float = Field(10.0, gt=0, description="deadline for the other peers' averages of a round")
+
+
+class MembershipSection(_Section):
+    heartbeat_s: float = Field(1.0, gt=0, description="liveness advertised every interval; a dead peer is "
+                               "detected within 2 intervals")
+    max_misses: int = Field(3, ge=1, description="missed barriers before a peer is removed from the membership")
+    join_timeout_s: float = Field(120.0, gt=0, description="how long a joining peer waits for state transfer")
+    db_recovery_s: float = Field(30.0, gt=0, description="how long a peer waits for its own restarted database")
 
 
 class AttackSection(_Section):
@@ -97,6 +108,7 @@ class Config(_Section):
     aggregation: AggregationSection = Field(default_factory=AggregationSection)
     executor: ExecutorSection = Field(default_factory=ExecutorSection)
     barrier: BarrierSection = Field(default_factory=BarrierSection)
+    membership: MembershipSection = Field(default_factory=MembershipSection)
     attack: AttackSection = Field(default_factory=AttackSection)
 
     @model_validator(mode="after")
@@ -109,6 +121,8 @@ class Config(_Section):
             raise ValueError(
                 f"attack.byzantine ({self.attack.byzantine}) must be below peers.count ({self.peers.count})"
             )
+        if self.data.parts is not None and self.data.parts < self.peers.count:
+            raise ValueError(f"data.parts ({self.data.parts}) must be at least peers.count ({self.peers.count})")
         if self.attack.byzantine and not self.attack.name:
             raise ValueError("attack.byzantine > 0 needs attack.name")
         return self

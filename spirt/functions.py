@@ -48,6 +48,9 @@ class GradTask:
     data_attack: tuple[str, dict] | None = None
     db_username: str | None = None
     db_password: str | None = field(default=None, repr=False)
+    #: counter the peer bumps whenever it changes the parameters; lets a warm worker skip re-reading
+    #: parameters it already holds (the K functions of a round all read the same ones)
+    version_key: str | None = None
 
 
 @dataclass
@@ -101,6 +104,23 @@ def _client(url: str, username: str | None, password: str | None):
     return c
 
 
+def _load_params(db, task: GradTask, flat) -> None:
+    """Current parameters into the warm model; skipped when this worker already holds that version."""
+    if task.version_key is None:
+        flat.load_bytes(db.get(task.params_key), key=task.params_key)
+        return
+    held = _cache.get(("version", task.db_url, task.params_key))
+    current = db.get(task.version_key)
+    if held is not None and current is not None and held == current:
+        return
+    pipe = db.pipeline(transaction=True)  # the version and the parameters read atomically
+    pipe.get(task.version_key)
+    pipe.get(task.params_key)
+    version, data = pipe.execute()
+    flat.load_bytes(data, key=task.params_key)
+    _cache[("version", task.db_url, task.params_key)] = version
+
+
 def warm_up(spec: FunctionSpec) -> None:
     """Worker initializer: pay the torch import and data loading before the first invocation."""
     _warm(spec)
@@ -124,7 +144,7 @@ def _compute_gradient(task: GradTask) -> GradResult:
     db = _client(task.db_url, task.db_username, task.db_password)
 
     t0 = time.perf_counter()
-    flat.load_bytes(db.get(task.params_key), key=task.params_key)
+    _load_params(db, task, flat)
     t1 = time.perf_counter()
 
     idx = minibatch_indices(parts[task.peer], spec.batch_size, task.round, task.index, spec.seed,

@@ -2,13 +2,18 @@
 
     COMPUTE   invoke K gradient functions (they read params, write grad:r:k in this peer's database)
     AVERAGE   average the K gradients inside the database             -> avg:r
-    PUBLISH   (a Byzantine peer replaces avg:r here) mark round r ready
-    BARRIER   wait, with a deadline, until the live peers have published round r
-    EXCHANGE  copy each ready peer's avg:r into this database         -> in:q:r
-    AGGREGATE mean or a robust defense, in the database where it has a database form -> agg:r
+    PUBLISH   push avg:r into every other peer's inbox (their database: in:p:r) and wake them;
+              a Byzantine peer pushes its attack vector instead
+    BARRIER   wait, with a deadline, until the live peers' round-r vectors are in our inbox
+    AGGREGATE check sizes, then mean or a robust defense over [avg:r, in:q:r ...], in the database
+              where the rule has a database form -> agg:r
     UPDATE    SGD step on the parameters inside the database (momentum state beside them)
     EVALUATE  every E rounds: test loss and accuracy of the parameters
-    CLEANUP   delete this round's private keys and the previous round's published average
+    CLEANUP   delete this round's keys
+
+Pushing (rather than each peer fetching from all others after the barrier) puts the inputs of the
+aggregation in place while the slower peers still compute, keeps the barrier a local check, and lets
+a Byzantine peer show different vectors to different peers, as the threat model allows.
 
 The databases are the only channel: between peers, and between a peer and its functions. Key names
 carry the peer's hash tag, so all keys of a peer live in one Redis Cluster slot.
@@ -17,7 +22,11 @@ carry the peer's hash tag, so all keys of a peer live in one Redis Cluster slot.
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
+import logging
+import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -31,17 +40,20 @@ from .functions import FunctionSpec, GradTask
 from .servers import make_client
 from .tensors import as_f32_bytes, from_f32_bytes
 
+log = logging.getLogger("spirt.peer")
+
 
 class Phase(enum.Enum):
     COMPUTE = "compute"
     AVERAGE = "average"
     PUBLISH = "publish"
     BARRIER = "barrier"
-    EXCHANGE = "exchange"
     AGGREGATE = "aggregate"
     UPDATE = "update"
     EVALUATE = "evaluate"
     CLEANUP = "cleanup"
+    JOIN = "join"
+    RECOVER = "recover"
 
 
 ROUND_KEY_TTL_MS = 10 * 60 * 1000  # safety net: round keys expire even if a peer dies before cleanup
@@ -66,6 +78,11 @@ class Keys:
         return f"{self.tag}:momentum"
 
     @property
+    def version(self) -> str:
+        """Incremented whenever the parameters change (functions use it to skip re-reading them)."""
+        return f"{self.tag}:version"
+
+    @property
     def ready(self) -> str:
         return f"{self.tag}:ready"
 
@@ -76,6 +93,30 @@ class Keys:
     @property
     def done(self) -> str:
         return f"{self.tag}:done"
+
+    @property
+    def alive(self) -> str:
+        """Heartbeat: present while the orchestrator lives (it refreshes the expiry)."""
+        return f"{self.tag}:alive"
+
+    @property
+    def completed(self) -> str:
+        """Last round whose update is applied (written atomically with the update)."""
+        return f"{self.tag}:completed"
+
+    @property
+    def events(self) -> str:
+        """Membership events seen by this peer (JSON lines), for reports."""
+        return f"{self.tag}:events"
+
+    @property
+    def joins(self) -> str:
+        """Hash of join requests addressed to this peer: index -> "url|first round"."""
+        return f"{self.tag}:joins"
+
+    def snapshot(self, r: int, what: str) -> str:
+        """State handed to peers joining at round r: params, momentum, meta."""
+        return f"{self.tag}:snap:{r}:{what}"
 
     @property
     def notify(self) -> str:
@@ -98,7 +139,7 @@ class Keys:
 def function_spec(cfg: Config) -> FunctionSpec:
     return FunctionSpec(
         model=cfg.model.name, norm=cfg.model.norm, dataset=cfg.data.dataset, data_dir=cfg.data.data_dir,
-        limit_train=cfg.data.limit_train, n_peers=cfg.peers.count, partition=cfg.data.partition,
+        limit_train=cfg.data.limit_train, n_peers=cfg.data.parts or cfg.peers.count, partition=cfg.data.partition,
         alpha=cfg.data.alpha, batch_size=cfg.peers.batch_size, functions=cfg.peers.functions, seed=cfg.run.seed,
     )
 
@@ -114,6 +155,7 @@ class RoundMetrics:
     functions_failed: int = 0
     peers_aggregated: int = 0
     peers_excluded: str = ""
+    members: int = 0
     byzantine: bool = False
     times: dict[str, float] = field(default_factory=dict)
 
@@ -123,20 +165,44 @@ class RoundMetrics:
         return d
 
 
-class Peer:
-    """One peer's orchestrator. ``urls[i]`` is peer i's database; this peer is ``index``."""
+@dataclass
+class Member:
+    """This peer's view of another peer."""
 
-    def __init__(self, cfg: Config, index: int, urls: list[str], *, executor=None):
-        self.cfg, self.index, self.urls = cfg, index, urls
+    index: int
+    url: str
+    client: redis.Redis
+    since: int = 0  # first round in which we wait for it
+    misses: int = 0
+    removed: bool = False
+
+
+class OwnDatabaseDown(RuntimeError):
+    """This peer's own database is unreachable (crashed or restarting)."""
+
+
+class Peer:
+    """One peer's orchestrator. ``urls[i]`` is peer i's database; this peer is ``index``.
+
+    ``urls`` may hold ``None`` for peers that are not running (yet): a peer joining later uses
+    :meth:`join` with the URLs of live peers, which then learn its URL from its join request.
+    """
+
+    def __init__(self, cfg: Config, index: int, urls: list[str | None], *, executor=None):
+        self.cfg, self.index = cfg, index
+        self.urls = list(urls)
+        self.url = urls[index]
         self.keys = Keys(index)
-        self.db = make_client(url=urls[index], socket_timeout=120)
-        self.others = {q: make_client(url=u, socket_timeout=30, connect_timeout=2)
-                       for q, u in enumerate(urls) if q != index}
+        self.db = make_client(url=self.url, socket_timeout=120)
+        self.members: dict[int, Member] = {}
+        for q, u in enumerate(urls):
+            if q != index and u is not None:
+                self._add_member(q, u, since=0)
         self.backend = get_backend(cfg.aggregation.backend)
         self.backend.prepare(self.db)
         self.sgd = SGDConfig(cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay)
         self.spec = function_spec(cfg)
-        self.byzantine = index >= cfg.peers.count - cfg.attack.byzantine
+        self.byzantine = cfg.attack.byzantine > 0 and cfg.peers.count - cfg.attack.byzantine <= index < cfg.peers.count
         self.attack = None
         if self.byzantine:
             import attacks
@@ -150,7 +216,64 @@ class Peer:
         self.defense_in_db = self.backend.name == "module" and in_db_possible(self.defense)
         self._executor = executor
         self._eval_state = None
+        self._heartbeat: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._hb_paused = threading.Event()  # set while we sit out (state transfer): others stop waiting
         self.phase = Phase.COMPUTE
+        self.start_round = 0
+        self.width = 0  # bytes of a parameter vector
+
+    # -- membership --------------------------------------------------------------------------------
+    @property
+    def others(self) -> dict[int, redis.Redis]:
+        return {q: m.client for q, m in self.members.items()}
+
+    def _add_member(self, q: int, url: str, since: int) -> Member:
+        client = make_client(url=url, socket_timeout=30, connect_timeout=2)
+        self.members[q] = Member(q, url, client, since=since)
+        return self.members[q]
+
+    def _event(self, r: int, event: str, peer: int, detail: str = "") -> None:
+        rec = {"t": time.time(), "round": r, "peer": self.index, "event": event, "about": peer, "detail": detail}
+        log.info("peer %s round %s: %s peer %s %s", self.index, r, event, peer, detail)
+        try:
+            self.db.rpush(self.keys.events, json.dumps(rec))
+        except redis.RedisError:
+            pass
+
+    def _alive(self, m: Member) -> tuple[bool, str]:
+        try:
+            if m.client.exists(Keys(m.index).alive):
+                return True, ""
+            return False, "heartbeat expired"
+        except redis.RedisError as exc:
+            return False, f"database unreachable ({type(exc).__name__})"
+
+    def _heartbeat_loop(self) -> None:
+        hb = self.cfg.membership.heartbeat_s
+        client = make_client(url=self.url, socket_timeout=max(1.0, hb), connect_timeout=max(0.5, hb / 2))
+        ttl_ms = max(1, int(hb * 1500))
+        while not self._stop.is_set():
+            try:
+                if self._hb_paused.is_set():
+                    client.delete(self.keys.alive)
+                else:
+                    client.set(self.keys.alive, self.index, px=ttl_ms)
+            except redis.RedisError:
+                pass  # our database is down; the orchestrator notices on its own
+            self._stop.wait(hb / 2)
+        try:
+            client.delete(self.keys.alive)
+        except redis.RedisError:
+            pass
+        client.close()
+
+    def start_heartbeat(self) -> None:
+        self._hb_paused.clear()
+        if self._heartbeat is None:
+            self._heartbeat = threading.Thread(target=self._heartbeat_loop, name=f"heartbeat-{self.index}",
+                                               daemon=True)
+            self._heartbeat.start()
 
     def _attack_params(self) -> dict:
         params = dict(self.cfg.attack.params)
@@ -161,7 +284,7 @@ class Peer:
             params["seed"] = self.cfg.run.seed * 1000 + self.index  # each Byzantine peer its own noise
         return params
 
-    # -- set-up ----------------------------------------------------------------------------------
+    # -- set-up ------------------------------------------------------------------------------------
     def init_params(self) -> int:
         """Store the seeded initial model (the same on every peer); returns its size."""
         from .data import load_dataset
@@ -174,10 +297,16 @@ class Peer:
                             norm=self.cfg.model.norm)
         flat = FlatParams(model)
         self._eval_state = (model, flat, ds)
-        pipe = self.db.pipeline(transaction=False)
+        self.width = flat.nbytes
+        pipe = self.db.pipeline(transaction=True)
         pipe.set(self.keys.params, flat.params_bytes())
-        pipe.delete(self.keys.momentum, self.keys.ready, self.keys.metrics, self.keys.done)
+        # a random start, so a warm worker never mistakes another run's parameters for these
+        pipe.set(self.keys.version, secrets.randbits(62))
+        pipe.set(self.keys.completed, -1)
+        pipe.delete(self.keys.momentum, self.keys.ready, self.keys.metrics, self.keys.done, self.keys.events,
+                    self.keys.joins)
         pipe.execute()
+        self.start_heartbeat()
         return flat.numel
 
     @property
@@ -191,22 +320,65 @@ class Peer:
         return self._executor
 
     def close(self) -> None:
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(5)
         if self._executor is not None:
             self._executor.close()
         for c in [self.db, *self.others.values()]:
             c.close()
 
-    # -- the round -------------------------------------------------------------------------------
+    # -- main loop ---------------------------------------------------------------------------------
     def run(self, rounds: int | None = None, progress=None) -> list[RoundMetrics]:
+        """Train from ``start_round`` to the configured number of rounds, recovering from a restart of
+        our own database (resume after the last completed round) and from falling behind (state
+        transfer from the live peers, as for a joining peer)."""
+        total = rounds or self.cfg.run.rounds
         out = []
-        for r in range(rounds or self.cfg.run.rounds):
-            m = self.round(r)
+        r = self.start_round
+        while r < total:
+            try:
+                if r > self.start_round and self._lagging(r):
+                    r = self._resync(r)
+                    continue
+                m = self.round(r)
+            except (redis.ConnectionError, redis.TimeoutError, OwnDatabaseDown) as exc:
+                if self._own_db_ok():
+                    raise
+                r = self._recover_own_db(r, exc)
+                continue
             out.append(m)
             if progress:
                 progress(m)
+            r += 1
         self.db.set(self.keys.done, 1)
         return out
 
+    def _own_db_ok(self) -> bool:
+        try:
+            return bool(self.db.ping())
+        except redis.RedisError:
+            return False
+
+    def _recover_own_db(self, r: int, exc: BaseException) -> int:
+        """Wait for our restarted database; resume after its last completed round."""
+        self.phase = Phase.RECOVER
+        log.warning("peer %s: own database unreachable in round %s (%s); waiting", self.index, r, exc)
+        deadline = time.monotonic() + self.cfg.membership.db_recovery_s
+        while time.monotonic() < deadline:
+            if self._own_db_ok():
+                done = self.db.get(self.keys.completed)
+                if done is None or self.db.get(self.keys.params) is None:
+                    raise RuntimeError(f"peer {self.index}: the restarted database lost the training state "
+                                       "(start it with persistence on)")
+                resume = int(done) + 1
+                self._event(resume, "recovered", self.index, f"database back, resuming at round {resume}")
+                return resume
+            time.sleep(0.1)
+        raise RuntimeError(f"peer {self.index}: own database did not come back within "
+                           f"{self.cfg.membership.db_recovery_s} s") from exc
+
+    # -- the round ---------------------------------------------------------------------------------
     def round(self, r: int) -> RoundMetrics:
         K, k = self.keys, self.cfg.peers.functions
         m = RoundMetrics(r, self.index, byzantine=self.byzantine)
@@ -218,14 +390,16 @@ class Peer:
         data_attack = None
         if self.byzantine and self.attack_info.kind == "data":
             data_attack = (self.cfg.attack.name, dict(self.cfg.attack.params))
-        tasks = [GradTask(self.spec, self.urls[self.index], self.index, r, i, K.params, K.grad(r, i),
-                          ROUND_KEY_TTL_MS, data_attack) for i in range(k)]
+        tasks = [GradTask(self.spec, self.url, self.index, r, i, K.params, K.grad(r, i),
+                          ROUND_KEY_TTL_MS, data_attack, version_key=K.version) for i in range(k)]
         t0 = time.perf_counter()
         invocations = self.executor.map(tasks)
         wall = time.perf_counter() - t0
         ok = [inv for inv in invocations if inv.result is not None]
         m.functions_ok, m.functions_failed = len(ok), len(invocations) - len(ok)
         if not ok:
+            if not self._own_db_ok():
+                raise OwnDatabaseDown(f"every gradient function failed: {invocations[0].error}")
             raise RuntimeError(f"peer {self.index} round {r}: every gradient function failed: "
                                f"{invocations[0].error}")
         m.loss = float(np.mean([inv.result.loss for inv in ok]))
@@ -243,67 +417,72 @@ class Peer:
         self.db.pexpire(K.avg(r), ROUND_KEY_TTL_MS)
         t["average"] = time.perf_counter() - t0
 
-        # PUBLISH
+        # PUBLISH (exchange): push our average into every other peer's inbox, in its own database
         self.phase = Phase.PUBLISH
         t0 = time.perf_counter()
+        own_raw = self.db.get(K.avg(r))
+        self.width = len(own_raw)
+        outgoing = {q: own_raw for q in self.members}
         if self.attack is not None and self.attack_info.kind == "model":
-            self._publish_attack(r)
+            outgoing = self._attack_vectors(r, own_raw)
         self.db.set(K.ready, r)
-        self._announce(r)
-        t_pub = time.perf_counter() - t0
+        self._push(r, outgoing)
+        t["exchange"] = time.perf_counter() - t0
 
-        # BARRIER with a deadline: who is missing is excluded from this round
+        # BARRIER with a deadline over the live membership; the vectors arrive in our own database
         self.phase = Phase.BARRIER
         t0 = time.perf_counter()
-        ready, missing = self._barrier(r, list(self.others))
+        expected = [q for q, mb in self.members.items() if not mb.removed and mb.since <= r]
+        ready, missing = self._barrier(r, expected)
         t["barrier"] = time.perf_counter() - t0
-        m.peers_excluded = " ".join(map(str, missing))
+        excluded = self._account(r, ready, missing)
 
-        # EXCHANGE
-        self.phase = Phase.EXCHANGE
-        t0 = time.perf_counter()
-        in_keys = [K.avg(r)]
-        vectors = {}
-        for q in ready:
-            data = self.others[q].get(Keys(q).avg(r))
-            try:
-                vectors[q] = from_f32_bytes(data, key=Keys(q).avg(r))
-            except ValueError as exc:
-                m.peers_excluded += f" {q}(bad:{exc})"
-                continue
-            in_keys.append(K.incoming(q, r))
-        if self.defense_in_db or self.backend.name != "client":
-            pipe = self.db.pipeline(transaction=False)
-            for q, v in vectors.items():
-                pipe.set(K.incoming(q, r), as_f32_bytes(v), px=ROUND_KEY_TTL_MS)
-            pipe.execute()
-        t["exchange"] = time.perf_counter() - t0 + t_pub
-
-        # AGGREGATE
+        # AGGREGATE over our average and every vector that arrived (checked first), in peer order so
+        # that peers with the same inputs compute bit-identical results
         self.phase = Phase.AGGREGATE
         t0 = time.perf_counter()
+        present = [q for q in sorted(self.members) if q not in ready]
+        late = [q for q, e in zip(present, self._exists([K.incoming(q, r) for q in present]), strict=True) if e]
+        for q in late:  # a removed or late peer whose vector is here after all: use it, re-admit it
+            if self.members[q].removed:
+                self.members[q].removed, self.members[q].misses = False, 0
+                self._event(r, "readmitted", q)
+        inputs = {self.index: K.avg(r)}
+        candidates = sorted(set(ready) | set(late))
+        for q, n in zip(candidates, self._strlens([K.incoming(q, r) for q in candidates]), strict=True):
+            if n != len(own_raw):
+                excluded.append(f"{q}(size {n} bytes, expected {len(own_raw)})")
+                self._event(r, "rejected", q, f"vector of {n} bytes, expected {len(own_raw)}")
+            else:
+                inputs[q] = K.incoming(q, r)
+        in_keys = [inputs[q] for q in sorted(inputs)]
+        m.peers_excluded = " ".join(excluded)
         m.peers_aggregated = len(in_keys)
+        m.members = 1 + sum(not mb.removed for mb in self.members.values())
         if self.defense_in_db:
             aggregate_in_db(self.db, self.defense, in_keys, K.agg(r))
         elif self.backend.name != "client" and self.cfg.aggregation.defense in ("mean", "average"):
             self.backend.average(self.db, K.agg(r), in_keys)
         else:
-            own = from_f32_bytes(self.db.get(K.avg(r)), key=K.avg(r))
-            stack = np.stack([own, *vectors.values()])
-            aggregate_on_client(self.db, self.defense, in_keys, K.agg(r), vectors=stack, ttl_ms=ROUND_KEY_TTL_MS)
+            aggregate_on_client(self.db, self.defense, in_keys, K.agg(r), ttl_ms=ROUND_KEY_TTL_MS)
         t["aggregate"] = time.perf_counter() - t0
 
-        # UPDATE
+        # UPDATE, atomically with the bookkeeping: with persistence on, a restart resumes exactly here
         self.phase = Phase.UPDATE
         t0 = time.perf_counter()
-        self.backend.update(self.db, K.params, K.momentum, [K.agg(r)], self.sgd)
+        pipe = self.db.pipeline(transaction=True)
+        self.backend.queue_update(pipe, self.db, K.params, K.momentum, K.agg(r), self.sgd)
+        pipe.set(K.completed, r)
+        pipe.incr(K.version)
+        pipe.execute()
         t["update"] = time.perf_counter() - t0
 
-        # CLEANUP: private keys now; our previous average once everybody has passed this barrier
+        # CLEANUP; hand our state to peers joining next round
         self.phase = Phase.CLEANUP
         t0 = time.perf_counter()
-        self.db.delete(*grad_keys, *[K.grad(r, i) for i in range(k)], K.agg(r),
-                       *[K.incoming(q, r) for q in self.others], K.avg(r - 1) if r > 0 else K.avg(r) + ":none")
+        self.db.delete(*[K.grad(r, i) for i in range(k)], K.agg(r), K.avg(r),
+                       *[K.incoming(q, r) for q in self.members])
+        self._serve_joins(r)
         t["cleanup"] = time.perf_counter() - t0
 
         # EVALUATE
@@ -317,54 +496,236 @@ class Peer:
         self.db.rpush(K.metrics, json.dumps(m.row()))
         return m
 
-    def _announce(self, r: int) -> None:
-        """Tell every other peer, in its own database, that our round r is published (wakes its barrier)."""
-        for q, c in self.others.items():
+    def _account(self, r: int, ready: list[int], missing: dict[int, str]) -> list[str]:
+        """Update misses and membership after a barrier; returns the exclusion notes of this round."""
+        for q in ready:
+            self.members[q].misses = 0
+        notes = []
+        for q, why in missing.items():
+            mb = self.members[q]
+            mb.misses += 1
+            notes.append(f"{q}({why})")
+            self._event(r, "excluded", q, why)
+            if mb.misses >= self.cfg.membership.max_misses and not mb.removed:
+                mb.removed = True
+                self._event(r, "removed", q, f"{mb.misses} missed barriers")
+        return notes
+
+    def _push(self, r: int, outgoing: dict[int, bytes]) -> None:
+        """Write our round-r vector into each peer's inbox and wake its barrier (one round trip each).
+        Removed peers get it too: a peer coming back can then rejoin without waiting."""
+        for q, data in outgoing.items():
+            pipe = self.members[q].client.pipeline(transaction=False)
+            pipe.set(Keys(q).incoming(self.index, r), data, px=ROUND_KEY_TTL_MS)
+            pipe.rpush(Keys(q).notify, f"{self.index}:{r}")
+            pipe.ltrim(Keys(q).notify, -1000, -1)
             try:
-                c.rpush(Keys(q).notify, r)
+                pipe.execute()
             except redis.RedisError:
-                pass  # an unreachable peer cannot wait for us anyway
+                pass  # an unreachable peer cannot wait for us anyway; it misses this round
 
-    def _barrier(self, r: int, peers: list[int]) -> tuple[list[int], list[int]]:
-        """Wait until the given peers published round r, or the deadline passed.
+    def _strlens(self, keys: list[str]) -> list[int]:
+        pipe = self.db.pipeline(transaction=False)
+        for key in keys:
+            pipe.strlen(key)
+        return [int(n) for n in pipe.execute()] if keys else []
 
-        The ready marks in the peers' databases are the truth; announcements pushed into our own
-        database only wake us up (a blocking pop costs no CPU, unlike polling on a 2-core machine).
+    def _exists(self, keys: list[str]) -> list[bool]:
+        pipe = self.db.pipeline(transaction=False)
+        for key in keys:
+            pipe.exists(key)
+        return [bool(e) for e in pipe.execute()] if keys else []
+
+    def _barrier(self, r: int, peers: list[int]) -> tuple[list[int], dict[int, str]]:
+        """Wait until the given peers' round-r vectors are in our inbox, a peer is found dead, or the
+        deadline passed. Returns (ready, {missing peer: reason}).
+
+        Everything is local: the others push into our database. Their announcements (a list in our
+        database) only wake us up; a blocking pop costs no CPU, unlike polling on a 2-core machine.
+        Liveness of the peers still awaited is checked every half heartbeat interval, so a crashed
+        peer ends the wait within two intervals instead of at the deadline.
         """
         deadline = time.monotonic() + self.cfg.barrier.timeout_s
-        waiting = set(peers)
+        check_every = self.cfg.membership.heartbeat_s / 2
+        next_check = time.monotonic() + check_every
+        waiting = sorted(peers)
         ready: list[int] = []
-        # old announcements only cause spurious wake-ups; the ready marks below are checked after this
+        dead: dict[int, str] = {}
+        # old announcements would only cause spurious wake-ups; the keys below are the truth
         self.db.delete(self.keys.notify)
         while waiting:
-            for q in sorted(waiting):
-                try:
-                    v = self.others[q].get(Keys(q).ready)
-                except redis.RedisError:
-                    v = None  # unreachable: treated as not ready until the deadline
-                if v is not None and int(v) >= r:
-                    ready.append(q)
-                    waiting.discard(q)
+            present = self._exists([self.keys.incoming(q, r) for q in waiting])
+            ready += [q for q, e in zip(waiting, present, strict=True) if e]
+            waiting = [q for q, e in zip(waiting, present, strict=True) if not e]
+            now = time.monotonic()
+            if waiting and now >= next_check:
+                next_check = now + check_every
+                for q in list(waiting):
+                    alive, why = self._alive(self.members[q])
+                    if not alive:
+                        dead[q] = why
+                        waiting.remove(q)
             left = deadline - time.monotonic()
             if not waiting or left <= 0:
                 break
-            # sleep until the next announcement (or a short while: a missed one costs little)
             self.db.blpop([self.keys.notify], timeout=min(left, 0.05))
-        return sorted(ready), sorted(waiting)
+        missing = {**dead, **{q: f"missed the {self.cfg.barrier.timeout_s:g} s deadline" for q in waiting}}
+        return sorted(ready), missing
 
-    def _publish_attack(self, r: int) -> None:
-        """A Byzantine peer overwrites its published average with the attack's vector."""
-        own = from_f32_bytes(self.db.get(self.keys.avg(r)), key=self.keys.avg(r))
+    def _attack_vectors(self, r: int, own_raw: bytes) -> dict[int, bytes]:
+        """What a Byzantine peer sends each peer instead of its honest average."""
+        own = from_f32_bytes(own_raw, key=self.keys.avg(r))
         honest = None
         if self.attack_info.omniscient:
+            # the honest peers' averages of this round are readable: they pushed them to us too
             n_honest = self.cfg.peers.count - self.cfg.attack.byzantine
-            honest_peers = [q for q in self.others if q < n_honest]
-            ready, _ = self._barrier(r, honest_peers)
-            honest = np.stack([from_f32_bytes(self.others[q].get(Keys(q).avg(r))) for q in ready]) if ready else None
-            if honest is None:
-                honest = own[None, :]
-        vec = np.asarray(self.attack(honest=honest, own=own), dtype=np.float32)
-        self.db.set(self.keys.avg(r), as_f32_bytes(vec), px=ROUND_KEY_TTL_MS)
+            ready, _ = self._barrier(r, [q for q in self.members if q < n_honest and not self.members[q].removed])
+            raw = self.db.mget([self.keys.incoming(q, r) for q in ready]) if ready else []
+            vecs = [from_f32_bytes(b) for b in raw if b is not None and len(b) == len(own_raw)]
+            honest = np.stack(vecs) if vecs else own[None, :]
+        vec = as_f32_bytes(np.asarray(self.attack(honest=honest, own=own), dtype=np.float32)).tobytes()
+        return {q: vec for q in self.members}
+
+    # -- joining and state transfer ----------------------------------------------------------------
+    def _serve_joins(self, r: int) -> None:
+        """Admit peers that asked to join; snapshot our state for those starting at round r + 1."""
+        requests = self.db.hgetall(self.keys.joins)
+        for raw_q, raw in requests.items():
+            q = int(raw_q)
+            url, first = raw.decode().rsplit("|", 1)
+            first = int(first)
+            mb = self.members.get(q)
+            if mb is None or mb.url != url or mb.since < first:
+                if mb is not None:
+                    mb.client.close()
+                self._add_member(q, url, since=first)
+                self._event(r, "admitted", q, f"joins at round {first}")
+            if first == r + 1:
+                self._snapshot(first)
+            if first <= r + 1:
+                self.db.hdel(self.keys.joins, raw_q)
+
+    def _snapshot(self, first: int) -> None:
+        K = self.keys
+        meta = {"round": first - 1, "from": self.index,
+                "members": {str(q): mb.url for q, mb in self.members.items() if not mb.removed},
+                "self_url": self.url}
+        pipe = self.db.pipeline(transaction=True)
+        pipe.execute_command("COPY", K.params, K.snapshot(first, "params"), "REPLACE")
+        pipe.execute_command("COPY", K.momentum, K.snapshot(first, "momentum"), "REPLACE")
+        pipe.set(K.snapshot(first, "meta"), json.dumps(meta))
+        for what in ("params", "momentum", "meta"):
+            pipe.pexpire(K.snapshot(first, what), ROUND_KEY_TTL_MS)
+        pipe.execute()
+
+    def _lagging(self, r: int) -> bool:
+        """Whether the live peers are two or more rounds ahead of us (we must resynchronise)."""
+        marks = []
+        for q, mb in self.members.items():
+            try:
+                v = mb.client.get(Keys(q).ready)
+            except redis.RedisError:
+                continue
+            if v is not None:
+                marks.append(int(v))
+        return bool(marks) and sorted(marks)[len(marks) // 2] >= r + 1
+
+    def _resync(self, r: int) -> int:
+        self._event(r, "resync", self.index, "behind the live peers; state transfer")
+        return self.join(None)
+
+    def join(self, bootstrap: dict[int, str] | None = None) -> int:
+        """Join a running training (or resynchronise after falling behind).
+
+        Asks the live peers to admit us from a round R a little ahead of theirs, then takes the
+        parameters, optimizer state, round and membership they snapshot after round R - 1, from at
+        least two peers where there are two, and only if they agree (so one faulty peer cannot hand us
+        a corrupt model). Returns R, the first round we take part in.
+        """
+        self.phase = Phase.JOIN
+        self._hb_paused.set()
+        try:
+            self.db.delete(self.keys.alive)
+        except redis.RedisError:
+            pass
+        if bootstrap:
+            for q, u in bootstrap.items():
+                if q != self.index and q not in self.members:
+                    self._add_member(q, u, since=0)
+        live = {}
+        for q, mb in self.members.items():
+            try:
+                v = mb.client.get(Keys(q).ready)
+                if mb.client.exists(Keys(q).alive):
+                    live[q] = int(v) if v is not None else -1
+            except redis.RedisError:
+                continue
+        if not live:
+            raise RuntimeError(f"peer {self.index}: no live peer to join")
+        first = max(live.values()) + 3
+        for q in live:
+            self.members[q].client.hset(Keys(q).joins, self.index, f"{self.url}|{first}")
+        need = min(2, len(live))
+        deadline = time.monotonic() + self.cfg.membership.join_timeout_s
+        states: dict[int, tuple[bytes, bytes | None, dict]] = {}
+        while time.monotonic() < deadline:
+            for q in live:
+                if q in states:
+                    continue
+                c = self.members[q].client
+                try:
+                    pipe = c.pipeline(transaction=True)
+                    for what in ("params", "momentum", "meta"):
+                        pipe.get(Keys(q).snapshot(first, what))
+                    p, mom, meta = pipe.execute()
+                except redis.RedisError:
+                    continue
+                if p is not None and meta is not None:
+                    states[q] = (p, mom, json.loads(meta))
+            if len(states) >= need and self._agreeing(states) is not None:
+                break
+            if len(states) == len(live):
+                break
+            time.sleep(0.05)
+        chosen = self._agreeing(states) if len(states) >= need else None
+        if chosen is None:
+            raise RuntimeError(f"peer {self.index}: state transfer for round {first} failed: "
+                               f"{len(states)} snapshot(s) from {sorted(live)}, "
+                               f"{'no two agree' if len(states) >= need else 'too few'}")
+        params, momentum, meta = chosen
+        pipe = self.db.pipeline(transaction=True)
+        pipe.set(self.keys.params, params)
+        if momentum is not None:
+            pipe.set(self.keys.momentum, momentum)
+        else:
+            pipe.delete(self.keys.momentum)
+        pipe.set(self.keys.completed, first - 1)
+        pipe.set(self.keys.ready, first - 1)
+        pipe.set(self.keys.version, secrets.randbits(62))
+        pipe.execute()
+        for q_str, u in meta["members"].items():
+            q = int(q_str)
+            if q != self.index and q not in self.members:
+                self._add_member(q, u, since=first)
+        for mb in self.members.values():
+            mb.removed, mb.misses = False, 0
+        self.start_round = first
+        self.width = len(params)
+        self.start_heartbeat()
+        self._event(first, "joined", self.index, f"state of round {first - 1} from peers {sorted(states)}")
+        return first
+
+    @staticmethod
+    def _agreeing(states: dict[int, tuple[bytes, bytes | None, dict]]):
+        """The state that at least two sources (or the only source) hand over identically."""
+        digests: dict[str, list[int]] = {}
+        for q, (p, mom, _) in states.items():
+            h = hashlib.sha256(p + b"|" + (mom or b"")).hexdigest()
+            digests.setdefault(h, []).append(q)
+        best = max(digests.values(), key=len, default=[])
+        if len(states) == 1 or len(best) >= 2:
+            return states[best[0]]
+        return None
 
     def evaluate(self, full: bool = False) -> tuple[float, float]:
         from .functions import evaluate
@@ -387,16 +748,26 @@ class Peer:
         self._eval_state = (model, FlatParams(model), ds)
 
 
-def peer_main(cfg_json: str, index: int, urls: list[str], start_key: str | None = None) -> None:
-    """Entry point of a peer orchestrator process: set up, wait for the start signal, train."""
+def peer_main(cfg_json: str, index: int, urls: list[str | None], start_key: str | None = None,
+              join: bool = False) -> None:
+    """Entry point of a peer orchestrator process: set up, wait for the start signal (or join a
+    running training), train."""
     import torch
 
     from .config import Config
 
     torch.set_num_threads(1)
+    logging.basicConfig(level=logging.WARNING, format=f"peer {index}: %(message)s")
     cfg = Config.model_validate_json(cfg_json)
     peer = Peer(cfg, index, urls)
     try:
+        if join:
+            peer.init_eval_state()
+            if cfg.executor.kind == "process":
+                peer.executor.warm()
+            peer.join()
+            peer.run()
+            return
         peer.init_params()
         if cfg.executor.kind == "process":
             peer.executor.warm()

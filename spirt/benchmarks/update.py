@@ -101,7 +101,7 @@ def stage_robust(client: redis.Redis, op: str, backend: str, n: int, k: int, see
     keys = [f"{{bench}}:in:{i}" for i in range(k)]
     dst = "{bench}:agg"
     client.delete(dst, *keys)
-    for i, key in enumerate(keys):
+    for key in keys:
         client.set(key, rng.standard_normal(n, dtype=np.float32).tobytes())
     trim = k // 4
     if backend == "module":

@@ -79,7 +79,8 @@ typedef int (*RedisModuleCmdFunc)(RedisModuleCtx *ctx, RedisModuleString **argv,
     X(void, KeyAtPos, (RedisModuleCtx *, int))                                                        \
     X(int, NotifyKeyspaceEvent, (RedisModuleCtx *, int, const char *, RedisModuleString *))           \
     X(void *, Alloc, (size_t))                                                                        \
-    X(void, Free, (void *))
+    X(void, Free, (void *))                                                                           \
+    X(void, Log, (RedisModuleCtx *, const char *, const char *, ...))
 
 #define SPIRT_RM_DECLARE(ret, name, args) static ret(*RedisModule_##name) args = NULL;
 SPIRT_RM_API_LIST(SPIRT_RM_DECLARE)

@@ -69,16 +69,22 @@
  *   after every input of that block was read: a destination that is also a source is handled.
  * - All compute happens in the main thread; write commands are replicated verbatim (deterministic).
  */
+#define _GNU_SOURCE /* sched_getaffinity, CPU_COUNT */
 #include "redismodule_api.h"
 
 #include <errno.h>
 #include <float.h>
 #include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define TENSOR_MODULE_NAME "spirt_tensor"
 #define TENSOR_VERSION_STR "1.0.0"
@@ -426,6 +432,238 @@ static int finish_write(srcset_t *s, RedisModuleString *dstname, const char *eve
 }
 
 /* =============================================================================================== */
+/* Worker threads                                                                                   */
+/* =============================================================================================== */
+
+#define MAX_THREADS 64                          /* THREADS load argument: 1 .. MAX_THREADS */
+#define DEFAULT_MAX_THREADS 4                   /* default: min(usable CPUs, this) */
+#define DEFAULT_PAR_THRESHOLD ((size_t)1 << 20) /* floats read by a command before it goes parallel */
+#define PAR_CHUNK_READ ((size_t)1 << 18)        /* floats read per work chunk a thread claims */
+#define WORKER_STACK ((size_t)256 * 1024)       /* kernels keep <= 32 KiB on the stack */
+
+static int g_threads = 1;                           /* set at load */
+static size_t g_par_threshold = DEFAULT_PAR_THRESHOLD; /* set at load */
+
+/* A parallel loop over items [0, nitems) (an item is a block of coordinates). Threads claim chunks of
+ * `chunk` consecutive items from a shared counter until none is left, so a thread that the OS does
+ * not run (busy machine) only delays the chunk it holds, and one that never wakes up delays nothing.
+ * fn(arg, tid, lo, hi) processes items [lo, hi) using the scratch of thread tid (0 = the calling
+ * thread). Each item is computed by the same sequence of operations whichever thread runs it and
+ * however the items are grouped, so results do not depend on the thread count. fn must not call the
+ * module API (workers are not server threads). */
+typedef void (*par_fn_t)(void *arg, int tid, size_t lo, size_t hi);
+
+/* One parallel loop. Heap-allocated (plain malloc: a worker may free it) and reference counted,
+ * because a worker may pick it up after the caller has already finished every item and returned. */
+typedef struct {
+    par_fn_t fn;
+    void *arg;
+    size_t nitems, chunk;
+    atomic_size_t next; /* first unclaimed item */
+    atomic_size_t done; /* items finished */
+    int refs;           /* caller + workers holding the job; under g_pool.mu */
+} par_job_t;
+
+/* The worker pool: g_threads - 1 threads created at load, sleeping on a condition variable. */
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t wake;     /* a job was posted, or stop */
+    pthread_cond_t finished; /* the last item of the posted job is done */
+    par_job_t *job;          /* the job workers may join; NULL when none */
+    unsigned long gen;       /* incremented per posted job */
+    int want;                /* workers the posted job still takes (their tids are want..1) */
+    int stop;
+    int n;                   /* workers running */
+    pthread_t tid[MAX_THREADS];
+} g_pool = {.mu = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER, .finished = PTHREAD_COND_INITIALIZER};
+
+static void par_loop(par_job_t *job, int tid) {
+    for (;;) {
+        size_t lo = atomic_fetch_add_explicit(&job->next, job->chunk, memory_order_relaxed);
+        if (lo >= job->nitems) return;
+        size_t hi = job->nitems - lo > job->chunk ? lo + job->chunk : job->nitems;
+        job->fn(job->arg, tid, lo, hi);
+        /* acq_rel: the caller that sees done == nitems also sees every write of fn */
+        if (atomic_fetch_add_explicit(&job->done, hi - lo, memory_order_acq_rel) + (hi - lo) == job->nitems) {
+            pthread_mutex_lock(&g_pool.mu);
+            pthread_cond_signal(&g_pool.finished);
+            pthread_mutex_unlock(&g_pool.mu);
+        }
+    }
+}
+
+static void *par_worker(void *unused) {
+    (void)unused;
+    unsigned long seen = 0;
+    pthread_mutex_lock(&g_pool.mu);
+    for (;;) {
+        while (!g_pool.stop && (g_pool.job == NULL || g_pool.gen == seen || g_pool.want == 0))
+            pthread_cond_wait(&g_pool.wake, &g_pool.mu);
+        if (g_pool.stop) break;
+        seen = g_pool.gen;
+        par_job_t *job = g_pool.job;
+        int tid = g_pool.want--;
+        job->refs++;
+        pthread_mutex_unlock(&g_pool.mu);
+        par_loop(job, tid);
+        pthread_mutex_lock(&g_pool.mu);
+        if (--job->refs == 0) free(job);
+    }
+    pthread_mutex_unlock(&g_pool.mu);
+    return NULL;
+}
+
+/* Start the workers (at load, after everything else succeeded). Workers block every signal, so
+ * signals keep going to the server's own threads. Returns the number started. */
+static int pool_start(int nworkers) {
+    pthread_attr_t attr;
+    int have_attr = pthread_attr_init(&attr) == 0;
+    if (have_attr) pthread_attr_setstacksize(&attr, WORKER_STACK);
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    for (int i = 0; i < nworkers; i++) {
+        if (pthread_create(&g_pool.tid[g_pool.n], have_attr ? &attr : NULL, par_worker, NULL) != 0) break;
+        g_pool.n++;
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (have_attr) pthread_attr_destroy(&attr);
+    return g_pool.n;
+}
+
+/* Stop and join the workers (module unload). */
+static void pool_stop(void) {
+    pthread_mutex_lock(&g_pool.mu);
+    g_pool.stop = 1;
+    pthread_cond_broadcast(&g_pool.wake);
+    pthread_mutex_unlock(&g_pool.mu);
+    for (int i = 0; i < g_pool.n; i++) pthread_join(g_pool.tid[i], NULL);
+    g_pool.n = 0;
+}
+
+/* Items per claimed chunk for items of `coords` coordinates each, reading `streams` floats per
+ * coordinate. */
+static size_t par_chunk(size_t coords, size_t streams) {
+    size_t per_item = coords * (streams ? streams : 1);
+    size_t c = PAR_CHUNK_READ / (per_item ? per_item : 1);
+    return c ? c : 1;
+}
+
+/* Threads to use for a command that reads `reads` floats in total, split into nitems items claimed
+ * `chunk` at a time: 1 below the threshold, else up to g_threads (at most one per chunk). */
+static int par_plan(size_t reads, size_t nitems, size_t chunk) {
+    if (g_threads <= 1 || reads < g_par_threshold) return 1;
+    size_t chunks = nitems / chunk + (nitems % chunk != 0);
+    return chunks < (size_t)g_threads ? (int)chunks : g_threads;
+}
+
+/* Run fn over [0, nitems) on up to T threads (the caller is thread 0 and works too; see par_plan).
+ * Returns once every item is done, without waiting for workers that did not get to run. */
+static void par_run(int T, size_t nitems, size_t chunk, par_fn_t fn, void *arg) {
+    if (T > g_pool.n + 1) T = g_pool.n + 1;
+    par_job_t *job = T > 1 && nitems > 0 ? malloc(sizeof *job) : NULL;
+    if (job == NULL) {
+        if (nitems) fn(arg, 0, 0, nitems);
+        return;
+    }
+    job->fn = fn;
+    job->arg = arg;
+    job->nitems = nitems;
+    job->chunk = chunk;
+    atomic_init(&job->next, 0);
+    atomic_init(&job->done, 0);
+    job->refs = 1;
+    pthread_mutex_lock(&g_pool.mu);
+    g_pool.job = job;
+    g_pool.want = T - 1;
+    g_pool.gen++;
+    if (T - 1 < g_pool.n)
+        for (int i = 0; i < T - 1; i++) pthread_cond_signal(&g_pool.wake);
+    else
+        pthread_cond_broadcast(&g_pool.wake);
+    pthread_mutex_unlock(&g_pool.mu);
+    par_loop(job, 0);
+    pthread_mutex_lock(&g_pool.mu);
+    g_pool.job = NULL; /* no worker joins it any more */
+    g_pool.want = 0;
+    while (atomic_load_explicit(&job->done, memory_order_acquire) < nitems)
+        pthread_cond_wait(&g_pool.finished, &g_pool.mu);
+    int last = --job->refs == 0;
+    pthread_mutex_unlock(&g_pool.mu);
+    if (last) free(job);
+}
+
+/* CPUs this process may run on (affinity mask, else online CPUs). */
+static int usable_cpus(void) {
+    long on = sysconf(_SC_NPROCESSORS_ONLN);
+    if (on < 1) on = 1;
+#ifdef CPU_COUNT
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (sched_getaffinity(0, sizeof set, &set) == 0) {
+        int c = CPU_COUNT(&set);
+        if (c >= 1 && c < on) on = c;
+    }
+#endif
+    return on > MAX_THREADS ? MAX_THREADS : (int)on;
+}
+
+/* Load arguments: [THREADS n] [PARALLEL-THRESHOLD m] (case-insensitive, each at most once).
+ * Logs the reason and returns -1 on a bad argument. */
+static int parse_load_args(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    int threads = usable_cpus();
+    if (threads > DEFAULT_MAX_THREADS) threads = DEFAULT_MAX_THREADS;
+    long long threshold = (long long)DEFAULT_PAR_THRESHOLD;
+    int seen_threads = 0, seen_thr = 0;
+    shown_t sh, sv;
+    for (int i = 0; i < argc; i += 2) {
+        int is_threads = arg_is(argv[i], "THREADS");
+        int is_thr = arg_is(argv[i], "PARALLEL-THRESHOLD");
+        if (!is_threads && !is_thr) {
+            RedisModule_Log(ctx, "warning",
+                            "unknown load argument '%s' (expected THREADS n, PARALLEL-THRESHOLD m); "
+                            "module not loaded",
+                            show(&sh, argv[i]));
+            return -1;
+        }
+        const char *name = is_threads ? "THREADS" : "PARALLEL-THRESHOLD";
+        if ((is_threads && seen_threads) || (is_thr && seen_thr)) {
+            RedisModule_Log(ctx, "warning", "load argument %s given more than once; module not loaded",
+                            name);
+            return -1;
+        }
+        if (i + 1 >= argc) {
+            RedisModule_Log(ctx, "warning", "load argument %s needs a value; module not loaded", name);
+            return -1;
+        }
+        long long v;
+        if (is_threads) {
+            if (parse_count(argv[i + 1], &v) != 0 || v < 1 || v > MAX_THREADS) {
+                RedisModule_Log(ctx, "warning",
+                                "load argument THREADS '%s' is not an integer in 1..%d; module not loaded",
+                                show(&sv, argv[i + 1]), MAX_THREADS);
+                return -1;
+            }
+            threads = (int)v;
+            seen_threads = 1;
+        } else {
+            if (parse_count(argv[i + 1], &v) != 0 || v < 1) {
+                RedisModule_Log(ctx, "warning",
+                                "load argument PARALLEL-THRESHOLD '%s' is not a positive integer "
+                                "(floats); module not loaded",
+                                show(&sv, argv[i + 1]));
+                return -1;
+            }
+            threshold = v;
+            seen_thr = 1;
+        }
+    }
+    g_threads = threads;
+    g_par_threshold = (size_t)threshold;
+    return 0;
+}
+
+/* =============================================================================================== */
 /* Kernels (simple loops over restrict pointers; GCC vectorizes them)                               */
 /* =============================================================================================== */
 
@@ -565,6 +803,31 @@ HOT static uint32_t k_nonfinite(const u32u *restrict a, size_t m) {
 /* TENSOR.AVG                                                                                       */
 /* =============================================================================================== */
 
+/* Blocks [lo, hi) of BLK floats: all sources of a block, then its output (dst may be a source). */
+static void avg_blocks(void *arg, int tid, size_t lo, size_t hi) {
+    (void)tid;
+    const srcset_t *s = arg;
+    const size_t K = s->K;
+    const float fk = (float)K;
+    float acc[BLK];
+    for (size_t blk = lo; blk < hi; blk++) {
+        size_t base = blk * BLK;
+        size_t m = MIN((size_t)BLK, s->n - base);
+        size_t k;
+        if (K >= 2) {
+            k_add2_init(acc, s->src[0] + base, s->src[1] + base, m);
+            k = 2;
+        } else {
+            k_copy_in(acc, s->src[0] + base, m);
+            k = 1;
+        }
+        for (; k + 7 <= K; k += 7) k_add7(acc, s->src + k, base, m);
+        for (; k + 3 <= K; k += 3) k_add3(acc, s->src[k] + base, s->src[k + 1] + base, s->src[k + 2] + base, m);
+        for (; k < K; k++) k_add1(acc, s->src[k] + base, m);
+        k_div_store(s->dst + base, acc, fk, m);
+    }
+}
+
 static int cmd_avg(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     const char *cmd = "TENSOR.AVG";
     if (argc < 3) return reply_arity(ctx, cmd, "TENSOR.AVG dst src [src ...]");
@@ -572,30 +835,38 @@ static int cmd_avg(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     if (K > MAX_SOURCES) return reply_err(ctx, "ERR %s: too many sources (%zu > %d)", cmd, K, MAX_SOURCES);
     srcset_t s;
     if (srcset_open(&s, ctx, cmd, argv, 1, 2, 1, K) != 0) return REDISMODULE_OK;
-
-    float acc[BLK];
-    const float fk = (float)K;
-    for (size_t base = 0; base < s.n; base += BLK) {
-        size_t m = MIN((size_t)BLK, s.n - base);
-        size_t k;
-        if (K >= 2) {
-            k_add2_init(acc, s.src[0] + base, s.src[1] + base, m);
-            k = 2;
-        } else {
-            k_copy_in(acc, s.src[0] + base, m);
-            k = 1;
-        }
-        for (; k + 7 <= K; k += 7) k_add7(acc, s.src + k, base, m);
-        for (; k + 3 <= K; k += 3) k_add3(acc, s.src[k] + base, s.src[k + 1] + base, s.src[k + 2] + base, m);
-        for (; k < K; k++) k_add1(acc, s.src[k] + base, m);
-        k_div_store(s.dst + base, acc, fk, m);
-    }
+    size_t nblk = (s.n + BLK - 1) / BLK, chunk = par_chunk(BLK, K);
+    par_run(par_plan(s.n * K, nblk, chunk), nblk, chunk, avg_blocks, &s);
     return finish_write(&s, argv[1], "tensor.avg");
 }
 
 /* =============================================================================================== */
 /* TENSOR.AXPY                                                                                      */
 /* =============================================================================================== */
+
+typedef struct {
+    const srcset_t *s;
+    const float *alpha;
+} axpy_job_t;
+
+static void axpy_blocks(void *arg, int tid, size_t lo, size_t hi) {
+    (void)tid;
+    const axpy_job_t *j = arg;
+    const srcset_t *s = j->s;
+    const float *alpha = j->alpha;
+    const size_t K = s->K;
+    float acc[BLK];
+    for (size_t blk = lo; blk < hi; blk++) {
+        size_t base = blk * BLK;
+        size_t m = MIN((size_t)BLK, s->n - base);
+        k_scale_init(acc, alpha[0], s->src[0] + base, m);
+        size_t k = 1;
+        for (; k + 2 <= K; k += 2)
+            k_axpy2(acc, alpha[k], s->src[k] + base, alpha[k + 1], s->src[k + 1] + base, m);
+        for (; k < K; k++) k_axpy1(acc, alpha[k], s->src[k] + base, m);
+        k_store(s->dst + base, acc, m);
+    }
+}
 
 static int cmd_axpy(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     const char *cmd = "TENSOR.AXPY";
@@ -620,15 +891,9 @@ static int cmd_axpy(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
         RedisModule_Free(alpha);
         return REDISMODULE_OK;
     }
-    float acc[BLK];
-    for (size_t base = 0; base < s.n; base += BLK) {
-        size_t m = MIN((size_t)BLK, s.n - base);
-        k_scale_init(acc, alpha[0], s.src[0] + base, m);
-        size_t k = 1;
-        for (; k + 2 <= K; k += 2) k_axpy2(acc, alpha[k], s.src[k] + base, alpha[k + 1], s.src[k + 1] + base, m);
-        for (; k < K; k++) k_axpy1(acc, alpha[k], s.src[k] + base, m);
-        k_store(s.dst + base, acc, m);
-    }
+    axpy_job_t job = {&s, alpha};
+    size_t nblk = (s.n + BLK - 1) / BLK, chunk = par_chunk(BLK, K);
+    par_run(par_plan(s.n * K, nblk, chunk), nblk, chunk, axpy_blocks, &job);
     RedisModule_Free(alpha);
     return finish_write(&s, argv[1], "tensor.axpy");
 }
@@ -761,6 +1026,26 @@ HOT static void k_sgd(f32u *restrict p, const float *restrict g, f32u *restrict 
     }
 }
 
+typedef struct {
+    f32u *p, *b;
+    const f32u *g;
+    size_t n;
+    int mode, use_wd;
+    float lr, mu, omd, wd;
+} sgd_job_t;
+
+static void sgd_blocks(void *arg, int tid, size_t lo, size_t hi) {
+    (void)tid;
+    const sgd_job_t *j = arg;
+    float gbuf[BLK];
+    for (size_t blk = lo; blk < hi; blk++) {
+        size_t base = blk * BLK;
+        size_t m = MIN((size_t)BLK, j->n - base);
+        k_copy_in(gbuf, j->g + base, m); /* grad may be the param key itself */
+        k_sgd(j->p + base, gbuf, j->b ? j->b + base : NULL, m, j->lr, j->mu, j->omd, j->wd, j->use_wd, j->mode);
+    }
+}
+
 static int cmd_sgd(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     const char *cmd = "TENSOR.SGD";
     const char *usage = "TENSOR.SGD param grad lr [MOMENTUM mu buf] [DAMPENING d] [NESTEROV] [WD wd]";
@@ -819,14 +1104,20 @@ static int cmd_sgd(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     }
 
     /* 3. compute (float32, torch's order of operations) */
-    int mode = !use_mom ? 0 : (o.nesterov ? (buf_exists ? 4 : 3) : (buf_exists ? 2 : 1));
-    float gbuf[BLK];
-    float flr = (float)o.lr, fmu = (float)o.mu, fomd = (float)(1.0 - o.damp), fwd = (float)o.wd;
-    for (size_t base = 0; base < n; base += BLK) {
-        size_t m = MIN((size_t)BLK, n - base);
-        k_copy_in(gbuf, g + base, m); /* grad may be the param key itself */
-        k_sgd(p + base, gbuf, use_mom ? b + base : NULL, m, flr, fmu, fomd, fwd, o.wd != 0, mode);
-    }
+    sgd_job_t job;
+    job.p = p;
+    job.g = g;
+    job.b = use_mom ? b : NULL;
+    job.n = n;
+    job.mode = !use_mom ? 0 : (o.nesterov ? (buf_exists ? 4 : 3) : (buf_exists ? 2 : 1));
+    job.lr = (float)o.lr;
+    job.mu = (float)o.mu;
+    job.omd = (float)(1.0 - o.damp);
+    job.wd = (float)o.wd;
+    job.use_wd = o.wd != 0;
+    size_t streams = use_mom && buf_exists ? 3 : 2;
+    size_t nblk = (n + BLK - 1) / BLK, chunk = par_chunk(BLK, streams);
+    par_run(par_plan(n * streams, nblk, chunk), nblk, chunk, sgd_blocks, &job);
     RedisModule_CloseKey(kg);
     if (kb) RedisModule_CloseKey(kb);
     RedisModule_CloseKey(kp);
@@ -965,58 +1256,64 @@ static void nth_element(float *a, size_t n, size_t k) {
 
 enum { RANK_MEDIAN = 0, RANK_TRIM = 1 };
 
-static void rank_compute(srcset_t *s, int kind, size_t trim) {
-    const size_t K = s->K, n = s->n;
-    const size_t mid = K / 2;
-    if (K <= NET_MAX_K) {
-        /* Sorting network applied to rows of a block, vectorized across coordinates. */
-        size_t lo = kind == RANK_MEDIAN ? (K % 2 ? mid : mid - 1) : trim;
-        size_t hi = kind == RANK_MEDIAN ? mid : K - trim - 1;
-        size_t cnt = batcher_network(K, NULL);
-        uint32_t *pairs = RedisModule_Alloc((cnt ? cnt : 1) * 2 * sizeof *pairs);
-        batcher_network(K, pairs);
-        cnt = prune_network(pairs, cnt, K, lo, hi);
-        size_t B = 16384 / K;
-        if (B > 1024) B = 1024;
-        B = (B + 15) & ~(size_t)15;
-        float *rows = RedisModule_Alloc(K * B * sizeof *rows);
-        int32_t *nanc = RedisModule_Alloc(B * sizeof *nanc);
-        double *dsum = RedisModule_Alloc(B * sizeof *dsum);
-        const double keep = (double)(K - 2 * trim);
-        for (size_t base = 0; base < n; base += B) {
-            size_t m = MIN(B, n - base);
-            memset(nanc, 0, m * sizeof *nanc);
-            for (size_t k = 0; k < K; k++) k_load_row(rows + k * B, nanc, s->src[k] + base, m);
-            for (size_t c = 0; c < cnt; c++) k_cmpx(rows + pairs[2 * c] * B, rows + pairs[2 * c + 1] * B, m);
-            f32u *d = s->dst + base;
-            if (kind == RANK_MEDIAN) {
-                const float *r1 = rows + mid * B;
-                if (K % 2) {
-                    for (size_t i = 0; i < m; i++) d[i] = nanc[i] ? NAN : r1[i];
-                } else {
-                    const float *r0 = rows + (mid - 1) * B;
-                    for (size_t i = 0; i < m; i++)
-                        d[i] = nanc[i] ? NAN : (float)(((double)r0[i] + (double)r1[i]) * 0.5);
-                }
+/* Per-thread scratch of a rank statistic: rows (K x B floats; for large K, B x K coordinate-major),
+ * NaN counts and double sums for B coordinates. */
+typedef struct {
+    float *rows;
+    int32_t *nanc;
+    double *dsum;
+} rank_scratch_t;
+
+typedef struct {
+    const srcset_t *s;
+    int kind;
+    size_t trim, B;
+    const uint32_t *pairs; /* sorting network (small K) */
+    size_t cnt;
+    rank_scratch_t *scr; /* one per thread */
+} rank_job_t;
+
+/* Sorting network applied to the rows of each block of B coordinates, vectorized across coordinates. */
+static void rank_net_blocks(void *arg, int tid, size_t lo, size_t hi) {
+    const rank_job_t *j = arg;
+    const srcset_t *s = j->s;
+    const size_t K = s->K, n = s->n, B = j->B, trim = j->trim, mid = K / 2;
+    float *rows = j->scr[tid].rows;
+    int32_t *nanc = j->scr[tid].nanc;
+    double *dsum = j->scr[tid].dsum;
+    const double keep = (double)(K - 2 * trim);
+    for (size_t blk = lo; blk < hi; blk++) {
+        size_t base = blk * B;
+        size_t m = MIN(B, n - base);
+        memset(nanc, 0, m * sizeof *nanc);
+        for (size_t k = 0; k < K; k++) k_load_row(rows + k * B, nanc, s->src[k] + base, m);
+        for (size_t c = 0; c < j->cnt; c++) k_cmpx(rows + j->pairs[2 * c] * B, rows + j->pairs[2 * c + 1] * B, m);
+        f32u *d = s->dst + base;
+        if (j->kind == RANK_MEDIAN) {
+            const float *r1 = rows + mid * B;
+            if (K % 2) {
+                for (size_t i = 0; i < m; i++) d[i] = nanc[i] ? NAN : r1[i];
             } else {
-                memset(dsum, 0, m * sizeof *dsum);
-                for (size_t r = trim; r < K - trim; r++) k_dadd_row(dsum, rows + r * B, m);
-                for (size_t i = 0; i < m; i++) d[i] = (size_t)nanc[i] > trim ? NAN : (float)(dsum[i] / keep);
+                const float *r0 = rows + (mid - 1) * B;
+                for (size_t i = 0; i < m; i++) d[i] = nanc[i] ? NAN : (float)(((double)r0[i] + (double)r1[i]) * 0.5);
             }
+        } else {
+            memset(dsum, 0, m * sizeof *dsum);
+            for (size_t r = trim; r < K - trim; r++) k_dadd_row(dsum, rows + r * B, m);
+            for (size_t i = 0; i < m; i++) d[i] = (size_t)nanc[i] > trim ? NAN : (float)(dsum[i] / keep);
         }
-        RedisModule_Free(dsum);
-        RedisModule_Free(nanc);
-        RedisModule_Free(rows);
-        RedisModule_Free(pairs);
-        return;
     }
-    /* Large K: gather a block transposed (coordinate-major) and select per coordinate. */
-    size_t B = 65536 / K;
-    if (B < 16) B = 16;
-    if (B > 256) B = 256;
-    float *t = RedisModule_Alloc(B * K * sizeof *t);
-    int32_t *nanc = RedisModule_Alloc(B * sizeof *nanc);
-    for (size_t base = 0; base < n; base += B) {
+}
+
+/* Large K: gather a block transposed (coordinate-major) and select per coordinate. */
+static void rank_sel_blocks(void *arg, int tid, size_t lo, size_t hi) {
+    const rank_job_t *j = arg;
+    const srcset_t *s = j->s;
+    const size_t K = s->K, n = s->n, B = j->B, trim = j->trim, mid = K / 2;
+    float *t = j->scr[tid].rows;
+    int32_t *nanc = j->scr[tid].nanc;
+    for (size_t blk = lo; blk < hi; blk++) {
+        size_t base = blk * B;
         size_t m = MIN(B, n - base);
         memset(nanc, 0, m * sizeof *nanc);
         for (size_t k = 0; k < K; k++) {
@@ -1031,7 +1328,7 @@ static void rank_compute(srcset_t *s, int kind, size_t trim) {
         f32u *d = s->dst + base;
         for (size_t i = 0; i < m; i++) {
             float *a = t + i * K;
-            if (kind == RANK_MEDIAN) {
+            if (j->kind == RANK_MEDIAN) {
                 if (nanc[i]) {
                     d[i] = NAN;
                     continue;
@@ -1040,9 +1337,9 @@ static void rank_compute(srcset_t *s, int kind, size_t trim) {
                 if (K % 2) {
                     d[i] = a[mid];
                 } else {
-                    float lo = a[0];
-                    for (size_t j = 1; j < mid; j++) lo = a[j] > lo ? a[j] : lo;
-                    d[i] = (float)(((double)lo + (double)a[mid]) * 0.5);
+                    float lo_v = a[0];
+                    for (size_t q = 1; q < mid; q++) lo_v = a[q] > lo_v ? a[q] : lo_v;
+                    d[i] = (float)(((double)lo_v + (double)a[mid]) * 0.5);
                 }
             } else {
                 if ((size_t)nanc[i] > trim) {
@@ -1054,13 +1351,56 @@ static void rank_compute(srcset_t *s, int kind, size_t trim) {
                     nth_element(a + trim, K - trim, K - 2 * trim - 1);
                 }
                 double sum = 0;
-                for (size_t j = trim; j < K - trim; j++) sum += (double)a[j];
+                for (size_t q = trim; q < K - trim; q++) sum += (double)a[q];
                 d[i] = (float)(sum / (double)(K - 2 * trim));
             }
         }
     }
-    RedisModule_Free(nanc);
-    RedisModule_Free(t);
+}
+
+static void rank_compute(srcset_t *s, int kind, size_t trim) {
+    const size_t K = s->K, n = s->n;
+    const size_t mid = K / 2;
+    rank_job_t job;
+    memset(&job, 0, sizeof job);
+    job.s = s;
+    job.kind = kind;
+    job.trim = trim;
+    uint32_t *pairs = NULL;
+    size_t B;
+    if (K <= NET_MAX_K) {
+        size_t lo = kind == RANK_MEDIAN ? (K % 2 ? mid : mid - 1) : trim;
+        size_t hi = kind == RANK_MEDIAN ? mid : K - trim - 1;
+        size_t cnt = batcher_network(K, NULL);
+        pairs = RedisModule_Alloc((cnt ? cnt : 1) * 2 * sizeof *pairs);
+        batcher_network(K, pairs);
+        job.cnt = prune_network(pairs, cnt, K, lo, hi);
+        job.pairs = pairs;
+        B = 16384 / K;
+        if (B > 1024) B = 1024;
+        B = (B + 15) & ~(size_t)15;
+    } else {
+        B = 65536 / K;
+        if (B < 16) B = 16;
+        if (B > 256) B = 256;
+    }
+    job.B = B;
+    size_t nblk = (n + B - 1) / B, chunk = par_chunk(B, K);
+    int T = par_plan(n * K, nblk, chunk);
+    rank_scratch_t scr[MAX_THREADS];
+    for (int t = 0; t < T; t++) {
+        scr[t].rows = RedisModule_Alloc(K * B * sizeof *scr[t].rows);
+        scr[t].nanc = RedisModule_Alloc(B * sizeof *scr[t].nanc);
+        scr[t].dsum = RedisModule_Alloc(B * sizeof *scr[t].dsum);
+    }
+    job.scr = scr;
+    par_run(T, nblk, chunk, K <= NET_MAX_K ? rank_net_blocks : rank_sel_blocks, &job);
+    for (int t = 0; t < T; t++) {
+        RedisModule_Free(scr[t].dsum);
+        RedisModule_Free(scr[t].nanc);
+        RedisModule_Free(scr[t].rows);
+    }
+    if (pairs) RedisModule_Free(pairs);
 }
 
 static int cmd_median(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
@@ -1100,6 +1440,30 @@ static int cmd_trimmean(RedisModuleCtx *ctx, RedisModuleString **argv, int argc)
 /* Read-only: TENSOR.DIST, TENSOR.NORM, TENSOR.FINITE                                                */
 /* =============================================================================================== */
 
+#define DIST_PART_MAX ((size_t)1 << 21) /* doubles of per-block partial sums kept at once (16 MiB) */
+
+typedef struct {
+    const srcset_t *s;
+    size_t B, pairs, blk0;
+    double *part;               /* [block - blk0][pair], pairs (i < j) in row-major order */
+    double *rows[MAX_THREADS];  /* per thread: K x B doubles */
+} dist_job_t;
+
+static void dist_blocks(void *arg, int tid, size_t lo, size_t hi) {
+    const dist_job_t *j = arg;
+    const srcset_t *s = j->s;
+    const size_t K = s->K, B = j->B;
+    double *rows = j->rows[tid];
+    for (size_t b = lo; b < hi; b++) {
+        size_t base = (j->blk0 + b) * B;
+        size_t m = MIN(B, s->n - base);
+        for (size_t k = 0; k < K; k++) k_f2d(rows + k * B, s->src[k] + base, m);
+        double *pp = j->part + b * j->pairs;
+        for (size_t a = 0; a < K; a++)
+            for (size_t c = a + 1; c < K; c++) *pp++ = k_sqdist(rows + a * B, rows + c * B, m);
+    }
+}
+
 static int cmd_dist(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     const char *cmd = "TENSOR.DIST";
     if (argc < 2) return reply_arity(ctx, cmd, "TENSOR.DIST src [src ...]");
@@ -1123,14 +1487,45 @@ static int cmd_dist(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
         size_t B = ((size_t)1 << 19) / K;
         if (B > 4096) B = 4096;
         if (B < 256) B = 256;
-        double *rows = RedisModule_Alloc(K * B * sizeof *rows);
-        for (size_t base = 0; base < s.n; base += B) {
-            size_t m = MIN(B, s.n - base);
-            for (size_t k = 0; k < K; k++) k_f2d(rows + k * B, s.src[k] + base, m);
-            for (size_t i = 0; i < K; i++)
-                for (size_t j = i + 1; j < K; j++) D[i * K + j] += k_sqdist(rows + i * B, rows + j * B, m);
+        size_t nblk = (s.n + B - 1) / B;
+        size_t chunk = (size_t)pairs >= 8 ? 1 : par_chunk(B, K);
+        int T = par_plan(s.n * K, nblk, chunk);
+        /* Blocks per round: the per-block partials of a round are kept (at most DIST_PART_MAX doubles). */
+        size_t R = DIST_PART_MAX / (size_t)pairs;
+        if (R > nblk) R = nblk;
+        if (R < 2) T = 1;
+        if (T <= 1) {
+            double *rows = RedisModule_Alloc(K * B * sizeof *rows);
+            for (size_t base = 0; base < s.n; base += B) {
+                size_t m = MIN(B, s.n - base);
+                for (size_t k = 0; k < K; k++) k_f2d(rows + k * B, s.src[k] + base, m);
+                for (size_t i = 0; i < K; i++)
+                    for (size_t j = i + 1; j < K; j++) D[i * K + j] += k_sqdist(rows + i * B, rows + j * B, m);
+            }
+            RedisModule_Free(rows);
+        } else {
+            /* Every block's pair sums are computed on some thread, then added to D in block order on
+             * this thread: the same additions in the same order as above. */
+            dist_job_t job;
+            job.s = &s;
+            job.B = B;
+            job.pairs = (size_t)pairs;
+            job.part = RedisModule_Alloc(R * (size_t)pairs * sizeof *job.part);
+            for (int t = 0; t < T; t++) job.rows[t] = RedisModule_Alloc(K * B * sizeof *job.rows[t]);
+            for (size_t r0 = 0; r0 < nblk; r0 += R) {
+                size_t cnt = MIN(R, nblk - r0);
+                size_t chunks = (cnt + chunk - 1) / chunk;
+                job.blk0 = r0;
+                par_run(chunks < (size_t)T ? (int)chunks : T, cnt, chunk, dist_blocks, &job);
+                for (size_t b = 0; b < cnt; b++) {
+                    const double *pp = job.part + b * (size_t)pairs;
+                    for (size_t i = 0; i < K; i++)
+                        for (size_t j = i + 1; j < K; j++) D[i * K + j] += *pp++;
+                }
+            }
+            for (int t = 0; t < T; t++) RedisModule_Free(job.rows[t]);
+            RedisModule_Free(job.part);
         }
-        RedisModule_Free(rows);
         for (size_t i = 0; i < K; i++)
             for (size_t j = 0; j < i; j++) D[i * K + j] = D[j * K + i];
     }
@@ -1152,15 +1547,55 @@ static double sqrt_inline(double x) {
 #endif
 }
 
+typedef struct {
+    const f32u *x;
+    size_t n;
+    double *part;
+} norm_job_t;
+
+static void norm_blocks(void *arg, int tid, size_t lo, size_t hi) {
+    (void)tid;
+    const norm_job_t *j = arg;
+    for (size_t b = lo; b < hi; b++) j->part[b] = k_sumsq(j->x + b * BLK, MIN((size_t)BLK, j->n - b * BLK));
+}
+
 static int cmd_norm(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     const char *cmd = "TENSOR.NORM";
     if (argc != 2) return reply_arity(ctx, cmd, "TENSOR.NORM src");
     srcset_t s;
     if (srcset_open(&s, ctx, cmd, argv, 0, 1, 1, 1) != 0) return REDISMODULE_OK;
     double sum = 0;
-    for (size_t base = 0; base < s.n; base += BLK) sum += k_sumsq(s.src[0] + base, MIN((size_t)BLK, s.n - base));
+    size_t nblk = (s.n + BLK - 1) / BLK, chunk = par_chunk(BLK, 1);
+    int T = par_plan(s.n, nblk, chunk);
+    if (T <= 1) {
+        for (size_t base = 0; base < s.n; base += BLK) sum += k_sumsq(s.src[0] + base, MIN((size_t)BLK, s.n - base));
+    } else {
+        /* Per-block sums on any thread, added here in block order: the same result as above. */
+        norm_job_t job = {s.src[0], s.n, RedisModule_Alloc(nblk * sizeof(double))};
+        par_run(T, nblk, chunk, norm_blocks, &job);
+        for (size_t b = 0; b < nblk; b++) sum += job.part[b];
+        RedisModule_Free(job.part);
+    }
     srcset_close(&s);
     return RedisModule_ReplyWithDouble(ctx, sqrt_inline(sum));
+}
+
+typedef struct {
+    const u32u *bits;
+    size_t n;
+    atomic_int bad; /* set by the first thread that finds a non-finite element; all stop early */
+} finite_job_t;
+
+static void finite_blocks(void *arg, int tid, size_t lo, size_t hi) {
+    (void)tid;
+    finite_job_t *j = arg;
+    for (size_t b = lo; b < hi; b++) {
+        if (atomic_load_explicit(&j->bad, memory_order_relaxed)) return;
+        if (k_nonfinite(j->bits + b * BLK, MIN((size_t)BLK, j->n - b * BLK))) {
+            atomic_store_explicit(&j->bad, 1, memory_order_relaxed);
+            return;
+        }
+    }
 }
 
 static int cmd_finite(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
@@ -1168,10 +1603,13 @@ static int cmd_finite(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     if (argc != 2) return reply_arity(ctx, cmd, "TENSOR.FINITE src");
     srcset_t s;
     if (srcset_open(&s, ctx, cmd, argv, 0, 1, 1, 1) != 0) return REDISMODULE_OK;
-    int finite = 1;
-    const u32u *bits = (const u32u *)(const void *)s.src[0];
-    for (size_t base = 0; base < s.n && finite; base += BLK)
-        if (k_nonfinite(bits + base, MIN((size_t)BLK, s.n - base))) finite = 0;
+    finite_job_t job;
+    job.bits = (const u32u *)(const void *)s.src[0];
+    job.n = s.n;
+    atomic_init(&job.bad, 0);
+    size_t nblk = (s.n + BLK - 1) / BLK, chunk = par_chunk(BLK, 1);
+    par_run(par_plan(s.n, nblk, chunk), nblk, chunk, finite_blocks, &job);
+    int finite = !atomic_load(&job.bad);
     srcset_close(&s);
     return RedisModule_ReplyWithLongLong(ctx, finite);
 }
@@ -1208,26 +1646,43 @@ static const command_def_t COMMANDS[] = {
 static int cmd_info(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     (void)argv;
     if (argc != 1) return reply_arity(ctx, "TENSOR.INFO", "TENSOR.INFO");
-    RedisModule_ReplyWithArray(ctx, 4);
+    RedisModule_ReplyWithArray(ctx, 8);
     RedisModule_ReplyWithSimpleString(ctx, "version");
     RedisModule_ReplyWithStringBuffer(ctx, TENSOR_VERSION_STR, strlen(TENSOR_VERSION_STR));
     RedisModule_ReplyWithSimpleString(ctx, "commands");
     RedisModule_ReplyWithArray(ctx, (long)NCOMMANDS);
     for (size_t i = 0; i < NCOMMANDS; i++)
         RedisModule_ReplyWithStringBuffer(ctx, COMMANDS[i].syntax, strlen(COMMANDS[i].syntax));
+    RedisModule_ReplyWithSimpleString(ctx, "threads");
+    RedisModule_ReplyWithLongLong(ctx, g_threads);
+    RedisModule_ReplyWithSimpleString(ctx, "parallel-threshold");
+    RedisModule_ReplyWithLongLong(ctx, (long long)g_par_threshold);
     return REDISMODULE_OK;
 }
 
 __attribute__((visibility("default"))) int RedisModule_OnLoad(RedisModuleCtx *ctx, RedisModuleString **argv,
                                                               int argc) {
-    (void)argv;
-    (void)argc;
     if (spirt_module_init(ctx, TENSOR_MODULE_NAME, TENSOR_VERSION_INT, REDISMODULE_APIVER_1) != REDISMODULE_OK)
         return REDISMODULE_ERR;
+    if (parse_load_args(ctx, argv, argc) != 0) return REDISMODULE_ERR;
     for (size_t i = 0; i < NCOMMANDS; i++) {
         const command_def_t *c = &COMMANDS[i];
         if (RedisModule_CreateCommand(ctx, c->name, c->fn, c->flags, c->first, c->last, c->step) != REDISMODULE_OK)
             return REDISMODULE_ERR;
     }
+    if (g_threads > 1) {
+        int started = pool_start(g_threads - 1);
+        if (started < g_threads - 1)
+            RedisModule_Log(ctx, "warning", "could start only %d of %d worker threads; using %d threads", started,
+                            g_threads - 1, started + 1);
+        g_threads = started + 1;
+    }
+    return REDISMODULE_OK;
+}
+
+/* MODULE UNLOAD: the workers run module code, so they must be gone before it is unmapped. */
+__attribute__((visibility("default"))) int RedisModule_OnUnload(RedisModuleCtx *ctx) {
+    (void)ctx;
+    pool_stop();
     return REDISMODULE_OK;
 }
