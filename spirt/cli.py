@@ -190,6 +190,18 @@ def _cmd_list(args) -> int:
     return 0
 
 
+def _cmd_bench_byzantine(args) -> int:
+    from .benchmarks.byzantine import main as byz_main
+
+    return byz_main(args.rest)
+
+
+def _cmd_bench_faults(args) -> int:
+    from .faults import main as faults_main
+
+    return faults_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spirt", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -231,6 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
     bu.add_argument("--tolerance", type=float, default=0.25, help="allowed relative drop (default 0.25)")
     bu.add_argument("--repeats", type=int, default=3, help="side-by-side repeats for --check (median)")
     bu.set_defaults(func=_cmd_bench_update)
+    bb = bsub.add_parser("byzantine", help="attack x defense x fraction x partition grid (cached); "
+                         "options: spirt bench byzantine -- --help", add_help=False)
+    bb.add_argument("rest", nargs=argparse.REMAINDER)
+    bb.set_defaults(func=_cmd_bench_byzantine)
+    bf = bsub.add_parser("faults", help="fault-injection scenarios -> reports/faults.{md,csv}; "
+                         "options: spirt bench faults -- --help", add_help=False)
+    bf.add_argument("rest", nargs=argparse.REMAINDER)
+    bf.set_defaults(func=_cmd_bench_faults)
     return p
 
 

@@ -915,3 +915,216 @@ def test_keys_with_expiry(db):
     db.set("gone", x.tobytes(), px=1)
     time.sleep(0.05)
     assert "source key 'gone' does not exist" in fails(db, "TENSOR.AVG", "d", "gone")
+
+
+# --------------------------------------------------------------------------------------------------
+# worker threads: THREADS / PARALLEL-THRESHOLD load arguments
+# --------------------------------------------------------------------------------------------------
+
+DEFAULT_PARALLEL_THRESHOLD = 1 << 20  # floats read by one command
+
+
+def start_with_module_args(binary, *module_args, **kwargs):
+    """A server of the same binary with the tensor module loaded with ``module_args``."""
+    from spirt.servers import module_path
+
+    return start_server(
+        binary, module=False, extra_args=["--loadmodule", str(module_path()), *module_args], **kwargs
+    )
+
+
+@pytest.fixture(scope="module")
+def threaded(server):
+    """Binary-safe clients of servers of ``server``'s flavor: ``serial`` (THREADS 1, the reference),
+    ``t3`` (THREADS 3, default threshold: more threads than this machine may have cores) and ``t5``
+    (THREADS 5 PARALLEL-THRESHOLD 1: every command split into many small ranges)."""
+    configs = {
+        "serial": ["THREADS", "1"],
+        "t3": ["THREADS", "3"],
+        "t5": ["threads", "5", "Parallel-Threshold", "1"],  # keywords are case-insensitive
+    }
+    servers = {}
+    try:
+        for name, args in configs.items():
+            servers[name] = start_with_module_args(server.binary, *args)
+        yield {name: s.client(decode_responses=False) for name, s in servers.items()}
+    finally:
+        for s in servers.values():
+            s.stop()
+
+
+def info_threads(client):
+    info = client.execute_command("TENSOR.INFO")
+    assert info[0] == b"version" and info[2] == b"commands" and len(info[3]) == 9  # unchanged prefix
+    assert info[4] == b"threads" and info[6] == b"parallel-threshold" and len(info) == 8
+    return int(info[5]), int(info[7])
+
+
+def test_info_reports_threads(db, threaded):
+    import os
+
+    cpus = min(len(os.sched_getaffinity(0)), os.cpu_count() or 1)
+    assert info_threads(db) == (min(cpus, 4), DEFAULT_PARALLEL_THRESHOLD)  # defaults
+    assert info_threads(threaded["serial"]) == (1, DEFAULT_PARALLEL_THRESHOLD)
+    assert info_threads(threaded["t3"]) == (3, DEFAULT_PARALLEL_THRESHOLD)
+    assert info_threads(threaded["t5"]) == (5, 1)
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["THREAD", "2"], "unknown load argument 'THREAD'"),
+        (["2"], "unknown load argument '2'"),
+        (["THREADS"], "load argument THREADS needs a value"),
+        (["THREADS", "0"], "THREADS '0' is not an integer in 1..64"),
+        (["THREADS", "65"], "THREADS '65' is not an integer in 1..64"),
+        (["THREADS", "-1"], "THREADS '-1' is not an integer"),
+        (["THREADS", "2x"], "THREADS '2x' is not an integer"),
+        (["THREADS", "2", "threads", "3"], "load argument THREADS given more than once"),
+        (["PARALLEL-THRESHOLD", "0"], "PARALLEL-THRESHOLD '0' is not a positive integer"),
+        (["PARALLEL-THRESHOLD", "1e6"], "PARALLEL-THRESHOLD '1e6' is not a positive integer"),
+        (["THREADS", "2", "PARALLEL-THRESHOLD"], "load argument PARALLEL-THRESHOLD needs a value"),
+    ],
+)
+def test_bad_load_arguments_refuse_to_start(server, args, fragment):
+    from spirt.servers import ServerError
+
+    with pytest.raises(ServerError) as ei:
+        start_with_module_args(server.binary, *args, startup_timeout=10.0)
+    assert fragment in str(ei.value), str(ei.value)[-600:]
+
+
+def sgd_ref(p, g, buf, lr, mu, wd, nesterov=False):
+    """One TENSOR.SGD step in float32, the module's (torch's) operation order; returns (p, buf)."""
+    lr, mu, wd = F32(lr), F32(mu), F32(wd)
+    with np.errstate(all="ignore"):
+        gi = g + wd * p if wd != 0 else g.copy()
+        b = gi.copy() if buf is None else buf * mu + F32(1.0) * gi
+        step = gi + mu * b if nesterov else b
+        return p + (-lr) * step, b
+
+
+def run_everywhere(clients, data, *cmd):
+    """Load ``data`` into every server, run ``cmd`` on each; every reply and key must be the same."""
+    replies, states = {}, {}
+    for name, c in clients.items():
+        c.flushall()
+        pipe = c.pipeline(transaction=False)
+        for k, v in data.items():
+            pipe.set(k, np.ascontiguousarray(v, dtype=F32).tobytes())
+        pipe.execute()
+        replies[name] = c.execute_command(*cmd)
+        states[name] = {k.decode(): c.get(k) for k in sorted(c.keys())}
+    ref = "serial"
+    for name in clients:
+        assert repr(replies[name]) == repr(replies[ref]), f"{cmd[0]}: reply of {name} != THREADS 1"
+        assert states[name].keys() == states[ref].keys()
+        for k in states[ref]:
+            assert states[name][k] == states[ref][k], f"{cmd[0]}: key {k!r} of {name} differs from THREADS 1"
+    return replies[ref], {k: np.frombuffer(v, F32) for k, v in states[ref].items()}
+
+
+def test_threads_bit_identical_large(db, threaded):
+    """Tensors above the default threshold, sizes that split unevenly: every thread count gives the
+    THREADS 1 bytes, and those match numpy."""
+    clients = {"serial": threaded["serial"], "default": db, "t3": threaded["t3"], "t5": threaded["t5"]}
+    rng = np.random.default_rng(2024)
+    n = 1_000_003  # not a multiple of the block size nor of any thread count
+    xs = [rand(rng, n, scale=10.0 ** rng.integers(-3, 4)) for _ in range(5)]
+    xs[1][[0, 77_777, n - 1]] = [np.nan, np.inf, -np.inf]  # propagate identically
+    data = {f"s{i}": x for i, x in enumerate(xs)}
+    keys = list(data)
+
+    r, out = run_everywhere(clients, data, "TENSOR.AVG", "d", *keys)
+    assert r == n
+    same_bits(out["d"], avg_ref(xs))
+    _, out = run_everywhere(clients, data, "TENSOR.AVG", "s2", "s0", "s2", "s4")  # dst is a source
+    same_bits(out["s2"], avg_ref([xs[0], xs[2], xs[4]]))
+    alphas = [0.5, -1.25, 3.0]
+    _, out = run_everywhere(clients, data, "TENSOR.AXPY", "s0", *[a for i in range(3) for a in (repr(alphas[i]), keys[i])])
+    same_bits(out["s0"], axpy_ref(alphas, xs[:3]))
+    _, out = run_everywhere(clients, data, "TENSOR.MEDIAN", "m", *keys)
+    same_bits(out["m"], median_ref(xs))
+    _, out = run_everywhere(clients, data, "TENSOR.MEDIAN", "m", *keys[:4])
+    same_bits(out["m"], median_ref(xs[:4]))
+    _, out = run_everywhere(clients, data, "TENSOR.TRIMMEAN", "t", 1, *keys)
+    same_bits(out["t"], trimmean_ref(xs, 1))
+    r, _ = run_everywhere(clients, data, "TENSOR.NORM", "s0")
+    close([float(r)], [np.linalg.norm(xs[0].astype(np.float64))], 1e-10)
+    for k, want in (("s0", 1), ("s1", 0)):
+        r, _ = run_everywhere(clients, data, "TENSOR.FINITE", k)
+        assert r == want
+    late = {"a": xs[0].copy()}
+    late["a"][n - 2] = np.nan  # only the last block is bad
+    r, _ = run_everywhere(clients, late, "TENSOR.FINITE", "a")
+    assert r == 0
+    r, _ = run_everywhere(clients, {k: data[k] for k in ("s0", "s2", "s3")}, "TENSOR.DIST", "s0", "s2", "s3")
+    close([float(v) for v in r], dist_ref([xs[0], xs[2], xs[3]]).ravel(), 1e-10)
+
+    # SGD: momentum + weight decay (first step creates the buffer, then updates it), then Nesterov
+    p, g = xs[3], xs[4]
+    sgd = {"p": p, "g": g}
+    _, out = run_everywhere(clients, sgd, "TENSOR.SGD", "p", "g", "0.01", "MOMENTUM", "0.9", "buf", "WD", "5e-4")
+    p1, b1 = sgd_ref(p, g, None, 0.01, 0.9, 5e-4)
+    same_bits(out["p"], p1)
+    same_bits(out["buf"], b1)
+    sgd = {"p": p1, "g": g, "buf": b1}
+    _, out = run_everywhere(clients, sgd, "TENSOR.SGD", "p", "g", "0.01", "MOMENTUM", "0.9", "buf", "WD", "5e-4")
+    p2, b2 = sgd_ref(p1, g, b1, 0.01, 0.9, 5e-4)
+    same_bits(out["p"], p2)
+    same_bits(out["buf"], b2)
+    _, out = run_everywhere(clients, sgd, "TENSOR.SGD", "p", "g", "0.02", "MOMENTUM", "0.5", "buf", "NESTEROV")
+    p3, b3 = sgd_ref(p1, g, b1, 0.02, 0.5, 0.0, nesterov=True)
+    same_bits(out["p"], p3)
+    same_bits(out["buf"], b3)
+    _, out = run_everywhere(clients, {"p": p}, "TENSOR.SGD", "p", "p", "0.5", "WD", "0.25")  # grad is param
+    same_bits(out["p"], sgd_ref(p, p, None, 0.5, 0.0, 0.25)[0])
+
+
+def test_threads_bit_identical_large_k(threaded):
+    """The rank statistics' selection path (K > 128) and DIST with many pairs, above the threshold."""
+    clients = {"serial": threaded["serial"], "t3": threaded["t3"], "t5": threaded["t5"]}
+    rng = np.random.default_rng(77)
+    K, n = 131, 9_001  # 1.18M floats read
+    xs = [rand(rng, n) if i % 3 else rng.integers(-2, 3, n).astype(F32) for i in range(K)]
+    data = {f"w{i}": x for i, x in enumerate(xs)}
+    keys = list(data)
+    _, out = run_everywhere(clients, data, "TENSOR.MEDIAN", "m", *keys)
+    same_bits(out["m"], median_ref(xs))
+    _, out = run_everywhere(clients, data, "TENSOR.TRIMMEAN", "t", 40, *keys)
+    close(out["t"], trimmean_ref(xs, 40), 1e-6)
+    _, out = run_everywhere(clients, data, "TENSOR.MEDIAN", "m", *keys[:64])  # network, 576K floats read
+    same_bits(out["m"], median_ref(xs[:64]))
+    r, _ = run_everywhere(clients, data, "TENSOR.DIST", *keys[:40])
+    close([float(v) for v in r], dist_ref(xs[:40]).ravel(), 1e-10)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4095, 4097, 65_537, 262_147])
+def test_threads_many_small_ranges(threaded, n):
+    """PARALLEL-THRESHOLD 1 with 5 threads: every command is split, down to single blocks; the bytes
+    must still be those of THREADS 1."""
+    clients = {"serial": threaded["serial"], "t5": threaded["t5"]}
+    rng = np.random.default_rng(n)
+    for K in (1, 2, 3, 8, 17):
+        xs = [rand(rng, n, scale=10.0 ** rng.integers(-30, 30)) for _ in range(K)]
+        if n > 100:
+            xs[0][n // 2] = np.nan
+        data = {f"s{i}": x for i, x in enumerate(xs)}
+        keys = list(data)
+        cmds = [
+            ("TENSOR.AVG", "d", *keys),
+            ("TENSOR.AVG", "s0", *keys),
+            ("TENSOR.AXPY", "d", *[a for i, k in enumerate(keys) for a in (repr(0.5 + i), k)]),
+            ("TENSOR.MEDIAN", "d", *keys),
+            ("TENSOR.TRIMMEAN", "d", (K - 1) // 2, *keys),
+            ("TENSOR.SGD", keys[-1], "s0", "0.1", "MOMENTUM", "0.9", "b", "DAMPENING", "0.1", "WD", "0.01"),
+            ("TENSOR.SGD", "s0", "s0", "0.1"),
+            ("TENSOR.NORM", keys[-1]),
+            ("TENSOR.FINITE", "s0"),
+            ("TENSOR.FINITE", keys[-1]),
+            ("TENSOR.DIST", *keys),
+        ]
+        for cmd in cmds:
+            run_everywhere(clients, data, *cmd)
+        with_buf = dict(data, b=xs[-1])  # SGD with an existing momentum buffer
+        run_everywhere(clients, with_buf, "TENSOR.SGD", "s0", keys[-1], "0.1", "MOMENTUM", "0.9", "b", "NESTEROV")
