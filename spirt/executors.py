@@ -1,19 +1,20 @@
 """How a peer invokes its K gradient functions: inline, a warm local process pool, or Ray tasks.
 
 All three run the same :func:`spirt.functions.compute_gradient` on the same tasks, so results are the
-same whichever executor runs them. Failed invocations are retried with exponential backoff up to
-``retries`` times; an invocation that still fails is reported, not raised, so the round can go on
-with the gradients that arrived.
+same whichever executor runs them. Failed invocations (the function raised, its worker died, or it
+hung past the timeout) are retried with exponential backoff up to ``retries`` times; an invocation that
+still fails is reported, not raised, so the round can go on with the gradients that arrived.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import threading
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .functions import FunctionSpec, GradResult, GradTask, compute_gradient, warm_up
 
@@ -24,11 +25,23 @@ class Invocation:
     result: GradResult | None
     error: str | None
     attempts: int
+    #: (wall time, error) of every failed attempt, also when a retry then succeeded
+    failures: list[tuple[float, str]] = field(default_factory=list)
+
+
+def _watch_parent(parent: int, every_s: float = 0.5) -> None:
+    """Exit when the parent (the peer orchestrator) is gone: a SIGKILLed orchestrator cannot shut its
+    pool down, and its workers would otherwise wait for work forever."""
+    while True:
+        time.sleep(every_s)
+        if os.getppid() != parent:
+            os._exit(0)
 
 
 def _worker_init(spec: FunctionSpec) -> None:
     import torch
 
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), name="watch-parent", daemon=True).start()
     torch.set_num_threads(1)
     warm_up(spec)
 
@@ -61,70 +74,158 @@ class InlineExecutor(Executor):
     def map(self, tasks):
         out = []
         for t in tasks:
-            err, attempts = None, 0
+            failures: list[tuple[float, str]] = []
             for attempt in range(self.retries + 1):
-                attempts = attempt + 1
                 try:
-                    out.append(Invocation(t, compute_gradient(t), None, attempts))
+                    out.append(Invocation(t, compute_gradient(t), None, attempt + 1, failures))
                     break
                 except Exception as exc:  # noqa: BLE001 - reported per invocation
-                    err = f"{type(exc).__name__}: {exc}"
-                    time.sleep(self.backoff_s * 2**attempt)
+                    failures.append((time.time(), f"{type(exc).__name__}: {exc}"))
+                    if attempt < self.retries:
+                        time.sleep(self.backoff_s * 2**attempt)
             else:
-                out.append(Invocation(t, None, err, attempts))
+                out.append(Invocation(t, None, failures[-1][1], self.retries + 1, failures))
         return out
 
 
 class ProcessExecutor(Executor):
-    """A pool of warm worker processes (torch imported, data loaded, one torch thread each)."""
+    """A pool of warm worker processes (torch imported, data loaded, one torch thread each).
+
+    Failure handling, per batch of invocations (``map``):
+
+    - a function that raises is retried, with exponential backoff, up to ``retries`` times;
+    - a worker that dies (killed, out of memory) breaks the pool: the pool is replaced and every
+      invocation it had not finished is resubmitted (each counts an attempt);
+    - a worker that hangs (stopped, deadlocked) is noticed by the timeout: when no invocation of the
+      batch finished for ``timeout_s``, the pool's processes are killed, a fresh pool is warmed up and
+      the unfinished invocations are resubmitted.
+
+    An invocation that still fails after its retries is returned with its error, so the round goes on
+    with the gradients that arrived. Worker processes exit on their own when the orchestrator dies.
+    """
 
     name = "process"
 
-    def __init__(self, spec, **kw):
+    def __init__(self, spec, *, warm_timeout_s: float = 300.0, **kw):
         super().__init__(spec, **kw)
+        self.warm_timeout_s = warm_timeout_s
+        self.pool_restarts = 0
         self._pool = self._new_pool()
 
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
                                    initializer=_worker_init, initargs=(self.spec,))
 
-    def warm(self) -> None:
-        """Block until every worker has started and built its cache."""
+    def worker_pids(self) -> list[int]:
+        return [p.pid for p in list((self._pool._processes or {}).values()) if p.pid is not None]
+
+    def warm(self, timeout_s: float | None = None) -> None:
+        """Block until the workers have started and built their cache."""
         futs = [self._pool.submit(warm_up, self.spec) for _ in range(self.workers)]
-        for f in futs:
+        done, not_done = wait(futs, timeout=timeout_s or self.warm_timeout_s)
+        if not_done:
+            raise TimeoutError(f"worker pool not warm after {timeout_s or self.warm_timeout_s:g} s")
+        for f in done:
             f.result()
 
+    def _kill_pool(self) -> None:
+        """Kill the pool's processes (a stopped or hung worker does not react to anything else) and
+        let the pool go."""
+        procs = list((self._pool._processes or {}).values())
+        for p in procs:
+            try:
+                p.kill()
+            except (OSError, AttributeError, ValueError):
+                pass
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for p in procs:
+            try:
+                p.join(5)
+            except (AssertionError, ValueError):
+                pass
+
+    def _replace_pool(self) -> None:
+        self._kill_pool()
+        self.pool_restarts += 1
+        self._pool = self._new_pool()
+        try:
+            self.warm()
+        except Exception:  # noqa: BLE001 - the resubmitted invocations fail and are reported instead
+            pass
+
+    def _submit(self, task: GradTask) -> Future:
+        try:
+            return self._pool.submit(compute_gradient, task)
+        except (BrokenProcessPool, RuntimeError):
+            self._replace_pool()
+            return self._pool.submit(compute_gradient, task)
+
     def map(self, tasks):
-        pending: dict[int, tuple[GradTask, Future, int]] = {}
-        for i, t in enumerate(tasks):
-            pending[i] = (t, self._pool.submit(compute_gradient, t), 1)
+        n = len(tasks)
+        attempts = [0] * n
+        failures: list[list[tuple[float, str]]] = [[] for _ in range(n)]
         results: dict[int, Invocation] = {}
-        deadline = time.monotonic() + self.timeout_s * (self.retries + 1)
-        while pending:
-            for i, (t, fut, attempts) in list(pending.items()):
-                try:
-                    res = fut.result(timeout=max(0.0, min(self.timeout_s, deadline - time.monotonic())))
-                    results[i] = Invocation(t, res, None, attempts)
-                    del pending[i]
-                except (FutureTimeout, BrokenProcessPool, Exception) as exc:  # noqa: BLE001
-                    err = "timed out" if isinstance(exc, FutureTimeout) else f"{type(exc).__name__}: {exc}"
-                    if isinstance(exc, BrokenProcessPool):
-                        # a worker died (killed, OOM): replace the pool, then retry
-                        self._pool.shutdown(wait=False, cancel_futures=True)
-                        self._pool = self._new_pool()
-                        for j, (tj, fj, aj) in list(pending.items()):
-                            if j != i and not fj.done():
-                                pending[j] = (tj, self._pool.submit(compute_gradient, tj), aj)
-                    if attempts <= self.retries and time.monotonic() < deadline:
-                        time.sleep(self.backoff_s * 2 ** (attempts - 1))
-                        pending[i] = (t, self._pool.submit(compute_gradient, t), attempts + 1)
-                    else:
-                        results[i] = Invocation(t, None, err, attempts)
-                        del pending[i]
-        return [results[i] for i in range(len(tasks))]
+        todo = list(range(n))
+        while todo:
+            futs: dict[Future, int] = {}
+            for i in todo:
+                attempts[i] += 1
+                futs[self._submit(tasks[i])] = i
+            # hung: no invocation finished for timeout_s (with queued invocations, each one gets
+            # timeout_s from the end of the one before it in its worker)
+            deadline = time.monotonic() + self.timeout_s
+            not_done = set(futs)
+            failed: list[int] = []
+            broken = False
+            while not_done:
+                done, not_done = wait(not_done, timeout=max(0.0, deadline - time.monotonic()),
+                                      return_when=FIRST_COMPLETED)
+                if not done:
+                    # a short grace: if this process itself was stopped (SIGSTOP, suspended VM), the
+                    # results may have arrived while the clock ran; they are collected first
+                    done, not_done = wait(not_done, timeout=min(1.0, self.timeout_s),
+                                          return_when=FIRST_COMPLETED)
+                    if not done:
+                        break
+                deadline = time.monotonic() + self.timeout_s
+                for f in done:
+                    i = futs[f]
+                    try:
+                        results[i] = Invocation(tasks[i], f.result(), None, attempts[i], failures[i])
+                    except BrokenProcessPool as exc:  # a worker died: every unfinished invocation fails
+                        broken = True
+                        failures[i].append((time.time(), f"worker died ({type(exc).__name__})"))
+                        failed.append(i)
+                    except Exception as exc:  # noqa: BLE001 - the function raised: retry it
+                        failures[i].append((time.time(), f"{type(exc).__name__}: {exc}"))
+                        failed.append(i)
+            for f in not_done:  # hung (or far too slow): the workers are killed below
+                i = futs[f]
+                failures[i].append((time.time(), f"timed out (no function finished for {self.timeout_s:g} s)"))
+                failed.append(i)
+            if not_done or broken:
+                self._replace_pool()
+            todo = [i for i in sorted(failed) if attempts[i] <= self.retries]
+            for i in failed:
+                if attempts[i] > self.retries:
+                    results[i] = Invocation(tasks[i], None, failures[i][-1][1], attempts[i], failures[i])
+            if todo:
+                time.sleep(self.backoff_s * 2 ** (max(attempts[i] for i in todo) - 1))
+        return [results[i] for i in range(n)]
 
     def close(self):
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Shut the pool down; workers that do not finish within a few seconds (hung) are killed."""
+        procs = list((self._pool._processes or {}).values())
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + 10
+        for p in procs:
+            try:
+                p.join(max(0.0, deadline - time.monotonic()))
+                if p.is_alive():
+                    p.kill()
+                    p.join(5)
+            except (AssertionError, ValueError, OSError):
+                pass
 
 
 class RayExecutor(Executor):
@@ -153,7 +254,8 @@ class RayExecutor(Executor):
             try:
                 out.append(Invocation(t, self._ray.get(ref, timeout=self.timeout_s * (self.retries + 1)), None, 1))
             except Exception as exc:  # noqa: BLE001
-                out.append(Invocation(t, None, f"{type(exc).__name__}: {exc}", self.retries + 1))
+                err = f"{type(exc).__name__}: {exc}"
+                out.append(Invocation(t, None, err, self.retries + 1, [(time.time(), err)]))
         return out
 
     def close(self):

@@ -135,6 +135,11 @@ class Keys:
     def agg(self, r: int) -> str:
         return f"{self.tag}:agg:{r}"
 
+    def aggset(self, r: int) -> str:
+        """The peers whose round-r vectors arrived in time (comma-separated), written with the update:
+        peers compare them to find out that they aggregated different inputs (diverged)."""
+        return f"{self.tag}:aggset:{r}"
+
 
 def function_spec(cfg: Config) -> FunctionSpec:
     return FunctionSpec(
@@ -153,10 +158,13 @@ class RoundMetrics:
     test_loss: float = float("nan")
     functions_ok: int = 0
     functions_failed: int = 0
+    functions_retried: int = 0  # invocations that needed more than one attempt (failed or not)
     peers_aggregated: int = 0
     peers_excluded: str = ""
     members: int = 0
     byzantine: bool = False
+    wall_begin: float = float("nan")  # wall-clock time (time.time()) the round started and ended
+    wall_end: float = float("nan")
     times: dict[str, float] = field(default_factory=dict)
 
     def row(self) -> dict:
@@ -179,6 +187,10 @@ class Member:
 
 class OwnDatabaseDown(RuntimeError):
     """This peer's own database is unreachable (crashed or restarting)."""
+
+
+class Behind(RuntimeError):
+    """Most peers finished this round without our vector reaching us: we fell behind and resynchronise."""
 
 
 class Peer:
@@ -233,21 +245,27 @@ class Peer:
         self.members[q] = Member(q, url, client, since=since)
         return self.members[q]
 
-    def _event(self, r: int, event: str, peer: int, detail: str = "") -> None:
-        rec = {"t": time.time(), "round": r, "peer": self.index, "event": event, "about": peer, "detail": detail}
+    def _event(self, r: int, event: str, peer: int, detail: str = "", t: float | None = None) -> None:
+        rec = {"t": time.time() if t is None else t, "round": r, "peer": self.index, "event": event, "about": peer, "detail": detail}
         log.info("peer %s round %s: %s peer %s %s", self.index, r, event, peer, detail)
         try:
             self.db.rpush(self.keys.events, json.dumps(rec))
         except redis.RedisError:
             pass
 
-    def _alive(self, m: Member) -> tuple[bool, str]:
+    def _alive(self, m: Member) -> tuple[bool, str, int | None]:
+        """(alive, why not, last round it published) of another peer, from its own database."""
         try:
-            if m.client.exists(Keys(m.index).alive):
-                return True, ""
-            return False, "heartbeat expired"
+            pipe = m.client.pipeline(transaction=False)
+            pipe.exists(Keys(m.index).alive)
+            pipe.get(Keys(m.index).ready)
+            alive, ready = pipe.execute()
+            ready = int(ready) if ready is not None else None
+            if alive:
+                return True, "", ready
+            return False, "heartbeat expired", ready
         except redis.RedisError as exc:
-            return False, f"database unreachable ({type(exc).__name__})"
+            return False, f"database unreachable ({type(exc).__name__})", None
 
     def _heartbeat_loop(self) -> None:
         hb = self.cfg.membership.heartbeat_s
@@ -338,10 +356,15 @@ class Peer:
         r = self.start_round
         while r < total:
             try:
-                if r > self.start_round and self._lagging(r):
-                    r = self._resync(r)
+                why = self._behind(r) if r > self.start_round else None
+                if why:
+                    r = self._resync(r, total, why)
                     continue
                 m = self.round(r)
+            except Behind as exc:
+                log.warning("peer %s: %s", self.index, exc)
+                r = self._resync(r, total, str(exc))
+                continue
             except (redis.ConnectionError, redis.TimeoutError, OwnDatabaseDown) as exc:
                 if self._own_db_ok():
                     raise
@@ -381,7 +404,7 @@ class Peer:
     # -- the round ---------------------------------------------------------------------------------
     def round(self, r: int) -> RoundMetrics:
         K, k = self.keys, self.cfg.peers.functions
-        m = RoundMetrics(r, self.index, byzantine=self.byzantine)
+        m = RoundMetrics(r, self.index, byzantine=self.byzantine, wall_begin=time.time())
         t = m.times
         t_start = time.perf_counter()
 
@@ -397,6 +420,13 @@ class Peer:
         wall = time.perf_counter() - t0
         ok = [inv for inv in invocations if inv.result is not None]
         m.functions_ok, m.functions_failed = len(ok), len(invocations) - len(ok)
+        m.functions_retried = sum(inv.attempts > 1 for inv in invocations)
+        failures = sorted((tf, inv.task.index, err) for inv in invocations for tf, err in inv.failures)
+        if failures:
+            tf, i, err = failures[0]
+            self._event(r, "function_failed", self.index,
+                        f"{len(failures)} failed attempt(s), first: function {i}: {err}; "
+                        f"{m.functions_failed} of {len(invocations)} function(s) without a gradient", t=tf)
         if not ok:
             if not self._own_db_ok():
                 raise OwnDatabaseDown(f"every gradient function failed: {invocations[0].error}")
@@ -449,6 +479,7 @@ class Peer:
                 self._event(r, "readmitted", q)
         inputs = {self.index: K.avg(r)}
         candidates = sorted(set(ready) | set(late))
+        arrived = ",".join(map(str, sorted([self.index, *candidates])))
         for q, n in zip(candidates, self._strlens([K.incoming(q, r) for q in candidates]), strict=True):
             if n != len(own_raw):
                 excluded.append(f"{q}(size {n} bytes, expected {len(own_raw)})")
@@ -468,12 +499,16 @@ class Peer:
         t["aggregate"] = time.perf_counter() - t0
 
         # UPDATE, atomically with the bookkeeping: with persistence on, a restart resumes exactly here
+        # (the round's metrics row goes in too, so a completed update always has its row; it is
+        # rewritten with the final figures at the end of the round)
         self.phase = Phase.UPDATE
         t0 = time.perf_counter()
         pipe = self.db.pipeline(transaction=True)
         self.backend.queue_update(pipe, self.db, K.params, K.momentum, K.agg(r), self.sgd)
         pipe.set(K.completed, r)
+        pipe.set(K.aggset(r), arrived, px=ROUND_KEY_TTL_MS)
         pipe.incr(K.version)
+        pipe.rpush(K.metrics, json.dumps(m.row()))
         pipe.execute()
         t["update"] = time.perf_counter() - t0
 
@@ -493,19 +528,21 @@ class Peer:
             m.test_loss, m.accuracy = self.evaluate(full=last)
             t["evaluate"] = time.perf_counter() - t0
         t["round"] = time.perf_counter() - t_start
-        self.db.rpush(K.metrics, json.dumps(m.row()))
+        m.wall_end = time.time()
+        self.db.lset(K.metrics, -1, json.dumps(m.row()))
         return m
 
-    def _account(self, r: int, ready: list[int], missing: dict[int, str]) -> list[str]:
-        """Update misses and membership after a barrier; returns the exclusion notes of this round."""
+    def _account(self, r: int, ready: list[int], missing: dict[int, tuple[str, float]]) -> list[str]:
+        """Update misses and membership after a barrier; returns the exclusion notes of this round.
+        ``missing`` maps a peer to (reason, wall time it was found missing)."""
         for q in ready:
             self.members[q].misses = 0
         notes = []
-        for q, why in missing.items():
+        for q, (why, t_found) in missing.items():
             mb = self.members[q]
             mb.misses += 1
             notes.append(f"{q}({why})")
-            self._event(r, "excluded", q, why)
+            self._event(r, "excluded", q, why, t=t_found)
             if mb.misses >= self.cfg.membership.max_misses and not mb.removed:
                 mb.removed = True
                 self._event(r, "removed", q, f"{mb.misses} missed barriers")
@@ -536,21 +573,29 @@ class Peer:
             pipe.exists(key)
         return [bool(e) for e in pipe.execute()] if keys else []
 
-    def _barrier(self, r: int, peers: list[int]) -> tuple[list[int], dict[int, str]]:
+    def _barrier(self, r: int, peers: list[int]) -> tuple[list[int], dict[int, tuple[str, float]]]:
         """Wait until the given peers' round-r vectors are in our inbox, a peer is found dead, or the
-        deadline passed. Returns (ready, {missing peer: reason}).
+        deadline passed. Returns (ready, {missing peer: (reason, wall time found missing)}).
 
         Everything is local: the others push into our database. Their announcements (a list in our
         database) only wake us up; a blocking pop costs no CPU, unlike polling on a 2-core machine.
-        Liveness of the peers still awaited is checked every half heartbeat interval, so a crashed
-        peer ends the wait within two intervals instead of at the deadline.
+        Liveness of the peers still awaited is checked every quarter heartbeat interval (at once for
+        peers that already missed a barrier): a heartbeat lives 1.5 intervals after its last refresh, so
+        a crashed peer ends the wait within 1.75 intervals instead of at the deadline.
+
+        A peer that already published a later round but whose round-r vector is not here will not send
+        it (it was lost, e.g. while our database restarted): it is missing. If most awaited peers are in
+        that state, we are the one behind: :class:`Behind` is raised and the peer resynchronises.
         """
         deadline = time.monotonic() + self.cfg.barrier.timeout_s
-        check_every = self.cfg.membership.heartbeat_s / 2
-        next_check = time.monotonic() + check_every
+        check_every = self.cfg.membership.heartbeat_s / 4
+        now = time.monotonic()
+        suspect = any(self.members[q].misses for q in peers)
+        next_check = now if suspect else now + check_every
         waiting = sorted(peers)
         ready: list[int] = []
-        dead: dict[int, str] = {}
+        dead: dict[int, tuple[str, float]] = {}
+        ahead: list[int] = []
         # old announcements would only cause spurious wake-ups; the keys below are the truth
         self.db.delete(self.keys.notify)
         while waiting:
@@ -560,16 +605,33 @@ class Peer:
             now = time.monotonic()
             if waiting and now >= next_check:
                 next_check = now + check_every
+                passed = []
                 for q in list(waiting):
-                    alive, why = self._alive(self.members[q])
+                    alive, why, published = self._alive(self.members[q])
                     if not alive:
-                        dead[q] = why
+                        dead[q] = (why, time.time())
                         waiting.remove(q)
+                    elif published is not None and published > r:
+                        passed.append(q)
+                if passed:  # re-check: the vector may have landed just before the mark moved on
+                    late = self._exists([self.keys.incoming(q, r) for q in passed])
+                    for q, e in zip(passed, late, strict=True):
+                        waiting.remove(q)
+                        if e:
+                            ready.append(q)
+                        else:
+                            ahead.append(q)
+                            dead[q] = (f"ahead (published a later round), its round {r} vector lost", time.time())
+                    if len(ahead) * 2 > len(peers):
+                        raise Behind(f"round {r}: peers {sorted(ahead)} of {sorted(peers)} finished it without "
+                                     "our inbox receiving their vectors")
             left = deadline - time.monotonic()
             if not waiting or left <= 0:
                 break
             self.db.blpop([self.keys.notify], timeout=min(left, 0.05))
-        missing = {**dead, **{q: f"missed the {self.cfg.barrier.timeout_s:g} s deadline" for q in waiting}}
+        t_deadline = time.time()
+        missing = {**dead, **{q: (f"missed the {self.cfg.barrier.timeout_s:g} s deadline", t_deadline)
+                              for q in waiting}}
         return sorted(ready), missing
 
     def _attack_vectors(self, r: int, own_raw: bytes) -> dict[int, bytes]:
@@ -618,30 +680,59 @@ class Peer:
             pipe.pexpire(K.snapshot(first, what), ROUND_KEY_TTL_MS)
         pipe.execute()
 
-    def _lagging(self, r: int) -> bool:
-        """Whether the live peers are two or more rounds ahead of us (we must resynchronise)."""
-        marks = []
+    def _behind(self, r: int) -> str | None:
+        """Why we must resynchronise before round r, or None.
+
+        - lagging: most current members already published round r + 1 (they finished round r
+          without us);
+        - diverged: a strict majority of the peers that finished round r - 1 aggregated a different set
+          of peers than we did (they excluded us, or we them, e.g. after we stalled past their deadline
+          while their vectors still reached us): our parameters differ from theirs.
+        """
+        marks: list[int] = []
+        sets: list[str] = []
         for q, mb in self.members.items():
+            if mb.removed:
+                continue
             try:
-                v = mb.client.get(Keys(q).ready)
+                pipe = mb.client.pipeline(transaction=False)
+                pipe.get(Keys(q).ready)
+                pipe.get(Keys(q).aggset(r - 1))
+                v, agg = pipe.execute()
             except redis.RedisError:
                 continue
             if v is not None:
                 marks.append(int(v))
-        return bool(marks) and sorted(marks)[len(marks) // 2] >= r + 1
+            if agg is not None:
+                sets.append(agg.decode())
+        if marks and sorted(marks)[len(marks) // 2] >= r + 1:
+            return f"lagging: the peers published round {sorted(marks)[len(marks) // 2]}, we are at {r}"
+        mine = self.db.get(self.keys.aggset(r - 1))
+        if mine is not None and sets:
+            mine = mine.decode()
+            counts: dict[str, int] = {}
+            for x in [mine, *sets]:
+                counts[x] = counts.get(x, 0) + 1
+            top, n_top = max(counts.items(), key=lambda kv: kv[1])
+            if top != mine and n_top * 2 > len(sets) + 1:
+                return (f"diverged: round {r - 1} aggregated peers {mine} here, {top} at {n_top} of "
+                        f"{len(sets) + 1} peers")
+        return None
 
-    def _resync(self, r: int) -> int:
-        self._event(r, "resync", self.index, "behind the live peers; state transfer")
-        return self.join(None)
+    def _resync(self, r: int, total: int, why: str = "") -> int:
+        self._event(r, "resync", self.index, f"{why or 'behind the live peers'}; state transfer")
+        return self.join(None, total=total)
 
-    def join(self, bootstrap: dict[int, str] | None = None) -> int:
+    def join(self, bootstrap: dict[int, str] | None = None, total: int | None = None) -> int:
         """Join a running training (or resynchronise after falling behind).
 
         Asks the live peers to admit us from a round R a little ahead of theirs, then takes the
         parameters, optimizer state, round and membership they snapshot after round R - 1, from at
         least two peers where there are two, and only if they agree (so one faulty peer cannot hand us
-        a corrupt model). Returns R, the first round we take part in.
+        a corrupt model). Returns R, the first round we take part in (``total``, the number of rounds,
+        when the training ends before R: there is nothing left to join).
         """
+        total = total or self.cfg.run.rounds
         self.phase = Phase.JOIN
         self._hb_paused.set()
         try:
@@ -655,20 +746,35 @@ class Peer:
         live = {}
         for q, mb in self.members.items():
             try:
-                v = mb.client.get(Keys(q).ready)
-                if mb.client.exists(Keys(q).alive):
-                    live[q] = int(v) if v is not None else -1
+                pipe = mb.client.pipeline(transaction=False)
+                pipe.get(Keys(q).ready)
+                pipe.exists(Keys(q).alive)
+                pipe.exists(Keys(q).done)
+                v, alive, done = pipe.execute()
             except redis.RedisError:
                 continue
+            if alive and not done:
+                live[q] = int(v) if v is not None else -1
         if not live:
             raise RuntimeError(f"peer {self.index}: no live peer to join")
         first = max(live.values()) + 3
+        if first >= total:
+            self._event(first, "join_too_late", self.index, f"the training ends at round {total - 1}")
+            self.start_round = total
+            return total
+        asked = {}
         for q in live:
-            self.members[q].client.hset(Keys(q).joins, self.index, f"{self.url}|{first}")
+            try:
+                self.members[q].client.hset(Keys(q).joins, self.index, f"{self.url}|{first}")
+                asked[q] = live[q]
+            except redis.RedisError:
+                continue
+        live = asked
+        self._event(first, "join_request", self.index, f"asked peers {sorted(live)} to admit us from round {first}")
         need = min(2, len(live))
         deadline = time.monotonic() + self.cfg.membership.join_timeout_s
         states: dict[int, tuple[bytes, bytes | None, dict]] = {}
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and live:
             for q in live:
                 if q in states:
                     continue
@@ -703,12 +809,14 @@ class Peer:
         pipe.set(self.keys.ready, first - 1)
         pipe.set(self.keys.version, secrets.randbits(62))
         pipe.execute()
-        for q_str, u in meta["members"].items():
-            q = int(q_str)
+        # the membership of the peers we join: theirs, plus the peer that served the state
+        current = {int(q): u for q, u in meta["members"].items()}
+        current.setdefault(int(meta["from"]), self.members[int(meta["from"])].url)
+        for q, u in current.items():
             if q != self.index and q not in self.members:
                 self._add_member(q, u, since=first)
-        for mb in self.members.values():
-            mb.removed, mb.misses = False, 0
+        for q, mb in self.members.items():
+            mb.removed, mb.misses = q not in current, 0
         self.start_round = first
         self.width = len(params)
         self.start_heartbeat()
@@ -751,7 +859,11 @@ class Peer:
 def peer_main(cfg_json: str, index: int, urls: list[str | None], start_key: str | None = None,
               join: bool = False) -> None:
     """Entry point of a peer orchestrator process: set up, wait for the start signal (or join a
-    running training), train."""
+    running training), train.
+
+    The start signal is ``start_key`` in peer 0's database. With ``join=True`` it is awaited in this
+    peer's own database instead (if given): a launcher can start a newcomer ahead of time (torch
+    imported, workers warm) and let it ask to join at a chosen moment."""
     import torch
 
     from .config import Config
@@ -765,6 +877,10 @@ def peer_main(cfg_json: str, index: int, urls: list[str | None], start_key: str 
             peer.init_eval_state()
             if cfg.executor.kind == "process":
                 peer.executor.warm()
+            peer.db.set(f"{peer.keys.tag}:up", 1)
+            if start_key:
+                while not peer.db.exists(start_key):
+                    time.sleep(0.01)
             peer.join()
             peer.run()
             return

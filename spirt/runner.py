@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
+import signal
 import threading
 import time
 from contextlib import ExitStack
@@ -75,8 +77,11 @@ def run_training(cfg: Config, *, progress: bool = True, timeout_s: float | None 
         else:
             servers = []
             for _ in range(cfg.peers.count):
+                # with persistence, every write is on disk before its reply (appendfsync always): a
+                # restarted database has every update the peer saw completed
                 srv = start_server(cfg.peers.server, module=cfg.aggregation.backend == "module",
-                                   unix_socket=cfg.peers.unix_socket)
+                                   unix_socket=cfg.peers.unix_socket, persistence=cfg.peers.persistence,
+                                   fsync="always")
                 stack.callback(srv.stop)
                 servers.append(srv)
             urls = [s.url for s in servers]
@@ -108,13 +113,7 @@ def _run_processes(cfg, urls, c0, stack, shower, timeout_s):
         p.start()
 
     def _stop_all():
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-        for p in procs:
-            p.join(10)
-            if p.is_alive():
-                p.kill()
+        stop_processes(procs)
 
     stack.callback(_stop_all)
     # start only once every peer is up (torch imported, workers warm), so round times are clean
@@ -167,6 +166,69 @@ def _run_threads(cfg, urls, timeout_s):
     finally:
         for p in peers:
             p.close()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, grandchildren, ...), from /proc."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                with open(f"/proc/{p}/task/{t}/children") as f:
+                    kids = [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
+def stop_processes(procs, grace_s: float = 10.0) -> None:
+    """Stop peer processes and everything they started (their function workers): SIGTERM, then SIGKILL
+    after ``grace_s``. Stopped (SIGSTOP) processes are continued first so that they can exit."""
+    below = []
+    for p in procs:
+        if p.pid is not None and p.is_alive():
+            below += [(pid, _started(pid)) for pid in descendants(p.pid)]
+    for p in procs:
+        if p.is_alive():
+            try:
+                os.kill(p.pid, signal.SIGCONT)
+            except OSError:
+                pass
+            p.terminate()
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        p.join(max(0.1, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+    for pid, started in below:  # orphaned workers exit on their own within a second; do not wait for that
+        kill_if_same(pid, started)
+
+
+def _started(pid: int) -> str | None:
+    """Start time of a process (clock ticks after boot), to tell it from a later one with the same id."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def kill_if_same(pid: int, started: str | None, sig: int = signal.SIGKILL) -> None:
+    """Signal ``pid`` only if it is still the process that started at ``started``."""
+    if started is None or _started(pid) != started:
+        return
+    try:
+        os.kill(pid, sig)
+    except OSError:
+        pass
 
 
 # -- reports -----------------------------------------------------------------------------------------

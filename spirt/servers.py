@@ -197,6 +197,8 @@ class Server:
     owns_workdir: bool = False
     password: str | None = None
     username: str | None = None
+    #: the full command line of a server started here (for :meth:`restart`)
+    args: list[str] | None = None
     _clients: list = field(default_factory=list, repr=False)
 
     # -- clients ---------------------------------------------------------------------------------
@@ -267,6 +269,25 @@ class Server:
         self.process.send_signal(sig)
         self.process.wait(10)
 
+    def restart(self, startup_timeout: float = 30.0) -> None:
+        """Start the server again with the same command line: same work directory, data files, port or
+        unix socket, so clients reconnect to the same URL (fault injection: a database coming back after
+        a crash). With persistence on it loads its append-only file first."""
+        if self.args is None or self.process is None:
+            raise ServerError("cannot restart a server this process did not start")
+        if self.process.poll() is None:
+            raise ServerError(f"server {self.url} is still running (kill it first)")
+        if self.unix_socket:
+            Path(self.unix_socket).unlink(missing_ok=True)
+        self.process = _spawn(self.args)
+        with _live_lock:
+            _live.add(self)
+        err = _wait_ready(self, startup_timeout)
+        if err is not None:
+            self.owns_workdir = False
+            self.stop()
+            raise ServerError(f"{self.binary} did not restart: {err[-2000:]}")
+
     def __enter__(self) -> Server:
         return self
 
@@ -289,6 +310,7 @@ def start_server(
     port: int | None = None,
     unix_socket: bool = False,
     persistence: bool = False,
+    fsync: str = "everysec",
     workdir: str | os.PathLike | None = None,
     password: str | None = None,
     extra_args: list[str] | tuple[str, ...] = (),
@@ -302,7 +324,10 @@ def start_server(
     module: load the spirt tensor module (``True``), not (``False``), or a path to another build.
     port: TCP port; a free one is picked when ``None``. Ignored with ``unix_socket=True``.
     unix_socket: listen on a unix socket in the work directory instead of TCP.
-    persistence: append-only file (fsync every second) in ``workdir``; off means nothing on disk.
+    persistence: append-only file in ``workdir``; off means nothing on disk.
+    fsync: with persistence, the AOF's ``appendfsync`` policy: ``"always"`` (every write is on disk before
+        the reply: a killed server loses no acknowledged write; what peers use), ``"everysec"`` (up to a
+        second of writes may be lost) or ``"no"``.
     workdir: directory for the log, socket and data; a temporary one (removed on stop) when ``None``.
     password: ``requirepass`` for the default user.
     extra_args: more ``--name value`` server arguments.
@@ -314,8 +339,10 @@ def start_server(
     logfile = wd / "server.log"
 
     args = [str(exe), "--bind", "127.0.0.1", "--daemonize", "no", "--dir", str(wd), "--logfile", str(logfile)]
+    if fsync not in ("always", "everysec", "no"):
+        raise ValueError(f"fsync must be 'always', 'everysec' or 'no', got {fsync!r}")
     if persistence:
-        args += ["--appendonly", "yes", "--appendfsync", "everysec", "--save", ""]
+        args += ["--appendonly", "yes", "--appendfsync", fsync, "--save", ""]
     else:
         args += ["--appendonly", "no", "--save", ""]
     if module:
@@ -337,14 +364,7 @@ def start_server(
             the_port = port if port is not None else _free_port()
             listen = ["--port", str(the_port)]
             sock = None
-        proc = subprocess.Popen(
-            args + listen + list(extra_args),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            preexec_fn=_die_with_parent,
-            close_fds=True,
-        )
+        proc = _spawn(args + listen + list(extra_args))
         url = f"unix://{sock}" if sock else f"redis://127.0.0.1:{the_port}"
         server = Server(
             url=url,
@@ -357,28 +377,14 @@ def start_server(
             logfile=logfile,
             owns_workdir=owns,
             password=password,
+            args=args + listen + list(extra_args),
         )
         with _live_lock:
             _live.add(server)
-        deadline = time.monotonic() + startup_timeout
-        probe = server.client(socket_timeout=2, connect_timeout=1)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                break
-            try:
-                if probe.ping():
-                    probe.close()
-                    return server
-            except redis.AuthenticationError:
-                return server
-            except redis.ResponseError as exc:
-                if "NOAUTH" in str(exc) or "LOADING" not in str(exc):
-                    return server
-            except redis.RedisError:
-                pass
-            time.sleep(0.02)
-        stderr = proc.stderr.read().decode(errors="replace") if proc.poll() is not None and proc.stderr else ""
-        last_err = (stderr + "\n" + server.log_tail()).strip()
+        err = _wait_ready(server, startup_timeout)
+        if err is None:
+            return server
+        last_err = err
         server.owns_workdir = False  # keep the directory for the next attempt / the error
         server.stop()
         if "Address already in use" not in last_err:
@@ -386,6 +392,44 @@ def start_server(
     if owns:
         shutil.rmtree(wd, ignore_errors=True)
     raise ServerError(f"{exe} did not start: {last_err[-2000:] or 'no output (timed out)'}")
+
+
+def _spawn(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        args,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=_die_with_parent,
+        close_fds=True,
+    )
+
+
+def _wait_ready(server: Server, timeout: float) -> str | None:
+    """Wait until the server answers PING (it answers LOADING while it reads its AOF); None when it
+    does, else what went wrong."""
+    proc = server.process
+    deadline = time.monotonic() + timeout
+    probe = server.client(socket_timeout=2, connect_timeout=1)
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                break
+            try:
+                if probe.ping():
+                    return None
+            except redis.AuthenticationError:
+                return None
+            except redis.ResponseError as exc:
+                if "NOAUTH" in str(exc) or "LOADING" not in str(exc):
+                    return None
+            except redis.RedisError:
+                pass
+            time.sleep(0.02)
+    finally:
+        probe.close()
+    stderr = proc.stderr.read().decode(errors="replace") if proc.poll() is not None and proc.stderr else ""
+    return (stderr + "\n" + server.log_tail()).strip() or "no output (timed out)"
 
 
 def connect(url: str, *, username: str | None = None, password: str | None = None) -> Server:
