@@ -109,16 +109,19 @@ def _load_params(db, task: GradTask, flat) -> None:
     if task.version_key is None:
         flat.load_bytes(db.get(task.params_key), key=task.params_key)
         return
-    held = _cache.get(("version", task.db_url, task.params_key))
+    # one slot: the warm model holds exactly one parameter vector, and a worker may serve several
+    # peers (Ray, or peers as threads), so what it holds is identified by database, key and version
+    held = _cache.get("loaded")
     current = db.get(task.version_key)
-    if held is not None and current is not None and held == current:
+    if current is not None and held == (task.db_url, task.params_key, current):
         return
     pipe = db.pipeline(transaction=True)  # the version and the parameters read atomically
     pipe.get(task.version_key)
     pipe.get(task.params_key)
     version, data = pipe.execute()
+    _cache.pop("loaded", None)
     flat.load_bytes(data, key=task.params_key)
-    _cache[("version", task.db_url, task.params_key)] = version
+    _cache["loaded"] = (task.db_url, task.params_key, version)
 
 
 def warm_up(spec: FunctionSpec) -> None:
