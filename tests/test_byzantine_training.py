@@ -46,6 +46,7 @@ def _run(defense, attack, backend, params, attack_params) -> float:
     return float(last["accuracy"].mean())
 
 
+@functools.cache
 def accuracy(defense, attack, backend="module", attack_params=(), **params) -> float:
     return _run(defense, attack, backend, tuple(sorted(params.items())), tuple(attack_params))
 
