@@ -43,7 +43,7 @@ import sys
 import time
 import traceback
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,8 +51,10 @@ from typing import Any
 
 import pandas as pd
 
-#: Part of every cache key: bump it when a change makes cached results stale.
-VERSION = "byz-1"
+#: Part of every cache key: bump it when a change makes cached results stale (the key does not cover
+#: the code of the peers, functions and rules). byz-2: results after the warm-worker parameter-cache fix
+#: (5d2d544; before it, peers sharing the inline worker could compute gradients on another peer's model).
+VERSION = "byz-2"
 
 FRACTIONS: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4)
 PARTITIONS: tuple[str, ...] = ("iid", "dirichlet")
@@ -545,9 +547,14 @@ class _Log:
 SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-#: Cells per worker process before it is replaced: a cell peaks at 1-2 GB (ten peers each load the data
-#: set), and a fresh process returns that memory and anything a failed cell left behind.
+#: Cells per worker process: the pool is replaced after every ``WORKER_TASKS x workers`` cells. A cell
+#: peaks at 1-2 GB (ten peers each load the data set) and a fresh process returns that memory and anything
+#: a failed cell left behind. (Not ``max_tasks_per_child``: on Python 3.11 the pool hung for good when
+#: both workers reached the limit together.)
 WORKER_TASKS = 40
+#: If no cell finishes for this long, the pool is considered stuck: its workers are killed and the
+#: unfinished cells resubmitted (at most twice).
+STALL_S = CELL_TIMEOUT_S + 600
 
 
 class _Env:
@@ -580,16 +587,43 @@ def _execute(todo: list[Cell], t: Training, cache: str | None, workers: int, log
             log.cell(c, rec, t.n_peers)
             yield c, rec
         return
-    import multiprocessing as mp
-
     pending = list(todo)
-    for _attempt in range(3):  # a broken pool (a worker killed) is replaced; its cells are resubmitted
-        lost: list[Cell] = []
-        with _Env(SINGLE_THREAD_ENV), ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
-                                                          initializer=_worker_init,
-                                                          max_tasks_per_child=WORKER_TASKS) as pool:
-            futs = {pool.submit(run_cell, c, t, cache, data_dir): c for c in pending}
-            for fut in as_completed(futs):
+    retries: dict[Cell, int] = {}
+    while pending:
+        size = WORKER_TASKS * workers
+        batch, pending = pending[:size], pending[size:]
+        lost = yield from _run_pool(batch, t, cache, workers, log, data_dir)
+        again = []
+        for c in lost:
+            retries[c] = retries.get(c, 0) + 1
+            if retries[c] < 3:
+                again.append(c)
+                continue
+            rec = _base_record(c, t, cell_key(c, t))
+            rec.update({"status": "error", "error": "worker process died or hung (three attempts)"})
+            log.cell(c, rec, t.n_peers)
+            yield c, rec
+        pending = again + pending
+
+
+def _run_pool(batch: list[Cell], t: Training, cache: str | None, workers: int, log: _Log,
+              data_dir: str | None):
+    """One fresh spawn pool for ``batch``; yields finished cells, returns the cells it lost."""
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    lost: list[Cell] = []
+    with _Env(SINGLE_THREAD_ENV):
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init)
+    try:
+        futs = {pool.submit(run_cell, c, t, cache, data_dir): c for c in batch}
+        remaining = set(futs)
+        while remaining:
+            done, remaining = wait(remaining, timeout=STALL_S, return_when=FIRST_COMPLETED)
+            if not done:  # stuck: nothing finished for STALL_S
+                lost += [futs[f] for f in remaining]
+                break
+            for fut in done:
                 c = futs[fut]
                 try:
                     rec = fut.result()
@@ -601,14 +635,20 @@ def _execute(todo: list[Cell], t: Training, cache: str | None, workers: int, log
                     rec.update({"status": "error", "error": f"{type(exc).__name__}: {exc}"})
                 log.cell(c, rec, t.n_peers)
                 yield c, rec
-        if not lost:
-            return
-        pending = lost
-    for c in pending:
-        rec = _base_record(c, t, cell_key(c, t))
-        rec.update({"status": "error", "error": "worker process died (pool broken three times)"})
-        log.cell(c, rec, t.n_peers)
-        yield c, rec
+    finally:
+        _shutdown(pool)
+    return lost
+
+
+def _shutdown(pool: ProcessPoolExecutor) -> None:
+    """Stop the pool without waiting on a stuck worker; no process is left behind."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        p.join(5)
+        if p.is_alive():
+            p.kill()
+            p.join(5)
 
 
 CSV_COLUMNS = ["attack", "defense", "n_peers", "n_byzantine", "fraction", "partition", "accuracy",
