@@ -63,12 +63,17 @@ def keys_for(k: int, tag: str = "bench") -> tuple[str, str, list[str]]:
     return f"{{{tag}}}:params", f"{{{tag}}}:momentum", [f"{{{tag}}}:grad:{i}" for i in range(k)]
 
 
+def _tag(backend: str) -> str:
+    # one key set per backend, so that backends measured in alternation do not share state
+    return f"bench-{backend}"
+
+
 def stage(client: redis.Redis, backend_name: str, n: int, k: int, seed: int = 0) -> Callable[[], None]:
     """Store K gradients and the parameters for ``backend_name``; return the timed update call."""
     rng = np.random.default_rng(seed)
     backend = get_backend(backend_name)
     backend.prepare(client)
-    param, buf, grads = keys_for(k)
+    param, buf, grads = keys_for(k, _tag(backend_name))
     client.delete(param, buf, *grads)
     g = rng.standard_normal(n, dtype=np.float32)
     p = rng.standard_normal(n, dtype=np.float32)
@@ -98,8 +103,9 @@ def stage_robust(client: redis.Redis, op: str, backend: str, n: int, k: int, see
     import defenses
 
     rng = np.random.default_rng(seed)
-    keys = [f"{{bench}}:in:{i}" for i in range(k)]
-    dst = "{bench}:agg"
+    tag = _tag(backend)
+    keys = [f"{{{tag}}}:in:{i}" for i in range(k)]
+    dst = f"{{{tag}}}:agg"
     client.delete(dst, *keys)
     for key in keys:
         client.set(key, rng.standard_normal(n, dtype=np.float32).tobytes())
@@ -147,6 +153,35 @@ def numpy_inprocess(n: int, k: int, seed: int = 0) -> Callable[[], None]:
     return run
 
 
+def steady_client_allocator() -> bool:
+    """Put this process's allocator in the state a long-running client reaches anyway: large blocks
+    come from (and go back to) the heap instead of fresh mmap'ed pages on every call.
+
+    By default glibc maps each block above 128 KiB afresh and returns it on free, so every fetched
+    gradient pays page faults; the threshold then rises with the process's history (after the first
+    free of a large block, and again after other large frees). The client path's time thus varied 3-4x
+    with whatever ran earlier in the process, which made its ratios meaningless. Fixing the thresholds
+    measures the client path at its best and the same in every process. Returns False where the C
+    library is not glibc (nothing changed)."""
+    import ctypes
+    import ctypes.util
+
+    global _ALLOCATOR_SET
+    if _ALLOCATOR_SET is None:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            m_trim_threshold, m_mmap_threshold = -1, -3
+            # above ResNet-18's 47 MB gradients; keep up to 1 GiB of freed heap instead of trimming it
+            _ALLOCATOR_SET = bool(libc.mallopt(m_mmap_threshold, 64 << 20)) and bool(
+                libc.mallopt(m_trim_threshold, 1 << 30))
+        except (OSError, AttributeError):
+            _ALLOCATOR_SET = False
+    return _ALLOCATOR_SET
+
+
+_ALLOCATOR_SET: bool | None = None
+
+
 def time_call(fn: Callable[[], None], rounds: int, warmup: int = 1) -> list[float]:
     for _ in range(warmup):
         fn()
@@ -167,8 +202,9 @@ def _stage_any(client, op: str, backend: str, n: int, k: int) -> Callable[[], No
 def _cleanup(client, cell: Cell) -> None:
     if client is None or cell.backend == "numpy-inprocess":
         return
-    param, buf, grads = keys_for(cell.k)
-    client.delete(param, buf, *grads, "{bench}:agg", *[f"{{bench}}:in:{i}" for i in range(cell.k)])
+    tag = _tag(cell.backend)
+    param, buf, grads = keys_for(cell.k, tag)
+    client.delete(param, buf, *grads, f"{{{tag}}}:agg", *[f"{{{tag}}}:in:{i}" for i in range(cell.k)])
 
 
 def measure(
@@ -183,6 +219,7 @@ def measure(
     min_rounds: int = 3,
 ) -> Cell:
     """Median time of one (op, backend, size, K) cell."""
+    steady_client_allocator()
     fn = _stage_any(client, op, backend, n, k)
     first = time_call(fn, 1, warmup=0)[0]  # also the warm-up (creates the momentum state)
     slow = backend in ("lua", "spirt-reference")
@@ -246,6 +283,7 @@ def profile_cells(profile: str) -> list[tuple[str, int, int, str]]:
 def prepare_cell(client, backend: str, n: int, k: int, op: str = "update", budget_s: float = 3.0,
                  max_rounds: int = 30):
     """Stage a cell, warm it up, choose the round count; returns (cell, timed callable)."""
+    steady_client_allocator()
     fn = _stage_any(client, op, backend, n, k)
     first = time_call(fn, 1, warmup=0)[0]
     slow = backend in ("lua", "spirt-reference")
@@ -264,12 +302,48 @@ def finish_cell(client, cell: Cell, times: list[float]) -> Cell:
     return cell
 
 
+SLOW_BACKENDS = ("lua", "spirt-reference")
+
+
+def measure_interleaved(client, op: str, n: int, k: int, backends: tuple[str, ...], *, budget_s: float = 3.0,
+                        max_rounds: int = 100, min_rounds: int = 5) -> list[Cell]:
+    """Median times of several backends on one (op, size, K), their calls taken in alternation.
+
+    A neighbour's burst of load then hits every backend alike instead of whichever ran during it,
+    which is what keeps the speedup ratios stable on a shared machine."""
+    steady_client_allocator()
+    fns = {b: _stage_any(client, op, b, n, k) for b in backends}
+    rounds = {b: _rounds_for(time_call(fn, 1, warmup=0)[0], budget_s, max_rounds, min_rounds)
+              for b, fn in fns.items()}
+    times: dict[str, list[float]] = {b: [] for b in backends}
+    for i in range(max(rounds.values())):
+        for b, fn in fns.items():
+            if i < rounds[b]:
+                times[b] += time_call(fn, 1, warmup=0)
+    cells = []
+    for b in backends:
+        ts = times[b]
+        cell = Cell(b, n, k, len(ts), statistics.median(ts), min(ts), statistics.fmean(ts), op)
+        _cleanup(client, cell)
+        cells.append(cell)
+    return cells
+
+
 def run_profile(client, profile: str, progress=None) -> list[dict]:
-    rows = []
+    """Every cell of ``profile``: per (op, size, K) the fast backends in alternation, then the slow
+    Lua paths one after the other (they take seconds per call at the larger sizes)."""
+    groups: dict[tuple[str, int, int], list[str]] = {}
     for op, n, k, b in profile_cells(profile):
-        rows.append(measure(client, b, n, k, op=op).row())
-        if progress:
-            progress(rows[-1])
+        groups.setdefault((op, n, k), []).append(b)
+    rows = []
+    for (op, n, k), backends in groups.items():
+        fast = tuple(b for b in backends if b not in SLOW_BACKENDS)
+        cells = measure_interleaved(client, op, n, k, fast) if fast else []
+        cells += [measure(client, b, n, k, op=op) for b in backends if b in SLOW_BACKENDS]
+        for cell in cells:
+            rows.append(cell.row())
+            if progress:
+                progress(rows[-1])
     return with_speedups(rows)
 
 
@@ -304,8 +378,14 @@ def _op_order(col):
     return col
 
 
+#: Smallest size whose ratios are gated: below it the module path (0.3-0.5 ms at 100k floats) is mostly
+#: two loopback round trips, so its ratio follows the scheduler more than the code.
+GATED_MIN_FLOATS = 1_000_000
+
+
 def speedups(rows: list[dict]) -> dict[str, float]:
-    """Tracked ratios, keyed ``op/backend/n_floats/K``: the module's speedups over client-side.
+    """Tracked ratios, keyed ``op/backend/n_floats/K``: the module's speedups over client-side at
+    ``GATED_MIN_FLOATS`` and above.
 
     Only the module's: the Lua and in-process ratios swing by more than 2x with CPU contention from
     other processes (they compete for the cores the client path leaves idle), so they are reported but
@@ -313,7 +393,7 @@ def speedups(rows: list[dict]) -> dict[str, float]:
     return {
         f"{r.get('op', 'update')}/{r['backend']}/{r['n_floats']}/{r['k']}": float(r["speedup_vs_client"])
         for r in rows
-        if r["backend"] == "module"
+        if r["backend"] == "module" and r["n_floats"] >= GATED_MIN_FLOATS
     }
 
 
@@ -330,6 +410,8 @@ def check_regression(current: dict[str, float], baseline: dict[str, float], tole
 
 
 def repeated_profile(client, profile: str, repeats: int = 3, progress=None) -> dict[str, float]:
-    """Median of each tracked ratio over ``repeats`` side-by-side runs (damps a noisy neighbour)."""
+    """Median of each tracked ratio over ``repeats`` side-by-side runs, after one discarded run (the
+    server's and this process's first touch of every key and buffer)."""
+    run_profile(client, profile)
     runs = [speedups(run_profile(client, profile, progress)) for _ in range(repeats)]
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
