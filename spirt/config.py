@@ -99,6 +99,32 @@ class AttackSection(_Section):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class SecuritySection(_Section):
+    enabled: bool = Field(False, description="identities, admission, database ACLs, signed updates, input checks")
+    group: str = Field("spirt", min_length=1, description="group name, bound into every signature")
+    keys_dir: str | None = Field(None, description="peer-<i>.key files and the group's allow-list.json / ca.pub")
+    sign_updates: bool = Field(True, description="sign published averages; verify them before aggregation")
+    max_clock_skew_s: float = Field(30.0, gt=0, description="accepted clock difference in admission responses")
+    admission_timeout_s: float = Field(60.0, gt=0, description="how long a peer waits to admit and be admitted")
+    require_tls: bool = Field(False, description="refuse to start a database server without TLS support")
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_ca_file: str | None = None
+    launcher_password_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="set by the launcher: its read-only user in every database")
+
+    @model_validator(mode="after")
+    def _checks(self) -> SecuritySection:
+        if self.enabled and not self.keys_dir:
+            raise ValueError("security.keys_dir is required when security.enabled is true")
+        tls = [self.tls_cert_file, self.tls_key_file, self.tls_ca_file]
+        if any(tls) and not all(tls):
+            raise ValueError("security.tls_cert_file, tls_key_file and tls_ca_file go together")
+        if self.require_tls and not all(tls):
+            raise ValueError("security.require_tls needs security.tls_cert_file, tls_key_file and tls_ca_file")
+        return self
+
+
 class Config(_Section):
     run: RunSection = Field(default_factory=RunSection)
     model: ModelSection = Field(default_factory=ModelSection)
@@ -110,6 +136,7 @@ class Config(_Section):
     barrier: BarrierSection = Field(default_factory=BarrierSection)
     membership: MembershipSection = Field(default_factory=MembershipSection)
     attack: AttackSection = Field(default_factory=AttackSection)
+    security: SecuritySection = Field(default_factory=SecuritySection)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:

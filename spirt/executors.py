@@ -178,15 +178,16 @@ class ProcessExecutor(Executor):
             failed: list[int] = []
             broken = False
             while not_done:
-                done, not_done = wait(not_done, timeout=max(0.0, deadline - time.monotonic()),
-                                      return_when=FIRST_COMPLETED)
+                left = max(0.0, deadline - time.monotonic())
+                t_call = time.monotonic()
+                done, not_done = wait(not_done, timeout=left, return_when=FIRST_COMPLETED)
                 if not done:
-                    # a short grace: if this process itself was stopped (SIGSTOP, suspended VM), the
-                    # results may have arrived while the clock ran; they are collected first
-                    done, not_done = wait(not_done, timeout=min(1.0, self.timeout_s),
-                                          return_when=FIRST_COMPLETED)
-                    if not done:
-                        break
+                    if time.monotonic() - t_call > left + 0.5:
+                        # we overslept: this process itself was stopped (SIGSTOP, suspended VM) and the
+                        # results may be waiting to be collected; a short grace before calling it a hang
+                        deadline = time.monotonic() + min(1.0, self.timeout_s)
+                        continue
+                    break
                 deadline = time.monotonic() + self.timeout_s
                 for f in done:
                     i = futs[f]

@@ -690,6 +690,12 @@ def write_reports(rows: list[dict], out_dir: str | Path, notes: str = "") -> pd.
         "- `final_accuracy`: the survivors' final parameters on the full Fashion-MNIST test set (10,000 images); "
         "`fault_free_accuracy`: the same training without the fault and with the same surviving peers "
         "(same seed, same data parts); `difference_points` = 100 x (final - fault-free).\n"
+        "- `survivors_identical`: the survivors end with bit-identical parameters; `victim_events`: what the "
+        "victim logged after the fault (event@round); `wall_s`: the whole scenario, including starting 8 "
+        "processes and 4 servers and the final evaluation.\n\n"
+        "Training is deterministic for given inputs: a fault that only delays work (a retried function) ends "
+        "bit-identical to the fault-free run, and two faults that remove the same peer from the same round on "
+        "end identical to each other.\n"
         + (f"\n{notes.strip()}\n" if notes else "")
     )
     write_table(df, out_dir, "faults", "Fault tolerance: detection, recovery, rounds lost, accuracy", text)

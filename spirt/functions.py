@@ -51,6 +51,8 @@ class GradTask:
     #: counter the peer bumps whenever it changes the parameters; lets a warm worker skip re-reading
     #: parameters it already holds (the K functions of a round all read the same ones)
     version_key: str | None = None
+    #: more client arguments for the database (TLS certificate files)
+    db_options: dict | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -93,13 +95,13 @@ def _warm(spec: FunctionSpec):
     return state
 
 
-def _client(url: str, username: str | None, password: str | None):
+def _client(url: str, username: str | None, password: str | None, options: dict | None = None):
     key = ("client", url, username)
     c = _cache.get(key)
     if c is None:
         from .servers import make_client
 
-        c = make_client(url=url, username=username, password=password, socket_timeout=60)
+        c = make_client(url=url, username=username, password=password, socket_timeout=60, **(options or {}))
         _cache[key] = c
     return c
 
@@ -144,7 +146,7 @@ def _compute_gradient(task: GradTask) -> GradResult:
 
     spec = task.spec
     ds, parts, model, flat = _warm(spec)
-    db = _client(task.db_url, task.db_username, task.db_password)
+    db = _client(task.db_url, task.db_username, task.db_password, task.db_options)
 
     t0 = time.perf_counter()
     _load_params(db, task, flat)

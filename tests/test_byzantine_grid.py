@@ -102,7 +102,7 @@ def test_byzantine_grid_cache_reuse_refusal_and_reports(tmp_path):
 
     # fraction 0: the same run in every attack's row
     zero = df[df.n_byzantine == 0]
-    for d, g in zero.groupby("defense"):
+    for _d, g in zero.groupby("defense"):
         assert g.key.nunique() == 1 and g.accuracy.nunique() == 1 and set(g.attack) == {"sign_flip", "gaussian"}
     clean = zero[zero.defense == "mean"].accuracy.iloc[0]
     assert (df.clean_accuracy == clean).all()

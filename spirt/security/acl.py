@@ -1,0 +1,148 @@
+"""The users of one peer's database, each limited to the keys and commands its role needs.
+
+Key permissions use Redis 7 / Valkey selectors: ``%R~pattern`` read only, ``%W~pattern`` write only,
+``~pattern`` both. The roles at peer p's database:
+
+========== ====================================================================================
+user       may
+========== ====================================================================================
+orch-p     everything except the server-wide dangerous commands it does not need (it owns the
+           database: it also creates the other users)
+fn-p       read ``params`` and ``version``; write ``grad:*`` (the gradient functions)
+peer-q     read what p publishes (``alive``, ``ready``, ``done``, ``aggset:*``, ``snap:*``); write
+           its own inbox keys ``in:q:*``, the wake-up list ``notify`` and its join request
+hello      before admission: write ``hello:*``, read ``challenge:*`` (nothing else)
+default    disabled
+========== ====================================================================================
+
+``notify`` and ``joins`` are shared by the remote peers: what one writes there only wakes the
+barrier up or asks to be admitted, and is parsed as hostile input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+import redis
+
+from ..peer import Keys
+
+ORCHESTRATOR_COMMANDS = ["+@all", "-@dangerous", "+info", "+acl|setuser", "+acl|deluser", "+acl|getuser",
+                         "+acl|whoami", "+config|set", "+config|get", "+command"]
+FUNCTION_COMMANDS = ["-@all", "+get", "+set", "+multi", "+exec", "+ping"]
+REMOTE_COMMANDS = ["-@all", "+get", "+set", "+exists", "+strlen", "+rpush", "+ltrim", "+hset", "+multi", "+exec",
+                   "+ping"]
+HELLO_COMMANDS = ["-@all", "+get", "+set", "+ping"]
+
+
+def orchestrator_user(p: int) -> str:
+    return f"orch-{p}"
+
+
+def function_user(p: int) -> str:
+    return f"fn-{p}"
+
+
+def remote_user(q: int) -> str:
+    return f"peer-{q}"
+
+
+HELLO_USER = "hello"
+LAUNCHER_USER = "launcher"
+#: spirt.runner.START_KEY: the launcher sets it in every database of a secured run (a peer reads its own)
+START_KEY = "spirt:start"
+
+
+def hello_key(p: int, q: int) -> str:
+    return f"{Keys(p).tag}:hello:{q}"
+
+
+def response_key(p: int, q: int) -> str:
+    return f"{Keys(p).tag}:hello:{q}:resp"
+
+
+def challenge_key(p: int, q: int) -> str:
+    return f"{Keys(p).tag}:challenge:{q}"
+
+
+def orchestrator_rules(p: int) -> list[str]:
+    return ["resetkeys", "~*", "resetchannels", "&*", *ORCHESTRATOR_COMMANDS]
+
+
+def function_rules(p: int) -> list[str]:
+    K = Keys(p)
+    return ["resetkeys", f"%R~{K.params}", f"%R~{K.version}", f"%W~{K.tag}:grad:*", "resetchannels",
+            *FUNCTION_COMMANDS]
+
+
+def remote_rules(p: int, q: int) -> list[str]:
+    K = Keys(p)
+    reads = [K.alive, K.ready, K.done, f"{K.tag}:aggset:*", f"{K.tag}:snap:*"]
+    writes = [f"{K.tag}:in:{q}:*", K.notify, K.joins]
+    return ["resetkeys", *[f"%R~{k}" for k in reads], *[f"%W~{k}" for k in writes], "resetchannels",
+            *REMOTE_COMMANDS]
+
+
+def launcher_rules(p: int) -> list[str]:
+    """The process that started the run: sees progress and results, starts the peers, nothing else."""
+    K = Keys(p)
+    reads = [f"{K.tag}:up", K.metrics, K.events, K.done]
+    return ["resetkeys", *[f"%R~{k}" for k in reads], f"~{START_KEY}", "resetchannels",
+            "-@all", "+get", "+set", "+del", "+exists", "+llen", "+lindex", "+lrange", "+ping"]
+
+
+def hello_rules(p: int) -> list[str]:
+    K = Keys(p)
+    return ["resetkeys", f"%W~{K.tag}:hello:*", f"%R~{K.tag}:challenge:*", "resetchannels", *HELLO_COMMANDS]
+
+
+def password_hash(password: str) -> str:
+    return hashlib.sha256(password.encode()).hexdigest()
+
+
+def set_user(admin: redis.Redis, name: str, rules: list[str], *, password: str | None = None,
+             password_sha256: str | None = None, nopass: bool = False) -> None:
+    """(Re)create user ``name`` from scratch: ``reset`` first, so no permission survives a redefinition.
+    Only the hash of a password is sent (``#``), so it does not reach the server's command log in clear."""
+    if password is not None:
+        password_sha256 = password_hash(password)
+    if password_sha256 is None and not nopass:
+        raise ValueError(f"user {name}: a password (or its SHA-256) is required")
+    cred = ["nopass"] if nopass else [f"#{password_sha256}"]
+    admin.execute_command("ACL", "SETUSER", name, "reset", "on", *cred, *rules)
+
+
+def disable_default(admin: redis.Redis) -> None:
+    admin.execute_command("ACL", "SETUSER", "default", "off", "resetpass", "nopass", "-@all", "resetkeys",
+                          "resetchannels")
+
+
+class DatabaseUsers:
+    """Fresh random passwords for the local roles of peer ``p``, created in its database by
+    :meth:`install` through a client with full rights (the one the database was started with)."""
+
+    def __init__(self, p: int):
+        self.p = p
+        self.orchestrator_password = secrets.token_urlsafe(32)
+        self.function_password = secrets.token_urlsafe(32)
+
+    def __repr__(self) -> str:  # passwords never in reprs, logs or tracebacks
+        return f"DatabaseUsers(p={self.p})"
+
+    def install(self, admin: redis.Redis, launcher_sha256: str | None = None) -> None:
+        p = self.p
+        set_user(admin, orchestrator_user(p), orchestrator_rules(p), password=self.orchestrator_password)
+        set_user(admin, function_user(p), function_rules(p), password=self.function_password)
+        set_user(admin, HELLO_USER, hello_rules(p), nopass=True)
+        if launcher_sha256 is not None:
+            set_user(admin, LAUNCHER_USER, launcher_rules(p), password_sha256=launcher_sha256)
+        disable_default(admin)
+
+    @staticmethod
+    def admit(orch: redis.Redis, p: int, q: int, password_sha256: str) -> None:
+        set_user(orch, remote_user(q), remote_rules(p, q), password_sha256=password_sha256)
+
+    @staticmethod
+    def revoke(orch: redis.Redis, q: int) -> None:
+        orch.execute_command("ACL", "DELUSER", remote_user(q))

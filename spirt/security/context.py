@@ -1,0 +1,261 @@
+"""What a peer's orchestrator does differently when security is on, in one place.
+
+- at start: installs the users of its own database (fresh random passwords for itself and its
+  functions, the default user disabled) and from then on talks to it as its own user;
+- admission: takes part in the challenge-response with every member, both ways, before the first
+  round; peers reach each other's databases only as the user the admission created;
+- publish: signs its outgoing vectors (one envelope per distinct vector);
+- barrier and aggregate: checks every received vector (size, envelope, finiteness) on a copy the
+  sender cannot write, as it arrives, and excludes what fails;
+- caps the size of any single value a client can send, just above the parameter vector's size.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+import redis
+
+from ..servers import make_client
+from . import acl
+from .admission import Applicant, Desk
+from .identity import AdmissionError, Identity, MalformedInput, TrustStore, Verifier
+from .signing import UpdateRejected, sign_update, verify_update
+from .tls import TlsFiles
+
+if TYPE_CHECKING:
+    from ..config import SecuritySection
+    from ..peer import Peer
+
+log = logging.getLogger("spirt.security")
+
+SIG_SUFFIX = ":sig"
+MIN_BULK_LIMIT = 1024 * 1024  # the smallest proto-max-bulk-len the servers accept
+
+
+class PeerSecurity:
+    def __init__(self, cfg: SecuritySection, index: int, url: str, admin: redis.Redis):
+        self.cfg, self.index, self.url = cfg, index, url
+        self.group = cfg.group
+        self.tls = TlsFiles(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_ca_file) if cfg.tls_cert_file else None
+        self._check_transport(url)
+        self.identity = Identity.load(cfg.keys_dir, index)
+        self.trust = TrustStore.load(cfg.keys_dir, cfg.group)
+        self.users = acl.DatabaseUsers(index)
+        admin.close()  # made without our TLS options: the one below replaces it
+        pool = admin.connection_pool.connection_kwargs
+        admin = make_client(url=url, username=pool.get("username"), password=pool.get("password"),
+                            **self.transport(url))
+        self.users.install(admin, cfg.launcher_password_sha256)
+        admin.close()
+        self.orch = make_client(url=url, **self.own_credentials())
+        self.desk = Desk(index, self.orch, Verifier(self.trust, index, max_skew_s=cfg.max_clock_skew_s))
+        self._applicants: dict[int, Applicant] = {}
+        self.admitted_at: set[int] = set()  # members whose databases let us in
+        self.unreachable: set[int] = set()  # members whose databases did not answer at all
+        self._checked: dict[tuple[int, int], tuple[str, str] | None] = {}  # (round, peer) -> verdict
+
+    def __repr__(self) -> str:
+        return f"PeerSecurity(peer={self.index}, group={self.group!r})"
+
+    # -- transport and credentials -----------------------------------------------------------------
+    def _check_transport(self, url: str) -> None:
+        if self.cfg.require_tls and not url.startswith("rediss://"):
+            raise AdmissionError(f"security.require_tls: the database at {_host(url)} is not reached over "
+                                 "TLS (rediss:// URL)")
+
+    def transport(self, url: str) -> dict:
+        return self.tls.client_kwargs() if self.tls is not None and url.startswith("rediss://") else {}
+
+    def own_credentials(self) -> dict:
+        return {"username": acl.orchestrator_user(self.index), "password": self.users.orchestrator_password,
+                **self.transport(self.url)}
+
+    def function_credentials(self) -> dict:
+        return {"db_username": acl.function_user(self.index), "db_password": self.users.function_password,
+                "db_options": self.transport(self.url) or None}
+
+    def member_credentials(self, q: int, url: str) -> dict:
+        self._check_transport(url)
+        return {"username": acl.remote_user(self.index),
+                "password": self.identity.database_password(q, self.group), **self.transport(url)}
+
+    # -- admission ---------------------------------------------------------------------------------
+    def _applicant(self, q: int, url: str) -> Applicant:
+        app = self._applicants.get(q)
+        if app is None:
+            hello = make_client(url=url, username=acl.HELLO_USER, password="-", socket_timeout=5, connect_timeout=2,
+                                **self.transport(url))
+            app = self._applicants[q] = Applicant(self.identity, q, self.group, hello)
+        return app
+
+    def admit(self, peer: Peer, wait_for: set[int] | None = None) -> None:
+        """Until every member lets us in and (for ``wait_for``) we let every member in. Members whose
+        databases are unreachable are left to the fault handling (exclusion, later admission between
+        rounds) instead of failing the start."""
+        wait_for = set(peer.members) if wait_for is None else wait_for
+        deadline = time.monotonic() + self.cfg.admission_timeout_s
+        while True:
+            self.serve(peer)
+            pending_out = set(peer.members) - self.admitted_at - self.unreachable
+            pending_in = wait_for - set(self.desk.admitted) - self.unreachable
+            if not pending_out and not pending_in:
+                break
+            if time.monotonic() > deadline:
+                raise AdmissionError(
+                    f"peer {self.index}: admission not complete after {self.cfg.admission_timeout_s:g} s "
+                    f"(not let in by {sorted(pending_out)}, not admitted here: {sorted(pending_in)}; "
+                    f"refusals: {[o.reason for o in self.desk.refused[-3:]]})")
+            time.sleep(0.02)
+        for app in self._applicants.values():
+            app.hello.close()
+        self._applicants.clear()
+
+    def close(self) -> None:
+        for app in self._applicants.values():
+            app.hello.close()
+        self._applicants.clear()
+        self.orch.close()
+
+    def serve(self, peer: Peer) -> None:
+        """One non-blocking pass, between rounds: admit newcomers at our desk, and ask the members
+        that do not let us in yet (a newcomer we learnt about from its join request) to admit us."""
+        try:
+            self.desk.serve()
+        except redis.RedisError as exc:
+            log.warning("peer %s: admission desk: %s", self.index, type(exc).__name__)
+        for q, mb in peer.members.items():
+            if q in self.admitted_at:
+                continue
+            try:
+                mb.client.ping()
+                self.admitted_at.add(q)
+                self.unreachable.discard(q)
+                app = self._applicants.pop(q, None)
+                if app is not None:
+                    app.hello.close()
+                continue
+            except redis.AuthenticationError:  # reachable, not (yet) admitted; a ConnectionError subclass
+                self.unreachable.discard(q)
+            except (redis.ConnectionError, redis.TimeoutError):
+                self.unreachable.add(q)
+                continue
+            except redis.RedisError:
+                self.unreachable.discard(q)
+            try:
+                self._applicant(q, mb.url).step()
+            except redis.RedisError:
+                pass
+
+    def may_join(self, q: int) -> bool:
+        """A join request names peer q: only honoured for a peer that proved its identity here."""
+        return q in self.desk.admitted
+
+    def limit_value_size(self, db: redis.Redis, width: int) -> None:
+        """No single value a client sends may be much larger than a parameter vector: a peer cannot
+        make our server buffer an arbitrarily large tensor."""
+        db.config_set("proto-max-bulk-len", max(MIN_BULK_LIMIT, 2 * width + 4096))
+
+    # -- updates -----------------------------------------------------------------------------------
+    def sign_outgoing(self, r: int, outgoing: dict[int, bytes]) -> dict[int, bytes]:
+        cache: dict[int, bytes] = {}
+        out = {}
+        for q, vec in outgoing.items():
+            env = cache.get(id(vec))
+            if env is None:
+                env = cache[id(vec)] = sign_update(self.identity, self.group, r, vec)
+            out[q] = env
+        return out
+
+    def _verified(self, peer: Peer, q: int, r: int) -> str:
+        """Where a received vector is checked and aggregated from: a key the sender cannot write, so
+        what was checked is what is aggregated (the inbox slot itself stays writable by its sender)."""
+        return f"{peer.keys.tag}:vin:{q}:{r}"
+
+    def round_keys(self, peer: Peer, r: int) -> list[str]:
+        out = []
+        for q in peer.members:
+            v = self._verified(peer, q, r)
+            out += [peer.keys.incoming(q, r) + SIG_SUFFIX, v, v + SIG_SUFFIX]
+        for key in [k for k in self._checked if k[0] <= r]:
+            del self._checked[key]
+        return out
+
+    def _key_of(self, q: int):
+        return self.desk.keys.get(q) or self.trust.key_for(q)
+
+    def during_barrier(self, peer: Peer, r: int, arrived: list[int]) -> None:
+        """While the barrier waits for the slower peers: serve admissions, and check the vectors that
+        already arrived, so that only the last one's check remains after the barrier."""
+        self.serve(peer)
+        for q in arrived:
+            if (r, q) not in self._checked:
+                self._checked[(r, q)] = self._check(peer, r, q)
+
+    def _check(self, peer: Peer, r: int, q: int) -> tuple[str, str] | None:
+        """Copy peer q's round-r vector (and envelope) out of its inbox slot, atomically with reading
+        what is checked; (reason, detail) if it fails, else None."""
+        src, dst = peer.keys.incoming(q, r), self._verified(peer, q, r)
+        pipe = peer.db.pipeline(transaction=True)
+        pipe.execute_command("COPY", src, dst, "REPLACE")
+        if self.cfg.sign_updates:
+            pipe.execute_command("COPY", src + SIG_SUFFIX, dst + SIG_SUFFIX, "REPLACE")
+            pipe.get(src)
+            pipe.get(src + SIG_SUFFIX)
+        else:
+            pipe.strlen(src)
+            if peer.backend.name == "module":  # in the database: nothing crosses the wire
+                pipe.execute_command("TENSOR.FINITE", src)
+            else:
+                pipe.get(src)
+        try:
+            res = pipe.execute()
+        except redis.ResponseError as exc:  # e.g. TENSOR.FINITE on a value that is not a tensor
+            return "malformed", f"malformed: {exc}"
+        if not res[0]:
+            return "missing", "missing: the vector left the inbox before it was checked"
+        try:
+            if self.cfg.sign_updates:
+                raw, sig = res[2], res[3]
+                if len(raw) != peer.width:
+                    raise UpdateRejected("size", f"vector of {len(raw)} bytes, expected {peer.width}")
+                try:
+                    key = self._key_of(q)
+                except (AdmissionError, MalformedInput) as exc:
+                    raise UpdateRejected("forged", str(exc)) from None
+                verify_update(sig, raw, group=self.group, sender=q, r=r, key=key)
+                finite = bool(np.isfinite(np.frombuffer(raw, dtype="<f4")).all())
+            else:
+                n = int(res[1])
+                if n != peer.width:
+                    raise UpdateRejected("size", f"vector of {n} bytes, expected {peer.width}")
+                finite = bool(int(res[2])) if peer.backend.name == "module" else \
+                    bool(np.isfinite(np.frombuffer(res[2], dtype="<f4")).all())
+            if not finite:
+                raise UpdateRejected("non_finite", "NaN or infinite values")
+        except UpdateRejected as exc:
+            return exc.reason, str(exc)
+        return None
+
+    def screen(self, peer: Peer, r: int, inputs: dict[int, str]) -> list[tuple[int, str, str]]:
+        """Check every received vector of round ``r`` (``inputs``: peer -> key; ours is left alone).
+        A vector that passes is aggregated from its checked copy (``inputs`` points there), one that
+        fails is dropped from ``inputs``. Returns (peer, reason, detail) for each rejected vector."""
+        rejected = []
+        for q in [q for q in sorted(inputs) if q != peer.index]:
+            res = self._checked.pop((r, q)) if (r, q) in self._checked else self._check(peer, r, q)
+            if res is None:
+                inputs[q] = self._verified(peer, q, r)
+            else:
+                rejected.append((q, *res))
+                del inputs[q]
+        return rejected
+
+
+def _host(url: str) -> str:
+    """Where a URL points, without user or password."""
+    rest = url.split("://", 1)[-1]
+    return rest.rsplit("@", 1)[-1]

@@ -1,0 +1,373 @@
+"""Security wired into the peer: admission before the first round, ACL-only access, signed updates
+checked before aggregation, hostile input in every key a remote peer can write."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import redis
+
+from spirt.config import ConfigError, load_config
+from spirt.peer import Keys, Peer, parse_join_request
+from spirt.security import acl
+from spirt.security.identity import Identity, make_group
+from spirt.security.signing import sign_update
+from spirt.servers import make_client, start_server
+
+TINY = {
+    "run.rounds": 2, "run.eval_every": 2, "run.eval_samples": 50, "data.limit_train": 300,
+    "data.limit_test": 100, "peers.count": 2, "peers.functions": 2, "peers.batch_size": 8,
+    "model.name": "mlp", "optim.lr": 0.05, "peers.mode": "thread", "executor.kind": "inline",
+    "barrier.timeout_s": 60, "membership.heartbeat_s": 30,
+}
+
+
+def _cfg(keys_dir, **extra):
+    return load_config(None, {**TINY, "security.enabled": True, "security.keys_dir": str(keys_dir),
+                              "security.group": "g", "security.admission_timeout_s": 30, **extra})
+
+
+@pytest.fixture
+def two_servers(server_flavor):
+    servers = [start_server(server_flavor) for _ in range(2)]
+    try:
+        yield servers
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def _admitted_peers(cfg, servers):
+    urls = [s.url for s in servers]
+    peers = [Peer(cfg, i, urls) for i in range(2)]
+    for p in peers:
+        p.init_params()
+    threads = [threading.Thread(target=p.security.admit, args=(p,)) for p in peers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return peers
+
+
+def _run(peers):
+    errors = []
+
+    def body(p):
+        try:
+            p.run()
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=body, args=(p,)) for p in peers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+
+
+def _rows(peer):
+    return [json.loads(x) for x in peer.db.lrange(peer.keys.metrics, 0, -1)]
+
+
+def test_config_names_the_field(tmp_path):
+    with pytest.raises(ConfigError, match="security"):
+        load_config(None, {"security.enabled": True})
+    with pytest.raises(ConfigError, match="require_tls"):
+        load_config(None, {"security.require_tls": True})
+    with pytest.raises(ConfigError, match="security.sign_update"):
+        load_config(None, {"security.sign_update": True})
+    assert load_config(None, {}).security.enabled is False
+
+
+def test_secure_training(tmp_path, two_servers):
+    make_group(tmp_path, 2, "g")
+    cfg = _cfg(tmp_path)
+    peers = [Peer(cfg, i, [s.url for s in two_servers]) for i in range(2)]
+    try:
+        for p in peers:
+            p.init_params()
+        _run(peers)
+        for p in peers:
+            rows = _rows(p)
+            assert [r["round"] for r in rows] == [0, 1]
+            assert all(r["peers_aggregated"] == 2 and r["updates_rejected"] == 0 for r in rows)
+        assert peers[0].db.get(Keys(0).params) == peers[1].db.get(Keys(1).params)
+        # the default user is off on both databases; only the users the peers created remain
+        for s in two_servers:
+            with pytest.raises(redis.RedisError):
+                make_client(url=s.url, socket_timeout=5).ping()
+    finally:
+        for p in peers:
+            p.close()
+
+
+def test_outsider_not_admitted(tmp_path, two_servers):
+    """Peer 1 runs with a key that is not the one on peer 0's allow-list: it never gets in."""
+    make_group(tmp_path, 2, "g")
+    impostor_dir = tmp_path / "impostor"
+    make_group(impostor_dir, 2, "g")  # same indices and group, other keys
+    (impostor_dir / "allow-list.json").write_text((tmp_path / "allow-list.json").read_text())
+    urls = [s.url for s in two_servers]
+    honest = Peer(_cfg(tmp_path, **{"security.admission_timeout_s": 3}), 0, urls)
+    impostor = Peer(_cfg(impostor_dir, **{"security.admission_timeout_s": 3}), 1, urls)
+    errors = {}
+
+    def body(p):
+        try:
+            p.security.admit(p)
+        except Exception as exc:  # noqa: BLE001 - asserted below
+            errors[p.index] = exc
+
+    try:
+        threads = [threading.Thread(target=body, args=(p,)) for p in (honest, impostor)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert "admission not complete" in str(errors[0])
+        assert "admission not complete" in str(errors[1])
+        assert honest.security.desk.admitted == {}
+        assert any("bad signature" in o.reason for o in honest.security.desk.refused)
+        with pytest.raises(redis.RedisError):
+            impostor.members[0].client.set(Keys(0).incoming(1, 0), b"\0" * 8)
+    finally:
+        honest.close()
+        impostor.close()
+
+
+def _publish(peer_from: Peer, to: int, r: int, vec: bytes, env: bytes | None):
+    c = peer_from.members[to].client
+    key = Keys(to).incoming(peer_from.index, r)
+    if env is not None:
+        c.set(key + ":sig", env)
+    c.set(key, vec)
+    return key
+
+
+def test_updates_checked_before_aggregation(tmp_path, two_servers):
+    make_group(tmp_path, 2, "g")
+    peers = _admitted_peers(_cfg(tmp_path), two_servers)
+    p0, p1 = peers
+    try:
+        ident1, outsider = p1.security.identity, Identity.generate(1)
+        n = p0.width // 4
+        good = np.arange(n, dtype="<f4").tobytes()
+        other = (np.arange(n, dtype="<f4") + 1).tobytes()
+        nan = np.full(n, np.nan, dtype="<f4").tobytes()
+        cases = {
+            "valid": (5, good, sign_update(ident1, "g", 5, good), None),
+            "tampered": (6, other, sign_update(ident1, "g", 6, good), "tampered"),
+            "replayed": (7, good, sign_update(ident1, "g", 3, good), "replayed"),
+            "forged": (8, good, sign_update(outsider, "g", 8, good), "forged"),
+            "other group": (9, good, sign_update(ident1, "h", 9, good), "forged"),
+            "unsigned": (10, good, None, "malformed"),
+            "garbage envelope": (11, good, b"\x00" * 37, "malformed"),
+            "non-finite": (12, nan, sign_update(ident1, "g", 12, nan), "non_finite"),
+            "wrong size": (13, good + b"\0" * 4, sign_update(ident1, "g", 13, good + b"\0" * 4), "size"),
+            "truncated": (14, good[:-2], sign_update(ident1, "g", 14, good[:-2]), "size"),
+        }
+        for what, (r, vec, env, expect) in cases.items():
+            key = _publish(p1, 0, r, vec, env)
+            inputs = {0: "unused", 1: key}
+            rejected = p0.security.screen(p0, r, inputs)
+            if expect is None:
+                assert rejected == [] and 1 in inputs, what
+            else:
+                assert [x[:2] for x in rejected] == [(1, expect)], what
+                assert 1 not in inputs and 0 in inputs, what
+    finally:
+        for p in peers:
+            p.close()
+
+
+def test_forging_peer_rejected_and_counted(tmp_path, two_servers):
+    """Peer 1 publishes envelopes signed with a key that is not its own: peer 0 trains on alone, counts
+    every rejection and logs the reason; peer 1 is not harmed by peer 0's honest updates."""
+    make_group(tmp_path, 2, "g")
+    peers = _admitted_peers(_cfg(tmp_path), two_servers)
+    p0, p1 = peers
+    outsider = Identity.generate(1)
+    p1.security.sign_outgoing = lambda r, out: {q: sign_update(outsider, "g", r, v) for q, v in out.items()}
+    try:
+        _run(peers)
+        rows0, rows1 = _rows(p0), _rows(p1)
+        assert [r["updates_rejected"] for r in rows0] == [1, 1]
+        assert [r["peers_aggregated"] for r in rows0] == [1, 1]
+        assert all("rejected: forged" in r["peers_excluded"] for r in rows0)
+        assert [r["updates_rejected"] for r in rows1] == [0, 0]
+        events = [json.loads(e) for e in p0.db.lrange(p0.keys.events, 0, -1)]
+        assert sum(e["event"] == "update_rejected" for e in events) == 2
+        assert np.isfinite(np.frombuffer(p0.db.get(p0.keys.params), dtype="<f4")).all()
+    finally:
+        for p in peers:
+            p.close()
+
+
+def test_garbage_in_remote_writable_keys(tmp_path, two_servers):
+    """Everything peer 1 may write at peer 0 filled with garbage: peer 0 keeps working and drops it."""
+    make_group(tmp_path, 2, "g")
+    peers = _admitted_peers(_cfg(tmp_path), two_servers)
+    p0, p1 = peers
+    c = p1.members[0].client
+    K = Keys(0)
+    try:
+        c.rpush(K.notify, b"\xff\x00garbage", b"", b"9" * 1000)
+        c.hset(K.joins, mapping={b"\xff": b"x", b"1": b"no-separator", b"7": b"redis://x|notanumber",
+                                 b"5": b"http://evil|3", b"0": b"redis://self|3", b"8": b"\xff\xfe|1",
+                                 b"6": b"redis://127.0.0.1:1|3"})  # well formed, but peer 6 was never admitted
+        c.set(K.incoming(1, 99) + ":sig", b"\x00" * 200)
+        c.set(K.incoming(1, 0), b"\x01\x02\x03")  # truncated: not a multiple of 4 bytes
+        p1.db.set(Keys(1).ready, b"\xffnot a round")  # read by peer 0 from peer 1's own database
+        assert p0._alive(p0.members[1]) == (True, "", None)
+        assert p0._behind(1) is None
+        p0._serve_joins(0)
+        assert p0.db.hlen(K.joins) == 0
+        assert set(p0.members) == {1}
+        events = [json.loads(e) for e in p0.db.lrange(p0.keys.events, 0, -1)]
+        rejected = [e for e in events if e["event"] == "join_rejected"]
+        assert len(rejected) == 7
+        assert any(e["about"] == 6 and "not admitted" in e["detail"] for e in rejected)
+        # an oversized value is refused by the server before it is buffered
+        p0.security.limit_value_size(p0.db, p0.width)
+        with pytest.raises(redis.RedisError):
+            c.set(K.incoming(1, 1), b"\0" * (4 * 1024 * 1024))
+        assert not p0.db.exists(K.incoming(1, 1))
+    finally:
+        for p in peers:
+            p.close()
+
+
+@pytest.mark.parametrize("raw_q, raw, ok", [
+    (b"1", b"redis://127.0.0.1:6379|5", True),
+    (b"3", b"unix:///tmp/x.sock|0", True),
+    (b"1", b"redis://a|b|7", True),
+    (b"x", b"redis://a|5", False),
+    (b"-1", b"redis://a|5", False),
+    (b"1", b"redis://a|-5", False),
+    (b"1", b"redis://a", False),
+    (b"1", None, False),
+    (b"1", b"ftp://a|5", False),
+    (b"1", b"redis://a|" + b"9" * 40, False),
+    (b"1", b"\xff|1", False),
+])
+def test_parse_join_request(raw_q, raw, ok):
+    if ok:
+        q, url, first = parse_join_request(raw_q, raw)
+        assert q == int(raw_q) and raw.decode().startswith(url)
+    else:
+        with pytest.raises(ValueError):
+            parse_join_request(raw_q, raw)
+
+
+def test_functions_confined_in_training(tmp_path, two_servers):
+    """The gradient functions get only their own user: it cannot touch the parameters."""
+    make_group(tmp_path, 2, "g")
+    cfg = _cfg(tmp_path)
+    p = Peer(cfg, 0, [two_servers[0].url, None])
+    try:
+        p.init_params()
+        creds = p.security.function_credentials()
+        fn = make_client(url=two_servers[0].url, username=creds["db_username"], password=creds["db_password"])
+        assert fn.get(Keys(0).params) == p.db.get(Keys(0).params)
+        with pytest.raises(redis.RedisError):
+            fn.set(Keys(0).params, b"\0" * 8)
+        assert acl.function_user(0) == creds["db_username"]
+        assert creds["db_password"] not in repr(p.security) + repr(p.security.users)
+        fn.close()
+    finally:
+        p.close()
+
+
+def test_newcomer_admitted_by_challenge_response(tmp_path):
+    """A peer on the allow-list joins a running training: it is admitted at the live peers, they are
+    admitted at its database, and it takes the state over and trains with them."""
+    make_group(tmp_path, 3, "g")
+    cfg = _cfg(tmp_path, **{"peers.count": 3, "run.rounds": 40, "run.eval_every": 40,
+                            "membership.join_timeout_s": 60})
+    servers = [start_server("valkey") for _ in range(3)]
+    urls = [s.url for s in servers]
+    peers = [Peer(cfg, i, [urls[0], urls[1], None]) for i in range(2)]
+    newcomer = None
+    errors = []
+
+    def body(p, join=False):
+        try:
+            if join:
+                p.init_eval_state()
+                p.join()
+            p.run()
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            errors.append(exc)
+
+    try:
+        for p in peers:
+            p.init_params()
+        threads = [threading.Thread(target=body, args=(p,)) for p in peers]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while peers[0].db.llen(peers[0].keys.metrics) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        newcomer = Peer(cfg, 2, urls)
+        t2 = threading.Thread(target=body, args=(newcomer, True))
+        t2.start()
+        for t in [*threads, t2]:
+            t.join(300)
+        assert not errors, errors
+        rows = _rows(newcomer)
+        assert rows and rows[-1]["round"] == 39 and rows[0]["round"] > 2
+        assert rows[-1]["peers_aggregated"] == 3
+        assert 2 in peers[0].security.desk.admitted and 0 in newcomer.security.desk.admitted
+        assert peers[0].db.get(Keys(0).params) == newcomer.db.get(Keys(2).params)
+        assert all(r["updates_rejected"] == 0 for p in [*peers, newcomer] for r in _rows(p))
+    finally:
+        for p in [*peers, newcomer]:
+            if p is not None:
+                p.close()
+        for s in servers:
+            s.stop()
+
+
+def test_checked_copy_is_what_is_aggregated(tmp_path, two_servers):
+    """A vector checked while the barrier waits is copied out of the sender's slot: overwriting the slot
+    afterwards (with NaN) changes nothing that is aggregated, and the copy is out of the sender's reach."""
+    make_group(tmp_path, 2, "g")
+    peers = _admitted_peers(_cfg(tmp_path), two_servers)
+    p0, p1 = peers
+    try:
+        n, r = p0.width // 4, 4
+        good = np.ones(n, dtype="<f4").tobytes()
+        key = _publish(p1, 0, r, good, sign_update(p1.security.identity, "g", r, good))
+        p0.security.during_barrier(p0, r, [1])
+        assert p0.security._checked[(r, 1)] is None
+        p1.members[0].client.set(key, np.full(n, np.nan, dtype="<f4").tobytes())
+        inputs = {0: Keys(0).avg(r), 1: key}
+        assert p0.security.screen(p0, r, inputs) == []
+        assert inputs[1] != key and p0.db.get(inputs[1]) == good
+        with pytest.raises(redis.RedisError):
+            p1.members[0].client.set(inputs[1], b"\0" * len(good))
+        # cleanup removes the copies
+        p0.db.delete(*p0.security.round_keys(p0, r))
+        assert not p0.db.exists(inputs[1]) and (r, 1) not in p0.security._checked
+    finally:
+        for p in peers:
+            p.close()
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_launcher_runs_secured_peers(tmp_path, mode):
+    """``spirt run`` with security on: the launcher starts the servers, the peers secure them and admit
+    each other, the launcher starts and follows them through its own read-only user."""
+    from spirt.runner import START_KEY, run_training
+
+    assert START_KEY == acl.START_KEY
+    make_group(tmp_path, 2, "g")
+    df = run_training(_cfg(tmp_path, **{"peers.mode": mode}), progress=False, timeout_s=300)
+    assert sorted(df["round"]) == [0, 0, 1, 1]
+    assert (df["peers_aggregated"] == 2).all() and (df["updates_rejected"] == 0).all()
