@@ -51,6 +51,10 @@ class GradTask:
     #: counter the peer bumps whenever it changes the parameters; lets a warm worker skip re-reading
     #: parameters it already holds (the K functions of a round all read the same ones)
     version_key: str | None = None
+    #: the value of ``version_key`` when the peer invoked the function: a worker already holding it
+    #: skips the read altogether (no round trip), otherwise it reads the actual version with the
+    #: parameters
+    version: int | None = None
     #: more client arguments for the database (TLS certificate files)
     db_options: dict | None = field(default=None, repr=False)
 
@@ -114,7 +118,7 @@ def _load_params(db, task: GradTask, flat) -> None:
     # one slot: the warm model holds exactly one parameter vector, and a worker may serve several
     # peers (Ray, or peers as threads), so what it holds is identified by database, key and version
     held = _cache.get("loaded")
-    current = db.get(task.version_key)
+    current = task.version if task.version is not None else _as_int(db.get(task.version_key))
     if current is not None and held == (task.db_url, task.params_key, current):
         return
     pipe = db.pipeline(transaction=True)  # the version and the parameters read atomically
@@ -123,7 +127,14 @@ def _load_params(db, task: GradTask, flat) -> None:
     version, data = pipe.execute()
     _cache.pop("loaded", None)
     flat.load_bytes(data, key=task.params_key)
-    _cache["loaded"] = (task.db_url, task.params_key, version)
+    _cache["loaded"] = (task.db_url, task.params_key, _as_int(version))
+
+
+def _as_int(v) -> int | None:
+    try:
+        return int(v) if v is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 def warm_up(spec: FunctionSpec) -> None:
