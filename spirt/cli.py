@@ -190,16 +190,21 @@ def _cmd_list(args) -> int:
     return 0
 
 
+def _passthrough(rest: list[str]) -> list[str]:
+    """Arguments for a benchmark's own parser; the ``--`` that separates them is not one of them."""
+    return rest[1:] if rest[:1] == ["--"] else rest
+
+
 def _cmd_bench_byzantine(args) -> int:
     from .benchmarks.byzantine import main as byz_main
 
-    return byz_main(args.rest)
+    return byz_main(_passthrough(args.rest))
 
 
 def _cmd_bench_faults(args) -> int:
     from .faults import main as faults_main
 
-    return faults_main(args.rest)
+    return faults_main(_passthrough(args.rest))
 
 
 def build_parser() -> argparse.ArgumentParser:
