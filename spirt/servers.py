@@ -369,6 +369,10 @@ def start_server(
         raise ValueError(f"fsync must be 'always', 'everysec' or 'no', got {fsync!r}")
     if persistence:
         args += ["--appendonly", "yes", "--appendfsync", fsync, "--save", ""]
+        if not password:  # ACL users (ACL SAVE) come back with the data after a restart
+            aclfile = wd / "users.acl"
+            aclfile.touch(exist_ok=True)
+            args += ["--aclfile", str(aclfile)]
     else:
         args += ["--appendonly", "no", "--save", ""]
     if module:

@@ -425,3 +425,36 @@ def test_admission_garbage_in_hello_area(fresh_server, group):
     assert wait_admitted(app, member, 10, serve=desk.serve)
     for c in (hello, member, orch):
         c.close()
+
+
+def test_users_survive_a_database_restart(server_flavor, tmp_path):
+    """With persistence on, the users are saved to the server's ACL file: after a SIGKILL and a restart
+    the database comes back with its default user disabled and every role as it was, so a secured peer
+    resumes after a database crash like any other."""
+    srv = start_server(server_flavor, persistence=True, workdir=tmp_path / "db")
+    try:
+        admin = srv.client()
+        users = acl.DatabaseUsers(0)
+        users.install(admin)
+        admin.close()
+        orch = _client(srv, acl.orchestrator_user(0), users.orchestrator_password)
+        acl.DatabaseUsers.admit(orch, 0, 1, acl.password_hash("peer-1-secret"))
+        orch.set(Keys(0).params, b"\1" * 16)
+        orch.close()
+
+        srv.process.kill()  # SIGKILL: nothing is written on the way down
+        srv.process.wait(10)
+        srv.restart()
+
+        assert _denied(make_client(url=srv.url, socket_timeout=5).ping)
+        orch = _client(srv, acl.orchestrator_user(0), users.orchestrator_password)
+        assert orch.get(Keys(0).params) == b"\1" * 16
+        remote = _client(srv, acl.remote_user(1), "peer-1-secret")
+        assert remote.set(Keys(0).incoming(1, 5), b"\0" * 16)
+        assert _denied(lambda: remote.get(Keys(0).params))
+        fn = _client(srv, acl.function_user(0), users.function_password)
+        assert _denied(lambda: fn.set(Keys(0).params, b"x"))
+        for c in (orch, remote, fn):
+            c.close()
+    finally:
+        srv.stop()

@@ -29,7 +29,7 @@ import redis
 from ..peer import Keys
 
 ORCHESTRATOR_COMMANDS = ["+@all", "-@dangerous", "+info", "+acl|setuser", "+acl|deluser", "+acl|getuser",
-                         "+acl|whoami", "+config|set", "+config|get", "+command"]
+                         "+acl|whoami", "+acl|save", "+config|set", "+config|get", "+command"]
 FUNCTION_COMMANDS = ["-@all", "+get", "+set", "+multi", "+exec", "+ping"]
 REMOTE_COMMANDS = ["-@all", "+get", "+set", "+exists", "+strlen", "+rpush", "+ltrim", "+hset", "+multi", "+exec",
                    "+ping"]
@@ -118,6 +118,24 @@ def disable_default(admin: redis.Redis) -> None:
                           "resetchannels")
 
 
+def save(client: redis.Redis) -> None:
+    """Write the users to the server's ACL file, where it has one (started with persistence): a
+    restarted database then comes back with its users and its default user disabled. Without an ACL
+    file the users live in memory only, as the data does."""
+    try:
+        client.execute_command("ACL", "SAVE")
+    except redis.ResponseError as exc:
+        if "acl file" not in str(exc).lower() and "aclfile" not in str(exc).lower():
+            raise
+
+
+def _as_user(client: redis.Redis, username: str, password: str) -> redis.Redis:
+    """A client of the same server (same address, TLS options) logged in as another user."""
+    pool = client.connection_pool
+    kwargs = {**pool.connection_kwargs, "username": username, "password": password}
+    return redis.Redis(connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs))
+
+
 class DatabaseUsers:
     """Fresh random passwords for the local roles of peer ``p``, created in its database by
     :meth:`install` through a client with full rights (the one the database was started with)."""
@@ -138,11 +156,19 @@ class DatabaseUsers:
         if launcher_sha256 is not None:
             set_user(admin, LAUNCHER_USER, launcher_rules(p), password_sha256=launcher_sha256)
         disable_default(admin)
+        # saved by the orchestrator: the default user can no longer run anything
+        orch = _as_user(admin, orchestrator_user(p), self.orchestrator_password)
+        try:
+            save(orch)
+        finally:
+            orch.close()
 
     @staticmethod
     def admit(orch: redis.Redis, p: int, q: int, password_sha256: str) -> None:
         set_user(orch, remote_user(q), remote_rules(p, q), password_sha256=password_sha256)
+        save(orch)
 
     @staticmethod
     def revoke(orch: redis.Redis, q: int) -> None:
         orch.execute_command("ACL", "DELUSER", remote_user(q))
+        save(orch)
