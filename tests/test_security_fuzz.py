@@ -4,12 +4,12 @@ join requests, and received vectors going through the peer's screening on a real
 from __future__ import annotations
 
 import json
-import threading
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from peer_threads import in_threads
 
 from spirt.config import load_config
 from spirt.peer import Keys, Peer, parse_join_request
@@ -123,11 +123,8 @@ def admitted(request, tmp_path_factory):
     try:
         for p in peers:
             p.init_params()
-        threads = [threading.Thread(target=p.security.admit, args=(p,)) for p in peers]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        errors = in_threads(lambda p: p.security.admit(p), peers, timeout_s=60)
+        assert not errors, errors
         yield peers
     finally:
         for p in peers:

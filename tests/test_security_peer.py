@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 import redis
+from peer_threads import in_threads
 
 from spirt.config import ConfigError, load_config
 from spirt.peer import Keys, Peer, parse_join_request
@@ -46,28 +47,13 @@ def _admitted_peers(cfg, servers):
     peers = [Peer(cfg, i, urls) for i in range(2)]
     for p in peers:
         p.init_params()
-    threads = [threading.Thread(target=p.security.admit, args=(p,)) for p in peers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    errors = in_threads(lambda p: p.security.admit(p), peers, timeout_s=60)
+    assert not errors, errors
     return peers
 
 
 def _run(peers):
-    errors = []
-
-    def body(p):
-        try:
-            p.run()
-        except BaseException as exc:  # noqa: BLE001 - asserted below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=body, args=(p,)) for p in peers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
+    errors = in_threads(lambda p: p.run(), peers)
     assert not errors, errors
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import threading
 import warnings
 from pathlib import Path
 
 import pytest
 import redis
+from peer_threads import in_threads
 
 from spirt.config import load_config
 from spirt.peer import Peer
@@ -103,19 +103,7 @@ def test_secure_training_over_tls(tls, tmp_path, caplog):
         peers = [Peer(cfg, i, urls) for i in range(2)]
         for p in peers:
             p.init_params()
-        errors = []
-
-        def body(p):
-            try:
-                p.run()
-            except BaseException as exc:  # noqa: BLE001 - asserted below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=body, args=(p,)) for p in peers]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(300)
+        errors = in_threads(lambda p: p.run(), peers)
         assert not errors, errors
         rows = [json.loads(x) for p in peers for x in p.db.lrange(p.keys.metrics, 0, -1)]
         assert len(rows) == 4 and all(r["peers_aggregated"] == 2 for r in rows)
