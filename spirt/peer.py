@@ -124,19 +124,27 @@ class Keys:
         """Membership events seen by this peer (JSON lines), for reports."""
         return f"{self.tag}:events"
 
+    def join(self, q: int) -> str:
+        """Peer q's request to join, addressed to this peer: "url|first round". One key per requester,
+        so that a peer can be allowed to write its own request and nobody else's."""
+        return f"{self.tag}:join:{q}"
+
     @property
-    def joins(self) -> str:
-        """Hash of join requests addressed to this peer: index -> "url|first round"."""
-        return f"{self.tag}:joins"
+    def join_pattern(self) -> str:
+        return f"{self.tag}:join:*"
 
     def snapshot(self, r: int, what: str) -> str:
         """State handed to peers joining at round r: params, momentum, meta."""
         return f"{self.tag}:snap:{r}:{what}"
 
+    def notify(self, q: int) -> str:
+        """List in this peer's database where peer q announces its published rounds (one per sender,
+        for the same reason as ``join``); the barrier blocks on all of them at once."""
+        return f"{self.tag}:notify:{q}"
+
     @property
-    def notify(self) -> str:
-        """List in this peer's database where the others announce their published rounds."""
-        return f"{self.tag}:notify"
+    def notify_pattern(self) -> str:
+        return f"{self.tag}:notify:*"
 
     def grad(self, r: int, k: int) -> str:
         return f"{self.tag}:grad:{r}:{k}"
@@ -346,7 +354,7 @@ class Peer:
         pipe.set(self.keys.version, secrets.randbits(62))
         pipe.set(self.keys.completed, -1)
         pipe.delete(self.keys.momentum, self.keys.ready, self.keys.metrics, self.keys.done, self.keys.events,
-                    self.keys.joins)
+                    *self._matching(self.keys.join_pattern), *self._matching(self.keys.notify_pattern))
         pipe.execute()
         self.start_heartbeat()
         return flat.numel
@@ -598,8 +606,8 @@ class Peer:
             if envelopes is not None:  # before the vector: the barrier only looks for the vector
                 pipe.set(Keys(q).incoming(self.index, r) + ":sig", envelopes[q], px=ROUND_KEY_TTL_MS)
             pipe.set(Keys(q).incoming(self.index, r), data, px=ROUND_KEY_TTL_MS)
-            pipe.rpush(Keys(q).notify, f"{self.index}:{r}")
-            pipe.ltrim(Keys(q).notify, -1000, -1)
+            pipe.rpush(Keys(q).notify(self.index), r)
+            pipe.ltrim(Keys(q).notify(self.index), -1000, -1)
             try:
                 pipe.execute()
             except redis.RedisError:
@@ -641,7 +649,8 @@ class Peer:
         dead: dict[int, tuple[str, float]] = {}
         ahead: list[int] = []
         # old announcements would only cause spurious wake-ups; the keys below are the truth
-        self.db.delete(self.keys.notify)
+        wake = [self.keys.notify(q) for q in sorted(self.members)] or [self.keys.notify(self.index)]
+        self.db.delete(*wake)
         while waiting:
             present = self._exists([self.keys.incoming(q, r) for q in waiting])
             ready += [q for q, e in zip(waiting, present, strict=True) if e]
@@ -674,7 +683,7 @@ class Peer:
                 break
             if self.security is not None:  # admissions, and checks of the vectors already here
                 self.security.during_barrier(self, r, ready)
-            self.db.blpop([self.keys.notify], timeout=min(left, 0.05))
+            self.db.blpop(wake, timeout=min(left, 0.05))
         t_deadline = time.time()
         missing = {**dead, **{q: (f"missed the {self.cfg.barrier.timeout_s:g} s deadline", t_deadline)
                               for q in waiting}}
@@ -697,16 +706,22 @@ class Peer:
     # -- joining and state transfer ----------------------------------------------------------------
     def _serve_joins(self, r: int) -> None:
         """Admit peers that asked to join; snapshot our state for those starting at round r + 1."""
-        requests = self.db.hgetall(self.keys.joins)
-        for raw_q, raw in requests.items():
-            try:  # any peer may write this hash: a request that does not parse is dropped, with the reason
+        keys = self._matching(self.keys.join_pattern)
+        values = self.db.mget(keys) if keys else []
+        prefix = self.keys.join_pattern[:-1]
+        for key, raw in zip(keys, values, strict=True):
+            if raw is None:
+                continue
+            name = key.decode(errors="replace") if isinstance(key, bytes) else key
+            raw_q = name[len(prefix):]
+            try:  # written by another peer: a request that does not parse is dropped, with the reason
                 q, url, first = parse_join_request(raw_q, raw)
             except ValueError as exc:
-                self.db.hdel(self.keys.joins, raw_q)
+                self.db.delete(key)
                 self._event(r, "join_rejected", -1, str(exc))
                 continue
             if q == self.index or (self.security is not None and not self.security.may_join(q)):
-                self.db.hdel(self.keys.joins, raw_q)
+                self.db.delete(key)
                 self._event(r, "join_rejected", q, "a join request in our own name" if q == self.index
                             else "not admitted by challenge-response")
                 continue
@@ -719,7 +734,11 @@ class Peer:
             if first == r + 1:
                 self._snapshot(first)
             if first <= r + 1:
-                self.db.hdel(self.keys.joins, raw_q)
+                self.db.delete(key)
+
+    def _matching(self, pattern: str) -> list[bytes]:
+        """Keys of our database matching ``pattern`` (a handful: one per peer)."""
+        return list(self.db.scan_iter(match=pattern, count=1000))
 
     def _snapshot(self, first: int) -> None:
         K = self.keys
@@ -821,7 +840,7 @@ class Peer:
         asked = {}
         for q in live:
             try:
-                self.members[q].client.hset(Keys(q).joins, self.index, f"{self.url}|{first}")
+                self.members[q].client.set(Keys(q).join(self.index), f"{self.url}|{first}")
                 asked[q] = live[q]
             except redis.RedisError:
                 continue

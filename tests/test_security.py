@@ -269,11 +269,11 @@ def test_remote_peer_least_privilege(secured):
     K = Keys(0)
     assert remote.set(K.incoming(1, 3), b"\4" * 16, px=1000)
     assert remote.set(f"{K.incoming(1, 3)}:sig", b"s", px=1000)
-    assert remote.rpush(K.notify, "1:3")
-    assert remote.ltrim(K.notify, -1000, -1)
+    assert remote.rpush(K.notify(1), 3)
+    assert remote.ltrim(K.notify(1), -1000, -1)
     assert remote.get(K.ready) == b"3"
     assert remote.exists(K.alive) == 1
-    assert remote.hset(K.joins, 1, "url|5") == 1
+    assert remote.set(K.join(1), "url|5")
     forbidden = {
         "write another peer's inbox": lambda: remote.set(K.incoming(2, 3), b"\5" * 16),
         "read another peer's inbox": lambda: remote.get(K.incoming(2, 3)),
@@ -287,7 +287,10 @@ def test_remote_peer_least_privilege(secured):
         "delete an inbox": lambda: remote.delete(K.incoming(2, 3)),
         "delete params": lambda: remote.delete(K.params),
         "module command": lambda: remote.execute_command("TENSOR.AVG", K.incoming(1, 9), K.incoming(1, 3)),
-        "read join requests": lambda: remote.hgetall(K.joins),
+        "read its join request back": lambda: remote.get(K.join(1)),
+        "join in another peer's name": lambda: remote.set(K.join(2), "redis://x|5"),
+        "wake-up list of another peer": lambda: remote.rpush(K.notify(2), 3),
+        "trim another peer's wake-up list": lambda: remote.ltrim(K.notify(2), 0, 0),
         "keys": lambda: remote.keys("*"),
         "flushall": remote.flushall,
         "acl setuser": lambda: remote.execute_command("ACL", "SETUSER", "x", "on", "nopass", "+@all"),
@@ -313,7 +316,8 @@ def test_hello_user_confined(secured):
     forbidden = {
         "read params": lambda: hello.get(K.params),
         "write an inbox": lambda: hello.set(K.incoming(1, 3), b"x"),
-        "notify": lambda: hello.rpush(K.notify, "x"),
+        "notify": lambda: hello.rpush(K.notify(5), "x"),
+        "join": lambda: hello.set(K.join(5), "redis://x|5"),
         "write a challenge": lambda: hello.set(acl.challenge_key(0, 5), b"mine"),
         "read hello": lambda: hello.get(acl.hello_key(0, 5)),
         "ready": lambda: hello.get(K.ready),

@@ -203,17 +203,20 @@ def test_garbage_in_remote_writable_keys(tmp_path, two_servers):
     c = p1.members[0].client
     K = Keys(0)
     try:
-        c.rpush(K.notify, b"\xff\x00garbage", b"", b"9" * 1000)
-        c.hset(K.joins, mapping={b"\xff": b"x", b"1": b"no-separator", b"7": b"redis://x|notanumber",
-                                 b"5": b"http://evil|3", b"0": b"redis://self|3", b"8": b"\xff\xfe|1",
-                                 b"6": b"redis://127.0.0.1:1|3"})  # well formed, but peer 6 was never admitted
+        c.rpush(K.notify(1), b"\xff\x00garbage", b"", b"9" * 1000)
+        c.set(K.join(1), b"no-separator")  # peer 1 may write its own request only
+        # what other writers could leave (written here with the orchestrator's rights)
+        for suffix, value in {b"\xff": b"x", b"7": b"redis://x|notanumber", b"5": b"http://evil|3",
+                              b"0": b"redis://self|3", b"8": b"\xff\xfe|1",
+                              b"6": b"redis://127.0.0.1:1|3"}.items():  # 6: well formed, never admitted
+            p0.db.set(f"{K.tag}:join:".encode() + suffix, value)
         c.set(K.incoming(1, 99) + ":sig", b"\x00" * 200)
         c.set(K.incoming(1, 0), b"\x01\x02\x03")  # truncated: not a multiple of 4 bytes
         p1.db.set(Keys(1).ready, b"\xffnot a round")  # read by peer 0 from peer 1's own database
         assert p0._alive(p0.members[1]) == (True, "", None)
         assert p0._behind(1) is None
         p0._serve_joins(0)
-        assert p0.db.hlen(K.joins) == 0
+        assert p0._matching(K.join_pattern) == []
         assert set(p0.members) == {1}
         events = [json.loads(e) for e in p0.db.lrange(p0.keys.events, 0, -1)]
         rejected = [e for e in events if e["event"] == "join_rejected"]

@@ -10,13 +10,14 @@ orch-p     everything except the server-wide dangerous commands it does not need
            database: it also creates the other users)
 fn-p       read ``params`` and ``version``; write ``grad:*`` (the gradient functions)
 peer-q     read what p publishes (``alive``, ``ready``, ``done``, ``aggset:*``, ``snap:*``); write
-           its own inbox keys ``in:q:*``, the wake-up list ``notify`` and its join request
+           only keys of its own: its inbox ``in:q:*``, its wake-up list ``notify:q`` and its join
+           request ``join:q``
 hello      before admission: write ``hello:*``, read ``challenge:*`` (nothing else)
 default    disabled
 ========== ====================================================================================
 
-``notify`` and ``joins`` are shared by the remote peers: what one writes there only wakes the
-barrier up or asks to be admitted, and is parsed as hostile input.
+No key is writable by two remote peers, so none can speak in another's name; what a peer writes in
+its own keys is still parsed as hostile input.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from ..peer import Keys
 ORCHESTRATOR_COMMANDS = ["+@all", "-@dangerous", "+info", "+acl|setuser", "+acl|deluser", "+acl|getuser",
                          "+acl|whoami", "+acl|save", "+config|set", "+config|get", "+command"]
 FUNCTION_COMMANDS = ["-@all", "+get", "+set", "+multi", "+exec", "+ping"]
-REMOTE_COMMANDS = ["-@all", "+get", "+set", "+exists", "+strlen", "+rpush", "+ltrim", "+hset", "+multi", "+exec",
+REMOTE_COMMANDS = ["-@all", "+get", "+set", "+exists", "+strlen", "+rpush", "+ltrim", "+multi", "+exec",
                    "+ping"]
 HELLO_COMMANDS = ["-@all", "+get", "+set", "+ping"]
 
@@ -79,7 +80,7 @@ def function_rules(p: int) -> list[str]:
 def remote_rules(p: int, q: int) -> list[str]:
     K = Keys(p)
     reads = [K.alive, K.ready, K.done, f"{K.tag}:aggset:*", f"{K.tag}:snap:*"]
-    writes = [f"{K.tag}:in:{q}:*", K.notify, K.joins]
+    writes = [f"{K.tag}:in:{q}:*", K.notify(q), K.join(q)]
     return ["resetkeys", *[f"%R~{k}" for k in reads], *[f"%W~{k}" for k in writes], "resetchannels",
             *REMOTE_COMMANDS]
 
