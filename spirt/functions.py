@@ -118,7 +118,7 @@ def _load_params(db, task: GradTask, flat) -> None:
     # one slot: the warm model holds exactly one parameter vector, and a worker may serve several
     # peers (Ray, or peers as threads), so what it holds is identified by database, key and version
     held = _cache.get("loaded")
-    current = task.version if task.version is not None else _as_int(db.get(task.version_key))
+    current = task.version if task.version is not None else as_int(db.get(task.version_key))
     if current is not None and held == (task.db_url, task.params_key, current):
         return
     pipe = db.pipeline(transaction=True)  # the version and the parameters read atomically
@@ -127,10 +127,11 @@ def _load_params(db, task: GradTask, flat) -> None:
     version, data = pipe.execute()
     _cache.pop("loaded", None)
     flat.load_bytes(data, key=task.params_key)
-    _cache["loaded"] = (task.db_url, task.params_key, _as_int(version))
+    _cache["loaded"] = (task.db_url, task.params_key, as_int(version))
 
 
-def _as_int(v) -> int | None:
+def as_int(v) -> int | None:
+    """A counter read from a database (round, version); None when missing or not a number."""
     try:
         return int(v) if v is not None else None
     except (TypeError, ValueError):

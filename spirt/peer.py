@@ -51,7 +51,7 @@ import redis
 from .aggregate import aggregate_in_db, aggregate_on_client, in_db_possible
 from .backends import SGDConfig, get_backend
 from .config import Config
-from .functions import FunctionSpec, GradTask
+from .functions import FunctionSpec, GradTask, as_int
 from .servers import make_client
 from .tensors import as_f32_bytes, from_f32_bytes
 
@@ -291,7 +291,7 @@ class Peer:
             pipe.exists(Keys(m.index).alive)
             pipe.get(Keys(m.index).ready)
             alive, ready = pipe.execute()
-            ready = _as_int(ready)
+            ready = as_int(ready)
             if alive:
                 return True, "", ready
             return False, "heartbeat expired", ready
@@ -452,7 +452,7 @@ class Peer:
             data_attack = (self.cfg.attack.name, dict(self.cfg.attack.params))
         creds = self.security.function_credentials() if self.security else {}
         t0 = time.perf_counter()
-        version = _as_int(self.db.get(K.version))  # one read here instead of one per function
+        version = as_int(self.db.get(K.version))  # one read here instead of one per function
         t_version = time.perf_counter() - t0
         tasks = [GradTask(self.spec, self.url, self.index, r, i, K.params, K.grad(r, i), ROUND_KEY_TTL_MS,
                           data_attack, version_key=K.version, version=version, **creds) for i in range(k)]
@@ -774,8 +774,8 @@ class Peer:
                 v, agg = pipe.execute()
             except redis.RedisError:
                 continue
-            if _as_int(v) is not None:
-                marks.append(_as_int(v))
+            if as_int(v) is not None:
+                marks.append(as_int(v))
             if agg is not None:
                 sets.append(agg.decode())
         if marks and sorted(marks)[len(marks) // 2] >= r + 1:
@@ -829,7 +829,7 @@ class Peer:
             except redis.RedisError:
                 continue
             if alive and not done:
-                live[q] = _as_int(v) if _as_int(v) is not None else -1
+                live[q] = as_int(v) if as_int(v) is not None else -1
         if not live:
             raise RuntimeError(f"peer {self.index}: no live peer to join")
         first = max(live.values()) + 3
@@ -932,13 +932,6 @@ class Peer:
                             norm=self.cfg.model.norm)
         self._eval_state = (model, FlatParams(model), ds)
 
-
-def _as_int(v) -> int | None:
-    """A round number another peer's database holds; None when missing or not a number."""
-    try:
-        return int(v) if v is not None else None
-    except (TypeError, ValueError):
-        return None
 
 
 MAX_JOIN_REQUEST_BYTES = 2048

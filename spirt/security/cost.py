@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 
 import numpy as np
 import redis
 
+from ..benchmarks.update import time_call
 from .identity import Identity
 from .signing import sign_update, verify_update
 
@@ -66,13 +66,7 @@ def measure(client: redis.Redis, n: int, k: int = 4, reps: int = 5, tag: str = "
     out = {"n_floats": n, "k": k}
     try:
         for name, fn in (("update_s", update), ("check_s", check), ("check_last_s", check_last), ("sign_s", sign)):
-            fn()
-            times = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            out[name] = statistics.median(times)
+            out[name] = statistics.median(time_call(fn, reps, warmup=1))
     finally:
         vin = [f"{{{tag}}}:vin:{q}:1" for q in range(k)]
         client.delete(*keys, *[k_ + ":sig" for k_ in keys], *vin, *[v + ":sig" for v in vin], params, mom, agg)
