@@ -70,6 +70,12 @@ class Backend:
         lands atomically with the peer's bookkeeping (round completed, parameter version)."""
         raise NotImplementedError
 
+    def peer_momentum(self, client: redis.Redis, state: str, vec: str, beta: float) -> None:
+        """Peer (worker) momentum, in place: ``vec = beta*state + (1-beta)*vec`` (``vec`` unchanged when
+        ``state`` is missing: the first step, as torch's SGD with dampening), then ``state = vec``.
+        The peer publishes ``vec`` afterwards, so its momentum is what the others aggregate."""
+        raise NotImplementedError
+
 
 class ModuleBackend(Backend):
     name = "module"
@@ -96,6 +102,13 @@ class ModuleBackend(Backend):
 
     def queue_update(self, pipe, client, param, buf, grad, sgd):
         pipe.execute_command(*self.sgd_args(param, grad, buf, sgd))
+
+    def peer_momentum(self, client, state, vec, beta):
+        pipe = client.pipeline(transaction=False)
+        if client.exists(state):  # only this peer writes its state, so the check cannot go stale
+            pipe.execute_command("TENSOR.AXPY", vec, repr(float(beta)), state, repr(1.0 - float(beta)), vec)
+        pipe.execute_command("COPY", vec, state, "REPLACE")
+        pipe.execute()
 
     def update(self, client, param, buf, grads, sgd):
         tmp = f"{param}:avg"
@@ -126,6 +139,9 @@ class LuaBackend(Backend):
     def queue_update(self, pipe, client, param, buf, grad, sgd):
         pipe.fcall("spirt_update", 3, param, buf, grad, sgd.lr, sgd.momentum, sgd.weight_decay)
 
+    def peer_momentum(self, client, state, vec, beta):
+        client.fcall("spirt_peer_momentum", 2, state, vec, beta)
+
 
 class ClientBackend(Backend):
     name = "client"
@@ -134,6 +150,18 @@ class ClientBackend(Backend):
         acc = self._mean(client, srcs)
         client.set(dst, as_f32_bytes(acc))
         return acc.size
+
+    def peer_momentum(self, client, state, vec, beta):
+        m_raw, v_raw = client.mget(state, vec)
+        v = from_f32_bytes(v_raw, key=vec, writable=True)
+        if m_raw is not None:
+            m = from_f32_bytes(m_raw, key=state)
+            if m.size != v.size:
+                raise ValueError(f"peer momentum {state!r} has {m.size} floats, {vec!r} has {v.size}")
+            v *= np.float32(1.0 - beta)
+            v += np.float32(beta) * m
+        data = as_f32_bytes(v)
+        client.mset({vec: data, state: data})
 
     @staticmethod
     def _mean(client, srcs, extra: list[str] = ()) -> np.ndarray:

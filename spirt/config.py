@@ -63,8 +63,14 @@ class PeersSection(_Section):
 
 class OptimSection(_Section):
     lr: float = Field(0.05, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
+    momentum: float = Field(0.9, ge=0, lt=1, description="momentum of the SGD step applied to the aggregate")
     weight_decay: float = Field(0.0, ge=0)
+    peer_momentum: float = Field(
+        0.0, ge=0, lt=1,
+        description="beta of peer (worker) momentum: each peer publishes m = beta*m + (1-beta)*average instead "
+                    "of its average (0: off). Shrinks the spread between honest vectors that Byzantine "
+                    "attacks hide in; usually combined with momentum = 0",
+    )
 
 
 class AggregationSection(_Section):

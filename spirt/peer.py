@@ -93,6 +93,11 @@ class Keys:
         return f"{self.tag}:momentum"
 
     @property
+    def peer_momentum(self) -> str:
+        """This peer's own momentum of its averages (optim.peer_momentum); never handed to joiners."""
+        return f"{self.tag}:peer_momentum"
+
+    @property
     def version(self) -> str:
         """Incremented whenever the parameters change (functions use it to skip re-reading them)."""
         return f"{self.tag}:version"
@@ -353,7 +358,8 @@ class Peer:
         # a random start, so a warm worker never mistakes another run's parameters for these
         pipe.set(self.keys.version, secrets.randbits(62))
         pipe.set(self.keys.completed, -1)
-        pipe.delete(self.keys.momentum, self.keys.ready, self.keys.metrics, self.keys.done, self.keys.events,
+        pipe.delete(self.keys.momentum, self.keys.peer_momentum, self.keys.ready, self.keys.metrics, self.keys.done,
+                    self.keys.events,
                     *self._matching(self.keys.join_pattern), *self._matching(self.keys.notify_pattern))
         pipe.execute()
         self.start_heartbeat()
@@ -486,6 +492,8 @@ class Peer:
         t0 = time.perf_counter()
         grad_keys = [inv.task.grad_key for inv in ok]
         self.backend.average(self.db, K.avg(r), grad_keys)
+        if self.cfg.optim.peer_momentum > 0:  # what we publish becomes our momentum of the averages
+            self.backend.peer_momentum(self.db, K.peer_momentum, K.avg(r), self.cfg.optim.peer_momentum)
         self.db.pexpire(K.avg(r), ROUND_KEY_TTL_MS)
         t["average"] = time.perf_counter() - t0
 

@@ -75,6 +75,40 @@ def test_backends_match_torch_sgd(db, name):
     np.testing.assert_allclose(backend.decode(db.get("{x}p")), pt.detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
+TRAINING_BACKENDS = ["module", "lua", "client"]
+
+
+@pytest.mark.parametrize("name", TRAINING_BACKENDS)
+def test_peer_momentum_is_torch_dampened_momentum(db, name):
+    """vec <- beta*state + (1-beta)*vec, state <- vec; the first step passes vec through, as torch's
+    momentum buffer with dampening = momentum does."""
+    rng = np.random.default_rng(2)
+    n, beta = 777, 0.9
+    backend = get_backend(name)
+    backend.prepare(db)
+    db.delete("{x}pm")
+    buf = None
+    for _ in range(4):
+        v = rng.standard_normal(n).astype(np.float32)
+        db.set("{x}v", as_f32_bytes(v))
+        backend.peer_momentum(db, "{x}pm", "{x}v", beta)
+        t = torch.tensor(v)
+        buf = t.clone() if buf is None else buf.mul(beta).add(t, alpha=1 - beta)
+        np.testing.assert_allclose(from_f32_bytes(db.get("{x}v")), buf.numpy(), rtol=1e-5, atol=1e-6)
+        assert db.get("{x}pm") == db.get("{x}v")
+
+
+@pytest.mark.parametrize("name", TRAINING_BACKENDS)
+def test_peer_momentum_refuses_mismatched_state(db, name):
+    backend = get_backend(name)
+    backend.prepare(db)
+    db.set("{x}pm", as_f32_bytes(np.ones(5, np.float32)))
+    db.set("{x}v", as_f32_bytes(np.ones(6, np.float32)))
+    with pytest.raises(Exception, match="(?i)length|floats"):
+        backend.peer_momentum(db, "{x}pm", "{x}v", 0.5)
+    assert from_f32_bytes(db.get("{x}v")).size == 6, "the vector was changed by a refused step"
+
+
 def test_unknown_backend_lists_allowed():
     with pytest.raises(ValueError, match="allowed: module, lua, client, spirt-reference"):
         get_backend("gpu")

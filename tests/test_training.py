@@ -31,8 +31,12 @@ def _centralized(cfg) -> np.ndarray:
     ds = load_dataset(cfg.data.dataset, limit_train=cfg.data.limit_train, limit_test=1)
     parts = partition(ds.train_labels(), cfg.peers.count, cfg.data.partition, cfg.data.alpha, seed=cfg.run.seed)
     model = build_model(cfg.model.name, ds.channels, ds.num_classes, ds.image_size, cfg.run.seed)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                          weight_decay=cfg.optim.weight_decay)
+    if cfg.optim.peer_momentum > 0:  # the mean of the peers' momenta is torch's dampened momentum
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.peer_momentum,
+                              dampening=cfg.optim.peer_momentum, weight_decay=cfg.optim.weight_decay)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                              weight_decay=cfg.optim.weight_decay)
     k = cfg.peers.functions
     for r in range(cfg.run.rounds):
         opt.zero_grad()
@@ -45,9 +49,12 @@ def _centralized(cfg) -> np.ndarray:
     return torch.nn.utils.parameters_to_vector(model.parameters()).detach().numpy()
 
 
+@pytest.mark.parametrize("peer_momentum", [0.0, 0.8], ids=["server-momentum", "peer-momentum"])
 @pytest.mark.parametrize("backend", ["module", "client", "lua"])
-def test_p2p_mean_matches_centralized_sgd(backend):
-    cfg = load_config(None, {**SMALL, "aggregation.backend": backend})
+def test_p2p_mean_matches_centralized_sgd(backend, peer_momentum):
+    # weight decay acts on the aggregate, outside the peers' momentum: off, to compare with torch
+    over = {"optim.peer_momentum": peer_momentum, "optim.momentum": 0.0, "optim.weight_decay": 0.0} if peer_momentum else {}
+    cfg = load_config(None, {**SMALL, "aggregation.backend": backend, **over})
     servers = [start_server("valkey", module=backend == "module") for _ in range(cfg.peers.count)]
     try:
         urls = [s.url for s in servers]

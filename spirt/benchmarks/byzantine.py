@@ -137,6 +137,7 @@ class Training:
     limit_test: int | None = 1000
     lr: float = 0.1
     momentum: float = 0.5
+    peer_momentum: float = 0.0
     alpha: float = 0.5
     seed: int = 0
     model: str = "cnn"
@@ -288,7 +289,7 @@ def make_config(cell: Cell, training: Training, data_dir: str | None = None):
         "peers.count": t.n_peers, "peers.functions": t.functions, "peers.batch_size": t.batch_size,
         "peers.server": t.server, "peers.mode": "thread",
         "executor.kind": "inline",
-        "optim.lr": t.lr, "optim.momentum": t.momentum,
+        "optim.lr": t.lr, "optim.momentum": t.momentum, "optim.peer_momentum": t.peer_momentum,
         "aggregation.backend": t.backend, "aggregation.defense": d.name,
         "aggregation.params": d.params(cell.n_byzantine), "aggregation.pre": list(d.pre),
     }
@@ -781,7 +782,8 @@ def write_markdown(df: pd.DataFrame, path: str | Path, t: Training) -> Path:
         f"`{t.backend}` aggregation backend), {t.model.upper()} on {t.dataset} "
         f"(first {t.limit_train} training / {t.limit_test} test images), {t.rounds} rounds, "
         f"{t.functions} gradient function(s) x batch {t.batch_size} per peer per round, SGD lr {t.lr} "
-        f"momentum {t.momentum}, seed {t.seed}; dirichlet partition alpha = {t.alpha}. Honest accuracy is "
+        f"momentum {t.momentum}" + (f", peer momentum {t.peer_momentum}" if t.peer_momentum else "")
+        + f", seed {t.seed}; dirichlet partition alpha = {t.alpha}. Honest accuracy is "
         f"evaluated every {t.eval_every} rounds on {t.eval_samples} test images (curves) and after the last "
         f"round on all {t.limit_test}.",
         "",

@@ -127,6 +127,26 @@ local function spirt_update(keys, args)
   return n
 end
 
+-- keys: state, vec; args: beta   -> vec = beta*state + (1-beta)*vec (vec as is without state); state = vec
+local function spirt_peer_momentum(keys, args)
+  local beta = num(args, 1, 'beta')
+  local vs = redis.call('GET', keys[2])
+  local err = check_len(keys[2], vs)
+  if err then return err end
+  local ms = redis.call('GET', keys[1])
+  if ms then
+    err = check_len(keys[1], ms)
+    if err then return err end
+    if #ms ~= #vs then return redis.error_reply('ERR spirt: peer momentum length differs from vector length') end
+    local m, v, n = decode(ms), decode(vs), #vs / 4
+    for j = 1, n do v[j] = beta * m[j] + (1 - beta) * v[j] end
+    vs = encode(v, n)
+    redis.call('SET', keys[2], vs)
+  end
+  redis.call('SET', keys[1], vs)
+  return #vs / 4
+end
+
 -- The released SPIRT approach: gradients and parameters as JSON lists, averaged in Lua.
 -- keys: param_json, buf_json, grad_json1 [...]; args: lr, momentum, weight_decay
 local function spirt_ref_update(keys, args)
@@ -157,3 +177,4 @@ end
 redis.register_function('spirt_avg', spirt_avg)
 redis.register_function('spirt_update', spirt_update)
 redis.register_function('spirt_ref_update', spirt_ref_update)
+redis.register_function('spirt_peer_momentum', spirt_peer_momentum)
