@@ -371,8 +371,9 @@ class Peer:
             from .executors import make_executor
 
             e = self.cfg.executor
+            extra = {"nice": e.nice} if e.kind == "process" else {}
             self._executor = make_executor(e.kind, self.spec, workers=e.workers, retries=e.retries,
-                                           timeout_s=e.timeout_s)
+                                           timeout_s=e.timeout_s, **extra)
         return self._executor
 
     def close(self) -> None:

@@ -50,6 +50,22 @@ def test_byzantine_grid_reduced_profile_is_a_subset_of_full():
     assert bz.PROFILES["reduced"].training == bz.PROFILES["full"].training  # shared cache
 
 
+def test_byzantine_grid_target_profile_is_the_headline_slice_with_its_own_reports(tmp_path):
+    t, rows, runs = bz.plan("target")
+    labels = [d.label for d in bz.defense_configs()]
+    assert {(a, d) for a, d, b, p in rows if b == 3 and p == "iid"} == {(a, d) for a in attacks.names() for d in labels}
+    assert {b for _, _, b, _ in rows} == {0, 3} and {p for *_, p in rows} == {"iid"} and t.n_peers == 10
+    assert t.peer_momentum > 0 and t.rounds > bz.PROFILES["full"].training.rounds
+    # its own cache entries: never mistaken for the full grid's cells
+    cell = bz.Cell("alie", "mean", 3, "iid")
+    assert bz.cell_key(cell, t) != bz.cell_key(cell, bz.PROFILES["full"].training)
+    df = bz.run_grid("target", tmp_path, tmp_path / "cache", workers=1, progress=False, compute=False)
+    assert set(df.status) <= {"missing", "refused"}
+    assert (tmp_path / "byzantine_target.csv").exists() and not (tmp_path / "byzantine.csv").exists()
+    md = (tmp_path / "byzantine_target.md").read_text()
+    assert "peer momentum 0.9" in md and "byzantine_target.csv" in md
+
+
 @pytest.mark.parametrize(("defense", "f", "needle"), [
     ("krum", 4, "n > 2f + 2"),
     ("multi_krum", 4, "n > 2f + 2"),
