@@ -54,7 +54,8 @@ def test_byzantine_grid_target_profile_is_the_headline_slice_with_its_own_report
     t, rows, runs = bz.plan("target")
     labels = [d.label for d in bz.defense_configs()]
     assert {(a, d) for a, d, b, p in rows if b == 3 and p == "iid"} == {(a, d) for a in attacks.names() for d in labels}
-    assert {b for _, _, b, _ in rows} == {0, 3} and {p for *_, p in rows} == {"iid"} and t.n_peers == 10
+    assert {b for _, _, b, _ in rows} == {3} and {p for *_, p in rows} == {"iid"} and t.n_peers == 10
+    assert bz.Cell(None, "mean", 0, "iid") in runs  # the clean reference
     assert t.peer_momentum > 0 and t.rounds > bz.PROFILES["full"].training.rounds
     # its own cache entries: never mistaken for the full grid's cells
     cell = bz.Cell("alie", "mean", 3, "iid")
