@@ -85,11 +85,6 @@ class ExecutorSection(_Section):
     workers: int = Field(2, ge=1, description="warm worker processes per peer (process executor)")
     retries: int = Field(2, ge=0)
     timeout_s: float = Field(60.0, gt=0)
-    nice: int = Field(
-        0, ge=0, le=19,
-        description="niceness added to the process executor's workers, so that the database servers and "
-                    "orchestrators preempt gradient computation when they wake up (0: same priority)",
-    )
 
 
 class BarrierSection(_Section):

@@ -38,13 +38,9 @@ def _watch_parent(parent: int, every_s: float = 0.5) -> None:
             os._exit(0)
 
 
-def _worker_init(spec: FunctionSpec, nice: int = 0) -> None:
+def _worker_init(spec: FunctionSpec) -> None:
     import torch
 
-    if nice:
-        # below the database servers and orchestrators, whose short, latency-bound work would otherwise
-        # wait behind a whole scheduler slice of gradient computation on an oversubscribed machine
-        os.nice(nice)
     threading.Thread(target=_watch_parent, args=(os.getppid(),), name="watch-parent", daemon=True).start()
     torch.set_num_threads(1)
     warm_up(spec)
@@ -110,15 +106,15 @@ class ProcessExecutor(Executor):
 
     name = "process"
 
-    def __init__(self, spec, *, warm_timeout_s: float = 300.0, nice: int = 0, **kw):
+    def __init__(self, spec, *, warm_timeout_s: float = 300.0, **kw):
         super().__init__(spec, **kw)
-        self.warm_timeout_s, self.nice = warm_timeout_s, nice
+        self.warm_timeout_s = warm_timeout_s
         self.pool_restarts = 0
         self._pool = self._new_pool()
 
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
-                                   initializer=_worker_init, initargs=(self.spec, self.nice))
+                                   initializer=_worker_init, initargs=(self.spec,))
 
     def worker_pids(self) -> list[int]:
         return [p.pid for p in list((self._pool._processes or {}).values()) if p.pid is not None]

@@ -371,9 +371,8 @@ class Peer:
             from .executors import make_executor
 
             e = self.cfg.executor
-            extra = {"nice": e.nice} if e.kind == "process" else {}
             self._executor = make_executor(e.kind, self.spec, workers=e.workers, retries=e.retries,
-                                           timeout_s=e.timeout_s, **extra)
+                                           timeout_s=e.timeout_s)
         return self._executor
 
     def close(self) -> None:
