@@ -91,8 +91,10 @@ SCRIPT = textwrap.dedent(
 
 @pytest.mark.parametrize("how", ["sigkill", "sigterm", "sigint", "raise"])
 def test_servers_never_outlive_their_process(how):
+    # Ctrl-C reaches a foreground program; a shell running this suite in the background (CI launched
+    # with `&`) ignores SIGINT in its children, and Python keeps an inherited SIG_IGN: restore the default
     proc = subprocess.Popen([sys.executable, "-c", SCRIPT, how], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         pid = int(proc.stdout.readline())
         assert _pid_alive(pid)
