@@ -73,8 +73,20 @@ class Backend:
     def peer_momentum(self, client: redis.Redis, state: str, vec: str, beta: float) -> None:
         """Peer (worker) momentum, in place: ``vec = beta*state + (1-beta)*vec`` (``vec`` unchanged when
         ``state`` is missing: the first step, as torch's SGD with dampening), then ``state = vec``.
-        The peer publishes ``vec`` afterwards, so its momentum is what the others aggregate."""
-        raise NotImplementedError
+        The peer publishes ``vec`` afterwards, so its momentum is what the others aggregate.
+        This form runs on the client in the backend's own encoding; in-database backends override it."""
+        m_raw, v_raw = client.mget(state, vec)
+        if v_raw is None:
+            raise ValueError(f"peer momentum: key {vec!r} does not exist")
+        v = np.array(self.decode(v_raw), dtype=F32)
+        if m_raw is not None:
+            m = self.decode(m_raw)
+            if m.size != v.size:
+                raise ValueError(f"peer momentum {state!r} has {m.size} floats, {vec!r} has {v.size}")
+            v *= np.float32(1.0 - beta)
+            v += np.float32(beta) * m
+        data = self.encode(v)
+        client.mset({vec: data, state: data})
 
 
 class ModuleBackend(Backend):
@@ -150,18 +162,6 @@ class ClientBackend(Backend):
         acc = self._mean(client, srcs)
         client.set(dst, as_f32_bytes(acc))
         return acc.size
-
-    def peer_momentum(self, client, state, vec, beta):
-        m_raw, v_raw = client.mget(state, vec)
-        v = from_f32_bytes(v_raw, key=vec, writable=True)
-        if m_raw is not None:
-            m = from_f32_bytes(m_raw, key=state)
-            if m.size != v.size:
-                raise ValueError(f"peer momentum {state!r} has {m.size} floats, {vec!r} has {v.size}")
-            v *= np.float32(1.0 - beta)
-            v += np.float32(beta) * m
-        data = as_f32_bytes(v)
-        client.mset({vec: data, state: data})
 
     @staticmethod
     def _mean(client, srcs, extra: list[str] = ()) -> np.ndarray:
