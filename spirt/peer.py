@@ -52,7 +52,7 @@ from .aggregate import aggregate_in_db, aggregate_on_client, in_db_possible
 from .backends import SGDConfig, get_backend
 from .config import Config
 from .functions import FunctionSpec, GradTask, as_int
-from .servers import make_client
+from .servers import make_client, pipelines_at_once
 from .tensors import as_f32_bytes, from_f32_bytes
 
 log = logging.getLogger("spirt.peer")
@@ -269,6 +269,10 @@ class Peer:
         self.phase = Phase.COMPUTE
         self.start_round = 0
         self.width = 0  # bytes of a parameter vector
+        # our parameters' version counter, known from our own updates (None: read it from the database)
+        self._version: int | None = None
+        # (round, the peers we aggregated in it): what _behind compares with the others
+        self._aggset: tuple[int, str] | None = None
 
     # -- membership --------------------------------------------------------------------------------
     @property
@@ -357,6 +361,7 @@ class Peer:
         pipe.set(self.keys.params, flat.params_bytes())
         # a random start, so a warm worker never mistakes another run's parameters for these
         pipe.set(self.keys.version, secrets.randbits(62))
+        self._version, self._aggset = None, None
         pipe.set(self.keys.completed, -1)
         pipe.delete(self.keys.momentum, self.keys.peer_momentum, self.keys.ready, self.keys.metrics, self.keys.done,
                     self.keys.events,
@@ -368,11 +373,14 @@ class Peer:
     @property
     def executor(self):
         if self._executor is None:
-            from .executors import make_executor
+            from .executors import cpu_share, make_executor
 
             e = self.cfg.executor
+            kw = {}
+            if e.kind == "process" and e.pin_cpus:
+                kw["cpus"] = cpu_share(self.index, e.workers)
             self._executor = make_executor(e.kind, self.spec, workers=e.workers, retries=e.retries,
-                                           timeout_s=e.timeout_s)
+                                           timeout_s=e.timeout_s, **kw)
         return self._executor
 
     def close(self) -> None:
@@ -438,6 +446,7 @@ class Peer:
                     raise RuntimeError(f"peer {self.index}: the restarted database lost the training state "
                                        "(start it with persistence on)")
                 resume = int(done) + 1
+                self._version, self._aggset = None, None  # the restart may have lost our last update
                 self._event(resume, "recovered", self.index, f"database back, resuming at round {resume}")
                 return resume
             time.sleep(0.1)
@@ -458,7 +467,9 @@ class Peer:
             data_attack = (self.cfg.attack.name, dict(self.cfg.attack.params))
         creds = self.security.function_credentials() if self.security else {}
         t0 = time.perf_counter()
-        version = as_int(self.db.get(K.version))  # one read here instead of one per function
+        if self._version is None:  # known from our last update otherwise; one read, not one per function
+            self._version = as_int(self.db.get(K.version))
+        version = self._version
         t_version = time.perf_counter() - t0
         tasks = [GradTask(self.spec, self.url, self.index, r, i, K.params, K.grad(r, i), ROUND_KEY_TTL_MS,
                           data_attack, version_key=K.version, version=version, **creds) for i in range(k)]
@@ -487,25 +498,31 @@ class Peer:
         t["store"] = wall * share + t_version
         t["compute"] = wall - t["store"]
 
-        # AVERAGE (over the gradients that arrived)
+        # AVERAGE (over the gradients that arrived), read back for publishing in the same round trip;
+        # the round is announced (``ready``) before any vector leaves, and old wake-ups are dropped
         self.phase = Phase.AVERAGE
         t0 = time.perf_counter()
         grad_keys = [inv.task.grad_key for inv in ok]
-        self.backend.average(self.db, K.avg(r), grad_keys)
-        if self.cfg.optim.peer_momentum > 0:  # what we publish becomes our momentum of the averages
-            self.backend.peer_momentum(self.db, K.peer_momentum, K.avg(r), self.cfg.optim.peer_momentum)
-        self.db.pexpire(K.avg(r), ROUND_KEY_TTL_MS)
+        beta = self.cfg.optim.peer_momentum
+        pipe = self.db.pipeline(transaction=False)
+        if beta > 0 or not self.backend.queue_average(pipe, K.avg(r), grad_keys):
+            self.backend.average(self.db, K.avg(r), grad_keys)
+            if beta > 0:  # what we publish becomes our momentum of the averages
+                self.backend.peer_momentum(self.db, K.peer_momentum, K.avg(r), beta)
+        pipe.pexpire(K.avg(r), ROUND_KEY_TTL_MS)
+        pipe.get(K.avg(r))
+        pipe.set(K.ready, r)
+        pipe.delete(*self._wake_keys())
+        own_raw = pipe.execute()[-3]
         t["average"] = time.perf_counter() - t0
 
         # PUBLISH (exchange): push our average into every other peer's inbox, in its own database
         self.phase = Phase.PUBLISH
         t0 = time.perf_counter()
-        own_raw = self.db.get(K.avg(r))
         self.width = len(own_raw)
         outgoing = {q: own_raw for q in self.members}
         if self.attack is not None and self.attack_info.kind == "model":
             outgoing = self._attack_vectors(r, own_raw)
-        self.db.set(K.ready, r)
         self._push(r, outgoing, self.security.sign_outgoing(r, outgoing) if self.security else None)
         t["exchange"] = time.perf_counter() - t0
 
@@ -564,15 +581,17 @@ class Peer:
         pipe.set(K.aggset(r), arrived, px=ROUND_KEY_TTL_MS)
         pipe.incr(K.version)
         pipe.rpush(K.metrics, json.dumps(m.row()))
-        pipe.execute()
+        # the round's keys go with it: nothing reads them after the update
+        pipe.delete(*[K.grad(r, i) for i in range(k)], K.agg(r), K.avg(r),
+                    *[K.incoming(q, r) for q in self.members],
+                    *(self.security.round_keys(self, r) if self.security else ()))
+        self._version = pipe.execute()[-3]
+        self._aggset = (r, arrived)
         t["update"] = time.perf_counter() - t0
 
         # CLEANUP; hand our state to peers joining next round
         self.phase = Phase.CLEANUP
         t0 = time.perf_counter()
-        self.db.delete(*[K.grad(r, i) for i in range(k)], K.agg(r), K.avg(r),
-                       *[K.incoming(q, r) for q in self.members],
-                       *(self.security.round_keys(self, r) if self.security else ()))
         if self.security is not None:
             self.security.serve(self)
         self._serve_joins(r)
@@ -607,19 +626,23 @@ class Peer:
         return notes
 
     def _push(self, r: int, outgoing: dict[int, bytes], envelopes: dict[int, bytes] | None = None) -> None:
-        """Write our round-r vector into each peer's inbox and wake its barrier (one round trip each).
-        Removed peers get it too: a peer coming back can then rejoin without waiting."""
+        """Write our round-r vector into each peer's inbox and wake its barrier, all peers at once (one
+        round trip in all). Removed peers get it too: a peer coming back can then rejoin without
+        waiting. An unreachable peer cannot wait for us anyway: it misses this round."""
+        jobs = {}
         for q, data in outgoing.items():
-            pipe = self.members[q].client.pipeline(transaction=False)
+            inbox = Keys(q).incoming(self.index, r)
+            cmds = []
             if envelopes is not None:  # before the vector: the barrier only looks for the vector
-                pipe.set(Keys(q).incoming(self.index, r) + ":sig", envelopes[q], px=ROUND_KEY_TTL_MS)
-            pipe.set(Keys(q).incoming(self.index, r), data, px=ROUND_KEY_TTL_MS)
-            pipe.rpush(Keys(q).notify(self.index), r)
-            pipe.ltrim(Keys(q).notify(self.index), -1000, -1)
-            try:
-                pipe.execute()
-            except redis.RedisError:
-                pass  # an unreachable peer cannot wait for us anyway; it misses this round
+                cmds.append(("SET", inbox + ":sig", envelopes[q], "PX", ROUND_KEY_TTL_MS))
+            cmds += [("SET", inbox, data, "PX", ROUND_KEY_TTL_MS), ("RPUSH", Keys(q).notify(self.index), r),
+                     ("LTRIM", Keys(q).notify(self.index), -1000, -1)]
+            jobs[q] = (self.members[q].client, cmds)
+        pipelines_at_once(jobs)
+
+    def _wake_keys(self) -> list[str]:
+        """The lists the other peers announce their vectors on (a pop on them wakes our barrier)."""
+        return [self.keys.notify(q) for q in sorted(self.members)] or [self.keys.notify(self.index)]
 
     def _strlens(self, keys: list[str]) -> list[int]:
         pipe = self.db.pipeline(transaction=False)
@@ -656,9 +679,9 @@ class Peer:
         ready: list[int] = []
         dead: dict[int, tuple[str, float]] = {}
         ahead: list[int] = []
-        # old announcements would only cause spurious wake-ups; the keys below are the truth
-        wake = [self.keys.notify(q) for q in sorted(self.members)] or [self.keys.notify(self.index)]
-        self.db.delete(*wake)
+        # announcements only wake us up (old ones were dropped when we announced the round): the keys
+        # below are the truth
+        wake = self._wake_keys()
         while waiting:
             present = self._exists([self.keys.incoming(q, r) for q in waiting])
             ready += [q for q, e in zip(waiting, present, strict=True) if e]
@@ -772,25 +795,24 @@ class Peer:
         """
         marks: list[int] = []
         sets: list[str] = []
-        for q, mb in self.members.items():
-            if mb.removed:
+        replies = pipelines_at_once({q: (mb.client, [("GET", Keys(q).ready), ("GET", Keys(q).aggset(r - 1))])
+                                     for q, mb in self.members.items() if not mb.removed})
+        for reply in replies.values():
+            if isinstance(reply, redis.RedisError) or any(isinstance(x, redis.RedisError) for x in reply):
                 continue
-            try:
-                pipe = mb.client.pipeline(transaction=False)
-                pipe.get(Keys(q).ready)
-                pipe.get(Keys(q).aggset(r - 1))
-                v, agg = pipe.execute()
-            except redis.RedisError:
-                continue
+            v, agg = reply
             if as_int(v) is not None:
                 marks.append(as_int(v))
             if agg is not None:
-                sets.append(agg.decode())
+                sets.append(agg.decode(errors="replace"))
         if marks and sorted(marks)[len(marks) // 2] >= r + 1:
             return f"lagging: the peers published round {sorted(marks)[len(marks) // 2]}, we are at {r}"
-        mine = self.db.get(self.keys.aggset(r - 1))
+        if self._aggset is not None and self._aggset[0] == r - 1:
+            mine = self._aggset[1]
+        else:
+            mine = self.db.get(self.keys.aggset(r - 1))
+            mine = mine.decode() if mine is not None else None
         if mine is not None and sets:
-            mine = mine.decode()
             counts: dict[str, int] = {}
             for x in [mine, *sets]:
                 counts[x] = counts.get(x, 0) + 1
@@ -894,6 +916,7 @@ class Peer:
         pipe.set(self.keys.ready, first - 1)
         pipe.set(self.keys.version, secrets.randbits(62))
         pipe.execute()
+        self._version, self._aggset = None, None
         # the membership of the peers we join: theirs, plus the peer that served the state
         current = {int(q): u for q, u in meta["members"].items()}
         current.setdefault(int(meta["from"]), self.members[int(meta["from"])].url)

@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+from redis._parsers.encoders import Encoder
 from redis.backoff import NoBackoff
+from redis.connection import PythonRespSerializer
 from redis.retry import Retry
 
 from .native import module_path
@@ -42,6 +44,7 @@ __all__ = [
     "has_command",
     "install_signal_handlers",
     "make_client",
+    "pipelines_at_once",
     "module_path",
     "start_server",
     "stop_all",
@@ -57,6 +60,25 @@ _PR_SET_PDEATHSIG = 1
 
 class ServerError(RuntimeError):
     """A database server could not be found, started or reached."""
+
+
+class ZeroCopyPacker(PythonRespSerializer):
+    """Command packer that sends large arguments (tensors) to the socket as they are.
+
+    With hiredis installed, redis-py packs every command into one new buffer, copying each argument
+    (a memoryview twice): about 1.5 ms for one 0.8 MB SET here against 0.1 ms for the write itself,
+    paid in every gradient function and every push. redis-py's own packer passes arguments over
+    6000 bytes through untouched and is as fast as hiredis' on small commands (1.7 us); replies are
+    still parsed by hiredis.
+    """
+
+    def __init__(self, encoding: str = "utf-8", encoding_errors: str = "strict"):
+        super().__init__(6000, Encoder(encoding, encoding_errors, False).encode)
+
+    def pack(self, *args):
+        # the protocol's length prefix is len(arg): a memoryview must count bytes, not items
+        return super().pack(*(a.cast("B") if isinstance(a, memoryview) and (a.ndim != 1 or a.format != "B") else a
+                              for a in args))
 
 
 def make_client(
@@ -77,10 +99,53 @@ def make_client(
         **kwargs,
     )
     if url is not None:
-        return redis.Redis.from_url(url, **common)
-    if unix_socket_path is not None:
-        return redis.Redis(unix_socket_path=unix_socket_path, **common)
-    return redis.Redis(host=host or "127.0.0.1", port=port or 6379, **common)
+        client = redis.Redis.from_url(url, **common)
+    elif unix_socket_path is not None:
+        client = redis.Redis(unix_socket_path=unix_socket_path, **common)
+    else:
+        client = redis.Redis(host=host or "127.0.0.1", port=port or 6379, **common)
+    kw = client.connection_pool.connection_kwargs
+    kw["command_packer"] = ZeroCopyPacker(kw.get("encoding", "utf-8"), kw.get("encoding_errors", "strict"))
+    return client
+
+
+def pipelines_at_once(jobs: dict) -> dict:
+    """One non-transactional pipeline on each of several servers, all sent before any reply is read,
+    so a peer talking to all the others waits for the slowest server once instead of for each in turn.
+
+    ``jobs`` maps a key to ``(client, [(command, *args), ...])``; the result maps it to the list of raw
+    replies (``b"OK"``, not redis-py's ``True``; a ``redis.ResponseError`` in place of a command's error
+    reply) or, when the server could not be reached or the connection broke, to the
+    ``redis.RedisError`` raised.
+    """
+    out: dict = {}
+    sent = []
+    for key, (client, commands) in jobs.items():
+        pool, conn = client.connection_pool, None
+        try:
+            conn = pool.get_connection()
+            conn.send_packed_command(conn.pack_commands(commands))
+            sent.append((key, pool, conn, len(commands)))
+        except (redis.RedisError, OSError) as exc:
+            out[key] = exc if isinstance(exc, redis.RedisError) else redis.ConnectionError(str(exc))
+            if conn is not None:
+                conn.disconnect()
+                pool.release(conn)
+    for key, pool, conn, n in sent:
+        replies: list = []
+        try:
+            for _ in range(n):
+                try:
+                    replies.append(conn.read_response())
+                except redis.ResponseError as exc:  # that command failed; the connection is fine
+                    replies.append(exc)
+            out[key] = replies
+        except (redis.RedisError, OSError) as exc:
+            out[key] = exc if isinstance(exc, redis.RedisError) else redis.ConnectionError(str(exc))
+            conn.disconnect()  # replies may be left unread: the connection cannot be reused
+        finally:
+            pool.release(conn)
+    return out
 
 
 def find_server_binary(spec: str | os.PathLike | None = None) -> Path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -111,6 +113,49 @@ def test_executors_compute_identical_gradients():
             grads[kind] = [c.get(t.grad_key) for t in tasks]
         assert grads["inline"] == grads["process"] == grads["ray"]
         assert grads["inline"][0] != grads["inline"][1]  # different minibatches
+
+
+def test_cpu_shares_are_round_robin_and_never_shrink_a_pool():
+    from spirt.executors import cpu_share
+
+    cpus = {0, 1, 2, 3}
+    assert [cpu_share(i, 1, cpus) for i in range(6)] == [{0}, {1}, {2}, {3}, {0}, {1}]
+    assert [cpu_share(i, 2, cpus) for i in range(3)] == [{0, 1}, {2, 3}, {0, 1}]
+    assert cpu_share(0, 3, {4, 7, 9, 12}) == {4, 7, 9}  # the CPUs we may use, not 0..n-1
+    assert cpu_share(1, 3, {4, 7, 9, 12}) == {12, 4, 7}
+    # a pool as large as the host (or larger) keeps every CPU: pinning would only take some away
+    assert cpu_share(0, 4, cpus) is None and cpu_share(3, 8, cpus) is None
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux-only")
+def test_pinned_workers_run_on_their_share_and_compute_the_same():
+    """A pool pinned to one CPU (what a peer gets with ``executor.pin_cpus``) keeps its workers there and
+    writes the same gradients as an unpinned one."""
+    from spirt.executors import ProcessExecutor
+    from spirt.functions import GradTask
+    from spirt.peer import function_spec
+
+    cfg = load_config(None, SMALL)
+    spec = function_spec(cfg)
+    cpu = max(os.sched_getaffinity(0))
+    with start_server("valkey") as srv:
+        c = srv.client()
+        c.set("{p0}:params", build_flat(cfg).tobytes())
+        grads = {}
+        for pinned in (True, False):
+            with ProcessExecutor(spec, workers=2, retries=0, cpus={cpu} if pinned else None) as ex:
+                ex.warm()
+                affinities = {pid: os.sched_getaffinity(pid) for pid in ex.worker_pids()}
+                inv = ex.map([GradTask(spec, srv.url, 0, 3, i, "{p0}:params", f"{{p0}}:g:{pinned}:{i}")
+                              for i in range(2)])
+            assert len(affinities) == 2
+            if pinned:
+                assert all(a == {cpu} for a in affinities.values()), affinities
+            else:
+                assert all(a == os.sched_getaffinity(0) for a in affinities.values()), affinities
+            assert all(i.result is not None for i in inv), [i.error for i in inv]
+            grads[pinned] = [c.get(f"{{p0}}:g:{pinned}:{i}") for i in range(2)]
+        assert grads[True] == grads[False]
 
 
 def test_run_in_processes_writes_rounds(tmp_path):
