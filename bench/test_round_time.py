@@ -16,8 +16,8 @@ from spirt.runner import run_training, summarize
 PROFILE = bench_profile()
 # model: (peers, functions, batch, rounds) sized for a 2-core machine
 MODELS = {
-    "mlp": (4, 4, 64, 30),
-    "cnn": (4, 4, 64, 30),
+    "mlp": (4, 4, 64, 100),
+    "cnn": (4, 4, 64, 100),
     "mobilenet_v3_small": (2, 2, 32, 6),
     "resnet18": (2, 2, 16, 3),
 }

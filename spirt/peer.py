@@ -273,6 +273,8 @@ class Peer:
         self._version: int | None = None
         # (round, the peers we aggregated in it): what _behind compares with the others
         self._aggset: tuple[int, str] | None = None
+        # this round's inbox: byte size of each peer's vector, as the barrier found it
+        self._sizes: dict[int, int] = {}
 
     # -- membership --------------------------------------------------------------------------------
     @property
@@ -457,6 +459,7 @@ class Peer:
     def round(self, r: int) -> RoundMetrics:
         K, k = self.keys, self.cfg.peers.functions
         m = RoundMetrics(r, self.index, byzantine=self.byzantine, wall_begin=time.time())
+        self._sizes = {}
         t = m.times
         t_start = time.perf_counter()
 
@@ -547,7 +550,10 @@ class Peer:
         inputs = {self.index: K.avg(r)}
         candidates = sorted(set(ready) | set(late))
         arrived = ",".join(map(str, sorted([self.index, *candidates])))
-        for q, n in zip(candidates, self._strlens([K.incoming(q, r) for q in candidates]), strict=True):
+        # sizes: found by the barrier with the vectors (same round trip), asked for the late ones
+        unsized = [q for q in candidates if q not in self._sizes]
+        self._sizes.update(zip(unsized, self._strlens([K.incoming(q, r) for q in unsized]), strict=True))
+        for q, n in ((q, self._sizes[q]) for q in candidates):
             if n != len(own_raw):
                 excluded.append(f"{q}(size {n} bytes, expected {len(own_raw)})")
                 self._event(r, "rejected", q, f"vector of {n} bytes, expected {len(own_raw)}")
@@ -585,7 +591,8 @@ class Peer:
         pipe.delete(*[K.grad(r, i) for i in range(k)], K.agg(r), K.avg(r),
                     *[K.incoming(q, r) for q in self.members],
                     *(self.security.round_keys(self, r) if self.security else ()))
-        self._version = pipe.execute()[-3]
+        pipe.scan(0, match=K.join_pattern, count=1000)  # join requests, for the cleanup below
+        *_, self._version, _, _, join_scan = pipe.execute()
         self._aggset = (r, arrived)
         t["update"] = time.perf_counter() - t0
 
@@ -594,7 +601,7 @@ class Peer:
         t0 = time.perf_counter()
         if self.security is not None:
             self.security.serve(self)
-        self._serve_joins(r)
+        self._serve_joins(r, join_scan)
         t["cleanup"] = time.perf_counter() - t0
 
         # EVALUATE
@@ -650,6 +657,15 @@ class Peer:
             pipe.strlen(key)
         return [int(n) for n in pipe.execute()] if keys else []
 
+    def _present(self, keys: list[str]) -> list[int | None]:
+        """Byte size of each key that exists, None for the others (one round trip)."""
+        pipe = self.db.pipeline(transaction=False)
+        for key in keys:
+            pipe.exists(key)
+            pipe.strlen(key)
+        out = pipe.execute() if keys else []
+        return [int(n) if e else None for e, n in zip(out[::2], out[1::2], strict=True)]
+
     def _exists(self, keys: list[str]) -> list[bool]:
         pipe = self.db.pipeline(transaction=False)
         for key in keys:
@@ -683,9 +699,10 @@ class Peer:
         # below are the truth
         wake = self._wake_keys()
         while waiting:
-            present = self._exists([self.keys.incoming(q, r) for q in waiting])
-            ready += [q for q, e in zip(waiting, present, strict=True) if e]
-            waiting = [q for q, e in zip(waiting, present, strict=True) if not e]
+            present = self._present([self.keys.incoming(q, r) for q in waiting])
+            self._sizes.update((q, n) for q, n in zip(waiting, present, strict=True) if n is not None)
+            ready += [q for q, n in zip(waiting, present, strict=True) if n is not None]
+            waiting = [q for q, n in zip(waiting, present, strict=True) if n is None]
             now = time.monotonic()
             if waiting and now >= next_check:
                 next_check = now + check_every
@@ -735,9 +752,10 @@ class Peer:
         return {q: vec for q in self.members}
 
     # -- joining and state transfer ----------------------------------------------------------------
-    def _serve_joins(self, r: int) -> None:
-        """Admit peers that asked to join; snapshot our state for those starting at round r + 1."""
-        keys = self._matching(self.keys.join_pattern)
+    def _serve_joins(self, r: int, scanned: tuple[int, list] | None = None) -> None:
+        """Admit peers that asked to join; snapshot our state for those starting at round r + 1.
+        ``scanned``: the reply of a first ``SCAN 0 MATCH join_pattern`` already made."""
+        keys = self._matching(self.keys.join_pattern, scanned)
         values = self.db.mget(keys) if keys else []
         prefix = self.keys.join_pattern[:-1]
         for key, raw in zip(keys, values, strict=True):
@@ -767,9 +785,15 @@ class Peer:
             if first <= r + 1:
                 self.db.delete(key)
 
-    def _matching(self, pattern: str) -> list[bytes]:
-        """Keys of our database matching ``pattern`` (a handful: one per peer)."""
-        return list(self.db.scan_iter(match=pattern, count=1000))
+    def _matching(self, pattern: str, scanned: tuple[int, list] | None = None) -> list[bytes]:
+        """Keys of our database matching ``pattern`` (a handful: one per peer); ``scanned`` is the
+        reply of a first ``SCAN 0`` with that pattern, when already made."""
+        cursor, keys = scanned if scanned is not None else self.db.scan(0, match=pattern, count=1000)
+        keys = list(keys)
+        while int(cursor) != 0:
+            cursor, more = self.db.scan(cursor, match=pattern, count=1000)
+            keys += more
+        return keys
 
     def _snapshot(self, first: int) -> None:
         K = self.keys
