@@ -84,8 +84,9 @@ class ExecutorSection(_Section):
     kind: Literal["inline", "process", "ray"] = "process"
     workers: int = Field(2, ge=1, description="warm worker processes per peer (process executor)")
     pin_cpus: bool = Field(True, description="pin each peer's workers to its own share of the host's CPUs "
-                           "(round-robin by peer index; process executor), so co-located peers compute at "
-                           "the same pace and reach the barrier together")
+                           "(round-robin by peer index; process executor; only when the pools spread evenly "
+                           "over the CPUs), so co-located peers compute at the same pace and reach the "
+                           "barrier together")
     retries: int = Field(2, ge=0)
     timeout_s: float = Field(60.0, gt=0)
 

@@ -380,7 +380,7 @@ class Peer:
             e = self.cfg.executor
             kw = {}
             if e.kind == "process" and e.pin_cpus:
-                kw["cpus"] = cpu_share(self.index, e.workers)
+                kw["cpus"] = cpu_share(self.index, e.workers, self.cfg.peers.count)
             self._executor = make_executor(e.kind, self.spec, workers=e.workers, retries=e.retries,
                                            timeout_s=e.timeout_s, **kw)
         return self._executor

@@ -115,16 +115,19 @@ def test_executors_compute_identical_gradients():
         assert grads["inline"][0] != grads["inline"][1]  # different minibatches
 
 
-def test_cpu_shares_are_round_robin_and_never_shrink_a_pool():
+def test_cpu_shares_are_round_robin_even_and_never_shrink_a_pool():
     from spirt.executors import cpu_share
 
     cpus = {0, 1, 2, 3}
-    assert [cpu_share(i, 1, cpus) for i in range(6)] == [{0}, {1}, {2}, {3}, {0}, {1}]
-    assert [cpu_share(i, 2, cpus) for i in range(3)] == [{0, 1}, {2, 3}, {0, 1}]
-    assert cpu_share(0, 3, {4, 7, 9, 12}) == {4, 7, 9}  # the CPUs we may use, not 0..n-1
-    assert cpu_share(1, 3, {4, 7, 9, 12}) == {12, 4, 7}
+    assert [cpu_share(i, 1, 8, cpus) for i in range(6)] == [{0}, {1}, {2}, {3}, {0}, {1}]
+    assert [cpu_share(i, 2, 4, cpus) for i in range(3)] == [{0, 1}, {2, 3}, {0, 1}]
+    assert cpu_share(0, 1, 4, {4, 7, 9, 12}) == {4}  # the CPUs we may use, not 0..n-1
+    assert cpu_share(3, 1, 4, {4, 7, 9, 12}) == {12}
+    assert cpu_share(1, 1, 10, {0, 1}) == {1}  # 10 peers on 2 cores: 5 per core
     # a pool as large as the host (or larger) keeps every CPU: pinning would only take some away
-    assert cpu_share(0, 4, cpus) is None and cpu_share(3, 8, cpus) is None
+    assert cpu_share(0, 4, 2, cpus) is None and cpu_share(3, 8, 4, cpus) is None
+    # pools that cannot be spread evenly are not pinned (3 peers on 2 cores: two would share one)
+    assert cpu_share(0, 1, 3, {0, 1}) is None and cpu_share(1, 2, 3, cpus) is None
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux-only")
