@@ -542,7 +542,7 @@ class Peer:
         self.phase = Phase.AGGREGATE
         t0 = time.perf_counter()
         present = [q for q in sorted(self.members) if q not in ready]
-        late = [q for q, e in zip(present, self._exists([K.incoming(q, r) for q in present]), strict=True) if e]
+        late = sorted(self._inbox(r, present))
         for q in late:  # a removed or late peer whose vector is here after all: use it, re-admit it
             if self.members[q].removed:
                 self.members[q].removed, self.members[q].misses = False, 0
@@ -550,10 +550,8 @@ class Peer:
         inputs = {self.index: K.avg(r)}
         candidates = sorted(set(ready) | set(late))
         arrived = ",".join(map(str, sorted([self.index, *candidates])))
-        # sizes: found by the barrier with the vectors (same round trip), asked for the late ones
-        unsized = [q for q in candidates if q not in self._sizes]
-        self._sizes.update(zip(unsized, self._strlens([K.incoming(q, r) for q in unsized]), strict=True))
-        for q, n in ((q, self._sizes[q]) for q in candidates):
+        for q in candidates:
+            n = self._sizes[q]  # as found with the vector, in the same round trip
             if n != len(own_raw):
                 excluded.append(f"{q}(size {n} bytes, expected {len(own_raw)})")
                 self._event(r, "rejected", q, f"vector of {n} bytes, expected {len(own_raw)}")
@@ -651,26 +649,19 @@ class Peer:
         """The lists the other peers announce their vectors on (a pop on them wakes our barrier)."""
         return [self.keys.notify(q) for q in sorted(self.members)] or [self.keys.notify(self.index)]
 
-    def _strlens(self, keys: list[str]) -> list[int]:
+    def _inbox(self, r: int, peers: list[int]) -> dict[int, int]:
+        """Which of ``peers``' round-r vectors are in our inbox, with their byte sizes (one round trip,
+        none for no peers); the sizes are kept for this round's aggregate phase."""
+        if not peers:
+            return {}
         pipe = self.db.pipeline(transaction=False)
-        for key in keys:
-            pipe.strlen(key)
-        return [int(n) for n in pipe.execute()] if keys else []
-
-    def _present(self, keys: list[str]) -> list[int | None]:
-        """Byte size of each key that exists, None for the others (one round trip)."""
-        pipe = self.db.pipeline(transaction=False)
-        for key in keys:
-            pipe.exists(key)
-            pipe.strlen(key)
-        out = pipe.execute() if keys else []
-        return [int(n) if e else None for e, n in zip(out[::2], out[1::2], strict=True)]
-
-    def _exists(self, keys: list[str]) -> list[bool]:
-        pipe = self.db.pipeline(transaction=False)
-        for key in keys:
-            pipe.exists(key)
-        return [bool(e) for e in pipe.execute()] if keys else []
+        for q in peers:
+            pipe.exists(self.keys.incoming(q, r))
+            pipe.strlen(self.keys.incoming(q, r))
+        out = pipe.execute()
+        found = {q: int(n) for q, e, n in zip(peers, out[::2], out[1::2], strict=True) if e}
+        self._sizes.update(found)
+        return found
 
     def _barrier(self, r: int, peers: list[int]) -> tuple[list[int], dict[int, tuple[str, float]]]:
         """Wait until the given peers' round-r vectors are in our inbox, a peer is found dead, or the
@@ -699,10 +690,9 @@ class Peer:
         # below are the truth
         wake = self._wake_keys()
         while waiting:
-            present = self._present([self.keys.incoming(q, r) for q in waiting])
-            self._sizes.update((q, n) for q, n in zip(waiting, present, strict=True) if n is not None)
-            ready += [q for q, n in zip(waiting, present, strict=True) if n is not None]
-            waiting = [q for q, n in zip(waiting, present, strict=True) if n is None]
+            found = self._inbox(r, waiting)
+            ready += [q for q in waiting if q in found]
+            waiting = [q for q in waiting if q not in found]
             now = time.monotonic()
             if waiting and now >= next_check:
                 next_check = now + check_every
@@ -715,10 +705,10 @@ class Peer:
                     elif published is not None and published > r:
                         passed.append(q)
                 if passed:  # re-check: the vector may have landed just before the mark moved on
-                    late = self._exists([self.keys.incoming(q, r) for q in passed])
-                    for q, e in zip(passed, late, strict=True):
+                    late = self._inbox(r, passed)
+                    for q in passed:
                         waiting.remove(q)
-                        if e:
+                        if q in late:
                             ready.append(q)
                         else:
                             ahead.append(q)
