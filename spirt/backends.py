@@ -21,6 +21,7 @@ from importlib import resources
 import numpy as np
 import redis
 
+from .keys import scratch
 from .tensors import F32, as_f32_bytes, from_f32_bytes
 
 __all__ = ["Backend", "ModuleBackend", "LuaBackend", "ClientBackend", "SpirtReferenceBackend", "get_backend", "BACKENDS"]
@@ -132,7 +133,7 @@ class ModuleBackend(Backend):
         pipe.execute()
 
     def update(self, client, param, buf, grads, sgd):
-        tmp = f"{param}:avg"
+        tmp = scratch(param)
         pipe = client.pipeline(transaction=False)
         pipe.execute_command("TENSOR.AVG", tmp, *grads)
         pipe.execute_command(*self.sgd_args(param, tmp, buf, sgd))

@@ -56,8 +56,9 @@ import pandas as pd
 import redis
 
 from .config import Config, load_config
-from .peer import Keys, peer_main
-from .runner import START_KEY, _started, descendants, kill_if_same, stop_processes
+from .keys import START_KEY, Keys
+from .peer import peer_main
+from .runner import _started, descendants, kill_if_same, stop_processes
 from .servers import Server, make_client, start_server
 
 log = logging.getLogger("spirt.faults")
@@ -227,7 +228,7 @@ class Cluster:
         for i in self.newcomers:
             self._spawn(i, (cfg_json, i, self.urls, START_KEY, True))
         deadline = time.monotonic() + timeout_s
-        while not all(self.client(i).exists(f"{Keys(i).tag}:up") for i in self.initial + self.newcomers):
+        while not all(self.client(i).exists(Keys(i).up) for i in self.initial + self.newcomers):
             self._check_started(deadline)
         self.client(0).set(START_KEY, 1)
         self.t_start = time.time()
@@ -405,7 +406,7 @@ class Cluster:
             raise ClusterError(f"peer {i} is already running")
         self._spawn(i, (self.cfg.model_dump_json(), i, self.urls, START_KEY, True))
         deadline = time.monotonic() + timeout_s
-        while not self.client(i).exists(f"{Keys(i).tag}:up"):
+        while not self.client(i).exists(Keys(i).up):
             self._check_started(deadline)
 
     def join(self, i: int) -> float:

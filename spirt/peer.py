@@ -52,6 +52,7 @@ from .aggregate import aggregate_in_db, aggregate_on_client, in_db_possible
 from .backends import SGDConfig, get_backend
 from .config import Config
 from .functions import FunctionSpec, GradTask, as_int
+from .keys import Keys
 from .servers import make_client, pipelines_at_once
 from .tensors import as_f32_bytes, from_f32_bytes
 
@@ -72,101 +73,6 @@ class Phase(enum.Enum):
 
 
 ROUND_KEY_TTL_MS = 10 * 60 * 1000  # safety net: round keys expire even if a peer dies before cleanup
-
-
-@dataclass(frozen=True)
-class Keys:
-    """Key names of one peer (in its own database)."""
-
-    peer: int
-
-    @property
-    def tag(self) -> str:
-        return f"{{p{self.peer}}}"
-
-    @property
-    def params(self) -> str:
-        return f"{self.tag}:params"
-
-    @property
-    def momentum(self) -> str:
-        return f"{self.tag}:momentum"
-
-    @property
-    def peer_momentum(self) -> str:
-        """This peer's own momentum of its averages (optim.peer_momentum); never handed to joiners."""
-        return f"{self.tag}:peer_momentum"
-
-    @property
-    def version(self) -> str:
-        """Incremented whenever the parameters change (functions use it to skip re-reading them)."""
-        return f"{self.tag}:version"
-
-    @property
-    def ready(self) -> str:
-        return f"{self.tag}:ready"
-
-    @property
-    def metrics(self) -> str:
-        return f"{self.tag}:metrics"
-
-    @property
-    def done(self) -> str:
-        return f"{self.tag}:done"
-
-    @property
-    def alive(self) -> str:
-        """Heartbeat: present while the orchestrator lives (it refreshes the expiry)."""
-        return f"{self.tag}:alive"
-
-    @property
-    def completed(self) -> str:
-        """Last round whose update is applied (written atomically with the update)."""
-        return f"{self.tag}:completed"
-
-    @property
-    def events(self) -> str:
-        """Membership events seen by this peer (JSON lines), for reports."""
-        return f"{self.tag}:events"
-
-    def join(self, q: int) -> str:
-        """Peer q's request to join, addressed to this peer: "url|first round". One key per requester,
-        so that a peer can be allowed to write its own request and nobody else's."""
-        return f"{self.tag}:join:{q}"
-
-    @property
-    def join_pattern(self) -> str:
-        return f"{self.tag}:join:*"
-
-    def snapshot(self, r: int, what: str) -> str:
-        """State handed to peers joining at round r: params, momentum, meta."""
-        return f"{self.tag}:snap:{r}:{what}"
-
-    def notify(self, q: int) -> str:
-        """List in this peer's database where peer q announces its published rounds (one per sender,
-        for the same reason as ``join``); the barrier blocks on all of them at once."""
-        return f"{self.tag}:notify:{q}"
-
-    @property
-    def notify_pattern(self) -> str:
-        return f"{self.tag}:notify:*"
-
-    def grad(self, r: int, k: int) -> str:
-        return f"{self.tag}:grad:{r}:{k}"
-
-    def avg(self, r: int) -> str:
-        return f"{self.tag}:avg:{r}"
-
-    def incoming(self, q: int, r: int) -> str:
-        return f"{self.tag}:in:{q}:{r}"
-
-    def agg(self, r: int) -> str:
-        return f"{self.tag}:agg:{r}"
-
-    def aggset(self, r: int) -> str:
-        """The peers whose round-r vectors arrived in time (comma-separated), written with the update:
-        peers compare them to find out that they aggregated different inputs (diverged)."""
-        return f"{self.tag}:aggset:{r}"
 
 
 def function_spec(cfg: Config) -> FunctionSpec:
@@ -639,7 +545,7 @@ class Peer:
             inbox = Keys(q).incoming(self.index, r)
             cmds = []
             if envelopes is not None:  # before the vector: the barrier only looks for the vector
-                cmds.append(("SET", inbox + ":sig", envelopes[q], "PX", ROUND_KEY_TTL_MS))
+                cmds.append(("SET", Keys(q).envelope(self.index, r), envelopes[q], "PX", ROUND_KEY_TTL_MS))
             cmds += [("SET", inbox, data, "PX", ROUND_KEY_TTL_MS), ("RPUSH", Keys(q).notify(self.index), r),
                      ("LTRIM", Keys(q).notify(self.index), -1000, -1)]
             jobs[q] = (self.members[q].client, cmds)
@@ -1025,7 +931,7 @@ def peer_main(cfg_json: str, index: int, urls: list[str | None], start_key: str 
             peer.init_eval_state()
             if cfg.executor.kind == "process":
                 peer.executor.warm()
-            peer.db.set(f"{peer.keys.tag}:up", 1)
+            peer.db.set(peer.keys.up, 1)
             if start_key:
                 while not peer.db.exists(start_key):
                     time.sleep(0.01)
@@ -1035,7 +941,7 @@ def peer_main(cfg_json: str, index: int, urls: list[str | None], start_key: str 
         peer.init_params()
         if cfg.executor.kind == "process":
             peer.executor.warm()
-        peer.db.set(f"{peer.keys.tag}:up", 1)
+        peer.db.set(peer.keys.up, 1)
         if start_key and peer.security is not None:  # secured: set in every database, ours is the one we read
             while not peer.db.exists(start_key):
                 time.sleep(0.01)

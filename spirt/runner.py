@@ -20,10 +20,9 @@ import pandas as pd
 import redis
 
 from .config import Config
-from .peer import Keys, Peer, peer_main
+from .keys import START_KEY, Keys
+from .peer import Peer, peer_main
 from .servers import make_client, start_server
-
-START_KEY = "spirt:start"
 
 
 class TrainingError(RuntimeError):
@@ -56,7 +55,7 @@ def _launcher_access(cfg: Config):
 
 def _up(c: redis.Redis, i: int, secured: bool) -> bool:
     try:
-        return bool(c.exists(f"{Keys(i).tag}:up"))
+        return bool(c.exists(Keys(i).up))
     except redis.AuthenticationError:
         if not secured:
             raise

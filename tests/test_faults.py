@@ -27,7 +27,8 @@ from spirt import faults
 from spirt.config import load_config
 from spirt.executors import InlineExecutor, Invocation, ProcessExecutor
 from spirt.functions import GradTask, compute_gradient
-from spirt.peer import Keys, Peer, function_spec
+from spirt.keys import Keys
+from spirt.peer import Peer, function_spec
 from spirt.servers import start_server
 
 pytestmark = pytest.mark.faults

@@ -6,7 +6,7 @@ import pytest
 import redis
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from spirt.peer import Keys
+from spirt.keys import Keys
 from spirt.security import acl
 from spirt.security.admission import Applicant, Desk, wait_admitted
 from spirt.security.identity import (

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from peer_threads import in_threads
 
 from spirt.config import load_config
-from spirt.peer import Keys, Peer, parse_join_request
+from spirt.keys import Keys
+from spirt.peer import Peer, parse_join_request
 from spirt.security.identity import Challenge, Identity, MalformedInput, Response, make_group, respond
 from spirt.security.signing import (
     ENVELOPE_BYTES,

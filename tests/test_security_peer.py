@@ -13,7 +13,8 @@ import redis
 from peer_threads import in_threads
 
 from spirt.config import ConfigError, load_config
-from spirt.peer import Keys, Peer, parse_join_request
+from spirt.keys import Keys
+from spirt.peer import Peer, parse_join_request
 from spirt.security import acl
 from spirt.security.identity import Identity, make_group
 from spirt.security.signing import sign_update

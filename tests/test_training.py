@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 from spirt.config import ConfigError, load_config
 from spirt.data import load_dataset, minibatch_indices, partition
+from spirt.keys import Keys
 from spirt.models import build_model
-from spirt.peer import Keys, Peer
+from spirt.peer import Peer
 from spirt.runner import run_training
 from spirt.servers import start_server
 from spirt.tensors import FlatParams, from_f32_bytes

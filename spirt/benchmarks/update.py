@@ -16,6 +16,7 @@ import numpy as np
 import redis
 
 from ..backends import SGDConfig, get_backend
+from ..keys import Keys
 
 #: Real parameter counts of the torchvision models at their ImageNet defaults (3 channels, 1000 classes).
 MOBILENET_V3_SMALL = 2_542_856
@@ -60,7 +61,13 @@ def _rounds_for(estimate_s: float, budget_s: float, max_rounds: int, min_rounds:
 
 def keys_for(k: int, tag: str = "bench") -> tuple[str, str, list[str]]:
     """Parameter, momentum and gradient keys; one hash tag so they live in one cluster slot."""
-    return f"{{{tag}}}:params", f"{{{tag}}}:momentum", [f"{{{tag}}}:grad:{i}" for i in range(k)]
+    K = bench_keys(tag)
+    return K.params, K.momentum, [K.grad(0, i) for i in range(k)]
+
+
+def bench_keys(tag: str) -> Keys:
+    """The key schema of a peer, under a hash tag of the benchmark's own."""
+    return Keys(0, prefix=f"{tag}-")
 
 
 def _tag(backend: str) -> str:
@@ -103,9 +110,9 @@ def stage_robust(client: redis.Redis, op: str, backend: str, n: int, k: int, see
     import defenses
 
     rng = np.random.default_rng(seed)
-    tag = _tag(backend)
-    keys = [f"{{{tag}}}:in:{i}" for i in range(k)]
-    dst = f"{{{tag}}}:agg"
+    K = bench_keys(_tag(backend))
+    keys = [K.incoming(i, 0) for i in range(k)]
+    dst = K.agg(0)
     client.delete(dst, *keys)
     for key in keys:
         client.set(key, rng.standard_normal(n, dtype=np.float32).tobytes())
@@ -202,9 +209,9 @@ def _stage_any(client, op: str, backend: str, n: int, k: int) -> Callable[[], No
 def _cleanup(client, cell: Cell) -> None:
     if client is None or cell.backend == "numpy-inprocess":
         return
-    tag = _tag(cell.backend)
-    param, buf, grads = keys_for(cell.k, tag)
-    client.delete(param, buf, *grads, f"{{{tag}}}:agg", *[f"{{{tag}}}:in:{i}" for i in range(cell.k)])
+    K = bench_keys(_tag(cell.backend))
+    param, buf, grads = keys_for(cell.k, _tag(cell.backend))
+    client.delete(param, buf, *grads, K.agg(0), *[K.incoming(i, 0) for i in range(cell.k)])
 
 
 def measure(

@@ -27,7 +27,7 @@ import secrets
 
 import redis
 
-from ..peer import Keys
+from ..keys import START_KEY, Keys
 
 ORCHESTRATOR_COMMANDS = ["+@all", "-@dangerous", "+info", "+acl|setuser", "+acl|deluser", "+acl|getuser",
                          "+acl|whoami", "+acl|save", "+config|set", "+config|get", "+command"]
@@ -51,20 +51,18 @@ def remote_user(q: int) -> str:
 
 HELLO_USER = "hello"
 LAUNCHER_USER = "launcher"
-#: spirt.runner.START_KEY: the launcher sets it in every database of a secured run (a peer reads its own)
-START_KEY = "spirt:start"
 
 
 def hello_key(p: int, q: int) -> str:
-    return f"{Keys(p).tag}:hello:{q}"
+    return Keys(p).hello(q)
 
 
 def response_key(p: int, q: int) -> str:
-    return f"{Keys(p).tag}:hello:{q}:resp"
+    return Keys(p).hello_response(q)
 
 
 def challenge_key(p: int, q: int) -> str:
-    return f"{Keys(p).tag}:challenge:{q}"
+    return Keys(p).challenge(q)
 
 
 def orchestrator_rules(p: int) -> list[str]:
@@ -73,14 +71,14 @@ def orchestrator_rules(p: int) -> list[str]:
 
 def function_rules(p: int) -> list[str]:
     K = Keys(p)
-    return ["resetkeys", f"%R~{K.params}", f"%R~{K.version}", f"%W~{K.tag}:grad:*", "resetchannels",
+    return ["resetkeys", f"%R~{K.params}", f"%R~{K.version}", f"%W~{K.grad_pattern}", "resetchannels",
             *FUNCTION_COMMANDS]
 
 
 def remote_rules(p: int, q: int) -> list[str]:
     K = Keys(p)
-    reads = [K.alive, K.ready, K.done, f"{K.tag}:aggset:*", f"{K.tag}:snap:*"]
-    writes = [f"{K.tag}:in:{q}:*", K.notify(q), K.join(q)]
+    reads = [K.alive, K.ready, K.done, K.aggset_pattern, K.snapshot_pattern]
+    writes = [K.inbox_pattern(q), K.notify(q), K.join(q)]
     return ["resetkeys", *[f"%R~{k}" for k in reads], *[f"%W~{k}" for k in writes], "resetchannels",
             *REMOTE_COMMANDS]
 
@@ -88,14 +86,14 @@ def remote_rules(p: int, q: int) -> list[str]:
 def launcher_rules(p: int) -> list[str]:
     """The process that started the run: sees progress and results, starts the peers, nothing else."""
     K = Keys(p)
-    reads = [f"{K.tag}:up", K.metrics, K.events, K.done]
+    reads = [K.up, K.metrics, K.events, K.done]
     return ["resetkeys", *[f"%R~{k}" for k in reads], f"~{START_KEY}", "resetchannels",
             "-@all", "+get", "+set", "+del", "+exists", "+llen", "+lindex", "+lrange", "+ping"]
 
 
 def hello_rules(p: int) -> list[str]:
     K = Keys(p)
-    return ["resetkeys", f"%W~{K.tag}:hello:*", f"%R~{K.tag}:challenge:*", "resetchannels", *HELLO_COMMANDS]
+    return ["resetkeys", f"%W~{K.hello_pattern}", f"%R~{K.challenge_pattern}", "resetchannels", *HELLO_COMMANDS]
 
 
 def password_hash(password: str) -> str:

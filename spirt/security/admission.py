@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import redis
 
+from ..keys import RESPONSE_SUFFIX, Keys
 from .acl import DatabaseUsers, challenge_key, hello_key, password_hash, response_key
 from .identity import AdmissionError, Challenge, Identity, MalformedInput, Response, Verifier, respond
 
@@ -53,17 +54,17 @@ class Desk:
     def serve(self) -> list[Outcome]:
         """One pass over the pending requests and responses."""
         out: list[Outcome] = []
-        tag = f"{{p{self.p}}}:hello:"
+        K = Keys(self.p)
         seen = 0
-        for key in self.orch.scan_iter(match=f"{tag}*", count=100):
+        for key in self.orch.scan_iter(match=K.hello_pattern, count=100):
             seen += 1
             if seen > MAX_REQUESTS_PER_PASS:
                 break
             name = key.decode(errors="replace") if isinstance(key, bytes) else key
-            rest = name[len(tag):]
+            rest = K.suffix_after(K.hello_pattern, key)
             try:
-                if rest.endswith(":resp"):
-                    q = _index(rest[: -len(":resp")])
+                if rest.endswith(RESPONSE_SUFFIX):
+                    q = _index(rest[: -len(RESPONSE_SUFFIX)])
                     out.append(self._check(q, key))
                 else:
                     q = _index(rest)

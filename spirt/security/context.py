@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("spirt.security")
 
-SIG_SUFFIX = ":sig"
 MIN_BULK_LIMIT = 1024 * 1024  # the smallest proto-max-bulk-len the servers accept
 
 
@@ -173,13 +172,13 @@ class PeerSecurity:
     def _verified(self, peer: Peer, q: int, r: int) -> str:
         """Where a received vector is checked and aggregated from: a key the sender cannot write, so
         what was checked is what is aggregated (the inbox slot itself stays writable by its sender)."""
-        return f"{peer.keys.tag}:vin:{q}:{r}"
+        return peer.keys.verified(q, r)
 
     def round_keys(self, peer: Peer, r: int) -> list[str]:
         out = []
         for q in peer.members:
             v = self._verified(peer, q, r)
-            out += [peer.keys.incoming(q, r) + SIG_SUFFIX, v, v + SIG_SUFFIX]
+            out += [peer.keys.envelope(q, r), v, peer.keys.verified_envelope(q, r)]
         for key in [k for k in self._checked if k[0] <= r]:
             del self._checked[key]
         return out
@@ -202,9 +201,9 @@ class PeerSecurity:
         pipe = peer.db.pipeline(transaction=True)
         pipe.execute_command("COPY", src, dst, "REPLACE")
         if self.cfg.sign_updates:
-            pipe.execute_command("COPY", src + SIG_SUFFIX, dst + SIG_SUFFIX, "REPLACE")
+            pipe.execute_command("COPY", peer.keys.envelope(q, r), peer.keys.verified_envelope(q, r), "REPLACE")
             pipe.get(src)
-            pipe.get(src + SIG_SUFFIX)
+            pipe.get(peer.keys.envelope(q, r))
         else:
             pipe.strlen(src)
             if peer.backend.name == "module":  # in the database: nothing crosses the wire

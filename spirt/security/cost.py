@@ -18,6 +18,7 @@ import numpy as np
 import redis
 
 from ..benchmarks.update import time_call
+from ..keys import Keys
 from .identity import Identity
 from .signing import sign_update, verify_update
 
@@ -27,14 +28,15 @@ def measure(client: redis.Redis, n: int, k: int = 4, reps: int = 5, tag: str = "
     receiver's check of K signed vectors, and the sender's signing of one vector."""
     rng = np.random.default_rng(0)
     ids = [Identity.generate(q) for q in range(k)]
-    keys = [f"{{{tag}}}:in:{q}:1" for q in range(k)]
-    params, mom, agg = f"{{{tag}}}:params", f"{{{tag}}}:momentum", f"{{{tag}}}:agg"
+    K = Keys(0, prefix=f"{tag}-")
+    keys = [K.incoming(q, 1) for q in range(k)]
+    params, mom, agg = K.params, K.momentum, K.agg(1)
     raws = []
     for q, key in enumerate(keys):
         raw = rng.standard_normal(n, dtype=np.float32).tobytes()
         raws.append(raw)
         client.set(key, raw)
-        client.set(key + ":sig", sign_update(ids[q], "g", 1, raw))
+        client.set(K.envelope(q, 1), sign_update(ids[q], "g", 1, raw))
     client.set(params, rng.standard_normal(n, dtype=np.float32).tobytes())
 
     def update():
@@ -42,12 +44,12 @@ def measure(client: redis.Redis, n: int, k: int = 4, reps: int = 5, tag: str = "
         client.execute_command("TENSOR.SGD", params, agg, "0.01", "MOMENTUM", "0.9", mom)
 
     def check_one(q: int) -> None:  # as the peer does: copy out of the slot, read, verify
-        src, dst = keys[q], f"{{{tag}}}:vin:{q}:1"
+        src, dst = keys[q], K.verified(q, 1)
         pipe = client.pipeline(transaction=True)
         pipe.execute_command("COPY", src, dst, "REPLACE")
-        pipe.execute_command("COPY", src + ":sig", dst + ":sig", "REPLACE")
+        pipe.execute_command("COPY", K.envelope(q, 1), K.verified_envelope(q, 1), "REPLACE")
         pipe.get(src)
-        pipe.get(src + ":sig")
+        pipe.get(K.envelope(q, 1))
         _, _, raw, sig = pipe.execute()
         verify_update(sig, raw, group="g", sender=q, r=1, key=ids[q].public_key)
         if not np.isfinite(np.frombuffer(raw, dtype="<f4")).all():
@@ -68,8 +70,8 @@ def measure(client: redis.Redis, n: int, k: int = 4, reps: int = 5, tag: str = "
         for name, fn in (("update_s", update), ("check_s", check), ("check_last_s", check_last), ("sign_s", sign)):
             out[name] = statistics.median(time_call(fn, reps, warmup=1))
     finally:
-        vin = [f"{{{tag}}}:vin:{q}:1" for q in range(k)]
-        client.delete(*keys, *[k_ + ":sig" for k_ in keys], *vin, *[v + ":sig" for v in vin], params, mom, agg)
+        client.delete(*keys, *[K.envelope(q, 1) for q in range(k)], *[K.verified(q, 1) for q in range(k)],
+                      *[K.verified_envelope(q, 1) for q in range(k)], params, mom, agg)
     out["check_over_update"] = out["check_s"] / out["update_s"]
     out["check_last_over_update"] = out["check_last_s"] / out["update_s"]
     return out

@@ -1,0 +1,211 @@
+"""The key schema: every key name spirt reads or writes in a database, in one place.
+
+Nothing else in the package formats a key. All keys of peer p carry its hash tag ``{p<p>}``, so they
+live in one Redis Cluster slot and the tensor module's multi-key commands work under a cluster.
+
+=====================  ==================================================================================
+key (in p's database)  what it holds, who writes it
+=====================  ==================================================================================
+``params``             the model's parameters, raw float32 (p; read by p's functions)
+``momentum``           SGD momentum state beside them (p)
+``peer_momentum``      p's momentum of its own averages (``optim.peer_momentum``); never handed over
+``version``            bumped whenever ``params`` change; warm functions skip re-reading a known version
+``completed``          last round whose update is applied, written in the update's transaction
+``ready``              last round p announced (its average is on its way to the others)
+``alive``              heartbeat, with a time to live
+``done``               set when p finished training
+``up``                 set when p's orchestrator is ready to start (launcher handshake)
+``metrics``            list of per-round metric rows (JSON)
+``events``             list of membership and fault events (JSON)
+``grad:r:k``           gradient of function k in round r (p's functions)
+``avg:r``              p's average of its K gradients in round r
+``agg:r``              the aggregate p applies in round r
+``aggset:r``           the peers p aggregated in round r (comma-separated)
+``in:q:r``             peer q's round-r vector, pushed by q (remote-writable by q only)
+``in:q:r:sig``         its signed envelope (security on), pushed by q
+``vin:q:r``            the copy of q's vector p checked and aggregates (q cannot write it)
+``notify:q``           q's wake-up list: the rounds q published (remote-writable by q only)
+``join:q``             q's request to join, ``url|first round`` (remote-writable by q only)
+``snap:r:what``        state p hands to peers joining at round r (params, momentum, meta)
+``hello:q``            q's admission request (pre-admission ``hello`` user)
+``hello:q:resp``       q's signed response to p's challenge (``hello`` user)
+``challenge:q``        p's challenge to q (read by the ``hello`` user)
+=====================  ==================================================================================
+
+:data:`START_KEY` (no hash tag) is the launcher's start signal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: The launcher sets it once every peer is up: in peer 0's database, or in every database of a
+#: secured run (a secured peer reads only its own database).
+START_KEY = "spirt:start"
+
+SIG_SUFFIX = ":sig"
+RESPONSE_SUFFIX = ":resp"
+
+
+def scratch(of: str) -> str:
+    """A temporary key beside ``of``, in its hash slot (e.g. an average on the way to an update)."""
+    return f"{of}:tmp"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names of one peer, in its own database. ``prefix`` only changes the hash tag: benchmarks
+    use their own (``Keys(0, prefix="bench-module-")``) so that they never touch a peer's keys."""
+
+    peer: int
+    prefix: str = "p"
+
+    @property
+    def tag(self) -> str:
+        return f"{{{self.prefix}{self.peer}}}"
+
+    def _k(self, *parts) -> str:
+        return ":".join([self.tag, *map(str, parts)])
+
+    # -- the model and its bookkeeping ------------------------------------------------------------
+    @property
+    def params(self) -> str:
+        return self._k("params")
+
+    @property
+    def momentum(self) -> str:
+        return self._k("momentum")
+
+    @property
+    def peer_momentum(self) -> str:
+        """This peer's own momentum of its averages (optim.peer_momentum); never handed to joiners."""
+        return self._k("peer_momentum")
+
+    @property
+    def version(self) -> str:
+        """Incremented whenever the parameters change (functions use it to skip re-reading them)."""
+        return self._k("version")
+
+    @property
+    def completed(self) -> str:
+        """Last round whose update is applied (written atomically with the update)."""
+        return self._k("completed")
+
+    @property
+    def ready(self) -> str:
+        return self._k("ready")
+
+    @property
+    def alive(self) -> str:
+        """Heartbeat: present while the orchestrator lives (it refreshes the expiry)."""
+        return self._k("alive")
+
+    @property
+    def done(self) -> str:
+        return self._k("done")
+
+    @property
+    def up(self) -> str:
+        """Set when the orchestrator is ready to start (torch imported, workers warm)."""
+        return self._k("up")
+
+    @property
+    def metrics(self) -> str:
+        return self._k("metrics")
+
+    @property
+    def events(self) -> str:
+        """Membership events seen by this peer (JSON lines), for reports."""
+        return self._k("events")
+
+    # -- one round --------------------------------------------------------------------------------
+    def grad(self, r: int, k: int) -> str:
+        return self._k("grad", r, k)
+
+    def avg(self, r: int) -> str:
+        return self._k("avg", r)
+
+    def agg(self, r: int) -> str:
+        return self._k("agg", r)
+
+    def aggset(self, r: int) -> str:
+        """The peers whose round-r vectors arrived in time (comma-separated), written with the update."""
+        return self._k("aggset", r)
+
+    def incoming(self, q: int, r: int) -> str:
+        """Peer q's round-r vector in our inbox (q pushes it)."""
+        return self._k("in", q, r)
+
+    def envelope(self, q: int, r: int) -> str:
+        """The signed envelope of peer q's round-r vector (q pushes it beside the vector)."""
+        return self.incoming(q, r) + SIG_SUFFIX
+
+    def verified(self, q: int, r: int) -> str:
+        """Our checked copy of q's round-r vector: q cannot write it, so what was checked is what is
+        aggregated."""
+        return self._k("vin", q, r)
+
+    def verified_envelope(self, q: int, r: int) -> str:
+        return self.verified(q, r) + SIG_SUFFIX
+
+    def notify(self, q: int) -> str:
+        """List where peer q announces its published rounds (one per sender, so none can write in
+        another's name); the barrier blocks on all of them at once."""
+        return self._k("notify", q)
+
+    # -- joining ----------------------------------------------------------------------------------
+    def join(self, q: int) -> str:
+        """Peer q's request to join, addressed to this peer: "url|first round"."""
+        return self._k("join", q)
+
+    def snapshot(self, r: int, what: str) -> str:
+        """State handed to peers joining at round r: params, momentum, meta."""
+        return self._k("snap", r, what)
+
+    # -- admission (security) ---------------------------------------------------------------------
+    def hello(self, q: int) -> str:
+        return self._k("hello", q)
+
+    def hello_response(self, q: int) -> str:
+        return self.hello(q) + RESPONSE_SUFFIX
+
+    def challenge(self, q: int) -> str:
+        return self._k("challenge", q)
+
+    # -- patterns (SCAN and ACL key patterns) -----------------------------------------------------
+    @property
+    def join_pattern(self) -> str:
+        return self._k("join", "*")
+
+    @property
+    def notify_pattern(self) -> str:
+        return self._k("notify", "*")
+
+    @property
+    def hello_pattern(self) -> str:
+        return self._k("hello", "*")
+
+    @property
+    def challenge_pattern(self) -> str:
+        return self._k("challenge", "*")
+
+    @property
+    def aggset_pattern(self) -> str:
+        return self._k("aggset", "*")
+
+    @property
+    def snapshot_pattern(self) -> str:
+        return self._k("snap", "*")
+
+    @property
+    def grad_pattern(self) -> str:
+        return self._k("grad", "*")
+
+    def inbox_pattern(self, q: int) -> str:
+        """Everything peer q may push into our inbox (its vectors and their envelopes)."""
+        return self._k("in", q, "*")
+
+    def suffix_after(self, pattern: str, key: bytes | str) -> str:
+        """What a key found with ``pattern`` (ending in ``*``) has in place of the ``*``."""
+        name = key.decode(errors="replace") if isinstance(key, bytes) else key
+        return name[len(pattern) - 1:]
