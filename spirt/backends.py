@@ -9,22 +9,35 @@ All backends do the same arithmetic on the same float32 strings:
 - ``lua``: the same in a Redis Function (Lua), for servers that cannot load modules.
 - ``client``: pipelined fetch, in-place numpy accumulation, store back (what a peer does without help
   from its database).
-- ``spirt-reference``: gradients and parameters as JSON lists averaged and applied in Lua, as the
-  released SPIRT code stored and averaged them; kept only as the benchmark's reference point.
+
+A backend declares what it needs from the server (:attr:`Backend.needs`: the tensor module, Redis
+Functions) and which reductions it runs inside the database (:attr:`Backend.in_database`); callers
+choose by these capabilities, never by the backend's name. The benchmark's reference point, the
+released SPIRT code's JSON lists averaged in Lua, lives with the benchmark
+(:mod:`spirt.benchmarks.reference`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib import resources
+from typing import ClassVar
 
 import numpy as np
 import redis
 
 from .keys import scratch
+from .registry import Registry
 from .tensors import F32, as_f32_bytes, from_f32_bytes
 
-__all__ = ["Backend", "ModuleBackend", "LuaBackend", "ClientBackend", "SpirtReferenceBackend", "get_backend", "BACKENDS"]
+__all__ = ["Backend", "ModuleBackend", "LuaBackend", "ClientBackend", "get_backend", "names", "needs", "needs_module",
+           "registry", "BACKENDS", "TENSOR_MODULE", "REDIS_FUNCTIONS"]
+
+#: Server features a backend may need.
+TENSOR_MODULE = "tensor_module"
+REDIS_FUNCTIONS = "redis_functions"
+
+registry = Registry("aggregation backend")
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,11 @@ class Backend:
     name = "base"
     #: stores tensors as raw float32 (True) or JSON lists (the SPIRT reference)
     raw = True
+    #: what the server must offer: TENSOR_MODULE (the spirt tensor module loaded), REDIS_FUNCTIONS
+    needs: ClassVar[frozenset[str]] = frozenset()
+    #: reductions run inside the database: "mean", "median", "trimmed_mean" (the defenses' InDBPlan
+    #: ops), "dist" (pairwise squared distances) and "finite" (a finiteness check)
+    in_database: ClassVar[frozenset[str]] = frozenset()
 
     def prepare(self, client: redis.Redis) -> None:
         """One-time set-up on a server (loading scripts); idempotent."""
@@ -95,8 +113,13 @@ class Backend:
         client.mset({vec: data, state: data})
 
 
+@registry.register("module")
 class ModuleBackend(Backend):
+    """The spirt tensor module's commands, inside the database (one round trip per step)."""
+
     name = "module"
+    needs = frozenset({TENSOR_MODULE})
+    in_database = frozenset({"mean", "median", "trimmed_mean", "dist", "finite"})
 
     def prepare(self, client):
         from .servers import has_command, module_path
@@ -142,8 +165,13 @@ class ModuleBackend(Backend):
         return int(n)
 
 
+@registry.register("lua")
 class LuaBackend(Backend):
+    """Redis Functions (Lua) on the raw strings, for servers that cannot load modules (slow, blocking)."""
+
     name = "lua"
+    needs = frozenset({REDIS_FUNCTIONS})
+    in_database = frozenset({"mean"})
 
     def prepare(self, client):
         load_lua(client)
@@ -169,7 +197,10 @@ class LuaBackend(Backend):
         client.fcall("spirt_peer_momentum", 2, state, vec, beta)
 
 
+@registry.register("client")
 class ClientBackend(Backend):
+    """Pipelined fetch, in-place numpy accumulation and store back: a peer without help from its database."""
+
     name = "client"
 
     def average(self, client, dst, srcs):
@@ -220,41 +251,23 @@ class ClientBackend(Backend):
         return p.size
 
 
-class SpirtReferenceBackend(Backend):
-    """JSON lists averaged in Lua, as in the released SPIRT code (benchmark reference only)."""
-
-    name = "spirt-reference"
-    raw = False
-
-    def prepare(self, client):
-        load_lua(client)
-
-    def encode(self, x) -> bytes:
-        import json
-
-        # what the released SPIRT functions stored: json.dumps of the gradient's Python list
-        return json.dumps(np.asarray(x, dtype=F32).reshape(-1).tolist()).encode()
-
-    def decode(self, data) -> np.ndarray:
-        import json
-
-        return np.asarray(json.loads(data), dtype=F32)
-
-    def update(self, client, param, buf, grads, sgd):
-        return int(
-            client.fcall(
-                "spirt_ref_update", 2 + len(grads), param, buf, *grads, sgd.lr, sgd.momentum, sgd.weight_decay
-            )
-        )
+#: name -> backend class (the registry's view)
+BACKENDS: dict[str, type[Backend]] = {n: registry.cls(n) for n in registry.names()}
 
 
-BACKENDS: dict[str, type[Backend]] = {
-    b.name: b for b in (ModuleBackend, LuaBackend, ClientBackend, SpirtReferenceBackend)
-}
+def names() -> list[str]:
+    return registry.names()
+
+
+def needs(name: str) -> frozenset[str]:
+    """What the server must offer for the backend ``name``."""
+    return registry.cls(name).needs
+
+
+def needs_module(name: str) -> bool:
+    """Whether the servers of a run with backend ``name`` must load the tensor module."""
+    return TENSOR_MODULE in needs(name)
 
 
 def get_backend(name: str) -> Backend:
-    try:
-        return BACKENDS[name]()
-    except KeyError:
-        raise ValueError(f"unknown aggregation backend {name!r}; allowed: {', '.join(BACKENDS)}") from None
+    return registry.get(name)

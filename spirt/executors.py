@@ -17,6 +17,9 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 from .functions import FunctionSpec, GradResult, GradTask, compute_gradient, warm_up
+from .registry import Registry
+
+registry = Registry("executor")
 
 
 @dataclass
@@ -69,7 +72,12 @@ def _worker_init(spec: FunctionSpec, cpus: set[int] | None = None) -> None:
 
 
 class Executor:
+    """Runs a peer's gradient functions. Subclasses implement :meth:`map`; :meth:`warm` and :meth:`close`
+    have do-nothing defaults for executors without processes of their own."""
+
     name = "base"
+    #: runs its functions in worker processes on this host, which can be pinned to CPUs (``cpus=``)
+    local_workers: bool = False
 
     def __init__(self, spec: FunctionSpec, *, workers: int = 2, retries: int = 2, timeout_s: float = 60.0,
                  backoff_s: float = 0.05):
@@ -78,8 +86,11 @@ class Executor:
     def map(self, tasks: list[GradTask]) -> list[Invocation]:
         raise NotImplementedError
 
+    def warm(self, timeout_s: float | None = None) -> None:
+        """Block until the functions can run without start-up cost (torch imported, data loaded)."""
+
     def close(self) -> None:
-        pass
+        """Release the executor's workers."""
 
     def __enter__(self):
         return self
@@ -88,6 +99,7 @@ class Executor:
         self.close()
 
 
+@registry.register("inline")
 class InlineExecutor(Executor):
     """Runs the functions one after another in the caller (debugging, tests, deterministic runs)."""
 
@@ -110,6 +122,7 @@ class InlineExecutor(Executor):
         return out
 
 
+@registry.register("process")
 class ProcessExecutor(Executor):
     """A pool of warm worker processes (torch imported, data loaded, one torch thread each).
 
@@ -127,6 +140,7 @@ class ProcessExecutor(Executor):
     """
 
     name = "process"
+    local_workers = True
 
     def __init__(self, spec, *, warm_timeout_s: float = 300.0, cpus: set[int] | None = None, **kw):
         super().__init__(spec, **kw)
@@ -252,6 +266,7 @@ class ProcessExecutor(Executor):
                 pass
 
 
+@registry.register("ray")
 class RayExecutor(Executor):
     """Gradient functions as Ray tasks (``pip install spirt[ray]``), with Ray's own retries."""
 
@@ -294,12 +309,24 @@ def _ray_gradient(task: GradTask) -> GradResult:
     return compute_gradient(task)
 
 
-EXECUTORS = {e.name: e for e in (InlineExecutor, ProcessExecutor, RayExecutor)}
+#: name -> executor class (the registry's view)
+EXECUTORS: dict[str, type[Executor]] = {n: registry.cls(n) for n in registry.names()}
+
+
+def names() -> list[str]:
+    return registry.names()
 
 
 def make_executor(kind: str, spec: FunctionSpec, **kw) -> Executor:
-    try:
-        cls = EXECUTORS[kind]
-    except KeyError:
-        raise ValueError(f"unknown executor {kind!r}; allowed: {', '.join(EXECUTORS)}") from None
-    return cls(spec, **kw)
+    return registry.cls(kind)(spec, **kw)
+
+
+def executor_for(section, spec: FunctionSpec, slot: int, slots: int) -> Executor:
+    """The executor an ``[executor]`` config section describes, for the peer in ``slot`` of ``slots``
+    co-located peers: executors with local worker processes are pinned to that peer's share of the
+    CPUs when ``pin_cpus`` is on (see :func:`cpu_share`)."""
+    cls = registry.cls(section.kind)
+    kw = {}
+    if cls.local_workers and section.pin_cpus:
+        kw["cpus"] = cpu_share(slot, section.workers, slots)
+    return cls(spec, workers=section.workers, retries=section.retries, timeout_s=section.timeout_s, **kw)

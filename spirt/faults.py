@@ -55,6 +55,7 @@ import numpy as np
 import pandas as pd
 import redis
 
+from .backends import needs_module
 from .config import Config, load_config
 from .keys import START_KEY, Keys
 from .peer import peer_main
@@ -219,7 +220,7 @@ class Cluster:
     def start(self, timeout_s: float = 300.0) -> None:
         c = self.cfg
         for _ in range(self.slots):
-            self.servers.append(start_server(c.peers.server, module=c.aggregation.backend == "module",
+            self.servers.append(start_server(c.peers.server, module=needs_module(c.aggregation.backend),
                                              unix_socket=True, persistence=c.peers.persistence, fsync="always"))
         urls = [u if i in self.initial else None for i, u in enumerate(self.urls)]
         cfg_json = c.model_dump_json()

@@ -281,14 +281,9 @@ class Peer:
     @property
     def executor(self):
         if self._executor is None:
-            from .executors import cpu_share, make_executor
+            from .executors import executor_for
 
-            e = self.cfg.executor
-            kw = {}
-            if e.kind == "process" and e.pin_cpus:
-                kw["cpus"] = cpu_share(self.index, e.workers, self.cfg.peers.count)
-            self._executor = make_executor(e.kind, self.spec, workers=e.workers, retries=e.retries,
-                                           timeout_s=e.timeout_s, **kw)
+            self._executor = executor_for(self.cfg.executor, self.spec, self.index, self.cfg.peers.count)
         return self._executor
 
     def close(self) -> None:
@@ -929,8 +924,7 @@ def peer_main(cfg_json: str, index: int, urls: list[str | None], start_key: str 
     try:
         if join:
             peer.init_eval_state()
-            if cfg.executor.kind == "process":
-                peer.executor.warm()
+            peer.executor.warm()
             peer.db.set(peer.keys.up, 1)
             if start_key:
                 while not peer.db.exists(start_key):
@@ -939,8 +933,7 @@ def peer_main(cfg_json: str, index: int, urls: list[str | None], start_key: str 
             peer.run()
             return
         peer.init_params()
-        if cfg.executor.kind == "process":
-            peer.executor.warm()
+        peer.executor.warm()
         peer.db.set(peer.keys.up, 1)
         if start_key and peer.security is not None:  # secured: set in every database, ours is the one we read
             while not peer.db.exists(start_key):

@@ -24,12 +24,13 @@ class Registry:
     what:
         Noun used in error messages ("defense", "attack").
     describe:
-        ``describe(name, cls) -> info`` builds the metadata object returned by :meth:`info`.
+        ``describe(name, cls) -> info`` builds the metadata object returned by :meth:`info` (default:
+        the first paragraph of the class docstring).
     """
 
-    def __init__(self, what: str, describe: Callable[[str, type], Any]):
+    def __init__(self, what: str, describe: Callable[[str, type], Any] | None = None):
         self.what = what
-        self._describe = describe
+        self._describe = describe or (lambda name, cls: summary_of(cls))
         self._classes: dict[str, type] = {}
         self._aliases: dict[str, str] = {}
 
@@ -68,6 +69,9 @@ class Registry:
 
     def names(self) -> list[str]:
         return sorted(self._classes)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self._aliases.get(name.lower(), name.lower()) in self._classes
 
     def canonical(self, name: str) -> str:
         """The registered name for ``name`` or one of its aliases (case-insensitive)."""

@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 import redis
 
+from .backends import needs_module
 from .config import Config
 from .keys import START_KEY, Keys
 from .peer import Peer, peer_main
@@ -114,7 +115,7 @@ def run_training(cfg: Config, *, progress: bool = True, timeout_s: float | None 
             for _ in range(cfg.peers.count):
                 # with persistence, every write is on disk before its reply (appendfsync always): a
                 # restarted database has every update the peer saw completed
-                srv = start_server(cfg.peers.server, module=cfg.aggregation.backend == "module",
+                srv = start_server(cfg.peers.server, module=needs_module(cfg.aggregation.backend),
                                    unix_socket=cfg.peers.unix_socket, persistence=cfg.peers.persistence,
                                    fsync="always", **_tls_args(cfg))
                 stack.callback(srv.stop)

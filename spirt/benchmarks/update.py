@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import redis
 
-from ..backends import SGDConfig, get_backend
+from ..backends import SGDConfig
 from ..keys import Keys
+from .reference import bench_backend
 
 #: Real parameter counts of the torchvision models at their ImageNet defaults (3 channels, 1000 classes).
 MOBILENET_V3_SMALL = 2_542_856
@@ -78,7 +79,7 @@ def _tag(backend: str) -> str:
 def stage(client: redis.Redis, backend_name: str, n: int, k: int, seed: int = 0) -> Callable[[], None]:
     """Store K gradients and the parameters for ``backend_name``; return the timed update call."""
     rng = np.random.default_rng(seed)
-    backend = get_backend(backend_name)
+    backend = bench_backend(backend_name)
     backend.prepare(client)
     param, buf, grads = keys_for(k, _tag(backend_name))
     client.delete(param, buf, *grads)
