@@ -1,31 +1,52 @@
-"""Aggregating the peers' published averages: in the database where the rule has a database form.
+"""Aggregating the peers' published averages: inside the database where the backend can run the rule.
 
 The defense objects (``defenses`` package) hold the maths and say, as data, whether they have a
-database form (``in_db_plan()``). This module maps such a plan onto the tensor module's commands:
+database form (``in_db_plan()``: a reduction, possibly over rows selected from pairwise distances).
+Backends say which reductions they run inside the database (``Backend.in_database``). Where the two
+meet, the rule runs in the database:
 
-    mean -> TENSOR.AVG;  median -> TENSOR.MEDIAN;  trimmed_mean -> TENSOR.TRIMMEAN
+    mean -> TENSOR.AVG (or the Lua function);  median -> TENSOR.MEDIAN;  trimmed_mean -> TENSOR.TRIMMEAN
     krum / multi_krum -> TENSOR.DIST (n x n squared distances) -> select() on the client -> TENSOR.AVG
 
-Any other rule, or any rule on a server without the module, runs on the client over the fetched
-(n, d) matrix and the result is stored back.
+Any other rule (or a composed one), or any rule on a backend without that reduction, runs on the client
+over the fetched (n, d) matrix and the result is stored back. :func:`choose_path` makes this choice
+once per peer, from capabilities, never from names.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import redis
 
+from .backends import Backend, ModuleBackend
 from .tensors import as_f32_bytes, from_f32_bytes
 
 
+def _plan(defense):
+    return getattr(defense, "in_db_plan", lambda: None)()
+
+
+def runs_in_database(backend: Backend, defense) -> bool:
+    """Whether ``backend`` can run ``defense`` inside the database."""
+    plan = _plan(defense)
+    if plan is None or plan.op not in backend.in_database:
+        return False
+    return not plan.select or "dist" in backend.in_database
+
+
 def in_db_possible(defense) -> bool:
-    plan = getattr(defense, "in_db_plan", lambda: None)()
-    return plan is not None and plan.op in ("mean", "median", "trimmed_mean")
+    """Whether ``defense`` runs inside a database with the tensor module."""
+    return runs_in_database(ModuleBackend(), defense)
 
 
-def aggregate_in_db(client: redis.Redis, defense, keys: list[str], out_key: str) -> list[int]:
-    """Run ``defense`` over the tensors at ``keys`` inside the database; returns the indices used."""
-    plan = defense.in_db_plan()
+def aggregate_in_db(client: redis.Redis, defense, keys: list[str], out_key: str,
+                    backend: Backend | None = None) -> list[int]:
+    """Run ``defense`` over the tensors at ``keys`` inside the database (the tensor module's commands
+    unless another ``backend`` is given); returns the indices of the rows used."""
+    backend = backend or ModuleBackend()
+    plan = _plan(defense)
     if plan is None:
         raise ValueError(f"{type(defense).__name__} has no in-database form")
     n = len(keys)
@@ -33,18 +54,8 @@ def aggregate_in_db(client: redis.Redis, defense, keys: list[str], out_key: str)
         defense.check(n)
     chosen = list(range(n))
     if plan.select:
-        flat = client.execute_command("TENSOR.DIST", *keys)
-        d = np.asarray([float(v) for v in flat], dtype=np.float64).reshape(n, n)
-        chosen = [int(i) for i in np.atleast_1d(defense.select(d).indices)]
-    use = [keys[i] for i in chosen]
-    if plan.op == "mean":
-        client.execute_command("TENSOR.AVG", out_key, *use)
-    elif plan.op == "median":
-        client.execute_command("TENSOR.MEDIAN", out_key, *use)
-    elif plan.op == "trimmed_mean":
-        client.execute_command("TENSOR.TRIMMEAN", out_key, int(plan.args["trim"]), *use)
-    else:
-        raise ValueError(f"no database command for the plan {plan.op!r}")
+        chosen = [int(i) for i in np.atleast_1d(defense.select(backend.distances(client, keys)).indices)]
+    backend.reduce(client, plan.op, out_key, [keys[i] for i in chosen], dict(plan.args))
     return chosen
 
 
@@ -57,3 +68,27 @@ def aggregate_on_client(client: redis.Redis, defense, keys: list[str], out_key: 
     out = np.asarray(defense(vectors), dtype=np.float32)
     client.set(out_key, as_f32_bytes(out), px=ttl_ms)
     return out
+
+
+@dataclass(frozen=True)
+class AggregationPath:
+    """How one peer aggregates, chosen once: ``in_database`` or on the client, with its rule."""
+
+    defense: object
+    backend: Backend
+    in_database: bool
+
+    def __call__(self, client: redis.Redis, keys: list[str], out_key: str, ttl_ms: int | None = None) -> None:
+        if self.in_database:
+            aggregate_in_db(client, self.defense, keys, out_key, self.backend)
+        else:
+            aggregate_on_client(client, self.defense, keys, out_key, ttl_ms=ttl_ms)
+
+    def describe(self) -> str:
+        where = f"in the database ({self.backend.name} backend)" if self.in_database else "on the client"
+        return f"{getattr(self.defense, 'name', type(self.defense).__name__)} {where}"
+
+
+def choose_path(backend: Backend, defense) -> AggregationPath:
+    """The aggregation path of a peer with ``backend`` aggregating with ``defense``."""
+    return AggregationPath(defense, backend, runs_in_database(backend, defense))

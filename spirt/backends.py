@@ -80,6 +80,23 @@ class Backend:
     def average(self, client: redis.Redis, dst: str, srcs: list[str]) -> int:
         raise NotImplementedError
 
+    def reduce(self, client: redis.Redis, op: str, dst: str, srcs: list[str], args: dict | None = None) -> None:
+        """``dst`` = the row reduction ``op`` (one of :attr:`in_database`: "mean", "median",
+        "trimmed_mean" with ``args["trim"]``) of the tensors ``srcs``, inside the database."""
+        if op == "mean" and "mean" in self.in_database:
+            self.average(client, dst, srcs)
+            return
+        raise ValueError(f"the {self.name} backend has no in-database {op!r}")
+
+    def distances(self, client: redis.Redis, srcs: list[str]) -> np.ndarray:
+        """The (n, n) squared Euclidean distances of the tensors ``srcs``, computed in the database."""
+        raise ValueError(f"the {self.name} backend computes no distances in the database")
+
+    def finite_check(self, pipe, key: str) -> bool:
+        """Queue a finiteness check of ``key`` (a reply of 1 or 0) on ``pipe`` when it runs in the
+        database; False when the caller must fetch the tensor and check it itself."""
+        return False
+
     def queue_average(self, pipe, dst: str, srcs: list[str]) -> bool:
         """Queue the average on ``pipe`` when it runs inside the database (one round trip with what else
         the caller queues); False when it must run through the client (call :meth:`average`)."""
@@ -135,6 +152,25 @@ class ModuleBackend(Backend):
 
     def queue_average(self, pipe, dst, srcs):
         pipe.execute_command("TENSOR.AVG", dst, *srcs)
+        return True
+
+    def reduce(self, client, op, dst, srcs, args=None):
+        if op == "mean":
+            client.execute_command("TENSOR.AVG", dst, *srcs)
+        elif op == "median":
+            client.execute_command("TENSOR.MEDIAN", dst, *srcs)
+        elif op == "trimmed_mean":
+            client.execute_command("TENSOR.TRIMMEAN", dst, int((args or {})["trim"]), *srcs)
+        else:
+            super().reduce(client, op, dst, srcs, args)
+
+    def distances(self, client, srcs):
+        flat = client.execute_command("TENSOR.DIST", *srcs)
+        n = len(srcs)
+        return np.asarray([float(v) for v in flat], dtype=np.float64).reshape(n, n)
+
+    def finite_check(self, pipe, key):
+        pipe.execute_command("TENSOR.FINITE", key)
         return True
 
     def sgd_args(self, param: str, grad: str, buf: str, sgd: SGDConfig) -> list:

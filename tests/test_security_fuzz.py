@@ -124,7 +124,7 @@ def admitted(request, tmp_path_factory):
     try:
         for p in peers:
             p.init_params()
-        errors = in_threads(lambda p: p.security.admit(p), peers, timeout_s=60)
+        errors = in_threads(lambda p: p.guard.admit(p.members), peers, timeout_s=60)
         assert not errors, errors
         yield peers
     finally:
@@ -153,8 +153,8 @@ def test_screen_hostile_vectors(admitted, data):
         vec = np.frombuffer(np.random.default_rng(data.draw(st.integers(0, 2**32 - 1))).bytes(4 * n), dtype="<f4")
     raw = vec.tobytes()
     env_kind = data.draw(st.sampled_from(["good", "garbage", "other_round", "none"]))
-    env = {"good": sign_update(p1.security.identity, "g", r, raw), "garbage": data.draw(st.binary(max_size=200)),
-           "other_round": sign_update(p1.security.identity, "g", r + 1, raw), "none": None}[env_kind]
+    env = {"good": sign_update(p1.guard.identity, "g", r, raw), "garbage": data.draw(st.binary(max_size=200)),
+           "other_round": sign_update(p1.guard.identity, "g", r + 1, raw), "none": None}[env_kind]
     assume(env_kind != "garbage" or len(env) != ENVELOPE_BYTES)
     key = Keys(0).incoming(1, r)
     c = p1.members[0].client
@@ -162,7 +162,7 @@ def test_screen_hostile_vectors(admitted, data):
         c.set(key + ":sig", env, px=60_000)
     c.set(key, raw, px=60_000)
     inputs = {0: Keys(0).avg(r), 1: key}
-    rejected = p0.security.screen(p0, r, inputs)
+    rejected = p0.guard.screen(r, inputs, p0.width)
     finite = bool(np.isfinite(vec).all())
     signed = p0.cfg.security.sign_updates
     should_pass = finite and (not signed or env_kind == "good")

@@ -48,7 +48,7 @@ def _admitted_peers(cfg, servers):
     peers = [Peer(cfg, i, urls) for i in range(2)]
     for p in peers:
         p.init_params()
-    errors = in_threads(lambda p: p.security.admit(p), peers, timeout_s=60)
+    errors = in_threads(lambda p: p.guard.admit(p.members), peers, timeout_s=60)
     assert not errors, errors
     return peers
 
@@ -107,7 +107,7 @@ def test_outsider_not_admitted(tmp_path, two_servers):
 
     def body(p):
         try:
-            p.security.admit(p)
+            p.guard.admit(p.members)
         except Exception as exc:  # noqa: BLE001 - asserted below
             errors[p.index] = exc
 
@@ -119,8 +119,8 @@ def test_outsider_not_admitted(tmp_path, two_servers):
             t.join(30)
         assert "admission not complete" in str(errors[0])
         assert "admission not complete" in str(errors[1])
-        assert honest.security.desk.admitted == {}
-        assert any("bad signature" in o.reason for o in honest.security.desk.refused)
+        assert honest.guard.desk.admitted == {}
+        assert any("bad signature" in o.reason for o in honest.guard.desk.refused)
         with pytest.raises(redis.RedisError):
             impostor.members[0].client.set(Keys(0).incoming(1, 0), b"\0" * 8)
     finally:
@@ -142,7 +142,7 @@ def test_updates_checked_before_aggregation(tmp_path, two_servers):
     peers = _admitted_peers(_cfg(tmp_path), two_servers)
     p0, p1 = peers
     try:
-        ident1, outsider = p1.security.identity, Identity.generate(1)
+        ident1, outsider = p1.guard.identity, Identity.generate(1)
         n = p0.width // 4
         good = np.arange(n, dtype="<f4").tobytes()
         other = (np.arange(n, dtype="<f4") + 1).tobytes()
@@ -162,7 +162,7 @@ def test_updates_checked_before_aggregation(tmp_path, two_servers):
         for what, (r, vec, env, expect) in cases.items():
             key = _publish(p1, 0, r, vec, env)
             inputs = {0: "unused", 1: key}
-            rejected = p0.security.screen(p0, r, inputs)
+            rejected = p0.guard.screen(r, inputs, p0.width)
             if expect is None:
                 assert rejected == [] and 1 in inputs, what
             else:
@@ -180,7 +180,7 @@ def test_forging_peer_rejected_and_counted(tmp_path, two_servers):
     peers = _admitted_peers(_cfg(tmp_path), two_servers)
     p0, p1 = peers
     outsider = Identity.generate(1)
-    p1.security.sign_outgoing = lambda r, out: {q: sign_update(outsider, "g", r, v) for q, v in out.items()}
+    p1.guard.sign_outgoing = lambda r, out: {q: sign_update(outsider, "g", r, v) for q, v in out.items()}
     try:
         _run(peers)
         rows0, rows1 = _rows(p0), _rows(p1)
@@ -214,17 +214,17 @@ def test_garbage_in_remote_writable_keys(tmp_path, two_servers):
         c.set(K.incoming(1, 99) + ":sig", b"\x00" * 200)
         c.set(K.incoming(1, 0), b"\x01\x02\x03")  # truncated: not a multiple of 4 bytes
         p1.db.set(Keys(1).ready, b"\xffnot a round")  # read by peer 0 from peer 1's own database
-        assert p0._alive(p0.members[1]) == (True, "", None)
-        assert p0._behind(1) is None
-        p0._serve_joins(0)
-        assert p0._matching(K.join_pattern) == []
+        assert p0.membership.alive(1) == (True, "", None)
+        assert p0.transfer.behind(1, None) is None
+        p0.transfer.serve_joins(0)
+        assert p0.transfer.matching(K.join_pattern) == []
         assert set(p0.members) == {1}
         events = [json.loads(e) for e in p0.db.lrange(p0.keys.events, 0, -1)]
         rejected = [e for e in events if e["event"] == "join_rejected"]
         assert len(rejected) == 7
         assert any(e["about"] == 6 and "not admitted" in e["detail"] for e in rejected)
         # an oversized value is refused by the server before it is buffered
-        p0.security.limit_value_size(p0.db, p0.width)
+        p0.guard.limit_value_size(p0.width)
         with pytest.raises(redis.RedisError):
             c.set(K.incoming(1, 1), b"\0" * (4 * 1024 * 1024))
         assert not p0.db.exists(K.incoming(1, 1))
@@ -262,13 +262,13 @@ def test_functions_confined_in_training(tmp_path, two_servers):
     p = Peer(cfg, 0, [two_servers[0].url, None])
     try:
         p.init_params()
-        creds = p.security.function_credentials()
+        creds = p.guard.function_credentials()
         fn = make_client(url=two_servers[0].url, username=creds["db_username"], password=creds["db_password"])
         assert fn.get(Keys(0).params) == p.db.get(Keys(0).params)
         with pytest.raises(redis.RedisError):
             fn.set(Keys(0).params, b"\0" * 8)
         assert acl.function_user(0) == creds["db_username"]
-        assert creds["db_password"] not in repr(p.security) + repr(p.security.users)
+        assert creds["db_password"] not in repr(p.guard) + repr(p.guard.users)
         fn.close()
     finally:
         p.close()
@@ -313,7 +313,7 @@ def test_newcomer_admitted_by_challenge_response(tmp_path):
         rows = _rows(newcomer)
         assert rows and rows[-1]["round"] == 39 and rows[0]["round"] > 2
         assert rows[-1]["peers_aggregated"] == 3
-        assert 2 in peers[0].security.desk.admitted and 0 in newcomer.security.desk.admitted
+        assert 2 in peers[0].guard.desk.admitted and 0 in newcomer.guard.desk.admitted
         assert peers[0].db.get(Keys(0).params) == newcomer.db.get(Keys(2).params)
         assert all(r["updates_rejected"] == 0 for p in [*peers, newcomer] for r in _rows(p))
     finally:
@@ -333,18 +333,18 @@ def test_checked_copy_is_what_is_aggregated(tmp_path, two_servers):
     try:
         n, r = p0.width // 4, 4
         good = np.ones(n, dtype="<f4").tobytes()
-        key = _publish(p1, 0, r, good, sign_update(p1.security.identity, "g", r, good))
-        p0.security.during_barrier(p0, r, [1])
-        assert p0.security._checked[(r, 1)] is None
+        key = _publish(p1, 0, r, good, sign_update(p1.guard.identity, "g", r, good))
+        p0.guard.during_barrier(p0.members, r, [1], p0.width)
+        assert p0.guard._checked[(r, 1)] is None
         p1.members[0].client.set(key, np.full(n, np.nan, dtype="<f4").tobytes())
         inputs = {0: Keys(0).avg(r), 1: key}
-        assert p0.security.screen(p0, r, inputs) == []
+        assert p0.guard.screen(r, inputs, p0.width) == []
         assert inputs[1] != key and p0.db.get(inputs[1]) == good
         with pytest.raises(redis.RedisError):
             p1.members[0].client.set(inputs[1], b"\0" * len(good))
         # cleanup removes the copies
-        p0.db.delete(*p0.security.round_keys(p0, r))
-        assert not p0.db.exists(inputs[1]) and (r, 1) not in p0.security._checked
+        p0.db.delete(*p0.guard.round_keys(r, p0.members))
+        assert not p0.db.exists(inputs[1]) and (r, 1) not in p0.guard._checked
     finally:
         for p in peers:
             p.close()

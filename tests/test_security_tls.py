@@ -108,12 +108,12 @@ def test_secure_training_over_tls(tls, tmp_path, caplog):
         rows = [json.loads(x) for p in peers for x in p.db.lrange(p.keys.metrics, 0, -1)]
         assert len(rows) == 4 and all(r["peers_aggregated"] == 2 for r in rows)
         # no password in the logs, the metrics or the events
-        secrets_ = [p.security.users.orchestrator_password for p in peers]
-        secrets_ += [p.security.users.function_password for p in peers]
-        secrets_ += [p.security.identity.database_password(1 - p.index, "g") for p in peers]
+        secrets_ = [p.guard.users.orchestrator_password for p in peers]
+        secrets_ += [p.guard.users.function_password for p in peers]
+        secrets_ += [p.guard.identity.database_password(1 - p.index, "g") for p in peers]
         text = caplog.text + json.dumps(rows) + " ".join(
             e.decode() for p in peers for e in p.db.lrange(p.keys.events, 0, -1))
-        text += " ".join(repr(x) for p in peers for x in (p.db, p.security, *p.others.values()))
+        text += " ".join(repr(x) for p in peers for x in (p.db, p.guard, *p.others.values()))
         for s in secrets_:
             assert s not in text
     finally:

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import redis
 
+from ..guard import Guard
+from ..keys import Keys
 from ..servers import make_client
 from . import acl
 from .admission import Applicant, Desk
@@ -28,16 +31,27 @@ from .tls import TlsFiles
 
 if TYPE_CHECKING:
     from ..config import SecuritySection
-    from ..peer import Peer
 
 log = logging.getLogger("spirt.security")
 
 MIN_BULK_LIMIT = 1024 * 1024  # the smallest proto-max-bulk-len the servers accept
 
 
-class PeerSecurity:
-    def __init__(self, cfg: SecuritySection, index: int, url: str, admin: redis.Redis):
+class PeerSecurity(Guard):
+    """The guard of a secured peer (see :mod:`spirt.guard` for when the round calls what).
+
+    ``admin`` is a client of the peer's freshly started database with full rights; the users are
+    installed through it, and it is closed. ``checks_in_database``: the backend can check a vector's
+    finiteness inside the database (nothing crosses the wire for unsigned vectors then)."""
+
+    active = True
+
+    def __init__(self, cfg: SecuritySection, index: int, url: str, admin: redis.Redis, *,
+                 checks_in_database: Any = None):
         self.cfg, self.index, self.url = cfg, index, url
+        self.keys = Keys(index)
+        #: queues a finiteness check on a pipeline and says whether it did (a backend's finite_check)
+        self._finite_check = checks_in_database
         self.group = cfg.group
         self.tls = TlsFiles(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_ca_file) if cfg.tls_cert_file else None
         self._check_transport(url)
@@ -91,15 +105,15 @@ class PeerSecurity:
             app = self._applicants[q] = Applicant(self.identity, q, self.group, hello)
         return app
 
-    def admit(self, peer: Peer, wait_for: set[int] | None = None) -> None:
+    def admit(self, members: Mapping[int, Any], wait_for: set[int] | None = None) -> None:
         """Until every member lets us in and (for ``wait_for``) we let every member in. Members whose
         databases are unreachable are left to the fault handling (exclusion, later admission between
         rounds) instead of failing the start."""
-        wait_for = set(peer.members) if wait_for is None else wait_for
+        wait_for = set(members) if wait_for is None else wait_for
         deadline = time.monotonic() + self.cfg.admission_timeout_s
         while True:
-            self.serve(peer)
-            pending_out = set(peer.members) - self.admitted_at - self.unreachable
+            self.serve(members)
+            pending_out = set(members) - self.admitted_at - self.unreachable
             pending_in = wait_for - set(self.desk.admitted) - self.unreachable
             if not pending_out and not pending_in:
                 break
@@ -119,14 +133,15 @@ class PeerSecurity:
         self._applicants.clear()
         self.orch.close()
 
-    def serve(self, peer: Peer) -> None:
+    def serve(self, members: Mapping[int, Any]) -> None:
         """One non-blocking pass, between rounds: admit newcomers at our desk, and ask the members
-        that do not let us in yet (a newcomer we learnt about from its join request) to admit us."""
+        that do not let us in yet (a newcomer we learnt about from its join request) to admit us.
+        ``members``: index -> an object with the member's ``url`` and a ``client`` of its database."""
         try:
             self.desk.serve()
         except redis.RedisError as exc:
             log.warning("peer %s: admission desk: %s", self.index, type(exc).__name__)
-        for q, mb in peer.members.items():
+        for q, mb in members.items():
             if q in self.admitted_at:
                 continue
             try:
@@ -153,10 +168,10 @@ class PeerSecurity:
         """A join request names peer q: only honoured for a peer that proved its identity here."""
         return q in self.desk.admitted
 
-    def limit_value_size(self, db: redis.Redis, width: int) -> None:
+    def limit_value_size(self, width: int) -> None:
         """No single value a client sends may be much larger than a parameter vector: a peer cannot
         make our server buffer an arbitrarily large tensor."""
-        db.config_set("proto-max-bulk-len", max(MIN_BULK_LIMIT, 2 * width + 4096))
+        self.orch.config_set("proto-max-bulk-len", max(MIN_BULK_LIMIT, 2 * width + 4096))
 
     # -- updates -----------------------------------------------------------------------------------
     def sign_outgoing(self, r: int, outgoing: dict[int, bytes]) -> dict[int, bytes]:
@@ -169,16 +184,13 @@ class PeerSecurity:
             out[q] = env
         return out
 
-    def _verified(self, peer: Peer, q: int, r: int) -> str:
-        """Where a received vector is checked and aggregated from: a key the sender cannot write, so
-        what was checked is what is aggregated (the inbox slot itself stays writable by its sender)."""
-        return peer.keys.verified(q, r)
-
-    def round_keys(self, peer: Peer, r: int) -> list[str]:
+    def round_keys(self, r: int, members: Mapping[int, Any]) -> list[str]:
+        """The envelopes and checked copies of round r (a received vector is checked and aggregated
+        from a copy the sender cannot write, so what was checked is what is aggregated)."""
+        K = self.keys
         out = []
-        for q in peer.members:
-            v = self._verified(peer, q, r)
-            out += [peer.keys.envelope(q, r), v, peer.keys.verified_envelope(q, r)]
+        for q in members:
+            out += [K.envelope(q, r), K.verified(q, r), K.verified_envelope(q, r)]
         for key in [k for k in self._checked if k[0] <= r]:
             del self._checked[key]
         return out
@@ -186,29 +198,31 @@ class PeerSecurity:
     def _key_of(self, q: int):
         return self.desk.keys.get(q) or self.trust.key_for(q)
 
-    def during_barrier(self, peer: Peer, r: int, arrived: list[int]) -> None:
+    def during_barrier(self, members: Mapping[int, Any], r: int, arrived: list[int], width: int) -> None:
         """While the barrier waits for the slower peers: serve admissions, and check the vectors that
         already arrived, so that only the last one's check remains after the barrier."""
-        self.serve(peer)
+        self.serve(members)
         for q in arrived:
             if (r, q) not in self._checked:
-                self._checked[(r, q)] = self._check(peer, r, q)
+                self._checked[(r, q)] = self._check(r, q, width)
 
-    def _check(self, peer: Peer, r: int, q: int) -> tuple[str, str] | None:
+    def _check(self, r: int, q: int, width: int) -> tuple[str, str] | None:
         """Copy peer q's round-r vector (and envelope) out of its inbox slot, atomically with reading
         what is checked; (reason, detail) if it fails, else None."""
-        src, dst = peer.keys.incoming(q, r), self._verified(peer, q, r)
-        pipe = peer.db.pipeline(transaction=True)
+        K = self.keys
+        src, dst = K.incoming(q, r), K.verified(q, r)
+        pipe = self.orch.pipeline(transaction=True)
         pipe.execute_command("COPY", src, dst, "REPLACE")
+        in_db = False
         if self.cfg.sign_updates:
-            pipe.execute_command("COPY", peer.keys.envelope(q, r), peer.keys.verified_envelope(q, r), "REPLACE")
+            pipe.execute_command("COPY", K.envelope(q, r), K.verified_envelope(q, r), "REPLACE")
             pipe.get(src)
-            pipe.get(peer.keys.envelope(q, r))
+            pipe.get(K.envelope(q, r))
         else:
             pipe.strlen(src)
-            if peer.backend.name == "module":  # in the database: nothing crosses the wire
-                pipe.execute_command("TENSOR.FINITE", src)
-            else:
+            # in the database where the backend can: nothing crosses the wire
+            in_db = self._finite_check is not None and self._finite_check(pipe, src)
+            if not in_db:
                 pipe.get(src)
         try:
             res = pipe.execute()
@@ -219,8 +233,8 @@ class PeerSecurity:
         try:
             if self.cfg.sign_updates:
                 raw, sig = res[2], res[3]
-                if len(raw) != peer.width:
-                    raise UpdateRejected("size", f"vector of {len(raw)} bytes, expected {peer.width}")
+                if len(raw) != width:
+                    raise UpdateRejected("size", f"vector of {len(raw)} bytes, expected {width}")
                 try:
                     key = self._key_of(q)
                 except (AdmissionError, MalformedInput) as exc:
@@ -229,25 +243,24 @@ class PeerSecurity:
                 finite = bool(np.isfinite(np.frombuffer(raw, dtype="<f4")).all())
             else:
                 n = int(res[1])
-                if n != peer.width:
-                    raise UpdateRejected("size", f"vector of {n} bytes, expected {peer.width}")
-                finite = bool(int(res[2])) if peer.backend.name == "module" else \
-                    bool(np.isfinite(np.frombuffer(res[2], dtype="<f4")).all())
+                if n != width:
+                    raise UpdateRejected("size", f"vector of {n} bytes, expected {width}")
+                finite = bool(int(res[2])) if in_db else bool(np.isfinite(np.frombuffer(res[2], dtype="<f4")).all())
             if not finite:
                 raise UpdateRejected("non_finite", "NaN or infinite values")
         except UpdateRejected as exc:
             return exc.reason, str(exc)
         return None
 
-    def screen(self, peer: Peer, r: int, inputs: dict[int, str]) -> list[tuple[int, str, str]]:
+    def screen(self, r: int, inputs: dict[int, str], width: int) -> list[tuple[int, str, str]]:
         """Check every received vector of round ``r`` (``inputs``: peer -> key; ours is left alone).
         A vector that passes is aggregated from its checked copy (``inputs`` points there), one that
         fails is dropped from ``inputs``. Returns (peer, reason, detail) for each rejected vector."""
         rejected = []
-        for q in [q for q in sorted(inputs) if q != peer.index]:
-            res = self._checked.pop((r, q)) if (r, q) in self._checked else self._check(peer, r, q)
+        for q in [q for q in sorted(inputs) if q != self.index]:
+            res = self._checked.pop((r, q)) if (r, q) in self._checked else self._check(r, q, width)
             if res is None:
-                inputs[q] = self._verified(peer, q, r)
+                inputs[q] = self.keys.verified(q, r)
             else:
                 rejected.append((q, *res))
                 del inputs[q]

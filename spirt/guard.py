@@ -1,0 +1,78 @@
+"""What the round asks of security, as one small interface; the default does nothing.
+
+A peer holds one :class:`Guard`. Unsecured runs get this base class, whose methods are no-ops, so the
+round has no ``if secured`` branches. With ``[security] enabled = true`` the peer holds a
+:class:`spirt.security.context.PeerSecurity` instead, which fills every method in: database users and
+their credentials, challenge-response admission, signed updates and checks of received vectors.
+
+A guard is built from the peer's database, its key schema and its index; per call it receives only
+what it needs (the members' URLs and clients, the vector width). It never sees the peer itself.
+
+The calls, in the order a round makes them:
+
+=======================  =======================================================================
+``own_credentials``      how the orchestrator logs in to its own database
+``function_credentials`` how its gradient functions log in (passed with their tasks)
+``member_credentials``   how it logs in to another member's database
+``admit``                before the first round: be admitted by every member, admit them
+``sign_outgoing``        PUBLISH: one envelope per recipient, pushed beside the vector
+``during_barrier``       BARRIER, while waiting: admissions, checks of the vectors already here
+``screen``               AGGREGATE: drop received vectors that fail the checks; point the others
+                         at a copy their sender cannot write
+``round_keys``           UPDATE: extra keys of the round to delete with the others
+``serve``                CLEANUP and while joining: admit newcomers, get admitted by them
+``may_join``             a join request names peer q: honour it?
+=======================  =======================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+class Guard:
+    """No security: every member is trusted, every vector accepted as it arrives."""
+
+    #: whether received vectors are screened (and rejections counted in the metrics)
+    active = False
+
+    def own_credentials(self) -> dict:
+        return {}
+
+    def function_credentials(self) -> dict:
+        return {}
+
+    def member_credentials(self, q: int, url: str) -> dict:
+        return {}
+
+    def admit(self, members: Mapping[int, Any], wait_for: set[int] | None = None) -> None:
+        """Until every member lets us in and (for ``wait_for``) we let them in."""
+
+    def serve(self, members: Mapping[int, Any]) -> None:
+        """One non-blocking pass of admissions."""
+
+    def may_join(self, q: int) -> bool:
+        return True
+
+    def limit_value_size(self, width: int) -> None:
+        """Cap the size of any single value remote clients may send (``width``: a parameter vector)."""
+
+    def sign_outgoing(self, r: int, outgoing: Mapping[int, bytes]) -> dict[int, bytes] | None:
+        """Envelopes to push beside each recipient's vector; None: nothing to push."""
+        return None
+
+    def during_barrier(self, members: Mapping[int, Any], r: int, arrived: list[int], width: int) -> None:
+        """Work done while the barrier waits for the slower peers."""
+
+    def screen(self, r: int, inputs: dict[int, str], width: int) -> list[tuple[int, str, str]]:
+        """Check the received vectors in ``inputs`` (peer -> key; ours is left alone), in place: a vector
+        that fails is dropped, one that passes may be pointed at a checked copy. Returns
+        (peer, reason, detail) for each rejected vector."""
+        return []
+
+    def round_keys(self, r: int, members: Mapping[int, Any]) -> list[str]:
+        return []
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,191 @@
+"""Who a peer trains with: members, heartbeats, liveness, misses, exclusion, removal and readmission.
+
+- Heartbeat: a thread keeps ``alive`` in the peer's own database with a time to live of 1.5 intervals,
+  refreshed every half interval. While the peer sits out (state transfer) it deletes the key instead,
+  so the others stop waiting for it at once.
+- Liveness of another peer: its heartbeat key and its database answering, read from its database.
+- Accounting after each barrier: a member whose vector arrived has its misses reset; one that was
+  missing is excluded from the round (an ``excluded`` event with the reason) and removed from the
+  membership after ``membership.max_misses`` misses in a row (``removed``).
+- Readmission: a removed member whose vector shows up again is readmitted (``readmitted``); a member
+  that asks to join again is added afresh (:mod:`spirt.transfer`).
+
+Everything here is this peer's own view; nothing is agreed with the other peers.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis
+
+from .config import MembershipSection
+from .events import EventLog
+from .functions import as_int
+from .keys import Keys
+from .servers import make_client
+
+
+@dataclass
+class Member:
+    """This peer's view of another peer."""
+
+    index: int
+    url: str
+    client: redis.Redis
+    since: int = 0  # first round in which we wait for it
+    misses: int = 0
+    removed: bool = False
+
+
+class Membership:
+    """The members of peer ``index`` and its heartbeat.
+
+    ``connect(q, url)`` opens a client of member q's database (with whatever credentials the peer's
+    guard gives); ``own`` opens one of our own database (the heartbeat thread's)."""
+
+    def __init__(self, index: int, cfg: MembershipSection, events: EventLog,
+                 connect: Callable[[int, str], redis.Redis], own: Callable[..., redis.Redis]):
+        self.index, self.cfg, self.events = index, cfg, events
+        self._connect, self._own = connect, own
+        self.members: dict[int, Member] = {}
+        self.keys = Keys(index)
+        self._stop = threading.Event()
+        self._paused = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- the member table ---------------------------------------------------------------------------
+    def add(self, q: int, url: str, since: int = 0) -> Member:
+        """Add (or replace) member q at ``url``, awaited from round ``since`` on."""
+        old = self.members.get(q)
+        if old is not None:
+            old.client.close()
+        self.members[q] = Member(q, url, self._connect(q, url), since=since)
+        return self.members[q]
+
+    def __contains__(self, q: object) -> bool:
+        return q in self.members
+
+    def __getitem__(self, q: int) -> Member:
+        return self.members[q]
+
+    def __iter__(self):
+        return iter(self.members)
+
+    @property
+    def clients(self) -> dict[int, redis.Redis]:
+        return {q: m.client for q, m in self.members.items()}
+
+    def current(self) -> dict[int, Member]:
+        """The members not removed."""
+        return {q: m for q, m in self.members.items() if not m.removed}
+
+    def awaited(self, r: int) -> list[int]:
+        """The members whose round-r vectors the barrier waits for."""
+        return [q for q, m in self.members.items() if not m.removed and m.since <= r]
+
+    def size(self) -> int:
+        """Members counted in a round's metrics: ourselves and the members not removed."""
+        return 1 + sum(not m.removed for m in self.members.values())
+
+    def adopt(self, current: dict[int, str], first: int) -> None:
+        """Take over a group's membership (after a state transfer): members not known yet are added,
+        awaited from round ``first``; those not in ``current`` are marked removed; misses restart."""
+        for q, url in current.items():
+            if q != self.index and q not in self.members:
+                self.add(q, url, since=first)
+        for q, m in self.members.items():
+            m.removed, m.misses = q not in current, 0
+
+    # -- liveness -----------------------------------------------------------------------------------
+    def alive(self, q: int) -> tuple[bool, str, int | None]:
+        """(alive, why not, last round it published) of member q, from its own database."""
+        m = self.members[q]
+        K = Keys(q)
+        try:
+            pipe = m.client.pipeline(transaction=False)
+            pipe.exists(K.alive)
+            pipe.get(K.ready)
+            alive, ready = pipe.execute()
+        except redis.RedisError as exc:
+            return False, f"database unreachable ({type(exc).__name__})", None
+        ready = as_int(ready)
+        return (True, "", ready) if alive else (False, "heartbeat expired", ready)
+
+    def suspect(self, peers: list[int]) -> bool:
+        """Whether any of ``peers`` missed a barrier lately (the barrier checks those at once)."""
+        return any(self.members[q].misses for q in peers)
+
+    # -- accounting after a barrier -----------------------------------------------------------------
+    def account(self, r: int, ready: list[int], missing: dict[int, tuple[str, float]]) -> list[str]:
+        """Reset the misses of the ``ready`` members; exclude the ``missing`` ones from round r (peer ->
+        (reason, wall time found missing)) and remove those that missed too often. Returns the exclusion
+        notes of the round."""
+        for q in ready:
+            self.members[q].misses = 0
+        notes = []
+        for q, (why, t_found) in missing.items():
+            m = self.members[q]
+            m.misses += 1
+            notes.append(f"{q}({why})")
+            self.events(r, "excluded", q, why, t=t_found)
+            if m.misses >= self.cfg.max_misses and not m.removed:
+                m.removed = True
+                self.events(r, "removed", q, f"{m.misses} missed barriers")
+        return notes
+
+    def readmit(self, r: int, peers: list[int]) -> None:
+        """Members whose round-r vectors arrived although they were removed or late: back in."""
+        for q in peers:
+            m = self.members[q]
+            if m.removed:
+                m.removed, m.misses = False, 0
+                self.events(r, "readmitted", q)
+
+    # -- heartbeat ----------------------------------------------------------------------------------
+    def start_heartbeat(self) -> None:
+        self._paused.clear()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{self.index}", daemon=True)
+            self._thread.start()
+
+    def sit_out(self, db: redis.Redis) -> None:
+        """Stop advertising liveness (state transfer): the others stop waiting for us at once."""
+        self._paused.set()
+        try:
+            db.delete(self.keys.alive)
+        except redis.RedisError:
+            pass
+
+    def _beat(self) -> None:
+        hb = self.cfg.heartbeat_s
+        client = self._own(socket_timeout=max(1.0, hb), connect_timeout=max(0.5, hb / 2))
+        ttl_ms = max(1, int(hb * 1500))
+        while not self._stop.is_set():
+            try:
+                if self._paused.is_set():
+                    client.delete(self.keys.alive)
+                else:
+                    client.set(self.keys.alive, self.index, px=ttl_ms)
+            except redis.RedisError:
+                pass  # our database is down; the orchestrator notices on its own
+            self._stop.wait(hb / 2)
+        try:
+            client.delete(self.keys.alive)
+        except redis.RedisError:
+            pass
+        client.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        for m in self.members.values():
+            m.client.close()
+
+
+def member_client(url: str, credentials: dict) -> redis.Redis:
+    """A client of another member's database: short timeouts, so an unreachable member is noticed."""
+    return make_client(url=url, socket_timeout=30, connect_timeout=2, **credentials)
