@@ -67,6 +67,8 @@ class Backend:
     #: reductions run inside the database: "mean", "median", "trimmed_mean" (the defenses' InDBPlan
     #: ops), "dist" (pairwise squared distances) and "finite" (a finiteness check)
     in_database: ClassVar[frozenset[str]] = frozenset()
+    #: runs inside the server's one thread at interpreter speed: blocks it for seconds at 10M floats
+    blocking: ClassVar[bool] = False
 
     def prepare(self, client: redis.Redis) -> None:
         """One-time set-up on a server (loading scripts); idempotent."""
@@ -208,6 +210,7 @@ class LuaBackend(Backend):
     name = "lua"
     needs = frozenset({REDIS_FUNCTIONS})
     in_database = frozenset({"mean"})
+    blocking = True
 
     def prepare(self, client):
         load_lua(client)

@@ -20,6 +20,7 @@ class SpirtReferenceBackend(Backend):
 
     name = "spirt-reference"
     raw = False
+    blocking = True
 
     def prepare(self, client):
         load_lua(client)
@@ -39,8 +40,21 @@ class SpirtReferenceBackend(Backend):
         )
 
 
+#: backends measured by the benchmark only
+BENCH_ONLY: dict[str, type[Backend]] = {SpirtReferenceBackend.name: SpirtReferenceBackend}
+#: the memory-bandwidth reference row: the same arithmetic on arrays in the benchmark's own memory
+NUMPY_INPROCESS = "numpy-inprocess"
+
+
 def bench_backend(name: str) -> Backend:
-    """A peer backend by name, or the SPIRT reference (``spirt-reference``)."""
+    """A peer backend by name, or one the benchmark alone measures (the SPIRT reference)."""
     from ..backends import get_backend
 
-    return SpirtReferenceBackend() if name == SpirtReferenceBackend.name else get_backend(name)
+    cls = BENCH_ONLY.get(name)
+    return cls() if cls is not None else get_backend(name)
+
+
+def blocking(name: str) -> bool:
+    """Whether the benchmark's backend ``name`` runs inside the server's one thread at interpreter
+    speed (seconds per call at the larger sizes): it is measured on its own, with fewer rounds."""
+    return name != NUMPY_INPROCESS and bench_backend(name).blocking

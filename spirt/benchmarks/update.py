@@ -17,7 +17,7 @@ import redis
 
 from ..backends import SGDConfig
 from ..keys import Keys
-from .reference import bench_backend
+from .reference import NUMPY_INPROCESS, bench_backend, blocking
 
 #: Real parameter counts of the torchvision models at their ImageNet defaults (3 channels, 1000 classes).
 MOBILENET_V3_SMALL = 2_542_856
@@ -106,10 +106,12 @@ ROBUST_OPS = ("median", "trimmed_mean", "dist")
 
 def stage_robust(client: redis.Redis, op: str, backend: str, n: int, k: int, seed: int = 0) -> Callable[[], None]:
     """Coordinate-wise median, trimmed mean (b = K/4 per side) or Krum's pairwise distances over K
-    stored vectors: in the database (``module``) or fetched and computed with numpy (``client``, the
-    defenses' own client-side forms)."""
+    stored vectors: in the database where the backend runs the operation (``module``), or fetched and
+    computed with numpy by a backend without in-database forms (``client``, the defenses' own
+    client-side forms)."""
     import defenses
 
+    b = bench_backend(backend)
     rng = np.random.default_rng(seed)
     K = bench_keys(_tag(backend))
     keys = [K.incoming(i, 0) for i in range(k)]
@@ -118,15 +120,13 @@ def stage_robust(client: redis.Redis, op: str, backend: str, n: int, k: int, see
     for key in keys:
         client.set(key, rng.standard_normal(n, dtype=np.float32).tobytes())
     trim = k // 4
-    if backend == "module":
-        cmd = {
-            "median": ["TENSOR.MEDIAN", dst, *keys],
-            "trimmed_mean": ["TENSOR.TRIMMEAN", dst, trim, *keys],
-            "dist": ["TENSOR.DIST", *keys],
-        }[op]
-        return lambda: client.execute_command(*cmd)
-    if backend != "client":
-        raise ValueError(f"robust op {op!r} is measured for 'module' and 'client', not {backend!r}")
+    if op in b.in_database:
+        if op == "dist":
+            return lambda: b.distances(client, keys)
+        return lambda: b.reduce(client, op, dst, keys, {"trim": trim})
+    if b.in_database:
+        raise ValueError(f"robust op {op!r} is measured in the database or on the client; the {backend} "
+                         "backend does neither")
     rule = {"median": defenses.get("median"), "trimmed_mean": defenses.get("trimmed_mean", f=trim)}.get(op)
 
     def run():
@@ -204,11 +204,11 @@ def time_call(fn: Callable[[], None], rounds: int, warmup: int = 1) -> list[floa
 def _stage_any(client, op: str, backend: str, n: int, k: int) -> Callable[[], None]:
     if op != "update":
         return stage_robust(client, op, backend, n, k)
-    return numpy_inprocess(n, k) if backend == "numpy-inprocess" else stage(client, backend, n, k)
+    return numpy_inprocess(n, k) if backend == NUMPY_INPROCESS else stage(client, backend, n, k)
 
 
 def _cleanup(client, cell: Cell) -> None:
-    if client is None or cell.backend == "numpy-inprocess":
+    if client is None or cell.backend == NUMPY_INPROCESS:
         return
     K = bench_keys(_tag(cell.backend))
     param, buf, grads = keys_for(cell.k, _tag(cell.backend))
@@ -230,8 +230,7 @@ def measure(
     steady_client_allocator()
     fn = _stage_any(client, op, backend, n, k)
     first = time_call(fn, 1, warmup=0)[0]  # also the warm-up (creates the momentum state)
-    slow = backend in ("lua", "spirt-reference")
-    rounds = _rounds_for(first, budget_s, max_rounds, 1 if slow else min_rounds)
+    rounds = _rounds_for(first, budget_s, max_rounds, 1 if blocking(backend) else min_rounds)
     times = time_call(fn, rounds, warmup=0)
     cell = Cell(backend, n, k, rounds, statistics.median(times), min(times), statistics.fmean(times), op)
     _cleanup(client, cell)
@@ -260,11 +259,16 @@ def bench_profile() -> str:
 
 
 def reports_dir():
-    """``SPIRT_REPORTS_DIR`` or ``reports/`` of the source tree."""
+    """``$SPIRT_REPORTS_DIR``, else ``reports/`` in the working directory.
+
+    Relative to the working directory rather than to this file, so that an installed ``spirt`` writes
+    next to its user and never into site-packages; in the source tree the benchmarks (``tox -e bench``,
+    ``pytest bench``, which pins the variable to the tree's ``reports/``) refresh the committed figures.
+    """
     import os
     from pathlib import Path
 
-    return Path(os.environ.get("SPIRT_REPORTS_DIR", Path(__file__).resolve().parents[2] / "reports"))
+    return Path(os.environ.get("SPIRT_REPORTS_DIR") or "reports")
 
 
 PROFILES = {
@@ -296,8 +300,7 @@ def prepare_cell(client, backend: str, n: int, k: int, op: str = "update", budge
     first = time_call(fn, 1, warmup=0)[0]
     # a Lua path whose first call alone exceeds the budget (tens of seconds at ResNet-18 size): that
     # call is its measurement (rounds = 0)
-    slow = backend in SLOW_BACKENDS
-    rounds = _rounds_for(first, budget_s, max_rounds, 0 if slow else 3)
+    rounds = _rounds_for(first, budget_s, max_rounds, 0 if blocking(backend) else 3)
     cell = Cell(backend, n, k, rounds, first, first, first, op)
     return cell, fn
 
@@ -310,9 +313,6 @@ def finish_cell(client, cell: Cell, times: list[float]) -> Cell:
         cell.rounds = len(times)
     _cleanup(client, cell)
     return cell
-
-
-SLOW_BACKENDS = ("lua", "spirt-reference")
 
 
 def measure_interleaved(client, op: str, n: int, k: int, backends: tuple[str, ...], *, budget_s: float = 3.0,
@@ -347,9 +347,9 @@ def run_profile(client, profile: str, progress=None) -> list[dict]:
         groups.setdefault((op, n, k), []).append(b)
     rows = []
     for (op, n, k), backends in groups.items():
-        fast = tuple(b for b in backends if b not in SLOW_BACKENDS)
+        fast = tuple(b for b in backends if not blocking(b))
         cells = measure_interleaved(client, op, n, k, fast) if fast else []
-        cells += [measure(client, b, n, k, op=op) for b in backends if b in SLOW_BACKENDS]
+        cells += [measure(client, b, n, k, op=op) for b in backends if blocking(b)]
         for cell in cells:
             rows.append(cell.row())
             if progress:
