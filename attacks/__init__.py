@@ -13,8 +13,33 @@ the round (read by omniscient attacks) and ``own`` the Byzantine peer's own hone
 gradient (read by non-omniscient ones); numpy or torch, the output matches ``own`` if given, else
 ``honest``. Data attacks: ``attack.poison(x, y) -> (x, y)``; called as a model attack they return ``own``.
 
+What a Byzantine peer actually pushes is ``attack.outgoing(recipients, honest=None, own=None) -> {peer
+index: (d,) vector}``, one vector per recipient: by default the vector of ``attack(honest, own)``,
+computed once, for every recipient.
+
 Adding an attack: one module in this package with a class derived from :class:`ModelAttack` or
-:class:`DataAttack`, decorated with ``@register("name")``; modules are imported automatically.
+:class:`DataAttack`, decorated with ``@register("name")``; modules are imported automatically. Implement
+``forge(honest, own)`` (numpy in, numpy (d,) out; the base class converts from and to torch), or
+``poison(x, y)`` for a data attack. To send different vectors to different peers (equivocation), also
+override ``outgoing``: it receives the recipients' peer indices and returns a vector for each, e.g.
+
+.. code-block:: python
+
+    @register("split_view")
+    class SplitView(ModelAttack):
+        # tells the even peers +own and the odd ones -own
+        needs_own = True
+
+        def forge(self, honest, own):
+            return own.copy()
+
+        def outgoing(self, recipients, honest=None, own=None):
+            v = self(honest=honest, own=own)
+            return {q: v if q % 2 == 0 else -v for q in recipients}
+
+Give the class docstring a one-line summary (``spirt list`` shows it), the formula, parameters, the
+reference, and an ``Examples`` section with a small numpy example and its exact output: the test suite
+runs every example as a doctest.
 """
 
 from __future__ import annotations

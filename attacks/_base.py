@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -97,6 +97,26 @@ class Attack:
     def forge(self, honest: np.ndarray | None, own: np.ndarray | None) -> np.ndarray:
         """Numpy core: the published (d,) vector."""
         raise NotImplementedError
+
+    def outgoing(self, recipients: Iterable[int], honest: Any = None, own: Any = None) -> dict[int, Any]:
+        """What the Byzantine peer sends to each recipient: ``{peer index: (d,) vector}``.
+
+        ``honest`` and ``own`` are those of :meth:`__call__`. By default the attack is computed once and
+        the same vector goes to every recipient (treat it as read-only: it is one object). An attack
+        that equivocates, sending different vectors to different peers, overrides this method.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import attacks
+        >>> attacks.get("sign_flip", scale=-2.0).outgoing([0, 2], own=np.array([1.0, -0.5]))
+        {0: array([-2.,  1.]), 2: array([-2.,  1.])}
+        """
+        peers = [int(q) for q in recipients]
+        if not peers:
+            return {}
+        vector = self(honest=honest, own=own)
+        return {q: vector for q in peers}
 
     def params(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in default_params(type(self)) if hasattr(self, k)}

@@ -59,6 +59,16 @@ class ALIE(ModelAttack):
     ----------
     M. Baruch, G. Baruch, Y. Goldberg. "A Little Is Enough: Circumventing Defenses For Distributed
     Learning." NeurIPS 2019.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import attacks
+    >>> honest = np.array([[0.], [1.], [2.]])
+    >>> attacks.get("alie", z=1.0)(honest=honest)  # mean 1, sample std 1
+    array([0.])
+    >>> attacks.get("alie", f=1)(honest=honest)  # n = h + f = 4 peers: z = 0
+    array([1.])
     """
 
     omniscient = True

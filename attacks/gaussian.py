@@ -34,6 +34,15 @@ class GaussianNoise(ModelAttack):
     References
     ----------
     SPIRT (Barrak et al., IEEE QRS 2023); e.g. Blanchard et al., NeurIPS 2017 (Gaussian Byzantine workers).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import attacks
+    >>> a, b = attacks.get("gaussian", sigma=1.0, seed=7), attacks.get("gaussian", sigma=1.0, seed=7)
+    >>> v = a(own=np.zeros(3, dtype=np.float32))
+    >>> v.shape, v.dtype, bool(np.array_equal(v, b(own=np.zeros(3, dtype=np.float32))))
+    ((3,), dtype('float32'), True)
     """
 
     omniscient = False

@@ -30,6 +30,13 @@ class IPM(ModelAttack):
     ----------
     C. Xie, O. Koyejo, I. Gupta. "Fall of Empires: Breaking Byzantine-tolerant SGD by Inner Product
     Manipulation." UAI 2020.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import attacks
+    >>> attacks.get("ipm", epsilon=0.5)(honest=np.array([[1., 2.], [3., 4.]]))
+    array([-1. , -1.5])
     """
 
     omniscient = True

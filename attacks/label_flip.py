@@ -30,6 +30,14 @@ class LabelFlip(DataAttack):
     ----------
     As implemented by SPIRT (Barrak et al., IEEE QRS 2023); a classic data-poisoning baseline
     (e.g. Biggio, Nelson, Laskov, ICML 2012; Tolpegin et al., ESORICS 2020).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import attacks
+    >>> x, y = attacks.get("label_flip").poison("images", np.array([0, 3, 9]))
+    >>> x, y
+    ('images', array([9, 6, 0]))
     """
 
     omniscient = False

@@ -49,6 +49,16 @@ class Mimic(ModelAttack):
     ----------
     S. P. Karimireddy, L. He, M. Jaggi. "Byzantine-Robust Learning on Heterogeneous Datasets via
     Bucketing." ICLR 2022.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import attacks
+    >>> honest = np.array([[0., 0.], [1., 0.], [10., 0.]])
+    >>> attacks.get("mimic", index=1)(honest=honest)
+    array([1., 0.])
+    >>> attacks.get("mimic")(honest=honest)  # the peer farthest along the top principal direction
+    array([10.,  0.])
     """
 
     omniscient = True

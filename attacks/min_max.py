@@ -92,6 +92,16 @@ class MinMax(ModelAttack):
     ----------
     V. Shejwalkar, A. Houmansadr. "Manipulating the Byzantine: Optimizing Model Poisoning Attacks and
     Defenses for Federated Learning." NDSS 2021.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import attacks
+    >>> honest = np.array([[1., 0.], [3., 0.]])  # mean (2, 0), honest distance 2
+    >>> attacks.get("min_max", perturbation="unit")(honest=honest)
+    array([1., 0.])
+    >>> attacks.get("min_max", perturbation="unit", method="bisect", tol=1e-9)(honest=honest).round(6)
+    array([1., 0.])
     """
 
     omniscient = True

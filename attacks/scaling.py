@@ -31,6 +31,13 @@ class GradientScaling(ModelAttack):
     A. N. Bhagoji, S. Chakraborty, P. Mittal, S. Calo. "Analyzing Federated Learning through an Adversarial
     Lens." ICML 2019 (explicit boosting); E. Bagdasaryan et al. "How To Backdoor Federated Learning."
     AISTATS 2020 (model replacement).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import attacks
+    >>> attacks.get("scaling", factor=3.0)(own=np.array([1., -2.]))
+    array([ 3., -6.])
     """
 
     omniscient = False

@@ -28,6 +28,15 @@ class SignFlip(ModelAttack):
     References
     ----------
     SPIRT (Barrak et al., IEEE QRS 2023); e.g. Allen-Zhu et al., ICLR 2021; Karimireddy et al., ICML 2021.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import attacks
+    >>> attacks.get("sign_flip")(own=np.array([0.5, -1.]))
+    array([-5., 10.])
+    >>> attacks.get("sign_flip", scale=-1.0).outgoing([0, 1], own=np.array([0.5, -1.]))
+    {0: array([-0.5,  1. ]), 1: array([-0.5,  1. ])}
     """
 
     omniscient = False

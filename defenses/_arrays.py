@@ -16,21 +16,23 @@ Conventions
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-try:  # torch is a dependency of the project, but keep the numpy path importable without it
-    import torch
-except ImportError:  # pragma: no cover - exercised only in torch-less environments
-    torch = None  # type: ignore[assignment]
-
 Restore = Callable[[np.ndarray], Any]
 
 
 def is_tensor(x: Any) -> bool:
-    """True if ``x`` is a torch tensor."""
+    """True if ``x`` is a torch tensor.
+
+    torch is never imported here: a tensor can only exist once its caller has imported torch, and
+    importing it with the rules would cost seconds wherever only their names and parameters are needed
+    (the launcher validates a configuration by building its rule and attack).
+    """
+    torch = sys.modules.get("torch")
     return torch is not None and isinstance(x, torch.Tensor)
 
 
@@ -44,6 +46,7 @@ def _work_dtype(dtype: np.dtype) -> np.dtype:
 
 def _to_numpy(x: Any) -> tuple[np.ndarray, Restore]:
     if is_tensor(x):
+        torch = sys.modules["torch"]
         t = x.detach()
         if t.is_complex():
             raise TypeError("complex tensors are not supported")
@@ -79,7 +82,7 @@ def _stack_if_list(x: Any) -> Any:
         if len(x) == 0:
             raise ValueError("expected at least one vector, got an empty sequence")
         if is_tensor(x[0]):
-            return torch.stack([v.reshape(-1) for v in x])
+            return sys.modules["torch"].stack([v.reshape(-1) for v in x])
     return x
 
 

@@ -43,6 +43,17 @@ class Bucketing(PreAggregator):
     ----------
     S. P. Karimireddy, L. He, M. Jaggi. "Byzantine-Robust Learning on Heterogeneous Datasets via
     Bucketing." ICLR 2022.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import defenses
+    >>> defenses.get("bucketing", s=2).apply(np.array([[0.], [1.], [2.], [3.], [4.]]), [0, 1, 2, 3, 4])
+    array([[0.5],
+           [2.5],
+           [4. ]])
+    >>> defenses.get("bucketing", s=2, seed=3)(np.zeros((5, 2))).shape
+    (3, 2)
     """
 
     reference = "Karimireddy, He, Jaggi, ICLR 2022"

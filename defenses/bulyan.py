@@ -71,6 +71,13 @@ class Bulyan(Aggregator):
     ----------
     E. M. El Mhamdi, R. Guerraoui, S. Rouault. "The Hidden Vulnerability of Distributed Learning in
     Byzantium." ICML 2018.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import defenses
+    >>> defenses.get("bulyan", f=1)(np.array([[0.], [1.], [2.], [3.], [4.], [5.], [1000.]]))
+    array([3.])
     """
 
     reference = "El Mhamdi, Guerraoui, Rouault, ICML 2018"

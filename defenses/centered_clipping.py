@@ -50,6 +50,16 @@ class CenteredClipping(Aggregator):
     ----------
     S. P. Karimireddy, L. He, M. Jaggi. "Learning from History for Byzantine Robust Optimization."
     ICML 2021.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import defenses
+    >>> x = np.array([[0.], [1.], [2.], [100.]])
+    >>> defenses.get("centered_clipping", tau=1.0)(x)  # from the median 1.5: the outlier pulls by tau/n
+    array([1.5])
+    >>> defenses.get("centered_clipping", tau=1.0)(x, center=np.array([0.]))
+    array([0.75])
     """
 
     reference = "Karimireddy, He, Jaggi, ICML 2021"

@@ -56,6 +56,14 @@ class GeometricMedian(Aggregator):
     ----------
     K. Pillutla, S. M. Kakade, Z. Harchaoui. "Robust Aggregation for Federated Learning." IEEE Transactions
     on Signal Processing, 2022.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import defenses
+    >>> x = np.array([[0., 0.], [2., 0.], [0., 2.], [2., 2.], [100., 100.]])
+    >>> np.round(defenses.get("geometric_median", f=1)(x), 4)
+    array([2., 2.])
     """
 
     reference = "Pillutla, Kakade, Harchaoui, IEEE Trans. Signal Processing 2022"

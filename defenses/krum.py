@@ -115,6 +115,16 @@ class Krum(Aggregator):
     ----------
     P. Blanchard, E. M. El Mhamdi, R. Guerraoui, J. Stainer. "Machine Learning with Adversaries: Byzantine
     Tolerant Gradient Descent." NeurIPS 2017.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import defenses
+    >>> x = np.array([[1.], [2.], [3.], [4.], [100.]])
+    >>> defenses.get("krum", f=1)(x)
+    array([3.])
+    >>> defenses.get("krum", f=1).select(defenses.pairwise_sq_dists(x)).indices
+    array([2])
     """
 
     reference = "Blanchard, El Mhamdi, Guerraoui, Stainer, NeurIPS 2017"

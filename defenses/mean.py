@@ -27,6 +27,13 @@ class Mean(Aggregator):
     References
     ----------
     Baseline federated averaging (McMahan et al., AISTATS 2017).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import defenses
+    >>> defenses.get("mean")(np.array([[1., 2.], [3., 4.], [5., 0.]]))
+    array([3., 2.])
     """
 
     reference = "McMahan et al., AISTATS 2017 (federated averaging baseline)"

@@ -44,6 +44,17 @@ class Median(Aggregator):
     ----------
     D. Yin, Y. Chen, K. Ramchandran, P. Bartlett. "Byzantine-Robust Distributed Learning: Towards Optimal
     Statistical Rates." ICML 2018.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import defenses
+    >>> defenses.get("median", f=1)(np.array([[1.], [2.], [10.]]))
+    array([2.])
+    >>> defenses.get("median", f=1)(np.array([[1.], [2.]]))
+    Traceback (most recent call last):
+    ...
+    ValueError: median requires n > 2f (got n=2, f=1)
     """
 
     reference = "Yin, Chen, Ramchandran, Bartlett, ICML 2018"

@@ -44,6 +44,13 @@ class MultiKrum(Aggregator):
     ----------
     P. Blanchard, E. M. El Mhamdi, R. Guerraoui, J. Stainer. "Machine Learning with Adversaries: Byzantine
     Tolerant Gradient Descent." NeurIPS 2017.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import defenses
+    >>> defenses.get("multi_krum", f=1)(np.array([[1.], [2.], [3.], [4.], [100.]]))
+    array([2.5])
     """
 
     reference = "Blanchard, El Mhamdi, Guerraoui, Stainer, NeurIPS 2017"

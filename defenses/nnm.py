@@ -34,6 +34,18 @@ class NNM(PreAggregator):
     ----------
     Y. Allouah, S. Farhadkhani, R. Guerraoui, N. Gupta, R. Pinot, J. Stephan. "Fixing by Mixing: A Recipe
     for Optimal Byzantine ML under Heterogeneity." AISTATS 2023.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import defenses
+    >>> defenses.get("nnm", f=1)(np.array([[0.], [1.], [3.], [10.]]))
+    array([[1.33333333],
+           [1.33333333],
+           [1.33333333],
+           [4.66666667]])
+    >>> defenses.get("median", f=1, pre=["nnm"])(np.array([[0.], [1.], [3.], [10.]]))
+    array([1.33333333])
     """
 
     reference = "Allouah, Farhadkhani, Guerraoui, Gupta, Pinot, Stephan, AISTATS 2023"

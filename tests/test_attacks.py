@@ -272,6 +272,56 @@ def test_byzantine_attack_numpy_and_torch_kinds(name):
         np.testing.assert_allclose(only.numpy(), out, rtol=1e-4, atol=1e-5)
 
 
+# ----------------------------------------------------------------------------- per-recipient vectors
+
+
+@pytest.mark.parametrize("name", MODEL_ATTACKS + DATA_ATTACKS)
+def test_byzantine_attack_outgoing_default_sends_everyone_the_same_vector(name):
+    honest, own = honest_set(7, h=6, d=4), np.linspace(-1, 1, 4)
+    expected = make(name)(honest, own)
+    out = make(name).outgoing([0, 3, 5], honest=honest, own=own)
+    assert sorted(out) == [0, 3, 5]
+    for vec in out.values():
+        np.testing.assert_array_equal(vec, expected)
+    assert len({id(v) for v in out.values()}) == 1, "computed once, the same vector for every recipient"
+    out_t = make(name).outgoing(range(2), honest=torch.from_numpy(honest), own=torch.from_numpy(own))
+    assert all(isinstance(v, torch.Tensor) for v in out_t.values())
+    np.testing.assert_allclose(out_t[1].numpy(), expected, rtol=1e-12)
+    assert make(name).outgoing([], honest=honest, own=own) == {}
+
+
+def test_byzantine_attack_outgoing_draws_once_per_round():
+    # a random attack must not draw a fresh vector per recipient: every peer sees the same noise
+    gauss, again = make("gaussian", seed=3), make("gaussian", seed=3)
+    out = gauss.outgoing([0, 1, 2], own=np.zeros(5))
+    np.testing.assert_array_equal(out[0], again(own=np.zeros(5)))
+    np.testing.assert_array_equal(out[2], out[0])
+    assert not np.array_equal(gauss.outgoing([0], own=np.zeros(5))[0], out[0]), "the next round draws anew"
+
+
+class _Equivocation(attacks.ModelAttack):
+    """Tell each recipient q a different vector, (q + 1) * own (not registered)."""
+
+    needs_own = True
+
+    def forge(self, honest, own):
+        return own.copy()
+
+    def outgoing(self, recipients, honest=None, own=None):
+        v = self(honest=honest, own=own)
+        return {q: v * (q + 1) for q in recipients}
+
+
+def test_byzantine_attack_outgoing_can_send_per_recipient_vectors():
+    own = np.array([1.0, -2.0])
+    out = _Equivocation().outgoing([0, 2], own=own)
+    np.testing.assert_array_equal(out[0], [1.0, -2.0])
+    np.testing.assert_array_equal(out[2], [3.0, -6.0])
+    assert isinstance(_Equivocation(), attacks.Attack) and _Equivocation().kind == "model"
+    out_t = _Equivocation().outgoing([1], own=torch.tensor([1.0, -2.0]))
+    assert isinstance(out_t[1], torch.Tensor) and out_t[1].tolist() == [2.0, -4.0]
+
+
 # ------------------------------------------------------------------------------- agreement with ByzFL
 
 byzfl = pytest.importorskip("byzfl")

@@ -211,6 +211,36 @@ def test_load_dataset_argument_errors():
     assert DATASET_NAMES[0] == "fashion-mnist"
 
 
+def test_datasets_and_partitions_come_from_the_registries(monkeypatch):
+    from spirt import data
+
+    assert DATASET_NAMES == tuple(data.names()) and data.PARTITION_SCHEMES == tuple(data.partition_names())
+    monkeypatch.setattr(data.registry, "_classes", dict(data.registry._classes))
+    monkeypatch.setattr(data.partition_registry, "_classes", dict(data.partition_registry._classes))
+    calls = []
+
+    @data.register_dataset("zz-checker", ((0.5,), (0.25,)))
+    def checker(data_dir, download):
+        """A probe data set: 8x8 checkerboards."""
+        calls.append((data_dir, download))
+        x = np.tile(np.array([[0, 255], [255, 0]], dtype=np.uint8), (12, 4, 4))
+        return x, np.arange(12) % 10, x[:4], np.arange(4)
+
+    @data.register_partition("zz-blocks")
+    def blocks(labels, n_parts, rng, **_):
+        """Probe scheme: consecutive blocks."""
+        return [p.astype(np.int64) for p in np.array_split(np.arange(labels.size), n_parts)]
+
+    ds = load_dataset("zz-checker", data_dir="/nowhere", limit_train=10)
+    assert calls == [("/nowhere", False)] and data.DATASET_NAMES[-1] == "zz-checker"
+    assert (ds.name, ds.n_train, ds.n_test, ds.channels, ds.image_size) == ("zz-checker", 10, 4, 1, 8)
+    assert (ds.mean, ds.std) == ((0.5,), (0.25,))
+    assert ds.batch([0])[0][0, 0, 0, :2].tolist() == [-2.0, 2.0]
+    assert [p.tolist() for p in partition(ds.train_labels(), 3, "zz-blocks")] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    with pytest.raises(ValueError, match="allowed: iid, dirichlet, zz-blocks"):
+        partition(ds.train_labels(), 2, "shards")
+
+
 def test_limits_and_normalized_batches(fmnist):
     ds = load_dataset(limit_train=1000, limit_test=50)
     assert (ds.n_train, ds.n_test) == (1000, 50)

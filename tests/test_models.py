@@ -130,6 +130,29 @@ def test_argument_errors():
         build_model("cnn", 1, 10, 3, seed=0)
 
 
+def test_models_come_from_the_registry(monkeypatch):
+    from spirt import models
+
+    assert MODEL_NAMES == tuple(models.names()) == ("mlp", "cnn", "mobilenet_v3_small", "resnet18")
+    monkeypatch.setattr(models.registry, "_classes", dict(models.registry._classes))
+    seen = {}
+
+    @models.register_model("zz_probe")
+    def probe(in_channels, num_classes, image_size, norm):
+        """A probe model: one linear layer."""
+        seen.update(in_channels=in_channels, num_classes=num_classes, image_size=image_size, norm=norm)
+        return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size * image_size, num_classes))
+
+    assert models.MODEL_NAMES[-1] == "zz_probe" and models.info("zz_probe") == "A probe model: one linear layer."
+    state = torch.get_rng_state()
+    a, b = build_model("zz_probe", 3, 4, 5, seed=9, norm="batch"), build_model("ZZ_PROBE", 3, 4, 5, seed=9)
+    assert seen == {"in_channels": 3, "num_classes": 4, "image_size": 5, "norm": "group"}
+    assert torch.equal(torch.get_rng_state(), state) and a.training
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    with pytest.raises(ValueError, match="allowed: mlp, cnn, mobilenet_v3_small, resnet18, zz_probe"):
+        build_model("vgg16", 1, 10, 28, seed=0)
+
+
 def test_cnn_stays_small():
     # The cnn is sized for ~12 ms per batch of 64 on one thread (measured in the round-time benchmark);
     # its size is the deterministic proxy checked here, never a wall-clock bound.
