@@ -278,18 +278,28 @@ class Config(_Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
         if self.peers.urls and len(self.peers.urls) != self.peers.count:
-            raise ValueError(
-                f"peers.urls has {len(self.peers.urls)} entries but peers.count is {self.peers.count}"
-            )
+            raise _field_error("peers.urls", f"{len(self.peers.urls)} entries but peers.count is {self.peers.count}")
         if self.attack.byzantine >= self.peers.count:
-            raise ValueError(
-                f"attack.byzantine ({self.attack.byzantine}) must be below peers.count ({self.peers.count})"
-            )
+            raise _field_error("attack.byzantine", f"{self.attack.byzantine} must be below peers.count ({self.peers.count})")
         if self.data.parts is not None and self.data.parts < self.peers.count:
-            raise ValueError(f"data.parts ({self.data.parts}) must be at least peers.count ({self.peers.count})")
+            raise _field_error("data.parts", f"{self.data.parts} must be at least peers.count ({self.peers.count})")
         if self.attack.byzantine and not self.attack.name:
-            raise ValueError("attack.byzantine > 0 needs attack.name")
+            raise _field_error("attack.name", "attack.byzantine > 0 needs an attack")
+        self._defense_fits()
         return self
+
+    def _defense_fits(self) -> None:
+        """The rule's (n, f) condition with every peer's vector in: a run that breaks it would fail at
+        its first aggregation, so it is refused now. (A round that has fewer vectors, after exclusions,
+        is checked again when it aggregates.)"""
+        import defenses
+
+        a = self.aggregation
+        rule = defenses.get(a.defense, pre=a.pre or None, **a.params)
+        try:
+            rule.check(self.peers.count)
+        except ValueError as exc:
+            raise _field_error("aggregation.defense", f"{exc} with peers.count = {self.peers.count}") from None
 
 
 def _format(exc: ValidationError, source: str) -> ConfigError:

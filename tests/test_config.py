@@ -81,7 +81,7 @@ def test_defense_kind_and_pre_aggregators_are_checked():
     pre = _allowed(defenses.names("preaggregator"))
     assert f"  aggregation.defense: got 'nnm'; allowed: {aggregators}" in _error({"aggregation.defense": "nnm"})
     assert f"  aggregation.pre: got 'krum'; allowed: {pre}" in _error({"aggregation.pre": ["nnm", "krum"]})
-    cfg = load_config(None, {"aggregation.defense": "krum", "aggregation.params": {"f": 1},
+    cfg = load_config(None, {"peers.count": 20, "aggregation.defense": "krum", "aggregation.params": {"f": 1},
                              "aggregation.pre": ["bucketing", "nnm"]})
     assert cfg.aggregation.pre == ["bucketing", "nnm"]
 
@@ -163,3 +163,12 @@ def test_cli_run_refuses_a_bad_config_before_starting_anything(capsys):
     err = " ".join(capsys.readouterr().err.split())
     assert "model.name: got 'vgg'; allowed: 'mlp'" in err
     assert "aggregation.params: mean: unknown parameter(s) 'g'; accepted: f" in err
+
+
+def test_defense_that_cannot_run_with_the_peers_is_refused_at_load_time():
+    """Krum needs n > 2f + 2: with 4 peers and f = 1 every aggregation would fail, so the run is refused
+    before any process starts, naming the field and the rule's condition."""
+    with pytest.raises(ConfigError, match=r"aggregation.defense: krum requires n > 2f \+ 2 \(got n=4, f=1\)"):
+        load_config(None, {"peers.count": 4, "aggregation.defense": "krum", "aggregation.params": {"f": 1}})
+    assert load_config(None, {"peers.count": 5, "aggregation.defense": "krum",
+                              "aggregation.params": {"f": 1}}).aggregation.defense == "krum"
