@@ -1,7 +1,8 @@
 """Fault-injection scenarios with real processes and signals -> reports/faults.{csv,md}.
 
-Per scenario (see :mod:`spirt.faults`): detection latency, recovery time, rounds lost, the survivors'
-final accuracy on the full test set next to the fault-free run with the same surviving peers.
+Per registered fault (see :mod:`spirt.faults`; ``spirt bench faults -- --list``): detection latency,
+recovery time, rounds lost, the survivors' final accuracy on the full test set next to the fault-free
+run with the same surviving peers.
 ``SPIRT_FAULT_SCENARIOS=kill_peer,join`` runs a subset (the report then holds only those).
 """
 

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import os
 import secrets
-import signal
 import threading
 import time
 from contextlib import ExitStack
@@ -23,6 +21,7 @@ from .backends import needs_module
 from .config import Config
 from .keys import START_KEY, Keys
 from .peer import Peer, peer_main
+from .processes import stop_processes
 from .servers import make_client, start_server
 
 
@@ -216,69 +215,6 @@ def _run_threads(cfg, urls, timeout_s):
     finally:
         for p in peers:
             p.close()
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (children, grandchildren, ...), from /proc."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            tasks = os.listdir(f"/proc/{p}/task")
-        except OSError:
-            continue
-        for t in tasks:
-            try:
-                with open(f"/proc/{p}/task/{t}/children") as f:
-                    kids = [int(c) for c in f.read().split()]
-            except OSError:
-                continue
-            out += kids
-            todo += kids
-    return out
-
-
-def stop_processes(procs, grace_s: float = 10.0) -> None:
-    """Stop peer processes and everything they started (their function workers): SIGTERM, then SIGKILL
-    after ``grace_s``. Stopped (SIGSTOP) processes are continued first so that they can exit."""
-    below = []
-    for p in procs:
-        if p.pid is not None and p.is_alive():
-            below += [(pid, _started(pid)) for pid in descendants(p.pid)]
-    for p in procs:
-        if p.is_alive():
-            try:
-                os.kill(p.pid, signal.SIGCONT)
-            except OSError:
-                pass
-            p.terminate()
-    deadline = time.monotonic() + grace_s
-    for p in procs:
-        p.join(max(0.1, deadline - time.monotonic()))
-        if p.is_alive():
-            p.kill()
-            p.join(5)
-    for pid, started in below:  # orphaned workers exit on their own within a second; do not wait for that
-        kill_if_same(pid, started)
-
-
-def _started(pid: int) -> str | None:
-    """Start time of a process (clock ticks after boot), to tell it from a later one with the same id."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def kill_if_same(pid: int, started: str | None, sig: int = signal.SIGKILL) -> None:
-    """Signal ``pid`` only if it is still the process that started at ``started``."""
-    if started is None or _started(pid) != started:
-        return
-    try:
-        os.kill(pid, sig)
-    except OSError:
-        pass
 
 
 # -- reports -----------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import redis
 
-from spirt import faults
+from spirt import faults, processes
 from spirt.config import load_config
 from spirt.executors import InlineExecutor, Invocation, ProcessExecutor
 from spirt.functions import GradTask, compute_gradient
@@ -41,11 +41,7 @@ SMALL = {
 
 
 def _dead(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
+    return not processes.alive(pid)
 
 
 def _initial_params(cfg) -> bytes:
@@ -81,7 +77,7 @@ def test_dead_peer_detected_within_two_heartbeats():
             time.sleep(0.01)
         watcher = Peer(cfg, 0, urls)
         # alive and silent: the barrier ends at its deadline, without calling peer 1 dead
-        ready, missing = watcher._barrier(0, [1])
+        ready, missing = watcher.exchange.barrier(0, [1], watcher.width)
         assert ready == [] and "deadline" in missing[1][0]
         watcher.members[1].misses = 0
         # kill right after a refresh: the remaining time to live is then the full 1.5 intervals
@@ -89,7 +85,7 @@ def test_dead_peer_detected_within_two_heartbeats():
             time.sleep(0.002)
         os.kill(proc.pid, signal.SIGKILL)
         t_kill = time.monotonic()
-        ready, missing = watcher._barrier(1, [1])
+        ready, missing = watcher.exchange.barrier(1, [1], watcher.width)
         latency = time.monotonic() - t_kill
         assert ready == [] and missing[1][0] == "heartbeat expired"
         print(f"detection latency {latency:.3f} s (heartbeat {hb} s)")
@@ -117,12 +113,12 @@ def _slow_spec_and_tasks(srv, n: int = 2):
 
 
 def _signal_when_busy(ex: ProcessExecutor, sig: int, out: dict) -> threading.Thread:
-    """Send ``sig`` to the first worker seen computing (state R)."""
+    """Send ``sig`` to the first worker seen computing (running, not waiting for work)."""
     def body():
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             for pid in ex.worker_pids():
-                if faults._state(pid) == "R":
+                if processes.state(pid) == processes.RUNNING:
                     os.kill(pid, sig)
                     out["pid"], out["t"] = pid, time.monotonic()
                     return

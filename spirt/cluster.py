@@ -1,0 +1,295 @@
+"""A training cluster of real processes for fault injection: one database server and one orchestrator
+process per peer, each with its warm pool of gradient-function worker processes.
+
+:class:`Cluster` starts them as ``peers.mode = "process"`` does (from a forkserver with torch preloaded,
+see :func:`peer_context`), observes them only through their databases (completed rounds, per-round
+metrics, membership events, final parameters) and offers the primitives faults are made of: SIGKILL an
+orchestrator or a database server, restart a database on its files, stop and continue an orchestrator,
+find a gradient-function worker while it computes, let a newcomer join. The faults themselves are in
+:mod:`spirt.faults`.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import time
+
+import pandas as pd
+import redis
+
+from .backends import needs_module
+from .config import Config
+from .keys import START_KEY, Keys
+from .peer import peer_main
+from .processes import RUNNING, command_line, descendants, handle, signal_if_same, state, stop_processes
+from .servers import Server, make_client, start_server
+
+__all__ = ["Cluster", "ClusterError", "peer_context", "heartbeat_process"]
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+def peer_context():
+    """Multiprocessing context of the peer processes: ``forkserver`` with torch and spirt preloaded.
+
+    Each peer still starts as a fresh single-threaded process (forked from a clean server process, not
+    from the harness), as with ``spawn``, but the import of torch is paid once per harness process
+    instead of once per peer: starting 4 peers takes about half the time on a busy 2-core machine.
+    (Their gradient-function workers are spawned, as in any run.)"""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "numpy", "redis", "spirt.peer", "spirt.functions", "spirt.data",
+                                "spirt.models", "spirt.executors", "attacks", "defenses"])
+    return ctx
+
+
+def heartbeat_process(cfg_json: str, index: int, urls: list[str | None]) -> None:
+    """Process entry point of a peer that only keeps its heartbeat (detection tests): it lives until it
+    is killed."""
+    from .peer import Peer
+
+    cfg = Config.model_validate_json(cfg_json)
+    peer = Peer(cfg, index, urls)
+    peer.membership.start_heartbeat()
+    while True:
+        time.sleep(1)
+
+
+class Cluster:
+    """One database server and one orchestrator process per peer, with fault injection.
+
+    Use as a context manager: every process and server it started is stopped on exit, also on failure
+    (stopped processes are continued first; function workers are killed with their peer).
+    """
+
+    def __init__(self, cfg: Config, slots: int | None = None, initial: list[int] | None = None,
+                 newcomers: list[int] = ()):
+        """``initial`` peers train from the start; ``newcomers`` are started with them (ready, not
+        training) and ask to join on :meth:`join`."""
+        self.cfg = cfg
+        self.slots = slots or cfg.peers.count
+        self.initial = list(range(cfg.peers.count)) if initial is None else list(initial)
+        self.newcomers = list(newcomers)
+        self.servers: list[Server] = []
+        self.procs: dict[int, mp.Process] = {}
+        self.stopped: set[int] = set()
+        self.t_start = float("nan")
+        self._ctx = peer_context()
+        self._clients: dict[int, redis.Redis] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def __enter__(self) -> Cluster:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.url for s in self.servers]
+
+    def start(self, timeout_s: float = 300.0) -> None:
+        c = self.cfg
+        for _ in range(self.slots):
+            self.servers.append(start_server(c.peers.server, module=needs_module(c.aggregation.backend),
+                                             unix_socket=True, persistence=c.peers.persistence, fsync="always"))
+        urls = [u if i in self.initial else None for i, u in enumerate(self.urls)]
+        cfg_json = c.model_dump_json()
+        for i in self.initial:
+            self._spawn(i, (cfg_json, i, urls, START_KEY, False))
+        for i in self.newcomers:
+            self._spawn(i, (cfg_json, i, self.urls, START_KEY, True))
+        deadline = time.monotonic() + timeout_s
+        while not all(self.client(i).exists(Keys(i).up) for i in self.initial + self.newcomers):
+            self._check_started(deadline)
+        self.client(0).set(START_KEY, 1)
+        self.t_start = time.time()
+
+    def _spawn(self, i: int, args: tuple) -> None:
+        p = self._ctx.Process(target=peer_main, args=args, name=f"peer-{i}", daemon=False)
+        p.start()
+        self.procs[i] = p
+
+    def _check_started(self, deadline: float) -> None:
+        dead = [f"{p.name} (exit {p.exitcode})" for p in self.procs.values() if p.exitcode not in (None, 0)]
+        if dead:
+            raise ClusterError(f"peers failed to start: {', '.join(dead)}")
+        if time.monotonic() > deadline:
+            raise ClusterError("peers did not start in time")
+        time.sleep(0.05)
+
+    def close(self) -> None:
+        for i in list(self.stopped):
+            self.resume(i)
+        stop_processes(list(self.procs.values()), grace_s=5.0)
+        for c in self._clients.values():
+            c.close()
+        self._clients.clear()
+        for s in self.servers:
+            s.stop()
+
+    def client(self, i: int) -> redis.Redis:
+        if i not in self._clients:
+            self._clients[i] = make_client(url=self.servers[i].url, socket_timeout=30, connect_timeout=2)
+        return self._clients[i]
+
+    # -- observation -------------------------------------------------------------------------------
+    def completed(self, i: int) -> int | None:
+        """Last round whose update peer i applied (None: unknown, its database is unreachable)."""
+        try:
+            v = self.client(i).get(Keys(i).completed)
+        except redis.RedisError:
+            return None
+        return int(v) if v is not None else None
+
+    def wait_round(self, i: int, r: int, timeout_s: float = 120.0) -> None:
+        """Wait until peer i has completed round r - 1 (it is in round r)."""
+        deadline = time.monotonic() + timeout_s
+        while (self.completed(i) or -1) < r - 1:
+            p = self.procs.get(i)
+            if p is not None and p.exitcode is not None:
+                raise ClusterError(f"peer {i} exited (code {p.exitcode}) before round {r}")
+            if time.monotonic() > deadline:
+                raise ClusterError(f"peer {i} did not reach round {r} within {timeout_s:g} s "
+                                   f"(at {self.completed(i)})")
+            time.sleep(0.01)
+
+    def round_time(self, i: int) -> float:
+        """Mean round time of peer i so far (wall)."""
+        done = (self.completed(i) or 0) + 1
+        return (time.time() - self.t_start) / max(1, done)
+
+    def wait_finished(self, peers: list[int], timeout_s: float) -> None:
+        """Wait until the given peers' orchestrators have exited; they must all succeed."""
+        deadline = time.monotonic() + timeout_s
+        while any(self.procs[i].is_alive() for i in peers):
+            failed = [i for i in peers if self.procs[i].exitcode not in (None, 0)]
+            if failed:
+                raise ClusterError(f"peer(s) {failed} failed (exit codes "
+                                   f"{[self.procs[i].exitcode for i in failed]})")
+            if time.monotonic() > deadline:
+                where = {i: self.completed(i) for i in peers}
+                raise ClusterError(f"training did not finish within {timeout_s:g} s; completed rounds: {where}")
+            time.sleep(0.1)
+        failed = [i for i in peers if self.procs[i].exitcode != 0]
+        if failed:
+            raise ClusterError(f"peer(s) {failed} failed (exit codes {[self.procs[i].exitcode for i in failed]})")
+
+    def worker_pids(self, i: int) -> list[int]:
+        """Gradient-function worker processes of peer i (spawned below its orchestrator)."""
+        p = self.procs[i]
+        return [c for c in descendants(p.pid) if "spawn_main" in command_line(c)]
+
+    def busy_worker(self, i: int, timeout_s: float = 10.0) -> int:
+        """A worker of peer i that is computing (running, not waiting for work); after ``timeout_s``
+        without one, any of its workers."""
+        deadline = time.monotonic() + timeout_s
+        pids: list[int] = []
+        while time.monotonic() < deadline:
+            # listing the workers scans every process of the host; their states are cheap to poll, and
+            # a computation can be short, so poll those often and list again now and then (a pool
+            # restart replaces the workers)
+            pids = self.worker_pids(i)
+            relist = min(deadline, time.monotonic() + 0.25)
+            while time.monotonic() < relist:
+                for pid in pids:
+                    if state(pid) == RUNNING:
+                        return pid
+                time.sleep(0.002)
+        if not pids:
+            raise ClusterError(f"peer {i} has no function worker")
+        return pids[0]
+
+    def metrics(self, peers: list[int] | None = None) -> pd.DataFrame:
+        rows = []
+        for i in peers if peers is not None else range(self.slots):
+            try:
+                rows += [json.loads(x) for x in self.client(i).lrange(Keys(i).metrics, 0, -1)]
+            except redis.RedisError:
+                continue
+        return pd.DataFrame(rows)
+
+    def events(self) -> pd.DataFrame:
+        rows = []
+        for i in range(self.slots):
+            try:
+                rows += [json.loads(x) for x in self.client(i).lrange(Keys(i).events, 0, -1)]
+            except redis.RedisError:
+                continue
+        cols = ["t", "round", "peer", "event", "about", "detail"]
+        return pd.DataFrame(rows, columns=cols).sort_values("t", ignore_index=True) if rows else pd.DataFrame(columns=cols)
+
+    def params(self, i: int) -> bytes | None:
+        try:
+            return self.client(i).get(Keys(i).params)
+        except redis.RedisError:
+            return None
+
+    # -- fault primitives (each returns the wall time it happened) ---------------------------------
+    def kill_orchestrator(self, i: int) -> float:
+        p = self.procs[i]
+        workers = [h for h in map(handle, self.worker_pids(i)) if h is not None]
+        os.kill(p.pid, signal.SIGKILL)
+        t = time.time()
+        p.join(10)
+        for w in workers:  # its orphaned workers exit on their own; make sure
+            signal_if_same(w, signal.SIGKILL)
+        return t
+
+    def kill_db(self, i: int) -> float:
+        self.servers[i].kill(signal.SIGKILL)
+        t = time.time()
+        self._drop_client(i)
+        return t
+
+    def restart_db(self, i: int) -> float:
+        """Start peer i's database again on the same files and socket (call from the main thread: the
+        server dies with the thread that starts it)."""
+        self.servers[i].restart()
+        self._drop_client(i)
+        return time.time()
+
+    def _drop_client(self, i: int) -> None:
+        c = self._clients.pop(i, None)
+        if c is not None:
+            c.close()
+
+    def stop(self, i: int) -> float:
+        """SIGSTOP peer i's orchestrator (its workers go on with what they were given)."""
+        os.kill(self.procs[i].pid, signal.SIGSTOP)
+        self.stopped.add(i)
+        return time.time()
+
+    def resume(self, i: int) -> float:
+        p = self.procs.get(i)
+        if p is not None and p.is_alive():
+            os.kill(p.pid, signal.SIGCONT)
+        self.stopped.discard(i)
+        return time.time()
+
+    def prepare_join(self, i: int, timeout_s: float = 300.0) -> None:
+        """Start peer i as a newcomer and wait until it is ready (torch imported, workers warm); it asks
+        to join on :meth:`join`."""
+        if i in self.procs:
+            raise ClusterError(f"peer {i} is already running")
+        self._spawn(i, (self.cfg.model_dump_json(), i, self.urls, START_KEY, True))
+        deadline = time.monotonic() + timeout_s
+        while not self.client(i).exists(Keys(i).up):
+            self._check_started(deadline)
+
+    def join(self, i: int) -> float:
+        """Let the newcomer i ask the running peers to admit it (started by :meth:`prepare_join`, or
+        now)."""
+        if i not in self.procs:
+            self.prepare_join(i)
+        self.client(i).set(START_KEY, 1)
+        return time.time()
