@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..benchmarks.update import reports_dir
 from ._report import COLUMNS, listing, write_reports
 from ._scenarios import BASE, SCENARIOS, reference_for, run_scenario
 
@@ -43,7 +44,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--scenarios", default=",".join(SCENARIOS),
                     help=f"comma-separated, from: {allowed} (default: all)")
     ap.add_argument("--rounds", type=int, help=f"training rounds (default {BASE['run.rounds']})")
-    ap.add_argument("--out", default="reports", help="report directory (default: reports)")
+    ap.add_argument("--out", default=str(reports_dir()),
+                    help="report directory (default: $SPIRT_REPORTS_DIR, else reports/ in the working directory)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                     help="override the scenario training config")
     return ap
