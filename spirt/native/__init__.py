@@ -22,5 +22,5 @@ def module_path() -> Path:
         return found[0]
     raise FileNotFoundError(
         f"the spirt tensor module is not built in {_HERE}; run `pip install -e .` (or `pip install .`) "
-        "from the source tree, which compiles spirt/native/tensor.c"
+        "from the source tree, which compiles spirt/native/tensor.c and kernels.c"
     )

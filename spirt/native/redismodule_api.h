@@ -5,8 +5,8 @@
  * server's redismodule.h, which no package ships). It declares:
  *   - the numeric constants the tensor module passes to or receives from the server,
  *   - opaque handle types,
- *   - one function-pointer global per API function used (static: the module is a single translation
- *     unit), and
+ *   - one function-pointer global per API function used (static: tensor.c is the only file of the
+ *     module that includes this header; the kernels in kernels.c never call the server), and
  *   - spirt_module_init(), the equivalent of the usual init call: it takes the server's GetApi entry
  *     point from the first word of the context, resolves every "RedisModule_<Name>" listed below,
  *     fails cleanly (REDISMODULE_ERR, nothing registered) if one is missing, and then registers the

@@ -71,6 +71,9 @@
  *
  * Implementation notes
  * --------------------
+ * - This file is the glue to the server (arguments, keys, validation, replies, replication, threads).
+ *   The arithmetic lives in kernels.c (see kernels.h), which knows nothing of the module API, so it is
+ *   compiled and tested on its own; it is called once per block of coordinates, never per element.
  * - Strings are not 4-byte aligned in memory: all tensor access goes through f32u, an alignment-1
  *   float type.
  * - Key handles: StringDMA/StringTruncate in WRITE mode (and DMA of a non-raw encoded string even in
@@ -105,6 +108,7 @@
  *   any finds a non-finite value). So replies are bit-identical to THREADS 1, not only close.
  */
 #define _GNU_SOURCE /* sched_getaffinity, CPU_COUNT */
+#include "kernels.h"
 #include "redismodule_api.h"
 
 #include <errno.h>
@@ -125,22 +129,11 @@
 #define TENSOR_VERSION_STR "1.0.0"
 #define TENSOR_VERSION_INT 10000
 
-#define BLK 4096                         /* floats per block in element-wise kernels */
+#define BLK TK_BLK                       /* floats per block in element-wise kernels */
 #define MAX_SOURCES 65536                /* sources per command */
 #define DIST_MAX_SOURCES 4096            /* sources for TENSOR.DIST (reply is K*K doubles) */
 #define DIST_MAX_WORK (1ULL << 35)       /* pairs * length bound for TENSOR.DIST */
 #define MAX_BYTES ((size_t)512 * 1024 * 1024) /* largest tensor a command writes (string limit) */
-#define NET_MAX_K 128                    /* MEDIAN/TRIMMEAN: sorting network up to this K */
-
-/* Unaligned-safe float32 and uint32 views of string bytes. */
-typedef float f32u __attribute__((aligned(1), may_alias));
-typedef uint32_t u32u __attribute__((aligned(1), may_alias));
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__)
-#define HOT __attribute__((target_clones("avx2", "default")))
-#else
-#define HOT
-#endif
 
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
 
@@ -701,142 +694,6 @@ static int parse_load_args(RedisModuleCtx *ctx, RedisModuleString **argv, int ar
 }
 
 /* =============================================================================================== */
-/* Kernels (simple loops over restrict pointers; GCC vectorizes them)                               */
-/* =============================================================================================== */
-
-HOT static void k_add2_init(float *restrict acc, const f32u *restrict a, const f32u *restrict b, size_t m) {
-    for (size_t i = 0; i < m; i++) acc[i] = a[i] + b[i];
-}
-
-HOT static void k_copy_in(float *restrict acc, const f32u *restrict a, size_t m) {
-    for (size_t i = 0; i < m; i++) acc[i] = a[i];
-}
-
-/* acc = ((acc + a) + b) + c: the same rounding as adding one source at a time. */
-HOT static void k_add3(float *restrict acc, const f32u *restrict a, const f32u *restrict b,
-                       const f32u *restrict c, size_t m) {
-    for (size_t i = 0; i < m; i++) acc[i] = ((acc[i] + a[i]) + b[i]) + c[i];
-}
-
-/* Seven sources per pass over the accumulator (fewer accumulator loads/stores), same rounding. */
-HOT static void k_add7(float *restrict acc, const f32u *const *restrict s, size_t base, size_t m) {
-    const f32u *restrict a = s[0] + base, *restrict b = s[1] + base, *restrict c = s[2] + base;
-    const f32u *restrict d = s[3] + base, *restrict e = s[4] + base, *restrict f = s[5] + base;
-    const f32u *restrict g = s[6] + base;
-    for (size_t i = 0; i < m; i++) acc[i] = ((((((acc[i] + a[i]) + b[i]) + c[i]) + d[i]) + e[i]) + f[i]) + g[i];
-}
-
-HOT static void k_add1(float *restrict acc, const f32u *restrict a, size_t m) {
-    for (size_t i = 0; i < m; i++) acc[i] = acc[i] + a[i];
-}
-
-HOT static void k_div_store(f32u *restrict d, const float *restrict acc, float K, size_t m) {
-    for (size_t i = 0; i < m; i++) d[i] = acc[i] / K;
-}
-
-HOT static void k_store(f32u *restrict d, const float *restrict acc, size_t m) {
-    for (size_t i = 0; i < m; i++) d[i] = acc[i];
-}
-
-HOT static void k_scale_init(float *restrict acc, float a, const f32u *restrict x, size_t m) {
-    for (size_t i = 0; i < m; i++) acc[i] = a * x[i];
-}
-
-/* acc = (acc + a*x) + b*y: the same rounding as one term at a time. */
-HOT static void k_axpy2(float *restrict acc, float a, const f32u *restrict x, float b, const f32u *restrict y,
-                        size_t m) {
-    for (size_t i = 0; i < m; i++) acc[i] = (acc[i] + a * x[i]) + b * y[i];
-}
-
-HOT static void k_axpy1(float *restrict acc, float a, const f32u *restrict x, size_t m) {
-    for (size_t i = 0; i < m; i++) acc[i] = acc[i] + a * x[i];
-}
-
-/* Rows for rank statistics: copy, replace NaN by +inf and count NaNs per coordinate. */
-HOT static void k_load_row(float *restrict r, int32_t *restrict nan_count, const f32u *restrict s, size_t m) {
-    for (size_t i = 0; i < m; i++) {
-        float v = s[i];
-        int isn = v != v;
-        nan_count[i] += isn;
-        r[i] = isn ? INFINITY : v;
-    }
-}
-
-/* Compare-exchange of two rows: a = min, b = max (no NaNs here). Written with GCC vector extensions
- * (compare gives a lane mask, then select), because the plain ternary loop is not if-converted for
- * every target. */
-typedef float v4f __attribute__((vector_size(16)));
-typedef int32_t v4i __attribute__((vector_size(16)));
-
-HOT static void k_cmpx(float *restrict a, float *restrict b, size_t m) {
-    size_t i = 0;
-    for (; i + 4 <= m; i += 4) {
-        v4f x, y;
-        memcpy(&x, a + i, sizeof x);
-        memcpy(&y, b + i, sizeof y);
-        v4i lt = x < y;
-        v4i xi = (v4i)x, yi = (v4i)y;
-        v4f lo = (v4f)((xi & lt) | (yi & ~lt));
-        v4f hi = (v4f)((yi & lt) | (xi & ~lt));
-        memcpy(a + i, &lo, sizeof lo);
-        memcpy(b + i, &hi, sizeof hi);
-    }
-    for (; i < m; i++) {
-        float x = a[i], y = b[i];
-        a[i] = x < y ? x : y;
-        b[i] = x < y ? y : x;
-    }
-}
-
-HOT static void k_dadd_row(double *restrict acc, const float *restrict r, size_t m) {
-    for (size_t i = 0; i < m; i++) acc[i] += (double)r[i];
-}
-
-HOT static void k_f2d(double *restrict d, const f32u *restrict s, size_t m) {
-    for (size_t i = 0; i < m; i++) d[i] = (double)s[i];
-}
-
-/* Sum of squared differences in double, 8 independent lanes (vectorizable without reassociation). */
-HOT static double k_sqdist(const double *restrict a, const double *restrict b, size_t m) {
-    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    size_t i = 0;
-    for (; i + 8 <= m; i += 8)
-        for (int l = 0; l < 8; l++) {
-            double d = a[i + l] - b[i + l];
-            acc[l] += d * d;
-        }
-    double s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    for (; i < m; i++) {
-        double d = a[i] - b[i];
-        s += d * d;
-    }
-    return s;
-}
-
-HOT static double k_sumsq(const f32u *restrict a, size_t m) {
-    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    size_t i = 0;
-    for (; i + 8 <= m; i += 8)
-        for (int l = 0; l < 8; l++) {
-            double d = (double)a[i + l];
-            acc[l] += d * d;
-        }
-    double s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    for (; i < m; i++) {
-        double d = (double)a[i];
-        s += d * d;
-    }
-    return s;
-}
-
-/* Non-zero if any element has an all-ones exponent (NaN or infinity). */
-HOT static uint32_t k_nonfinite(const u32u *restrict a, size_t m) {
-    uint32_t bad = 0;
-    for (size_t i = 0; i < m; i++) bad |= ((a[i] & 0x7f800000u) == 0x7f800000u);
-    return bad;
-}
-
-/* =============================================================================================== */
 /* TENSOR.AVG                                                                                       */
 /* =============================================================================================== */
 
@@ -844,25 +701,7 @@ HOT static uint32_t k_nonfinite(const u32u *restrict a, size_t m) {
 static void avg_blocks(void *arg, int tid, size_t lo, size_t hi) {
     (void)tid;
     const srcset_t *s = arg;
-    const size_t K = s->K;
-    const float fk = (float)K;
-    float acc[BLK];
-    for (size_t blk = lo; blk < hi; blk++) {
-        size_t base = blk * BLK;
-        size_t m = MIN((size_t)BLK, s->n - base);
-        size_t k;
-        if (K >= 2) {
-            k_add2_init(acc, s->src[0] + base, s->src[1] + base, m);
-            k = 2;
-        } else {
-            k_copy_in(acc, s->src[0] + base, m);
-            k = 1;
-        }
-        for (; k + 7 <= K; k += 7) k_add7(acc, s->src + k, base, m);
-        for (; k + 3 <= K; k += 3) k_add3(acc, s->src[k] + base, s->src[k + 1] + base, s->src[k + 2] + base, m);
-        for (; k < K; k++) k_add1(acc, s->src[k] + base, m);
-        k_div_store(s->dst + base, acc, fk, m);
-    }
+    tk_avg(s->dst, s->src, s->K, lo * BLK, MIN(hi * BLK, s->n) - lo * BLK);
 }
 
 static int cmd_avg(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
@@ -890,19 +729,7 @@ static void axpy_blocks(void *arg, int tid, size_t lo, size_t hi) {
     (void)tid;
     const axpy_job_t *j = arg;
     const srcset_t *s = j->s;
-    const float *alpha = j->alpha;
-    const size_t K = s->K;
-    float acc[BLK];
-    for (size_t blk = lo; blk < hi; blk++) {
-        size_t base = blk * BLK;
-        size_t m = MIN((size_t)BLK, s->n - base);
-        k_scale_init(acc, alpha[0], s->src[0] + base, m);
-        size_t k = 1;
-        for (; k + 2 <= K; k += 2)
-            k_axpy2(acc, alpha[k], s->src[k] + base, alpha[k + 1], s->src[k + 1] + base, m);
-        for (; k < K; k++) k_axpy1(acc, alpha[k], s->src[k] + base, m);
-        k_store(s->dst + base, acc, m);
-    }
+    tk_axpy(s->dst, j->alpha, s->src, s->K, lo * BLK, MIN(hi * BLK, s->n) - lo * BLK);
 }
 
 static int cmd_axpy(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
@@ -1014,73 +841,18 @@ static int sgd_parse(RedisModuleCtx *ctx, RedisModuleString **argv, int argc, sg
     return 0;
 }
 
-/* One SGD step over m elements. p and b never alias; g is a private copy. */
-HOT static void k_sgd(f32u *restrict p, const float *restrict g, f32u *restrict b, size_t m, float lr, float mu,
-                      float one_minus_d, float wd, int use_wd, int mode) {
-    /* mode: 0 no momentum, 1 momentum first step, 2 momentum, 3 nesterov first, 4 nesterov */
-    switch (mode) {
-    case 0:
-        for (size_t i = 0; i < m; i++) {
-            float pi = p[i];
-            float gi = use_wd ? g[i] + wd * pi : g[i];
-            p[i] = pi + (-lr) * gi;
-        }
-        break;
-    case 1:
-        for (size_t i = 0; i < m; i++) {
-            float pi = p[i];
-            float gi = use_wd ? g[i] + wd * pi : g[i];
-            b[i] = gi;
-            p[i] = pi + (-lr) * gi;
-        }
-        break;
-    case 2:
-        for (size_t i = 0; i < m; i++) {
-            float pi = p[i];
-            float gi = use_wd ? g[i] + wd * pi : g[i];
-            float bi = b[i] * mu + one_minus_d * gi;
-            b[i] = bi;
-            p[i] = pi + (-lr) * bi;
-        }
-        break;
-    case 3:
-        for (size_t i = 0; i < m; i++) {
-            float pi = p[i];
-            float gi = use_wd ? g[i] + wd * pi : g[i];
-            b[i] = gi;
-            p[i] = pi + (-lr) * (gi + mu * gi);
-        }
-        break;
-    default:
-        for (size_t i = 0; i < m; i++) {
-            float pi = p[i];
-            float gi = use_wd ? g[i] + wd * pi : g[i];
-            float bi = b[i] * mu + one_minus_d * gi;
-            b[i] = bi;
-            p[i] = pi + (-lr) * (gi + mu * bi);
-        }
-        break;
-    }
-}
-
 typedef struct {
     f32u *p, *b;
     const f32u *g;
     size_t n;
-    int mode, use_wd;
-    float lr, mu, omd, wd;
+    tk_sgd_t o;
 } sgd_job_t;
 
 static void sgd_blocks(void *arg, int tid, size_t lo, size_t hi) {
     (void)tid;
     const sgd_job_t *j = arg;
-    float gbuf[BLK];
-    for (size_t blk = lo; blk < hi; blk++) {
-        size_t base = blk * BLK;
-        size_t m = MIN((size_t)BLK, j->n - base);
-        k_copy_in(gbuf, j->g + base, m); /* grad may be the param key itself */
-        k_sgd(j->p + base, gbuf, j->b ? j->b + base : NULL, m, j->lr, j->mu, j->omd, j->wd, j->use_wd, j->mode);
-    }
+    size_t base = lo * BLK;
+    tk_sgd(j->p + base, j->g + base, j->b ? j->b + base : NULL, MIN(hi * BLK, j->n) - base, &j->o);
 }
 
 static int cmd_sgd(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
@@ -1146,12 +918,14 @@ static int cmd_sgd(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     job.g = g;
     job.b = use_mom ? b : NULL;
     job.n = n;
-    job.mode = !use_mom ? 0 : (o.nesterov ? (buf_exists ? 4 : 3) : (buf_exists ? 2 : 1));
-    job.lr = (float)o.lr;
-    job.mu = (float)o.mu;
-    job.omd = (float)(1.0 - o.damp);
-    job.wd = (float)o.wd;
-    job.use_wd = o.wd != 0;
+    job.o.mode = !use_mom     ? TK_SGD_PLAIN
+                 : o.nesterov ? (buf_exists ? TK_SGD_NESTEROV : TK_SGD_NESTEROV_FIRST)
+                              : (buf_exists ? TK_SGD_MOMENTUM : TK_SGD_MOMENTUM_FIRST);
+    job.o.lr = (float)o.lr;
+    job.o.mu = (float)o.mu;
+    job.o.one_minus_d = (float)(1.0 - o.damp);
+    job.o.wd = (float)o.wd;
+    job.o.use_wd = o.wd != 0;
     size_t streams = use_mom && buf_exists ? 3 : 2;
     size_t nblk = (n + BLK - 1) / BLK, chunk = par_chunk(BLK, streams);
     par_run(par_plan(n * streams, nblk, chunk), nblk, chunk, sgd_blocks, &job);
@@ -1168,270 +942,38 @@ static int cmd_sgd(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
 /* Rank statistics: TENSOR.MEDIAN and TENSOR.TRIMMEAN                                                */
 /* =============================================================================================== */
 
-/* Batcher's odd-even merge sort network for any n (comparators whose upper index >= n are dropped,
- * which is the same as padding with +inf). Fills pairs (2 entries per comparator) when non-NULL,
- * returns the comparator count. */
-static size_t batcher_network(size_t n, uint32_t *pairs) {
-    size_t cnt = 0;
-    for (size_t p = 1; p < n; p += p)
-        for (size_t k = p; k >= 1; k /= 2) {
-            for (size_t j = k % p; j + k < n; j += k + k)
-                for (size_t i = 0; i < k && i + j + k < n; i++)
-                    if ((i + j) / (p + p) == (i + j + k) / (p + p)) {
-                        if (pairs) {
-                            pairs[2 * cnt] = (uint32_t)(i + j);
-                            pairs[2 * cnt + 1] = (uint32_t)(i + j + k);
-                        }
-                        cnt++;
-                    }
-            if (k == 1) break;
-        }
-    return cnt;
-}
-
-/* Keep only the comparators that influence output positions [lo, hi]; returns the new count. */
-static size_t prune_network(uint32_t *pairs, size_t cnt, size_t n, size_t lo, size_t hi) {
-    unsigned char *need = RedisModule_Alloc(n);
-    unsigned char *keep = RedisModule_Alloc(cnt ? cnt : 1);
-    memset(need, 0, n);
-    for (size_t i = lo; i <= hi; i++) need[i] = 1;
-    for (size_t c = cnt; c-- > 0;) {
-        uint32_t a = pairs[2 * c], b = pairs[2 * c + 1];
-        keep[c] = need[a] || need[b];
-        if (keep[c]) need[a] = need[b] = 1;
-    }
-    size_t out = 0;
-    for (size_t c = 0; c < cnt; c++)
-        if (keep[c]) {
-            pairs[2 * out] = pairs[2 * c];
-            pairs[2 * out + 1] = pairs[2 * c + 1];
-            out++;
-        }
-    RedisModule_Free(keep);
-    RedisModule_Free(need);
-    return out;
-}
-
-static inline void swapf(float *a, float *b) {
-    float t = *a;
-    *a = *b;
-    *b = t;
-}
-
-static void insertion_sort(float *a, size_t n) {
-    for (size_t i = 1; i < n; i++) {
-        float v = a[i];
-        size_t j = i;
-        while (j > 0 && a[j - 1] > v) {
-            a[j] = a[j - 1];
-            j--;
-        }
-        a[j] = v;
-    }
-}
-
-static void sift_down(float *a, size_t root, size_t n) {
-    for (;;) {
-        size_t c = 2 * root + 1;
-        if (c >= n) return;
-        if (c + 1 < n && a[c + 1] > a[c]) c++;
-        if (!(a[c] > a[root])) return;
-        swapf(&a[c], &a[root]);
-        root = c;
-    }
-}
-
-static void heap_sort(float *a, size_t n) {
-    for (size_t i = n / 2; i-- > 0;) sift_down(a, i, n);
-    for (size_t e = n; e-- > 1;) {
-        swapf(&a[0], &a[e]);
-        sift_down(a, 0, e);
-    }
-}
-
-/* Partial sort so that a[k] is the k-th smallest, a[<k] <= a[k] <= a[>k]. No NaNs in a.
- * Quickselect with median-of-three pivots and a depth budget, after which it sorts (heap sort), so
- * adversarial inputs cost O(n log n), not O(n^2). */
-static void nth_element(float *a, size_t n, size_t k) {
-    if (n < 2) return;
-    size_t lo = 0, hi = n - 1;
-    int budget = 8;
-    for (size_t t = n; t > 1; t >>= 1) budget += 2;
-    while (hi > lo) {
-        if (hi - lo < 24) {
-            insertion_sort(a + lo, hi - lo + 1);
-            return;
-        }
-        if (budget-- <= 0) {
-            heap_sort(a + lo, hi - lo + 1);
-            return;
-        }
-        size_t mid = lo + (hi - lo) / 2;
-        swapf(&a[mid], &a[lo + 1]);
-        if (a[lo] > a[hi]) swapf(&a[lo], &a[hi]);
-        if (a[lo + 1] > a[hi]) swapf(&a[lo + 1], &a[hi]);
-        if (a[lo] > a[lo + 1]) swapf(&a[lo], &a[lo + 1]);
-        float piv = a[lo + 1];
-        size_t i = lo + 1, j = hi;
-        for (;;) {
-            do i++;
-            while (a[i] < piv);
-            do j--;
-            while (a[j] > piv);
-            if (j < i) break;
-            swapf(&a[i], &a[j]);
-        }
-        a[lo + 1] = a[j];
-        a[j] = piv;
-        if (j == k) return;
-        if (j > k)
-            hi = j - 1;
-        else
-            lo = j + 1;
-    }
-}
-
-enum { RANK_MEDIAN = 0, RANK_TRIM = 1 };
-
-/* Per-thread scratch of a rank statistic: rows (K x B floats; for large K, B x K coordinate-major),
- * NaN counts and double sums for B coordinates. */
-typedef struct {
-    float *rows;
-    int32_t *nanc;
-    double *dsum;
-} rank_scratch_t;
-
 typedef struct {
     const srcset_t *s;
-    int kind;
-    size_t trim, B;
-    const uint32_t *pairs; /* sorting network (small K) */
-    size_t cnt;
-    rank_scratch_t *scr; /* one per thread */
+    tk_rank_t r;
+    tk_rank_scratch_t *scr; /* one per thread */
 } rank_job_t;
 
-/* Sorting network applied to the rows of each block of B coordinates, vectorized across coordinates. */
-static void rank_net_blocks(void *arg, int tid, size_t lo, size_t hi) {
+/* Items are blocks of r.B coordinates. */
+static void rank_blocks(void *arg, int tid, size_t lo, size_t hi) {
     const rank_job_t *j = arg;
-    const srcset_t *s = j->s;
-    const size_t K = s->K, n = s->n, B = j->B, trim = j->trim, mid = K / 2;
-    float *rows = j->scr[tid].rows;
-    int32_t *nanc = j->scr[tid].nanc;
-    double *dsum = j->scr[tid].dsum;
-    const double keep = (double)(K - 2 * trim);
-    for (size_t blk = lo; blk < hi; blk++) {
-        size_t base = blk * B;
-        size_t m = MIN(B, n - base);
-        memset(nanc, 0, m * sizeof *nanc);
-        for (size_t k = 0; k < K; k++) k_load_row(rows + k * B, nanc, s->src[k] + base, m);
-        for (size_t c = 0; c < j->cnt; c++) k_cmpx(rows + j->pairs[2 * c] * B, rows + j->pairs[2 * c + 1] * B, m);
-        f32u *d = s->dst + base;
-        if (j->kind == RANK_MEDIAN) {
-            const float *r1 = rows + mid * B;
-            if (K % 2) {
-                for (size_t i = 0; i < m; i++) d[i] = nanc[i] ? NAN : r1[i];
-            } else {
-                const float *r0 = rows + (mid - 1) * B;
-                for (size_t i = 0; i < m; i++) d[i] = nanc[i] ? NAN : (float)(((double)r0[i] + (double)r1[i]) * 0.5);
-            }
-        } else {
-            memset(dsum, 0, m * sizeof *dsum);
-            for (size_t r = trim; r < K - trim; r++) k_dadd_row(dsum, rows + r * B, m);
-            for (size_t i = 0; i < m; i++) d[i] = (size_t)nanc[i] > trim ? NAN : (float)(dsum[i] / keep);
-        }
-    }
-}
-
-/* Large K: gather a block transposed (coordinate-major) and select per coordinate. */
-static void rank_sel_blocks(void *arg, int tid, size_t lo, size_t hi) {
-    const rank_job_t *j = arg;
-    const srcset_t *s = j->s;
-    const size_t K = s->K, n = s->n, B = j->B, trim = j->trim, mid = K / 2;
-    float *t = j->scr[tid].rows;
-    int32_t *nanc = j->scr[tid].nanc;
-    for (size_t blk = lo; blk < hi; blk++) {
-        size_t base = blk * B;
-        size_t m = MIN(B, n - base);
-        memset(nanc, 0, m * sizeof *nanc);
-        for (size_t k = 0; k < K; k++) {
-            const f32u *sk = s->src[k] + base;
-            for (size_t i = 0; i < m; i++) {
-                float v = sk[i];
-                int isn = v != v;
-                nanc[i] += isn;
-                t[i * K + k] = isn ? INFINITY : v;
-            }
-        }
-        f32u *d = s->dst + base;
-        for (size_t i = 0; i < m; i++) {
-            float *a = t + i * K;
-            if (j->kind == RANK_MEDIAN) {
-                if (nanc[i]) {
-                    d[i] = NAN;
-                    continue;
-                }
-                nth_element(a, K, mid);
-                if (K % 2) {
-                    d[i] = a[mid];
-                } else {
-                    float lo_v = a[0];
-                    for (size_t q = 1; q < mid; q++) lo_v = a[q] > lo_v ? a[q] : lo_v;
-                    d[i] = (float)(((double)lo_v + (double)a[mid]) * 0.5);
-                }
-            } else {
-                if ((size_t)nanc[i] > trim) {
-                    d[i] = NAN;
-                    continue;
-                }
-                if (trim > 0) {
-                    nth_element(a, K, trim);
-                    nth_element(a + trim, K - trim, K - 2 * trim - 1);
-                }
-                double sum = 0;
-                for (size_t q = trim; q < K - trim; q++) sum += (double)a[q];
-                d[i] = (float)(sum / (double)(K - 2 * trim));
-            }
-        }
-    }
+    const size_t B = j->r.B;
+    tk_rank(&j->r, j->s->dst, j->s->src, lo * B, MIN(hi * B, j->s->n) - lo * B, &j->scr[tid]);
 }
 
 static void rank_compute(srcset_t *s, int kind, size_t trim) {
     const size_t K = s->K, n = s->n;
-    const size_t mid = K / 2;
     rank_job_t job;
     memset(&job, 0, sizeof job);
     job.s = s;
-    job.kind = kind;
-    job.trim = trim;
-    uint32_t *pairs = NULL;
-    size_t B;
-    if (K <= NET_MAX_K) {
-        size_t lo = kind == RANK_MEDIAN ? (K % 2 ? mid : mid - 1) : trim;
-        size_t hi = kind == RANK_MEDIAN ? mid : K - trim - 1;
-        size_t cnt = batcher_network(K, NULL);
-        pairs = RedisModule_Alloc((cnt ? cnt : 1) * 2 * sizeof *pairs);
-        batcher_network(K, pairs);
-        job.cnt = prune_network(pairs, cnt, K, lo, hi);
-        job.pairs = pairs;
-        B = 16384 / K;
-        if (B > 1024) B = 1024;
-        B = (B + 15) & ~(size_t)15;
-    } else {
-        B = 65536 / K;
-        if (B < 16) B = 16;
-        if (B > 256) B = 256;
-    }
-    job.B = B;
+    size_t npairs = tk_rank_pairs_size(K);
+    uint32_t *pairs = npairs ? RedisModule_Alloc(npairs * sizeof *pairs) : NULL;
+    tk_rank_init(&job.r, kind, K, trim, pairs);
+    const size_t B = job.r.B;
     size_t nblk = (n + B - 1) / B, chunk = par_chunk(B, K);
     int T = par_plan(n * K, nblk, chunk);
-    rank_scratch_t scr[MAX_THREADS];
+    tk_rank_scratch_t scr[MAX_THREADS];
     for (int t = 0; t < T; t++) {
         scr[t].rows = RedisModule_Alloc(K * B * sizeof *scr[t].rows);
         scr[t].nanc = RedisModule_Alloc(B * sizeof *scr[t].nanc);
         scr[t].dsum = RedisModule_Alloc(B * sizeof *scr[t].dsum);
     }
     job.scr = scr;
-    par_run(T, nblk, chunk, K <= NET_MAX_K ? rank_net_blocks : rank_sel_blocks, &job);
+    par_run(T, nblk, chunk, rank_blocks, &job);
     for (int t = 0; t < T; t++) {
         RedisModule_Free(scr[t].dsum);
         RedisModule_Free(scr[t].nanc);
@@ -1447,7 +989,7 @@ static int cmd_median(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     if (K > MAX_SOURCES) return reply_err(ctx, "ERR %s: too many sources (%zu > %d)", cmd, K, MAX_SOURCES);
     srcset_t s;
     if (srcset_open(&s, ctx, cmd, argv, 1, 2, 1, K) != 0) return REDISMODULE_OK;
-    rank_compute(&s, RANK_MEDIAN, 0);
+    rank_compute(&s, TK_MEDIAN, 0);
     return finish_write(&s, argv[1], "tensor.median");
 }
 
@@ -1469,7 +1011,7 @@ static int cmd_trimmean(RedisModuleCtx *ctx, RedisModuleString **argv, int argc)
         return reply_err(ctx, "ERR %s: trim count b=%lld needs more than 2b=%lld sources, got %zu", cmd, b, 2 * b, K);
     srcset_t s;
     if (srcset_open(&s, ctx, cmd, argv, 1, 3, 1, K) != 0) return REDISMODULE_OK;
-    rank_compute(&s, RANK_TRIM, (size_t)b);
+    rank_compute(&s, TK_TRIMMEAN, (size_t)b);
     return finish_write(&s, argv[1], "tensor.trimmean");
 }
 
@@ -1489,15 +1031,10 @@ typedef struct {
 static void dist_blocks(void *arg, int tid, size_t lo, size_t hi) {
     const dist_job_t *j = arg;
     const srcset_t *s = j->s;
-    const size_t K = s->K, B = j->B;
-    double *rows = j->rows[tid];
+    const size_t B = j->B;
     for (size_t b = lo; b < hi; b++) {
         size_t base = (j->blk0 + b) * B;
-        size_t m = MIN(B, s->n - base);
-        for (size_t k = 0; k < K; k++) k_f2d(rows + k * B, s->src[k] + base, m);
-        double *pp = j->part + b * j->pairs;
-        for (size_t a = 0; a < K; a++)
-            for (size_t c = a + 1; c < K; c++) *pp++ = k_sqdist(rows + a * B, rows + c * B, m);
+        tk_dist_partials(j->part + b * j->pairs, s->src, s->K, base, MIN(B, s->n - base), j->rows[tid]);
     }
 }
 
@@ -1533,12 +1070,7 @@ static int cmd_dist(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
         if (R < 2) T = 1;
         if (T <= 1) {
             double *rows = RedisModule_Alloc(K * B * sizeof *rows);
-            for (size_t base = 0; base < s.n; base += B) {
-                size_t m = MIN(B, s.n - base);
-                for (size_t k = 0; k < K; k++) k_f2d(rows + k * B, s.src[k] + base, m);
-                for (size_t i = 0; i < K; i++)
-                    for (size_t j = i + 1; j < K; j++) D[i * K + j] += k_sqdist(rows + i * B, rows + j * B, m);
-            }
+            for (size_t base = 0; base < s.n; base += B) tk_dist_add(D, s.src, K, base, MIN(B, s.n - base), rows);
             RedisModule_Free(rows);
         } else {
             /* Every block's pair sums are computed on some thread, then added to D in block order on
@@ -1554,34 +1086,18 @@ static int cmd_dist(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
                 size_t chunks = (cnt + chunk - 1) / chunk;
                 job.blk0 = r0;
                 par_run(chunks < (size_t)T ? (int)chunks : T, cnt, chunk, dist_blocks, &job);
-                for (size_t b = 0; b < cnt; b++) {
-                    const double *pp = job.part + b * (size_t)pairs;
-                    for (size_t i = 0; i < K; i++)
-                        for (size_t j = i + 1; j < K; j++) D[i * K + j] += *pp++;
-                }
+                for (size_t b = 0; b < cnt; b++) tk_dist_add_partials(D, K, job.part + b * (size_t)pairs);
             }
             for (int t = 0; t < T; t++) RedisModule_Free(job.rows[t]);
             RedisModule_Free(job.part);
         }
-        for (size_t i = 0; i < K; i++)
-            for (size_t j = 0; j < i; j++) D[i * K + j] = D[j * K + i];
+        tk_dist_mirror(D, K);
     }
     srcset_close(&s);
     RedisModule_ReplyWithArray(ctx, (long)(K * K));
     for (size_t i = 0; i < K * K; i++) RedisModule_ReplyWithDouble(ctx, D[i]);
     RedisModule_Free(D);
     return REDISMODULE_OK;
-}
-
-/* sqrt without a libm call: the module is not linked against libm (x >= 0 or NaN here). */
-static double sqrt_inline(double x) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    double r;
-    __asm__("sqrtsd %1, %0" : "=x"(r) : "x"(x));
-    return r;
-#else
-    return sqrt(x);
-#endif
 }
 
 typedef struct {
@@ -1593,7 +1109,7 @@ typedef struct {
 static void norm_blocks(void *arg, int tid, size_t lo, size_t hi) {
     (void)tid;
     const norm_job_t *j = arg;
-    for (size_t b = lo; b < hi; b++) j->part[b] = k_sumsq(j->x + b * BLK, MIN((size_t)BLK, j->n - b * BLK));
+    for (size_t b = lo; b < hi; b++) j->part[b] = tk_sumsq(j->x + b * BLK, MIN((size_t)BLK, j->n - b * BLK));
 }
 
 static int cmd_norm(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
@@ -1605,7 +1121,7 @@ static int cmd_norm(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     size_t nblk = (s.n + BLK - 1) / BLK, chunk = par_chunk(BLK, 1);
     int T = par_plan(s.n, nblk, chunk);
     if (T <= 1) {
-        for (size_t base = 0; base < s.n; base += BLK) sum += k_sumsq(s.src[0] + base, MIN((size_t)BLK, s.n - base));
+        for (size_t base = 0; base < s.n; base += BLK) sum += tk_sumsq(s.src[0] + base, MIN((size_t)BLK, s.n - base));
     } else {
         /* Per-block sums on any thread, added here in block order: the same result as above. */
         norm_job_t job = {s.src[0], s.n, RedisModule_Alloc(nblk * sizeof(double))};
@@ -1614,11 +1130,11 @@ static int cmd_norm(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
         RedisModule_Free(job.part);
     }
     srcset_close(&s);
-    return RedisModule_ReplyWithDouble(ctx, sqrt_inline(sum));
+    return RedisModule_ReplyWithDouble(ctx, tk_sqrt(sum));
 }
 
 typedef struct {
-    const u32u *bits;
+    const f32u *x;
     size_t n;
     atomic_int bad; /* set by the first thread that finds a non-finite element; all stop early */
 } finite_job_t;
@@ -1628,7 +1144,7 @@ static void finite_blocks(void *arg, int tid, size_t lo, size_t hi) {
     finite_job_t *j = arg;
     for (size_t b = lo; b < hi; b++) {
         if (atomic_load_explicit(&j->bad, memory_order_relaxed)) return;
-        if (k_nonfinite(j->bits + b * BLK, MIN((size_t)BLK, j->n - b * BLK))) {
+        if (tk_nonfinite(j->x + b * BLK, MIN((size_t)BLK, j->n - b * BLK))) {
             atomic_store_explicit(&j->bad, 1, memory_order_relaxed);
             return;
         }
@@ -1641,7 +1157,7 @@ static int cmd_finite(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     srcset_t s;
     if (srcset_open(&s, ctx, cmd, argv, 0, 1, 1, 1) != 0) return REDISMODULE_OK;
     finite_job_t job;
-    job.bits = (const u32u *)(const void *)s.src[0];
+    job.x = s.src[0];
     job.n = s.n;
     atomic_init(&job.bad, 0);
     size_t nblk = (s.n + BLK - 1) / BLK, chunk = par_chunk(BLK, 1);
