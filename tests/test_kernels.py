@@ -32,6 +32,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from tensor_refs import avg_ref, axpy_ref, median_ref
 
 ROOT = Path(__file__).resolve().parent.parent
 NATIVE = ROOT / "spirt" / "native"
@@ -229,27 +230,6 @@ def k_rank(lib, kind, xs, trim, offs, pieces=1):
 
 
 # ---- numpy references ------------------------------------------------------------------------------
-
-
-def avg_ref(xs):
-    with np.errstate(all="ignore"):
-        acc = xs[0].astype(F32)
-        for x in xs[1:]:
-            acc = acc + x
-        return acc / F32(len(xs))
-
-
-def axpy_ref(alphas, xs):
-    with np.errstate(all="ignore"):
-        acc = F32(alphas[0]) * xs[0]
-        for a, x in zip(alphas[1:], xs[1:], strict=True):
-            acc = acc + F32(a) * x
-        return acc
-
-
-def median_ref(xs):
-    with np.errstate(all="ignore"):
-        return np.median(np.stack(xs).astype(F64), axis=0).astype(F32)
 
 
 def trimmean_ref(xs, trim):

@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 import redis
+from tensor_refs import avg_ref, axpy_ref, median_ref
 
 from spirt.servers import start_server
 
@@ -55,28 +56,6 @@ def same_bits(got: np.ndarray, ref: np.ndarray) -> None:
     nan_g, nan_r = np.isnan(got), np.isnan(ref)
     np.testing.assert_array_equal(nan_g, nan_r)
     np.testing.assert_array_equal(got[~nan_g], ref[~nan_r])
-
-
-def avg_ref(xs):
-    acc = xs[0].astype(F32).copy()
-    with np.errstate(all="ignore"):
-        for x in xs[1:]:
-            acc = acc + x
-        return acc / F32(len(xs))
-
-
-def axpy_ref(alphas, xs):
-    with np.errstate(all="ignore"):
-        acc = F32(alphas[0]) * xs[0]
-        for a, x in zip(alphas[1:], xs[1:], strict=False):
-            acc = acc + F32(a) * x
-    return acc
-
-
-def median_ref(xs):
-    X = np.stack(xs).astype(np.float64)
-    with np.errstate(all="ignore"):
-        return np.median(X, axis=0).astype(F32)
 
 
 def trimmean_ref(xs, b):

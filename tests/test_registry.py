@@ -217,7 +217,7 @@ def test_reading_the_registries_does_not_import_torch():
         "from spirt.config import load_config\n"
         "load_config(None, {'model.name': 'resnet18', 'data.dataset': 'cifar10', 'data.partition': 'dirichlet',"
         " 'aggregation.defense': 'krum', 'aggregation.params': {'f': 1}, 'aggregation.pre': ['nnm'],"
-        " 'attack.name': 'label_flip', 'attack.byzantine': 1, 'executor.kind': 'inline'})\n"
+        " 'attack.name': 'label_flip', 'attack.byzantine': 1, 'executor.kind': 'inline', 'peers.count': 5})\n"
         "import spirt.cli\n"
         "spirt.cli.build_parser()\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
