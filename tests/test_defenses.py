@@ -6,6 +6,7 @@ Every test here carries the ``byzantine`` marker (``pytest -k byzantine`` select
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,17 +30,9 @@ PROPS = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 
-AGGREGATORS = [
-    "bulyan",
-    "centered_clipping",
-    "geometric_median",
-    "krum",
-    "mean",
-    "median",
-    "multi_krum",
-    "trimmed_mean",
-]
-PREAGGREGATORS = ["bucketing", "nnm"]
+# every registered rule gets the generic tests below: a new rule needs no edit here
+AGGREGATORS = defenses.names("aggregator")
+PREAGGREGATORS = defenses.names("preaggregator")
 
 
 def min_n(name: str, f: int, **params) -> int:
@@ -69,9 +62,13 @@ def honest_and_outliers(seed: int, h: int, f: int, d: int, far: float = 1e6, spr
 
 
 def test_byzantine_registry_lists_every_rule():
+    # discovery: every module of the package registers its rule, and only the shipped ones are found
+    modules = {p.stem for p in Path(defenses.__file__).parent.glob("[!_]*.py")}
+    assert {type(defenses.get(n, f=0)).__module__.rsplit(".", 1)[1] for n in defenses.names()} == modules
+    assert {"bulyan", "centered_clipping", "geometric_median", "krum", "mean", "median", "multi_krum",
+            "trimmed_mean"} <= set(AGGREGATORS)
+    assert {"bucketing", "nnm"} <= set(PREAGGREGATORS)
     assert defenses.names() == sorted(AGGREGATORS + PREAGGREGATORS)
-    assert defenses.names("aggregator") == AGGREGATORS
-    assert defenses.names("preaggregator") == PREAGGREGATORS
     for name in defenses.names():
         meta = defenses.info(name)
         assert meta.name == name
