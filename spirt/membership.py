@@ -97,7 +97,11 @@ class Membership:
             if q != self.index and q not in self.members:
                 self.add(q, url, since=first)
         for q, m in self.members.items():
-            m.removed, m.misses = q not in current, 0
+            removed = q not in current
+            if removed != m.removed:  # a change of membership is an event, whatever its cause
+                self.events(first, "removed" if removed else "readmitted", q,
+                            "by the membership of the state we took over")
+            m.removed, m.misses = removed, 0
 
     # -- liveness -----------------------------------------------------------------------------------
     def alive(self, q: int) -> tuple[bool, str, int | None]:
