@@ -77,6 +77,7 @@ class Cluster:
         self.servers: list[Server] = []
         self.procs: dict[int, mp.Process] = {}
         self.stopped: set[int] = set()
+        self.stopped_dbs: set[int] = set()
         self.t_start = float("nan")
         self._ctx = peer_context()
         self._clients: dict[int, redis.Redis] = {}
@@ -130,6 +131,8 @@ class Cluster:
     def close(self) -> None:
         for i in list(self.stopped):
             self.resume(i)
+        for i in list(self.stopped_dbs):
+            self.resume_db(i)
         stop_processes(list(self.procs.values()), grace_s=5.0)
         for c in self._clients.values():
             c.close()
@@ -274,6 +277,18 @@ class Cluster:
         if p is not None and p.is_alive():
             os.kill(p.pid, signal.SIGCONT)
         self.stopped.discard(i)
+        return time.time()
+
+    def stop_db(self, i: int) -> float:
+        """SIGSTOP peer i's database server: it hangs with its connections open (no error, only
+        silence, for its own orchestrator and for the peers pushing to it)."""
+        self.servers[i].process.send_signal(signal.SIGSTOP)
+        self.stopped_dbs.add(i)
+        return time.time()
+
+    def resume_db(self, i: int) -> float:
+        self.servers[i].process.send_signal(signal.SIGCONT)
+        self.stopped_dbs.discard(i)
         return time.time()
 
     def prepare_join(self, i: int, timeout_s: float = 300.0) -> None:

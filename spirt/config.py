@@ -288,6 +288,12 @@ class Config(_Section):
         self._defense_fits()
         return self
 
+    @property
+    def byzantine_bound(self) -> int:
+        """f: how many Byzantine members the group is configured to tolerate, the defense's ``f``. State
+        transfer and catching up need f + 1 peers to agree; the aggregation rule bounds their influence."""
+        return int(self.aggregation.params.get("f", 0))
+
     def _defense_fits(self) -> None:
         """The rule's (n, f) condition with every peer's vector in: a run that breaks it would fail at
         its first aggregation, so it is refused now. (A round that has fewer vectors, after exclusions,

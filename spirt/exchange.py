@@ -40,9 +40,12 @@ class Exchange:
         self.barrier_timeout_s, self.heartbeat_s = barrier_timeout_s, heartbeat_s
         #: this round's inbox: byte size of each peer's vector, as found with it
         self.sizes: dict[int, int] = {}
+        #: when this round's push began: the barrier's deadline counts from it
+        self.pushed_at: float | None = None
 
     def begin_round(self) -> None:
         self.sizes = {}
+        self.pushed_at = None
 
     def wake_keys(self) -> list[str]:
         """The lists the other peers announce their vectors on (a pop on them wakes our barrier)."""
@@ -51,9 +54,14 @@ class Exchange:
     def push(self, r: int, outgoing: Mapping[int, bytes], envelopes: Mapping[int, bytes] | None = None) -> None:
         """Write our round-r vector into each peer's inbox and wake its barrier, all peers at once (one
         round trip in all). Removed peers get it too: a peer coming back can then rejoin without
-        waiting. An unreachable peer cannot wait for us anyway: it misses this round."""
+        waiting. An unreachable peer cannot wait for us anyway: it misses this round. A peer whose
+        database did not answer a push within the barrier deadline (it hangs) is not pushed to again
+        until it answers a liveness probe (:meth:`Membership.alive`)."""
+        self.pushed_at = time.monotonic()
         jobs = {}
         for q, data in outgoing.items():
+            if self.membership[q].stalled and not self.membership.answers(q):
+                continue
             K = Keys(q)
             cmds = []
             if envelopes is not None:  # before the vector: the barrier only looks for the vector
@@ -62,7 +70,9 @@ class Exchange:
                      ("RPUSH", K.notify(self.index), r),
                      ("LTRIM", K.notify(self.index), -NOTIFY_KEEP, -1)]
             jobs[q] = (self.membership[q].client, cmds)
-        pipelines_at_once(jobs)
+        for q, reply in pipelines_at_once(jobs).items():
+            if isinstance(reply, redis.TimeoutError):
+                self.membership[q].stalled = True
 
     def inbox(self, r: int, peers: list[int]) -> dict[int, int]:
         """Which of ``peers``' round-r vectors are in our inbox, with their byte sizes (one round trip,
@@ -80,7 +90,7 @@ class Exchange:
 
     def barrier(self, r: int, peers: list[int], width: int) -> tuple[list[int], dict[int, tuple[str, float]]]:
         """Wait until the given peers' round-r vectors are in our inbox, a peer is found dead, or the
-        deadline passed. Returns (ready, {missing peer: (reason, wall time found missing)}).
+        deadline (counted from our push of the round) passed. Returns (ready, {missing peer: (reason, wall time found missing)}).
 
         Everything is local: the others push into our database. Their announcements (a list in our
         database) only wake us up; a blocking pop costs no CPU, unlike polling on a 2-core machine.
@@ -92,7 +102,9 @@ class Exchange:
         it (it was lost, e.g. while our database restarted): it is missing. If most awaited peers are in
         that state, we are the one behind: :class:`Behind` is raised and the peer resynchronises.
         """
-        deadline = time.monotonic() + self.barrier_timeout_s
+        # the deadline counts from our push: a push that hung on a peer's database used up part of it
+        start = time.monotonic() if self.pushed_at is None else self.pushed_at
+        deadline = start + self.barrier_timeout_s
         check_every = self.heartbeat_s / 4
         now = time.monotonic()
         next_check = now if self.membership.suspect(peers) else now + check_every

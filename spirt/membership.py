@@ -16,6 +16,7 @@ Everything here is this peer's own view; nothing is agreed with the other peers.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,21 +35,35 @@ class Member:
 
     index: int
     url: str
-    client: redis.Redis
+    client: redis.Redis  # vectors and snapshots: calls bounded by the barrier deadline
+    probe: redis.Redis  # liveness and round marks: calls bounded by the heartbeat interval
     since: int = 0  # first round in which we wait for it
     misses: int = 0
     removed: bool = False
+    #: its database stopped answering a push in time: not pushed to until it answers a probe again, so a
+    #: hung database costs one barrier deadline, not one per round
+    stalled: bool = False
+    next_probe: float = 0.0  # monotonic time a stalled member may be probed again
+
+    def close(self) -> None:
+        self.client.close()
+        self.probe.close()
 
 
 class Membership:
     """The members of peer ``index`` and its heartbeat.
 
-    ``connect(q, url)`` opens a client of member q's database (with whatever credentials the peer's
-    guard gives); ``own`` opens one of our own database (the heartbeat thread's)."""
+    ``connect(q, url, timeout_s)`` opens a client of member q's database whose calls give up after
+    ``timeout_s`` (with whatever credentials the peer's guard gives); ``own`` opens one of our own
+    database (the heartbeat thread's). Each member gets two: one for its vectors and snapshots, bounded
+    by the barrier deadline, and one for probing its liveness and round mark, bounded by the heartbeat
+    interval, so that a member whose database hangs delays us by at most one of them."""
 
     def __init__(self, index: int, cfg: MembershipSection, events: EventLog,
-                 connect: Callable[[int, str], redis.Redis], own: Callable[..., redis.Redis]):
+                 connect: Callable[[int, str, float], redis.Redis], own: Callable[..., redis.Redis], *,
+                 data_timeout_s: float = 30.0):
         self.index, self.cfg, self.events = index, cfg, events
+        self.data_timeout_s = data_timeout_s
         self._connect, self._own = connect, own
         self.members: dict[int, Member] = {}
         self.keys = Keys(index)
@@ -61,9 +76,16 @@ class Membership:
         """Add (or replace) member q at ``url``, awaited from round ``since`` on."""
         old = self.members.get(q)
         if old is not None:
-            old.client.close()
-        self.members[q] = Member(q, url, self._connect(q, url), since=since)
+            old.close()
+        self.members[q] = Member(q, url, self._connect(q, url, self.data_timeout_s),
+                                 self._connect(q, url, self.probe_timeout_s), since=since)
         return self.members[q]
+
+    @property
+    def probe_timeout_s(self) -> float:
+        """How long a liveness probe may take: one heartbeat interval (at least 0.25 s), so that a hung
+        database is found within the two intervals a dead peer is."""
+        return max(0.25, self.cfg.heartbeat_s)
 
     def __contains__(self, q: object) -> bool:
         return q in self.members
@@ -109,14 +131,31 @@ class Membership:
         m = self.members[q]
         K = Keys(q)
         try:
-            pipe = m.client.pipeline(transaction=False)
+            pipe = m.probe.pipeline(transaction=False)
             pipe.exists(K.alive)
             pipe.get(K.ready)
             alive, ready = pipe.execute()
         except redis.RedisError as exc:
             return False, f"database unreachable ({type(exc).__name__})", None
+        m.stalled = False
         ready = as_int(ready)
         return (True, "", ready) if alive else (False, "heartbeat expired", ready)
+
+    def answers(self, q: int) -> bool:
+        """Whether member q's database answers a probe now (clears its ``stalled`` mark if so); a
+        stalled member is probed at most once per two heartbeat intervals (a probe of a hung database
+        takes one)."""
+        m = self.members[q]
+        now = time.monotonic()
+        if now < m.next_probe:
+            return False
+        m.next_probe = now + 2 * self.cfg.heartbeat_s
+        try:
+            m.probe.ping()
+        except redis.RedisError:
+            return False
+        m.stalled = False
+        return True
 
     def suspect(self, peers: list[int]) -> bool:
         """Whether any of ``peers`` missed a barrier lately (the barrier checks those at once)."""
@@ -187,9 +226,10 @@ class Membership:
         if self._thread is not None:
             self._thread.join(5)
         for m in self.members.values():
-            m.client.close()
+            m.close()
 
 
-def member_client(url: str, credentials: dict) -> redis.Redis:
-    """A client of another member's database: short timeouts, so an unreachable member is noticed."""
-    return make_client(url=url, socket_timeout=30, connect_timeout=2, **credentials)
+def member_client(url: str, credentials: dict, timeout_s: float) -> redis.Redis:
+    """A client of another member's database whose calls give up after ``timeout_s`` (connecting after
+    at most 2 s), so an unreachable or hung member is noticed."""
+    return make_client(url=url, socket_timeout=timeout_s, connect_timeout=min(2.0, timeout_s), **credentials)

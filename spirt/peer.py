@@ -56,7 +56,8 @@ from .guard import Guard
 from .keys import Keys
 from .membership import Membership, member_client
 from .servers import make_client
-from .transfer import StateTransfer, parse_join_request
+from .transfer import StateTransfer
+from .wire import parse_join_request
 
 __all__ = ["Peer", "Phase", "RoundMetrics", "OwnDatabaseDown", "Behind", "function_spec", "peer_main",
            "parse_join_request", "ROUND_KEY_TTL_MS"]
@@ -148,8 +149,9 @@ class Peer:
         self.events = EventLog(self.db, self.keys.events, index)
         self.membership = Membership(
             index, cfg.membership, self.events,
-            connect=lambda q, u: member_client(u, self.guard.member_credentials(q, u)),
-            own=lambda **kw: make_client(url=self.url, **kw, **self.guard.own_credentials()))
+            connect=lambda q, u, timeout_s: member_client(u, self.guard.member_credentials(q, u), timeout_s),
+            own=lambda **kw: make_client(url=self.url, **kw, **self.guard.own_credentials()),
+            data_timeout_s=cfg.barrier.timeout_s)
         for q, u in enumerate(urls):
             if q != index and u is not None:
                 self.membership.add(q, u, since=0)
@@ -321,7 +323,7 @@ class Peer:
             grads = self.compute(r, m)
         t["compute"] -= t["store"]  # the functions' database I/O is reported apart
         with self._phase(Phase.AVERAGE, t):
-            own = self.average(r, grads)
+            own = self.average(r, grads, m)
         with self._phase(Phase.PUBLISH, t):
             self.publish(r, own)
         with self._phase(Phase.BARRIER, t):
@@ -378,25 +380,64 @@ class Peer:
         share = io / (io + grad) if io + grad > 0 else 0.0
         # the functions' database I/O, as a share of the fan-out's wall time, and the version read for them
         m.times["store"] = wall * share + t_version
-        return [inv.task.grad_key for inv in ok]
+        return self._screen_sizes(r, [inv.task.grad_key for inv in ok], m)
 
-    def average(self, r: int, grad_keys: list[str]) -> bytes:
+    def _screen_sizes(self, r: int, grad_keys: list[str], m: RoundMetrics) -> list[str]:
+        """Our functions' gradients of the parameters' byte size; one of another size (a faulty or
+        compromised function) counts as a failed function: an event, never averaged, never a crash."""
+        pipe = self.db.pipeline(transaction=False)
+        pipe.strlen(self.keys.params)
+        for key in grad_keys:
+            pipe.strlen(key)
+        width, *sizes = pipe.execute()
+        bad = {key: n for key, n in zip(grad_keys, sizes, strict=True) if n != width}
+        return self._drop_gradients(r, grad_keys, {k: f"gradient of {n} bytes, the parameters have {width}"
+                                                   for k, n in bad.items()}, m)
+
+    def _drop_gradients(self, r: int, grad_keys: list[str], why: dict[str, str], m: RoundMetrics) -> list[str]:
+        if not why:
+            return grad_keys
+        m.functions_ok -= len(why)
+        m.functions_failed += len(why)
+        function = {self.keys.grad(r, i): i for i in range(self.cfg.peers.functions)}
+        for key, reason in why.items():
+            self.events(r, "function_failed", self.index, f"function {function[key]}: {reason}; dropped")
+        kept = [k for k in grad_keys if k not in why]
+        if not kept:
+            raise RuntimeError(f"peer {self.index} round {r}: no usable gradient: {'; '.join(why.values())}")
+        return kept
+
+    def average(self, r: int, grad_keys: list[str], m: RoundMetrics) -> bytes:
         """AVERAGE over the gradients that arrived, read back for publishing in the same round trip;
-        the round is announced (``ready``) before any vector leaves, and old wake-ups are dropped."""
+        the round is announced (``ready``) before any vector leaves, and old wake-ups are dropped. Our
+        average is screened like a received vector (before it enters the peer momentum, if any): if it
+        is not finite, the gradients with a NaN or an infinity are dropped as failed functions and the
+        rest averaged again."""
         K = self.keys
         beta = self.cfg.optim.peer_momentum
         pipe = self.db.pipeline(transaction=False)
         if beta > 0 or not self.backend.queue_average(pipe, K.avg(r), grad_keys):
             self.backend.average(self.db, K.avg(r), grad_keys)
             if beta > 0:  # what we publish becomes our momentum of the averages
+                if not _finite(self.db.get(K.avg(r))):
+                    return self.average(r, self._drop_non_finite(r, grad_keys, m), m)
                 self.backend.peer_momentum(self.db, K.peer_momentum, K.avg(r), beta)
         pipe.pexpire(K.avg(r), ROUND_KEY_TTL_MS)
         pipe.get(K.avg(r))
         pipe.set(K.ready, r)
         pipe.delete(*self.exchange.wake_keys())
         own = pipe.execute()[-3]
+        if beta == 0 and not _finite(own):
+            return self.average(r, self._drop_non_finite(r, grad_keys, m), m)
         self.width = len(own)
         return own
+
+    def _drop_non_finite(self, r: int, grad_keys: list[str], m: RoundMetrics) -> list[str]:
+        bad = {k: "NaN or infinite values" for k, g in zip(grad_keys, self.db.mget(grad_keys), strict=True)
+               if not _finite(g)}
+        if not bad:  # finite gradients whose average overflows: no function to blame
+            raise RuntimeError(f"peer {self.index} round {r}: the average of our gradients overflows")
+        return self._drop_gradients(r, grad_keys, bad, m)
 
     def publish(self, r: int, own: bytes) -> None:
         """PUBLISH our vector (or what our attack sends each peer) into every other peer's inbox."""
@@ -459,6 +500,11 @@ class Peer:
         *_, self._version, _, _, join_scan = pipe.execute()
         self._aggset = (r, arrived)
         return join_scan
+
+
+def _finite(raw: bytes | None) -> bool:
+    """Whether a float32 vector read from a database is there and has no NaN or infinity."""
+    return raw is not None and bool(np.isfinite(np.frombuffer(raw, dtype="<f4")).all())
 
 
 def peer_main(cfg_json: str, index: int, urls: list[str | None], start_key: str | None = None,

@@ -6,15 +6,19 @@ A new peer, or one that fell behind, joins through the live peers:
    databases: ``url|R``);
 2. each live peer, at the end of round R - 1, admits it (awaits its vectors from round R on) and
    snapshots its state after round R - 1: parameters, momentum, and the membership (``snap:R:*``);
-3. the joiner takes the state that two peers hand over identically (the only one, with one live peer),
-   and its membership, and trains from round R.
+3. the joiner takes the state that f + 1 peers (at least two, all of them when fewer are live) hand
+   over identically, with f the number of Byzantine members the group tolerates (the defense's ``f``),
+   and the membership those peers agree on, and trains from round R.
 
-A peer finds out it must resynchronise (:meth:`StateTransfer.behind`) when most members already
-published the next round (it lags), or when a strict majority of the peers that finished the last
-round aggregated a different set of peers than it did (its parameters diverged).
+A peer finds out it must resynchronise (:meth:`StateTransfer.behind`) when a strict majority of the
+other members, and at least f + 1 of them, already published the next round (it lags), or when a
+strict majority of the peers that finished the last round aggregated a different set of peers than it
+did (its parameters diverged). f members alone can therefore neither make an honest peer resynchronise
+nor choose the round it joins at or the state it adopts.
 
-Every value read here was written by another peer: join requests are parsed strictly
-(:func:`parse_join_request`) and a bad one is dropped with an event naming the reason.
+Every value read here was written by another peer and is parsed strictly (:mod:`spirt.wire`): a value
+that does not parse, or an implausible one (a round beyond the training's last), is dropped and held
+against its sender with a ``bad_value`` event naming it and the reason.
 """
 
 from __future__ import annotations
@@ -23,43 +27,28 @@ import hashlib
 import json
 import secrets
 import time
+from collections import Counter
 
 import redis
 
 from .config import Config
 from .events import EventLog
 from .exchange import ROUND_KEY_TTL_MS
-from .functions import as_int
 from .guard import Guard
 from .keys import Keys
 from .membership import Membership
 from .servers import pipelines_at_once
+from .wire import (
+    BadValue,
+    SnapshotMeta,
+    parse_join_request,
+    parse_mark,
+    parse_member_set,
+    parse_snapshot_meta,
+)
 
-MAX_JOIN_REQUEST_BYTES = 2048
 #: a joiner asks to be admitted this many rounds after the latest round the live peers announced
 JOIN_AHEAD = 3
-
-
-def parse_join_request(raw_q, raw) -> tuple[int, str, int]:
-    """(peer, database URL, first round) of one join request (the requester's index, as found in the
-    key name, and the value); ValueError saying what is wrong otherwise."""
-    if raw is None or len(raw) > MAX_JOIN_REQUEST_BYTES:
-        raise ValueError(f"join request of {0 if raw is None else len(raw)} bytes (at most {MAX_JOIN_REQUEST_BYTES})")
-    try:
-        text_q = raw_q.decode("ascii") if isinstance(raw_q, bytes) else str(raw_q)
-        text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
-    except UnicodeDecodeError as exc:
-        raise ValueError("join request is not text") from exc
-    if not text_q.isdigit() or len(text_q) > 9:
-        raise ValueError(f"join request field {text_q[:20]!r} is not a peer index")
-    if "|" not in text:
-        raise ValueError("join request is not url|first-round")
-    url, first = text.rsplit("|", 1)
-    if not (first.isascii() and first.isdigit()) or len(first) > 18:
-        raise ValueError(f"join request's first round {first[:20]!r} is not a round number")
-    if not url.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError("join request's URL is not a redis://, rediss:// or unix:// URL")
-    return int(text_q), url, int(first)
 
 
 class StateTransfer:
@@ -70,6 +59,7 @@ class StateTransfer:
         self.index, self.url, self.db = index, url, db
         self.membership, self.guard, self.events, self.cfg = membership, guard, events, cfg
         self.keys = Keys(index)
+        self._bad: dict[int, str] = {}  # the last bad value said of each sender
 
     # -- serving joiners ----------------------------------------------------------------------------
     def serve_joins(self, r: int, scanned: tuple[int, list] | None = None) -> None:
@@ -83,7 +73,7 @@ class StateTransfer:
                 continue
             try:  # written by another peer: a request that does not parse is dropped, with the reason
                 q, url, first = parse_join_request(K.suffix_after(K.join_pattern, key), raw)
-            except ValueError as exc:
+            except BadValue as exc:
                 self.db.delete(key)
                 self.events(r, "join_rejected", -1, str(exc))
                 continue
@@ -126,38 +116,55 @@ class StateTransfer:
         pipe.execute()
 
     # -- catching up --------------------------------------------------------------------------------
+    @property
+    def f(self) -> int:
+        """How many Byzantine members the group tolerates: the defense's ``f``."""
+        return self.cfg.byzantine_bound
+
+    def bad_value(self, r: int, q: int, exc: BadValue) -> None:
+        """A value peer q wrote does not parse: it is dropped, and said once per sender and reason (the
+        same bad mark would otherwise be logged every round)."""
+        if self._bad.get(q) != str(exc):
+            self._bad[q] = str(exc)
+            self.events(r, "bad_value", q, str(exc))
+
     def behind(self, r: int, mine: str | None) -> str | None:
         """Why we must resynchronise before round r, or None. ``mine``: the peers we aggregated in
         round r - 1 (None: read it from our database).
 
-        - lagging: most current members already published round r + 1 (they finished round r
-          without us);
+        - lagging: a strict majority of the other current members, and at least f + 1 of them, already
+          published round r + 1 (they finished round r without us);
         - diverged: a strict majority of the peers that finished round r - 1 aggregated a different set
           of peers than we did (they excluded us, or we them, e.g. after we stalled past their deadline
           while their vectors still reached us): our parameters differ from theirs.
         """
-        marks: list[int] = []
+        current = self.membership.current()
+        group = set(self.membership) | {self.index}
+        ahead: list[int] = []
         sets: list[str] = []
-        replies = pipelines_at_once({q: (m.client, [("GET", Keys(q).ready), ("GET", Keys(q).aggset(r - 1))])
-                                     for q, m in self.membership.current().items()})
-        for reply in replies.values():
+        replies = pipelines_at_once({q: (m.probe, [("GET", Keys(q).ready), ("GET", Keys(q).aggset(r - 1))])
+                                     for q, m in current.items()})
+        for q, reply in replies.items():
             if isinstance(reply, redis.RedisError) or any(isinstance(x, redis.RedisError) for x in reply):
                 continue
-            v, agg = reply
-            if as_int(v) is not None:
-                marks.append(as_int(v))
+            raw_mark, raw_set = reply
+            try:
+                mark = parse_mark(raw_mark, self.cfg.run.rounds)
+                agg = parse_member_set(raw_set, group) if raw_set is not None else None
+            except BadValue as exc:
+                self.bad_value(r, q, exc)
+                continue
+            if mark is not None and mark >= r + 1:
+                ahead.append(q)
             if agg is not None:
-                sets.append(agg.decode(errors="replace"))
-        if marks and sorted(marks)[len(marks) // 2] >= r + 1:
-            return f"lagging: the peers published round {sorted(marks)[len(marks) // 2]}, we are at {r}"
+                sets.append(agg)
+        if len(ahead) * 2 > len(current) and len(ahead) >= self.f + 1:
+            return f"lagging: peers {sorted(ahead)} of {sorted(current)} published a round after {r}"
         if mine is None:
             raw = self.db.get(self.keys.aggset(r - 1))
             mine = raw.decode() if raw is not None else None
         if mine is not None and sets:
-            counts: dict[str, int] = {}
-            for x in [mine, *sets]:
-                counts[x] = counts.get(x, 0) + 1
-            top, n_top = max(counts.items(), key=lambda kv: kv[1])
+            top, n_top = Counter([mine, *sets]).most_common(1)[0]
             if top != mine and n_top * 2 > len(sets) + 1:
                 return (f"diverged: round {r - 1} aggregated peers {mine} here, {top} at {n_top} of "
                         f"{len(sets) + 1} peers")
@@ -167,12 +174,13 @@ class StateTransfer:
     def join(self, bootstrap: dict[int, str] | None = None, total: int | None = None) -> tuple[int, int]:
         """Join a running training (or resynchronise after falling behind).
 
-        Asks the live peers to admit us from a round R a little ahead of theirs, then takes the
-        parameters, optimizer state, round and membership they snapshot after round R - 1, from at
-        least two peers where there are two, and only if they agree (so one faulty peer cannot hand us
-        a corrupt model). Returns (R, the byte width of the parameters); R is ``total``, the number of
-        rounds, when the training ends before R (there is nothing left to join; the width is 0 then).
-        The caller has stopped advertising liveness (:meth:`Membership.sit_out`).
+        Asks the live peers to admit us from a round R a little ahead of the round at least f + 1 of
+        them announced, then takes the parameters, optimizer state, round and membership they snapshot
+        after round R - 1, once f + 1 of them (at least two where there are two; all of them when fewer
+        are live) hand over the same state, so that f faulty peers cannot hand us a model of theirs.
+        Returns (R, the byte width of the parameters); R is ``total``, the number of rounds, when the
+        training ends before R (there is nothing left to join; the width is 0 then). The caller has
+        stopped advertising liveness (:meth:`Membership.sit_out`).
         """
         total = total or self.cfg.run.rounds
         for q, u in (bootstrap or {}).items():
@@ -182,35 +190,43 @@ class StateTransfer:
         live = self._live_marks()
         if not live:
             raise RuntimeError(f"peer {self.index}: no live peer to join")
-        first = max(live.values()) + JOIN_AHEAD
+        first = self.attested_round(live) + JOIN_AHEAD
         if first >= total:
             self.events(first, "join_too_late", self.index, f"the training ends at round {total - 1}")
             return total, 0
         live = self._ask(live, first)
         self.events(first, "join_request", self.index, f"asked peers {sorted(live)} to admit us from round {first}")
         states = self._collect(live, first)
-        need = min(2, len(live))
-        chosen = self.agreeing(states) if len(states) >= need else None
+        chosen = self.agreeing(states, self.sources_needed(len(live)))
         if chosen is None:
             raise RuntimeError(f"peer {self.index}: state transfer for round {first} failed: "
-                               f"{len(states)} snapshot(s) from {sorted(live)}, "
-                               f"{'no two agree' if len(states) >= need else 'too few'}")
-        params, momentum, meta = chosen
+                               f"{len(states)} snapshot(s) from {sorted(live)}, fewer than "
+                               f"{self.sources_needed(len(live))} agree")
+        sources, (params, momentum) = chosen
         self._install(params, momentum, first)
-        # the membership of the peers we join: theirs, plus the peer that served the state
-        current = {int(q): u for q, u in meta["members"].items()}
-        current.setdefault(int(meta["from"]), self.membership[int(meta["from"])].url)
-        self.membership.adopt(current, first)
-        self.events(first, "joined", self.index, f"state of round {first - 1} from peers {sorted(states)}")
+        self.membership.adopt(self.agreed_members({q: states[q][2] for q in sources}), first)
+        self.events(first, "joined", self.index, f"state of round {first - 1} from peers {sources}")
         return first, len(params)
 
+    def sources_needed(self, live: int) -> int:
+        """How many sources must hand over the same state: f + 1, at least two; all of them when fewer
+        are live (a group of one can only be trusted)."""
+        return min(max(2, self.f + 1), live)
+
+    def attested_round(self, live: dict[int, int]) -> int:
+        """The latest round that at least f + 1 of the live peers announced (all of them when fewer):
+        f peers announcing a later round cannot move a joiner's first round."""
+        marks = sorted(live.values(), reverse=True)
+        return marks[min(self.f, len(marks) - 1)]
+
     def _live_marks(self) -> dict[int, int]:
-        """The members that are alive and not done, with the last round they announced (-1: none)."""
+        """The members that are alive and not done, with the last round they announced (-1: none); a
+        member whose mark does not parse is not asked."""
         live = {}
         for q, m in self.membership.members.items():
             K = Keys(q)
             try:
-                pipe = m.client.pipeline(transaction=False)
+                pipe = m.probe.pipeline(transaction=False)
                 pipe.get(K.ready)
                 pipe.exists(K.alive)
                 pipe.exists(K.done)
@@ -218,7 +234,12 @@ class StateTransfer:
             except redis.RedisError:
                 continue
             if alive and not done:
-                live[q] = as_int(v) if as_int(v) is not None else -1
+                try:
+                    mark = parse_mark(v, self.cfg.run.rounds)
+                except BadValue as exc:
+                    self.bad_value(-1, q, exc)
+                    continue
+                live[q] = -1 if mark is None else mark
         return live
 
     def _ask(self, live: dict[int, int], first: int) -> dict[int, int]:
@@ -232,14 +253,17 @@ class StateTransfer:
                 continue
         return asked
 
-    def _collect(self, live: dict[int, int], first: int) -> dict[int, tuple[bytes, bytes | None, dict]]:
-        """The snapshots for round ``first``, until two agree, all arrived, or the join times out."""
-        need = min(2, len(live))
+    def _collect(self, live: dict[int, int], first: int) -> dict[int, tuple[bytes, bytes | None, SnapshotMeta]]:
+        """The snapshots for round ``first``, until enough agree, all arrived, or the join times out. A
+        snapshot whose meta does not parse is dropped (and its source not asked again)."""
+        need = self.sources_needed(len(live))
         deadline = time.monotonic() + self.cfg.membership.join_timeout_s
-        states: dict[int, tuple[bytes, bytes | None, dict]] = {}
+        states: dict[int, tuple[bytes, bytes | None, SnapshotMeta]] = {}
+        bad: set[int] = set()
+        max_peers = max(self.cfg.peers.count, self.index + 1, *(q + 1 for q in self.membership))
         while time.monotonic() < deadline and live:
             for q in live:
-                if q in states:
+                if q in states or q in bad:
                     continue
                 K = Keys(q)
                 try:
@@ -249,11 +273,14 @@ class StateTransfer:
                     p, mom, meta = pipe.execute()
                 except redis.RedisError:
                     continue
-                if p is not None and meta is not None:
-                    states[q] = (p, mom, json.loads(meta))
-            if len(states) >= need and self.agreeing(states) is not None:
-                break
-            if len(states) == len(live):
+                if p is None or meta is None:
+                    continue
+                try:
+                    states[q] = (p, mom, parse_snapshot_meta(meta, source=q, round=first - 1, max_peers=max_peers))
+                except BadValue as exc:
+                    bad.add(q)
+                    self.bad_value(first, q, exc)
+            if self.agreeing(states, need) is not None or len(states) + len(bad) == len(live):
                 break
             self.guard.serve(self.membership.members)
             time.sleep(0.05)
@@ -274,13 +301,28 @@ class StateTransfer:
         pipe.execute()
 
     @staticmethod
-    def agreeing(states: dict[int, tuple[bytes, bytes | None, dict]]):
-        """The state that at least two sources (or the only source) hand over identically."""
+    def agreeing(states: dict[int, tuple[bytes, bytes | None, object]], need: int):
+        """(the sources, (params, momentum)) of the state at least ``need`` sources hand over
+        identically (the largest such group; the lowest source index breaks a tie), or None."""
         digests: dict[str, list[int]] = {}
-        for q, (p, mom, _) in states.items():
+        for q, (p, mom, _) in sorted(states.items()):
             h = hashlib.sha256(p + b"|" + (mom or b"")).hexdigest()
             digests.setdefault(h, []).append(q)
         best = max(digests.values(), key=len, default=[])
-        if len(states) == 1 or len(best) >= 2:
-            return states[best[0]]
-        return None
+        if not best or len(best) < need:
+            return None
+        p, mom, _ = states[best[0]]
+        return best, (p, mom)
+
+    def agreed_members(self, metas: dict[int, SnapshotMeta]) -> dict[int, str]:
+        """The group's membership from the agreeing sources: a member is in when a strict majority of
+        them list it (with the URL most of them give), and every source is in. One source cannot add or
+        drop members the others do not."""
+        votes: dict[int, Counter] = {}
+        for meta in metas.values():
+            for q, url in meta.members.items():
+                votes.setdefault(q, Counter())[url] += 1
+        current = {q: c.most_common(1)[0][0] for q, c in votes.items() if sum(c.values()) * 2 > len(metas)}
+        for q in metas:
+            current.setdefault(q, self.membership[q].url)
+        return current

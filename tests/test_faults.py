@@ -13,6 +13,7 @@ on the full test set must be within 1 point of the fault-free run with the same 
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import signal
@@ -229,6 +230,57 @@ def test_round_goes_on_with_the_gradients_that_arrived():
             s.stop()
 
 
+class _CorruptingExecutor(InlineExecutor):
+    """Inline functions, after which function 1's gradient is cut short and function 2's holds a NaN (a
+    faulty or compromised function writing its slot)."""
+
+    def map(self, tasks):
+        out = super().map(tasks)
+        db = redis.Redis.from_url(tasks[0].db_url)
+        try:
+            db.setrange(tasks[2].grad_key, 8, np.float32(np.nan).tobytes())
+            db.set(tasks[1].grad_key, db.get(tasks[1].grad_key)[:-4])
+        finally:
+            db.close()
+        return out
+
+
+@pytest.mark.timeout(120)
+def test_byzantine_malformed_own_gradients_are_failed_functions():
+    """A gradient of the wrong size or with a NaN is dropped as a failed function (an event) before it
+    is averaged: the peers train on the good ones, their parameters stay finite and equal."""
+    cfg = load_config(None, {**SMALL, "peers.functions": 3})
+    servers = [start_server("valkey", unix_socket=True) for _ in range(2)]
+    peers = []
+    try:
+        urls = [s.url for s in servers]
+        peers = [Peer(cfg, i, urls, executor=_CorruptingExecutor(function_spec(cfg))) for i in range(2)]
+        for p in peers:
+            p.init_params()
+        results: dict = {}
+        threads = [threading.Thread(target=lambda p=p: results.__setitem__(p.index, p.run())) for p in peers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        assert not any(t.is_alive() for t in threads) and sorted(results) == [0, 1]
+        for i in range(2):
+            assert all(m.functions_ok == 1 and m.functions_failed == 2 and m.peers_aggregated == 2
+                       for m in results[i])
+            ev = [json.loads(e) for e in servers[i].client().lrange(Keys(i).events, 0, -1)]
+            failed = [e["detail"] for e in ev if e["event"] == "function_failed"]
+            assert sum("function 1: gradient of" in d for d in failed) == 2
+            assert sum("NaN or infinite" in d for d in failed) == 2
+            params = servers[i].client().get(Keys(i).params)
+            assert np.isfinite(np.frombuffer(params, dtype="<f4")).all()
+        assert servers[0].client().get(Keys(0).params) == servers[1].client().get(Keys(1).params)
+    finally:
+        for p in peers:
+            p.close()
+        for s in servers:
+            s.stop()
+
+
 # -- persistence ---------------------------------------------------------------------------------------
 
 @pytest.mark.timeout(60)
@@ -367,4 +419,20 @@ def test_scenario_restart_db():
     m = res.metrics
     before = m[(m["peer"] == 2) & (m["round"] < resume)]["round"]
     assert sorted(before) == list(range(resume))  # every completed round kept its row, none twice
+    assert (m[m["round"] == res.rounds - 1]["peers_aggregated"] == 4).all()
+
+
+@pytest.mark.timeout(420)
+def test_scenario_stall_db():
+    res, ref = _run("stall_db")
+    _check_common(res, ref)
+    deadline = faults.BASE["barrier.timeout_s"]
+    assert res.detection_s <= deadline + 2 * HB  # found unreachable at the barrier after one bounded push
+    m = res.metrics
+    others = m[m["peer"].isin([0, 1, 3])]
+    normal = others[others["wall_end"] < res.t_fault]["t_round"].quantile(0.95)
+    # a hung database delays the others' rounds by at most the barrier deadline (plus one probe)
+    assert others["t_round"].max() <= normal + deadline + HB + 1.0, others["t_round"].max()
+    ev = res.events
+    assert "joined" in set(ev[ev["peer"] == 2]["event"])  # it fell behind and took the others' state
     assert (m[m["round"] == res.rounds - 1]["peers_aggregated"] == 4).all()

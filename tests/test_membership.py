@@ -20,7 +20,7 @@ from spirt.membership import Membership
 def table(valkey_server):
     db = valkey_server.client(decode_responses=False)
     events = EventLog(db, Keys(0).events, 0)
-    m = Membership(0, MembershipSection(max_misses=2), events, connect=lambda q, url: None, own=lambda: db)
+    m = Membership(0, MembershipSection(max_misses=2), events, connect=lambda q, url, timeout_s: None, own=lambda: db)
     for q in (1, 2, 3):
         m.add(q, f"unix:///peer{q}.sock")
     try:

@@ -1,0 +1,178 @@
+"""Parsers of the values a peer reads that another peer wrote.
+
+Every value here comes from a database another peer controls, so it is hostile input: it is parsed
+strictly (type, size, range), and a value that does not parse raises :class:`BadValue` saying what is
+wrong. The caller drops the value and holds it against its sender (an event naming the sender and the
+reason); nothing here lets a bad value through or raises anything else.
+
+=====================  ==================================================  ==========================
+value                  written by                                          parser
+=====================  ==================================================  ==========================
+round mark (``ready``) a peer, when it publishes a round                   :func:`parse_mark`
+aggregated set         a peer, with its update (the peers it aggregated)   :func:`parse_member_set`
+snapshot meta          a peer serving a joiner (round, members, its URL)   :func:`parse_snapshot_meta`
+join request           a peer asking to be admitted (``url|first round``)  :func:`parse_join_request`
+=====================  ==================================================  ==========================
+
+Vectors are checked where they are read (byte width in the exchange, contents by the guard's screen);
+the wake-up lists carry nothing that is used.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection
+from dataclasses import dataclass
+
+#: a round number or peer index as decimal text: at most 18 digits (below 2**63)
+MAX_INT_DIGITS = 18
+MAX_JOIN_REQUEST_BYTES = 2048
+MAX_URL_BYTES = 1024
+MAX_META_BYTES = 64 * 1024
+URL_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+class BadValue(ValueError):
+    """A value another peer wrote does not parse; the message says what is wrong with it."""
+
+
+def _text(raw: object, what: str, limit: int) -> str:
+    if raw is None:
+        raise BadValue(f"{what} is missing")
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", errors="surrogatepass")
+    if not isinstance(raw, bytes | bytearray):
+        raise BadValue(f"{what} is not a string")
+    if len(raw) > limit:
+        raise BadValue(f"{what} of {len(raw)} bytes (at most {limit})")
+    try:
+        return bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadValue(f"{what} is not UTF-8 text") from None
+
+
+def _int(text: str, what: str) -> int:
+    body = text[1:] if text.startswith("-") else text
+    if not (body.isascii() and body.isdigit()) or len(body) > MAX_INT_DIGITS:
+        raise BadValue(f"{what} {text[:24]!r} is not an integer")
+    return int(text)
+
+
+def check_url(url: object, what: str = "URL") -> str:
+    """A database URL another peer gave us: a string with a Redis scheme, of bounded length."""
+    if not isinstance(url, str) or len(url.encode("utf-8", errors="replace")) > MAX_URL_BYTES:
+        raise BadValue(f"{what} is not a string of at most {MAX_URL_BYTES} bytes")
+    if not url.startswith(URL_SCHEMES) or any(c.isspace() or ord(c) < 32 for c in url):
+        raise BadValue(f"{what} is not a redis://, rediss:// or unix:// URL")
+    return url
+
+
+def parse_mark(raw: object, rounds: int) -> int | None:
+    """The last round a peer announced (its ``ready`` key): None when it has announced none; -1 to
+    ``rounds - 1`` otherwise. A round beyond the training's last one is implausible.
+
+    >>> parse_mark(b"41", rounds=100), parse_mark(None, rounds=100)
+    (41, None)
+    >>> parse_mark(b"1000000", rounds=100)
+    Traceback (most recent call last):
+    ...
+    spirt.wire.BadValue: round mark 1000000 is not a round of this training (-1 to 99)
+    """
+    if raw is None:
+        return None
+    v = _int(_text(raw, "round mark", MAX_INT_DIGITS + 1), "round mark")
+    if not -1 <= v < rounds:
+        raise BadValue(f"round mark {v} is not a round of this training (-1 to {rounds - 1})")
+    return v
+
+
+def parse_member_set(raw: object, peers: Collection[int]) -> str:
+    """A set of peers a peer aggregated, in its canonical form (comma-separated, increasing indices,
+    each one of ``peers``), as stored; BadValue otherwise.
+
+    >>> parse_member_set(b"0,1,3", peers=range(4))
+    '0,1,3'
+    >>> parse_member_set(b"3,1", peers=range(4))
+    Traceback (most recent call last):
+    ...
+    spirt.wire.BadValue: aggregated set '3,1' is not increasing
+    """
+    limit = max(1, len(peers)) * (MAX_INT_DIGITS + 1)
+    text = _text(raw, "aggregated set", limit)
+    items = [_int(x, "aggregated set entry") for x in text.split(",")]
+    if any(b <= a for a, b in zip(items, items[1:], strict=False)):
+        raise BadValue(f"aggregated set {text[:40]!r} is not increasing")
+    unknown = [q for q in items if q not in peers]
+    if unknown:
+        raise BadValue(f"aggregated set names peers {unknown[:5]} that are not in the group")
+    return text
+
+
+@dataclass(frozen=True)
+class SnapshotMeta:
+    """What a peer serving a joiner says of the state it snapshot: the round the state is after, the
+    serving peer, the group's current members (index -> database URL) and its own URL."""
+
+    round: int
+    source: int
+    members: dict[int, str]
+    self_url: str
+
+
+def parse_snapshot_meta(raw: object, *, source: int, round: int, max_peers: int) -> SnapshotMeta:
+    """The meta of a snapshot read from peer ``source`` for the state after ``round``: a JSON object
+    with exactly ``round``, ``from``, ``members`` and ``self_url``; the round and the source must be the
+    ones asked for, members at most ``max_peers`` entries of peer index -> URL.
+
+    >>> m = parse_snapshot_meta(b'{"round": 6, "from": 1, "members": {"0": "unix:///a"}, '
+    ...                         b'"self_url": "unix:///b"}', source=1, round=6, max_peers=8)
+    >>> m.members, m.self_url
+    ({0: 'unix:///a'}, 'unix:///b')
+    """
+    text = _text(raw, "snapshot meta", MAX_META_BYTES)
+    try:
+        obj = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        raise BadValue("snapshot meta is not JSON") from None
+    if not isinstance(obj, dict) or set(obj) != {"round", "from", "members", "self_url"}:
+        raise BadValue("snapshot meta is not an object with round, from, members and self_url")
+    if type(obj["round"]) is not int or obj["round"] != round:
+        raise BadValue(f"snapshot meta's round {str(obj['round'])[:24]} is not the round asked for ({round})")
+    if type(obj["from"]) is not int or obj["from"] != source:
+        raise BadValue(f"snapshot meta's source {str(obj['from'])[:24]} is not the peer it was read from ({source})")
+    members = obj["members"]
+    if not isinstance(members, dict) or len(members) > max_peers:
+        raise BadValue(f"snapshot meta's members are not a map of at most {max_peers} peers")
+    parsed = {}
+    for q, url in members.items():
+        index = _int(q, "snapshot meta's member index")
+        if not 0 <= index < max_peers:
+            raise BadValue(f"snapshot meta names member {index}, outside 0 to {max_peers - 1}")
+        parsed[index] = check_url(url, f"snapshot meta's URL of member {index}")
+    return SnapshotMeta(round, source, parsed, check_url(obj["self_url"], "snapshot meta's own URL"))
+
+
+def parse_join_request(raw_q: object, raw: object) -> tuple[int, str, int]:
+    """(peer, database URL, first round) of one join request: the requester's index as found in the
+    key name, and the value ``url|first round``; BadValue saying what is wrong otherwise.
+
+    >>> parse_join_request(b"4", b"unix:///tmp/p4.sock|12")
+    (4, 'unix:///tmp/p4.sock', 12)
+    """
+    if raw is None or len(raw) > MAX_JOIN_REQUEST_BYTES:
+        raise BadValue(f"join request of {0 if raw is None else len(raw)} bytes (at most {MAX_JOIN_REQUEST_BYTES})")
+    try:
+        text_q = raw_q.decode("ascii") if isinstance(raw_q, bytes) else str(raw_q)
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+    except UnicodeDecodeError as exc:
+        raise BadValue("join request is not text") from exc
+    if not text_q.isdigit() or len(text_q) > 9:
+        raise BadValue(f"join request field {text_q[:20]!r} is not a peer index")
+    if "|" not in text:
+        raise BadValue("join request is not url|first-round")
+    url, first = text.rsplit("|", 1)
+    if not (first.isascii() and first.isdigit()) or len(first) > MAX_INT_DIGITS:
+        raise BadValue(f"join request's first round {first[:20]!r} is not a round number")
+    if not url.startswith(URL_SCHEMES):
+        raise BadValue("join request's URL is not a redis://, rediss:// or unix:// URL")
+    return int(text_q), url, int(first)

@@ -1,0 +1,207 @@
+"""Agreement on the group's state against Byzantine members, with real database servers.
+
+The attacker holds an admitted member's rights: it writes what it likes into its own database (its
+round mark, its aggregated set, its snapshots and their meta), which is where the others read them.
+One peer's state-transfer part (spirt.transfer.StateTransfer) is driven directly against those
+databases, so each attack is mounted exactly and each test fails if the defence is removed: catching up
+needs a strict majority and f + 1 of the members, a joiner's round is one f + 1 members announced, a
+state is adopted from f + 1 identical snapshots, and a value that does not parse is the sender's fault.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from spirt.config import load_config
+from spirt.events import EventLog
+from spirt.guard import Guard
+from spirt.keys import Keys
+from spirt.membership import Membership, member_client
+from spirt.servers import make_client, start_server
+from spirt.transfer import JOIN_AHEAD, StateTransfer
+
+ROUNDS = 100
+
+
+@pytest.fixture(scope="module")
+def servers():
+    started = []
+    try:
+        for _ in range(6):
+            started.append(start_server("valkey"))
+        yield started
+    finally:
+        for s in started:
+            s.stop()
+
+
+@pytest.fixture
+def group(servers):
+    """``make(n, f)``: peer 0's state transfer in a group of n members with tolerance f, plus a client
+    of every member's database (flushed), all members alive."""
+    made: list = []
+
+    def make(n: int, f: int = 0, me: int = 0) -> tuple[StateTransfer, list]:
+        urls = [s.url for s in servers[:n]]
+        dbs = [make_client(url=u) for u in urls]
+        for db in dbs:
+            db.flushall()
+        for q, db in enumerate(dbs):
+            db.set(Keys(q).alive, q, px=600_000)
+        params = {"f": f} if f else {}
+        cfg = load_config(None, {"peers.count": max(n, 2 * f + 1), "run.rounds": ROUNDS,
+                                 "aggregation.defense": "median" if f else "mean", "aggregation.params": params,
+                                 "membership.join_timeout_s": 20})
+        own = dbs[me]
+        membership = Membership(me, cfg.membership, EventLog(own, Keys(me).events, me),
+                                connect=lambda q, u, timeout_s: member_client(u, {}, timeout_s), own=lambda **kw: make_client(url=urls[me], **kw))
+        for q in range(n):
+            if q != me:
+                membership.add(q, urls[q])
+        t = StateTransfer(me, urls[me], own, membership, Guard(), membership.events, cfg)
+        made.append((membership, dbs))
+        return t, dbs
+
+    yield make
+    for membership, dbs in made:
+        membership.close()
+        for db in dbs:
+            db.close()
+
+
+def _events(db, me: int = 0) -> list[dict]:
+    return [json.loads(e) for e in db.lrange(Keys(me).events, 0, -1)]
+
+
+def _marks(dbs, marks: dict[int, object]) -> None:
+    for q, v in marks.items():
+        dbs[q].set(Keys(q).ready, v)
+
+
+# -------------------------------------------------------------------------------- catching up
+
+
+def test_byzantine_an_inflated_mark_does_not_make_a_peer_resync(group):
+    t, dbs = group(3)
+    r = 7
+    _marks(dbs, {0: r, 1: r, 2: 10**6})  # implausible: beyond the training's last round
+    assert t.behind(r, None) is None
+    _marks(dbs, {2: r + 5})  # plausible, but one member of three is not a majority
+    assert t.behind(r, None) is None
+    bad = [e for e in _events(dbs[0]) if e["event"] == "bad_value"]
+    assert [(e["about"], "not a round of this training" in e["detail"]) for e in bad] == [(2, True)]
+    _marks(dbs, {1: r + 1})  # now both others finished round r: we lag
+    assert t.behind(r, None).startswith("lagging")
+
+
+def test_byzantine_lagging_needs_f_plus_one_members(group):
+    t, dbs = group(5, f=2)
+    r = 3
+    _marks(dbs, {0: r, 1: r, 2: r, 3: r + 4, 4: r + 4})  # f = 2 colluders ahead
+    assert t.behind(r, None) is None
+    _marks(dbs, {2: r + 1})  # 3 of 4: a strict majority and f + 1
+    assert "lagging" in t.behind(r, None)
+
+
+def test_byzantine_garbage_aggregated_sets_are_dropped(group):
+    t, dbs = group(3)
+    r = 5
+    _marks(dbs, {0: r, 1: r, 2: r})
+    dbs[0].set(Keys(0).aggset(r - 1), "0,1,2")
+    dbs[1].set(Keys(1).aggset(r - 1), "0,1,2")
+    dbs[2].set(Keys(2).aggset(r - 1), b"\xff\x00" * 10)
+    assert t.behind(r, None) is None
+    dbs[2].set(Keys(2).aggset(r - 1), "2,9")  # a peer not in the group
+    assert t.behind(r, None) is None
+    assert [e["about"] for e in _events(dbs[0]) if e["event"] == "bad_value"] == [2, 2]
+    dbs[1].set(Keys(1).aggset(r - 1), "1,2")
+    dbs[2].set(Keys(2).aggset(r - 1), "1,2")  # both others left us out: we diverged
+    assert t.behind(r, None).startswith("diverged")
+
+
+# -------------------------------------------------------------------------------- joining
+
+
+def _snapshot(db, q: int, first: int, params: bytes, members: dict[int, str], url: str) -> None:
+    K = Keys(q)
+    db.set(K.snapshot(first, "params"), params)
+    db.set(K.snapshot(first, "momentum"), params[::-1])
+    db.set(K.snapshot(first, "meta"), json.dumps({"round": first - 1, "from": q, "self_url": url,
+                                                   "members": {str(m): u for m, u in members.items()}}))
+
+
+def test_byzantine_inflated_marks_do_not_move_a_joiners_round(group):
+    t, dbs = group(5, f=2)
+    assert t.attested_round({1: 10, 2: 10, 3: 40, 4: 40}) == 10
+    # three announced 12 or later: at least one of them is honest, so round 12 was reached
+    assert t.attested_round({1: 10, 2: 12, 3: 40, 4: 40}) == 12
+    t0, _ = group(3)
+    assert t0.attested_round({1: 10, 2: 11}) == 11  # f = 0: the latest
+
+
+def test_byzantine_colluding_snapshots_are_not_adopted(group, servers):
+    """Two colluding members of six (f = 2) announce a later round and publish identical poisoned
+    snapshots at once; the honest ones publish theirs when their round ends. The joiner waits for f + 1
+    identical ones and takes the honest state, at the honest round."""
+    t, dbs = group(6, f=2, me=5)
+    urls = [s.url for s in servers[:6]]
+    honest_at = 20
+    _marks(dbs, {0: honest_at, 1: honest_at, 2: honest_at, 3: honest_at + 30, 4: honest_at + 30})
+    first = honest_at + JOIN_AHEAD
+    poison, good = b"\x7f" * 64, b"\x01" * 64
+    members = {q: urls[q] for q in range(5)}
+    for q in (3, 4):
+        for at in (first, honest_at + 30 + JOIN_AHEAD):  # wherever the joiner looks
+            _snapshot(dbs[q], q, at, poison, members, urls[q])
+
+    def honest_peers_serve():
+        for q in (0, 1, 2):
+            threading.Event().wait(0.3)
+            _snapshot(dbs[q], q, first, good, members, urls[q])
+
+    server = threading.Thread(target=honest_peers_serve)
+    server.start()
+    try:
+        start, width = t.join(total=ROUNDS)
+    finally:
+        server.join()
+    assert (start, width) == (first, len(good))
+    own = dbs[5]
+    assert own.get(Keys(5).params) == good and own.get(Keys(5).momentum) == good[::-1]
+    joined = [e for e in _events(own, 5) if e["event"] == "joined"]
+    assert len(joined) == 1 and joined[0]["detail"].endswith("from peers [0, 1, 2]")
+
+
+def test_byzantine_bad_snapshot_meta_is_the_senders_fault(group, servers):
+    t, dbs = group(4, f=0, me=3)
+    urls = [s.url for s in servers[:4]]
+    _marks(dbs, {0: 5, 1: 5, 2: 5})
+    first = 5 + JOIN_AHEAD
+    members = {q: urls[q] for q in range(3)}
+    state = b"\x02" * 32
+    dbs[0].set(Keys(0).snapshot(first, "params"), state)
+    dbs[0].set(Keys(0).snapshot(first, "meta"), b"\xff\xfe not UTF-8 JSON")
+    for q in (1, 2):
+        _snapshot(dbs[q], q, first, state, members, urls[q])
+    assert t.join(total=ROUNDS) == (first, len(state))
+    ev = _events(dbs[3], 3)
+    assert [(e["event"], e["about"]) for e in ev if e["event"] == "bad_value"] == [("bad_value", 0)]
+    assert [e["detail"] for e in ev if e["event"] == "joined"] == [f"state of round {first - 1} from peers [1, 2]"]
+
+
+def test_byzantine_one_source_cannot_change_the_membership_a_joiner_adopts(group, servers):
+    t, dbs = group(4, f=0, me=3)
+    urls = [s.url for s in servers[:4]]
+    _marks(dbs, {0: 5, 1: 5, 2: 5})
+    first = 5 + JOIN_AHEAD
+    state = b"\x03" * 16
+    honest = {q: urls[q] for q in range(3)}
+    _snapshot(dbs[0], 0, first, state, {1: urls[1], 5: "redis://attacker:1"}, urls[0])  # drops 2, adds 5
+    for q in (1, 2):
+        _snapshot(dbs[q], q, first, state, honest, urls[q])
+    t.join(total=ROUNDS)
+    current = t.membership.current()
+    assert sorted(current) == [0, 1, 2] and all(current[q].url == urls[q] for q in current)
