@@ -19,6 +19,7 @@ import os
 import signal
 import threading
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -198,14 +199,15 @@ class _LosingExecutor(InlineExecutor):
         return sorted(out + lost, key=lambda i: i.task.index)
 
 
-@pytest.mark.timeout(120)
-def test_round_goes_on_with_the_gradients_that_arrived():
-    cfg = load_config(None, {**SMALL, "peers.functions": 3})
+@contextmanager
+def _two_peers_trained(cfg, executor):
+    """Two thread peers, each on its own server with functions run by ``executor(cfg)``, trained to
+    the end; yields (their rounds' metrics by peer, a client of each server). Everything is stopped."""
     servers = [start_server("valkey", unix_socket=True) for _ in range(2)]
-    peers = []
+    peers, clients = [], []
     try:
         urls = [s.url for s in servers]
-        peers = [Peer(cfg, i, urls, executor=_LosingExecutor(function_spec(cfg), retries=1)) for i in range(2)]
+        peers = [Peer(cfg, i, urls, executor=executor(cfg)) for i in range(2)]
         for p in peers:
             p.init_params()
         results: dict = {}
@@ -214,20 +216,33 @@ def test_round_goes_on_with_the_gradients_that_arrived():
             t.start()
         for t in threads:
             t.join(90)
-        assert not any(t.is_alive() for t in threads)
-        for i in range(2):
-            rows = results[i]
-            assert [m.round for m in rows] == [0, 1]
-            assert all(m.functions_ok == 2 and m.functions_failed == 1 and m.peers_aggregated == 2 for m in rows)
-            ev = [e.decode() for e in servers[i].client().lrange(Keys(i).events, 0, -1)]
-            assert sum('"function_failed"' in e for e in ev) == 2
-        assert servers[0].client().get(Keys(0).params) == servers[1].client().get(Keys(1).params)
-        assert servers[0].client().get(Keys(0).params) != _initial_params(cfg)
+        assert not any(t.is_alive() for t in threads) and sorted(results) == [0, 1], "a peer failed"
+        clients = [s.client() for s in servers]
+        yield results, clients
     finally:
+        for c in clients:
+            c.close()
         for p in peers:
             p.close()
         for s in servers:
             s.stop()
+
+
+def _events(db, i: int) -> list[dict]:
+    return [json.loads(e) for e in db.lrange(Keys(i).events, 0, -1)]
+
+
+@pytest.mark.timeout(120)
+def test_round_goes_on_with_the_gradients_that_arrived():
+    cfg = load_config(None, {**SMALL, "peers.functions": 3})
+    with _two_peers_trained(cfg, lambda c: _LosingExecutor(function_spec(c), retries=1)) as (results, dbs):
+        for i in range(2):
+            rows = results[i]
+            assert [m.round for m in rows] == [0, 1]
+            assert all(m.functions_ok == 2 and m.functions_failed == 1 and m.peers_aggregated == 2 for m in rows)
+            assert sum(e["event"] == "function_failed" for e in _events(dbs[i], i)) == 2
+        assert dbs[0].get(Keys(0).params) == dbs[1].get(Keys(1).params)
+        assert dbs[0].get(Keys(0).params) != _initial_params(cfg)
 
 
 class _CorruptingExecutor(InlineExecutor):
@@ -250,35 +265,15 @@ def test_byzantine_malformed_own_gradients_are_failed_functions():
     """A gradient of the wrong size or with a NaN is dropped as a failed function (an event) before it
     is averaged: the peers train on the good ones, their parameters stay finite and equal."""
     cfg = load_config(None, {**SMALL, "peers.functions": 3})
-    servers = [start_server("valkey", unix_socket=True) for _ in range(2)]
-    peers = []
-    try:
-        urls = [s.url for s in servers]
-        peers = [Peer(cfg, i, urls, executor=_CorruptingExecutor(function_spec(cfg))) for i in range(2)]
-        for p in peers:
-            p.init_params()
-        results: dict = {}
-        threads = [threading.Thread(target=lambda p=p: results.__setitem__(p.index, p.run())) for p in peers]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(90)
-        assert not any(t.is_alive() for t in threads) and sorted(results) == [0, 1]
+    with _two_peers_trained(cfg, lambda c: _CorruptingExecutor(function_spec(c))) as (results, dbs):
         for i in range(2):
             assert all(m.functions_ok == 1 and m.functions_failed == 2 and m.peers_aggregated == 2
                        for m in results[i])
-            ev = [json.loads(e) for e in servers[i].client().lrange(Keys(i).events, 0, -1)]
-            failed = [e["detail"] for e in ev if e["event"] == "function_failed"]
+            failed = [e["detail"] for e in _events(dbs[i], i) if e["event"] == "function_failed"]
             assert sum("function 1: gradient of" in d for d in failed) == 2
             assert sum("NaN or infinite" in d for d in failed) == 2
-            params = servers[i].client().get(Keys(i).params)
-            assert np.isfinite(np.frombuffer(params, dtype="<f4")).all()
-        assert servers[0].client().get(Keys(0).params) == servers[1].client().get(Keys(1).params)
-    finally:
-        for p in peers:
-            p.close()
-        for s in servers:
-            s.stop()
+            assert np.isfinite(np.frombuffer(dbs[i].get(Keys(i).params), dtype="<f4")).all()
+        assert dbs[0].get(Keys(0).params) == dbs[1].get(Keys(1).params)
 
 
 # -- persistence ---------------------------------------------------------------------------------------
