@@ -176,6 +176,7 @@ class Peer:
         self._version: int | None = None
         # (round, the peers we aggregated in it): what the catching-up check compares with the others
         self._aggset: tuple[int, str] | None = None
+        self._diverged = False  # said once: our own average stopped being finite
 
     @property
     def members(self):
@@ -419,25 +420,33 @@ class Peer:
         if beta > 0 or not self.backend.queue_average(pipe, K.avg(r), grad_keys):
             self.backend.average(self.db, K.avg(r), grad_keys)
             if beta > 0:  # what we publish becomes our momentum of the averages
-                if not _finite(self.db.get(K.avg(r))):
-                    return self.average(r, self._drop_non_finite(r, grad_keys, m), m)
+                if not _finite(self.db.get(K.avg(r))) and (kept := self._finite_gradients(r, grad_keys, m)) != grad_keys:
+                    return self.average(r, kept, m)
                 self.backend.peer_momentum(self.db, K.peer_momentum, K.avg(r), beta)
         pipe.pexpire(K.avg(r), ROUND_KEY_TTL_MS)
         pipe.get(K.avg(r))
         pipe.set(K.ready, r)
         pipe.delete(*self.exchange.wake_keys())
         own = pipe.execute()[-3]
-        if beta == 0 and not _finite(own):
-            return self.average(r, self._drop_non_finite(r, grad_keys, m), m)
+        if beta == 0 and not _finite(own) and (kept := self._finite_gradients(r, grad_keys, m)) != grad_keys:
+            return self.average(r, kept, m)
         self.width = len(own)
         return own
 
-    def _drop_non_finite(self, r: int, grad_keys: list[str], m: RoundMetrics) -> list[str]:
+    def _finite_gradients(self, r: int, grad_keys: list[str], m: RoundMetrics) -> list[str]:
+        """The gradients without a NaN or an infinity; the others are failed functions. When none is
+        finite, or all are and only their average overflows, no function is to blame: our parameters
+        diverged (e.g. under an attack the aggregation rule does not stop). That is an event, once, and
+        the round goes on with what we have, so that the run reports the collapse instead of ending."""
         bad = {k: "NaN or infinite values" for k, g in zip(grad_keys, self.db.mget(grad_keys), strict=True)
                if not _finite(g)}
-        if not bad:  # finite gradients whose average overflows: no function to blame
-            raise RuntimeError(f"peer {self.index} round {r}: the average of our gradients overflows")
-        return self._drop_gradients(r, grad_keys, bad, m)
+        if bad and len(bad) < len(grad_keys):
+            return self._drop_gradients(r, grad_keys, bad, m)
+        if not self._diverged:
+            self._diverged = True
+            self.events(r, "diverged", self.index, "our average has NaN or infinite values "
+                        f"({len(grad_keys) - len(bad)} of {len(grad_keys)} gradients finite): our parameters diverged")
+        return grad_keys
 
     def publish(self, r: int, own: bytes) -> None:
         """PUBLISH our vector (or what our attack sends each peer) into every other peer's inbox."""
