@@ -24,9 +24,9 @@ import redis
 
 from .config import MembershipSection
 from .events import EventLog
-from .functions import as_int
 from .keys import Keys
 from .servers import make_client
+from .wire import BadValue, parse_mark
 
 
 @dataclass
@@ -61,9 +61,12 @@ class Membership:
 
     def __init__(self, index: int, cfg: MembershipSection, events: EventLog,
                  connect: Callable[[int, str, float], redis.Redis], own: Callable[..., redis.Redis], *,
-                 data_timeout_s: float = 30.0):
+                 data_timeout_s: float = 30.0, rounds: int | None = None):
         self.index, self.cfg, self.events = index, cfg, events
         self.data_timeout_s = data_timeout_s
+        #: the training's rounds: a member's round mark beyond them is implausible (None: unbounded)
+        self.rounds = rounds
+        self._bad_marks: dict[int, str] = {}  # the last bad mark said of each member
         self._connect, self._own = connect, own
         self.members: dict[int, Member] = {}
         self.keys = Keys(index)
@@ -138,8 +141,14 @@ class Membership:
         except redis.RedisError as exc:
             return False, f"database unreachable ({type(exc).__name__})", None
         m.stalled = False
-        ready = as_int(ready)
-        return (True, "", ready) if alive else (False, "heartbeat expired", ready)
+        try:  # written by the member: a mark that does not parse is dropped and said, once per reason
+            published = parse_mark(ready, self.rounds if self.rounds is not None else 2**62)
+        except BadValue as exc:
+            published = None
+            if self._bad_marks.get(q) != str(exc):
+                self._bad_marks[q] = str(exc)
+                self.events(-1, "bad_value", q, str(exc))
+        return (True, "", published) if alive else (False, "heartbeat expired", published)
 
     def answers(self, q: int) -> bool:
         """Whether member q's database answers a probe now (clears its ``stalled`` mark if so); a

@@ -151,7 +151,7 @@ class Peer:
             index, cfg.membership, self.events,
             connect=lambda q, u, timeout_s: member_client(u, self.guard.member_credentials(q, u), timeout_s),
             own=lambda **kw: make_client(url=self.url, **kw, **self.guard.own_credentials()),
-            data_timeout_s=cfg.barrier.timeout_s)
+            data_timeout_s=cfg.barrier.timeout_s, rounds=cfg.run.rounds)
         for q, u in enumerate(urls):
             if q != index and u is not None:
                 self.membership.add(q, u, since=0)

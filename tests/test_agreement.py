@@ -57,7 +57,8 @@ def group(servers):
                                  "membership.join_timeout_s": 20})
         own = dbs[me]
         membership = Membership(me, cfg.membership, EventLog(own, Keys(me).events, me),
-                                connect=lambda q, u, timeout_s: member_client(u, {}, timeout_s), own=lambda **kw: make_client(url=urls[me], **kw))
+                                connect=lambda q, u, timeout_s: member_client(u, {}, timeout_s),
+                                own=lambda **kw: make_client(url=urls[me], **kw), rounds=ROUNDS)
         for q in range(n):
             if q != me:
                 membership.add(q, urls[q])
@@ -95,6 +96,16 @@ def test_byzantine_an_inflated_mark_does_not_make_a_peer_resync(group):
     assert [(e["about"], "not a round of this training" in e["detail"]) for e in bad] == [(2, True)]
     _marks(dbs, {1: r + 1})  # now both others finished round r: we lag
     assert t.behind(r, None).startswith("lagging")
+
+
+def test_byzantine_an_implausible_mark_is_not_followed_by_the_liveness_check(group):
+    # the barrier reads a member's mark with its heartbeat: a round beyond the training's is dropped
+    t, dbs = group(3)
+    _marks(dbs, {1: 10**6, 2: 7})
+    assert t.membership.alive(1) == (True, "", None) and t.membership.alive(2) == (True, "", 7)
+    assert t.membership.alive(1) == (True, "", None)
+    bad = [e for e in _events(dbs[0]) if e["event"] == "bad_value"]
+    assert [(e["about"], "not a round of this training" in e["detail"]) for e in bad] == [(1, True)]
 
 
 def test_byzantine_lagging_needs_f_plus_one_members(group):

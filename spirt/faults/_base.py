@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -57,7 +58,7 @@ def register(name: str, aliases: tuple[str, ...] = ()):
     return registry.register(name, aliases)
 
 
-class Fault:
+class Fault(ABC):
     """A fault of a peer-to-peer training, injected into a running :class:`~spirt.cluster.Cluster`.
 
     A fault is a class in its own module of :mod:`spirt.faults`, decorated with ``@register("name")``.
@@ -120,9 +121,9 @@ class Fault:
         if self.into_round:
             time.sleep(self.into_round * cluster.round_time(peer))
 
+    @abstractmethod
     def inject(self, cluster: Cluster, scenario: Scenario) -> float:
         """Do it to ``scenario.victim``; returns the wall time (``time.time()``) the fault happened."""
-        raise NotImplementedError
 
     def fault_time(self, scenario: Scenario, t_injected: float, events: pd.DataFrame) -> float:
         """The wall time measures count from, once the training is over (default: what :meth:`inject`
