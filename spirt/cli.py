@@ -153,22 +153,34 @@ def _cmd_run(args) -> int:
     from rich.console import Console
 
     from .config import ConfigError, load_config
-    from .runner import run_training, write_run_reports
+    from .runner import TrainingError, run_training, state_config, write_run_reports
 
     console = Console(stderr=True)
     try:
-        with _config_file(args.config) as path:
-            cfg = load_config(path, _overrides(args))
-    except ConfigError as exc:
+        if args.resume:
+            if args.config or any(v is not None for v in _overrides(args).values()):
+                console.print("[red]--resume takes the configuration the run was started with: no config "
+                              "file or overrides")
+                return 2
+            cfg = state_config(args.resume)
+        else:
+            with _config_file(args.config) as path:
+                cfg = load_config(path, _overrides(args))
+    except (ConfigError, TrainingError) as exc:
         console.print(f"[red]{exc}")
         return 2
     out = Path(args.out or cfg.run.out)
-    df = run_training(cfg, progress=not args.quiet)
+    df = run_training(cfg, progress=not args.quiet, state_dir=args.resume or args.state_dir,
+                      resume=bool(args.resume))
     label = args.label if args.label is not None else cfg.aggregation.backend
     summary = write_run_reports(df, out, label)
     console.print(f"[bold]{cfg.run.name}[/] ({label}): final accuracy {summary['final_accuracy']:.4f}, "
                   f"{summary['mean_round_s'] * 1e3:.0f} ms per round, non-compute share "
                   f"{summary['non_compute_share']:.1%}; reports in {out}")
+    if summary["final_states"] > 1:
+        console.print(f"[red]the honest peers ended with {summary['final_states']} different models: the run "
+                      "did not end in agreement (see the peers' events)")
+        return 1
     return 0
 
 
@@ -271,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="report directory (default: run.out of the config, 'results')")
     run.add_argument("--label", help="suffix of the report files (default: the aggregation backend)")
     run.add_argument("--quiet", action="store_true", help="no progress display")
+    run.add_argument("--state-dir", metavar="DIR", help="keep the databases' files in DIR (persistence on), so "
+                     "that the run can be resumed after a full stop")
+    run.add_argument("--resume", metavar="DIR", help="resume the run persisted in DIR (started with "
+                     "--state-dir) after every database and orchestrator stopped, e.g. a power loss")
     run.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="any other config field")
     for flag, (_, typ, help_) in RUN_FLAGS.items():
         run.add_argument("--" + flag.replace("_", "-"), dest=flag, type=typ, help=help_)

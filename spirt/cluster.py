@@ -21,8 +21,11 @@ import pandas as pd
 import redis
 
 from .backends import needs_module
+from .byzantine import is_byzantine
 from .config import Config
+from .disagreement import Observer
 from .keys import START_KEY, Keys
+from .links import Links
 from .peer import peer_main
 from .processes import RUNNING, command_line, descendants, handle, signal_if_same, state, stop_processes
 from .servers import Server, make_client, start_server
@@ -67,9 +70,11 @@ class Cluster:
     """
 
     def __init__(self, cfg: Config, slots: int | None = None, initial: list[int] | None = None,
-                 newcomers: list[int] = ()):
+                 newcomers: list[int] = (), *, links: bool = False):
         """``initial`` peers train from the start; ``newcomers`` are started with them (ready, not
-        training) and ask to join on :meth:`join`."""
+        training) and ask to join on :meth:`join`. With ``links``, each peer reaches every other
+        peer's database through its own proxy (:class:`spirt.links.Links`, as :attr:`links`), which
+        partition faults cut and heal."""
         self.cfg = cfg
         self.slots = slots or cfg.peers.count
         self.initial = list(range(cfg.peers.count)) if initial is None else list(initial)
@@ -81,6 +86,10 @@ class Cluster:
         self.t_start = float("nan")
         self._ctx = peer_context()
         self._clients: dict[int, redis.Redis] = {}
+        self._want_links = links
+        self.links: Links | None = None
+        #: the honest peers' disagreement, per round (started with the training)
+        self.observer: Observer | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def __enter__(self) -> Cluster:
@@ -98,20 +107,31 @@ class Cluster:
     def urls(self) -> list[str]:
         return [s.url for s in self.servers]
 
+    def urls_for(self, i: int) -> list[str | None]:
+        """The databases as peer i reaches them: directly, or through its links."""
+        if self.links is None:
+            return self.urls
+        return self.links.urls_for(i, dict(enumerate(self.urls)))
+
     def start(self, timeout_s: float = 300.0) -> None:
         c = self.cfg
         for _ in range(self.slots):
             self.servers.append(start_server(c.peers.server, module=needs_module(c.aggregation.backend),
                                              unix_socket=True, persistence=c.peers.persistence, fsync="always"))
-        urls = [u if i in self.initial else None for i, u in enumerate(self.urls)]
+        if self._want_links:
+            self.links = Links({i: s.unix_socket for i, s in enumerate(self.servers)})
         cfg_json = c.model_dump_json()
         for i in self.initial:
+            urls = [u if q in self.initial else None for q, u in enumerate(self.urls_for(i))]
             self._spawn(i, (cfg_json, i, urls, START_KEY, False))
         for i in self.newcomers:
-            self._spawn(i, (cfg_json, i, self.urls, START_KEY, True))
+            self._spawn(i, (cfg_json, i, self.urls_for(i), START_KEY, True))
         deadline = time.monotonic() + timeout_s
         while not all(self.client(i).exists(Keys(i).up) for i in self.initial + self.newcomers):
             self._check_started(deadline)
+        honest = [i for i in range(self.slots) if not is_byzantine(c, i)]
+        self.observer = Observer({i: make_client(url=self.servers[i].url, socket_timeout=1, connect_timeout=1)
+                                  for i in honest}).__enter__()
         self.client(0).set(START_KEY, 1)
         self.t_start = time.time()
 
@@ -129,6 +149,10 @@ class Cluster:
         time.sleep(0.05)
 
     def close(self) -> None:
+        if self.observer is not None:
+            self.observer.stop()
+            for c in self.observer.clients.values():
+                c.close()
         for i in list(self.stopped):
             self.resume(i)
         for i in list(self.stopped_dbs):
@@ -139,6 +163,8 @@ class Cluster:
         self._clients.clear()
         for s in self.servers:
             s.stop()
+        if self.links is not None:
+            self.links.close()
 
     def client(self, i: int) -> redis.Redis:
         if i not in self._clients:
@@ -296,7 +322,7 @@ class Cluster:
         to join on :meth:`join`."""
         if i in self.procs:
             raise ClusterError(f"peer {i} is already running")
-        self._spawn(i, (self.cfg.model_dump_json(), i, self.urls, START_KEY, True))
+        self._spawn(i, (self.cfg.model_dump_json(), i, self.urls_for(i), START_KEY, True))
         deadline = time.monotonic() + timeout_s
         while not self.client(i).exists(Keys(i).up):
             self._check_started(deadline)

@@ -202,6 +202,8 @@ class MembershipSection(_Section):
     max_misses: int = Field(3, ge=1, description="missed barriers before a peer is removed from the membership")
     join_timeout_s: float = Field(120.0, gt=0, description="how long a joining peer waits for state transfer")
     db_recovery_s: float = Field(30.0, gt=0, description="how long a peer waits for its own restarted database")
+    quorum_timeout_s: float = Field(300.0, gt=0, description="how long a peer without a quorum (a strict "
+                                    "majority of the group reachable) waits before it gives up")
 
 
 class AttackSection(_Section):

@@ -56,7 +56,8 @@ class Exchange:
         round trip in all). Removed peers get it too: a peer coming back can then rejoin without
         waiting. An unreachable peer cannot wait for us anyway: it misses this round. A peer whose
         database did not answer a push within the barrier deadline (it hangs) is not pushed to again
-        until it answers a liveness probe (:meth:`Membership.alive`)."""
+        until it answers a liveness probe (:meth:`Membership.alive`). A push whose connection broke is
+        retried once."""
         self.pushed_at = time.monotonic()
         jobs = {}
         for q, data in outgoing.items():
@@ -70,7 +71,13 @@ class Exchange:
                      ("RPUSH", K.notify(self.index), r),
                      ("LTRIM", K.notify(self.index), -NOTIFY_KEEP, -1)]
             jobs[q] = (self.membership[q].client, cmds)
-        for q, reply in pipelines_at_once(jobs).items():
+        replies = pipelines_at_once(jobs)
+        # a connection that broke (a server restarted, a link that came back closing what it had
+        # swallowed) is retried once on a fresh one: the vector would be lost for the round otherwise
+        broken = {q: jobs[q] for q, reply in replies.items() if isinstance(reply, redis.ConnectionError)}
+        if broken:
+            replies.update(pipelines_at_once(broken))
+        for q, reply in replies.items():
             if isinstance(reply, redis.TimeoutError):
                 self.membership[q].stalled = True
 

@@ -12,7 +12,7 @@ The calls, in the order a round makes them:
 
 =======================  =======================================================================
 ``own_credentials``      how the orchestrator logs in to its own database
-``function_credentials`` how its gradient functions log in (passed with their tasks)
+``function_credentials`` how each gradient function logs in (passed with its task)
 ``member_credentials``   how it logs in to another member's database
 ``admit``                before the first round: be admitted by every member, admit them
 ``sign_outgoing``        PUBLISH: one envelope per recipient, pushed beside the vector
@@ -40,7 +40,8 @@ class Guard:
     def own_credentials(self) -> dict:
         return {}
 
-    def function_credentials(self) -> dict:
+    def function_credentials(self, k: int) -> dict:
+        """How gradient function k logs in (each has its own user, limited to its own slot)."""
         return {}
 
     def member_credentials(self, q: int, url: str) -> dict:

@@ -21,6 +21,8 @@ key (in p's database)  what it holds, who writes it
 ``avg:r``              p's average of its K gradients in round r
 ``agg:r``              the aggregate p applies in round r
 ``aggset:r``           the peers p aggregated in round r (comma-separated)
+``digest:r``           SHA-1 of p's parameters after round r, written with the update (compared by peers)
+``state``              ``r|digest`` of p's last completed round, written with the update
 ``in:q:r``             peer q's round-r vector, pushed by q (remote-writable by q only)
 ``in:q:r:sig``         its signed envelope (security on), pushed by q
 ``vin:q:r``            the copy of q's vector p checked and aggregates (q cannot write it)
@@ -132,6 +134,15 @@ class Keys:
         """The peers whose round-r vectors arrived in time (comma-separated), written with the update."""
         return self._k("aggset", r)
 
+    def digest(self, r: int) -> str:
+        """SHA-1 of the parameters after round r (hex), written in the update's transaction."""
+        return self._k("digest", r)
+
+    @property
+    def state(self) -> str:
+        """``r|digest``: the last completed round and the digest of the parameters after it."""
+        return self._k("state")
+
     def incoming(self, q: int, r: int) -> str:
         """Peer q's round-r vector in our inbox (q pushes it)."""
         return self._k("in", q, r)
@@ -194,12 +205,20 @@ class Keys:
         return self._k("aggset", "*")
 
     @property
+    def digest_pattern(self) -> str:
+        return self._k("digest", "*")
+
+    @property
     def snapshot_pattern(self) -> str:
         return self._k("snap", "*")
 
     @property
     def grad_pattern(self) -> str:
         return self._k("grad", "*")
+
+    def grad_slot_pattern(self, k: int) -> str:
+        """Gradient function k's slot in every round (its user may write only these keys)."""
+        return self._k("grad", "*", k)
 
     def inbox_pattern(self, q: int) -> str:
         """Everything peer q may push into our inbox (its vectors and their envelopes)."""

@@ -7,10 +7,12 @@
 - Accounting after each barrier: a member whose vector arrived has its misses reset; one that was
   missing is excluded from the round (an ``excluded`` event with the reason) and removed from the
   membership after ``membership.max_misses`` misses in a row (``removed``).
-- Readmission: a removed member whose vector shows up again is readmitted (``readmitted``); a member
-  that asks to join again is added afresh (:mod:`spirt.transfer`).
+- Readmission: only by state transfer. A removed member's state has diverged from ours, so its
+  vectors are never aggregated again; it comes back by asking to join (:mod:`spirt.transfer`), which
+  adds it afresh.
 
-Everything here is this peer's own view; nothing is agreed with the other peers.
+This is this peer's own view; the peers compare their states before each round
+(:mod:`spirt.agreement`), and a peer whose view left it out of the group's state resynchronises.
 """
 
 from __future__ import annotations
@@ -187,14 +189,6 @@ class Membership:
                 m.removed = True
                 self.events(r, "removed", q, f"{m.misses} missed barriers")
         return notes
-
-    def readmit(self, r: int, peers: list[int]) -> None:
-        """Members whose round-r vectors arrived although they were removed or late: back in."""
-        for q in peers:
-            m = self.members[q]
-            if m.removed:
-                m.removed, m.misses = False, 0
-                self.events(r, "readmitted", q)
 
     # -- heartbeat ----------------------------------------------------------------------------------
     def start_heartbeat(self) -> None:

@@ -45,6 +45,7 @@ import numpy as np
 import redis
 
 from .aggregate import choose_path
+from .agreement import Agreement, NoQuorum, Verdict, queue_digest, quorate
 from .backends import SGDConfig, get_backend
 from .byzantine import Byzantine, is_byzantine
 from .config import Config
@@ -55,6 +56,7 @@ from .functions import FunctionSpec, GradTask, as_int
 from .guard import Guard
 from .keys import Keys
 from .membership import Membership, member_client
+from .screening import GradientScreen, finite
 from .servers import make_client
 from .transfer import StateTransfer
 from .wire import parse_join_request
@@ -76,6 +78,7 @@ class Phase(enum.Enum):
     EVALUATE = "evaluate"
     JOIN = "join"
     RECOVER = "recover"
+    WAIT = "wait"  # no quorum: not training
 
     @property
     def metric(self) -> str:
@@ -128,7 +131,7 @@ def make_guard(cfg: Config, index: int, url: str, backend) -> Guard:
     from .security.context import PeerSecurity
 
     return PeerSecurity(cfg.security, index, url, make_client(url=url, socket_timeout=120),
-                        checks_in_database=backend.finite_check)
+                        checks_in_database=backend.finite_check, functions=cfg.peers.functions)
 
 
 class Peer:
@@ -162,6 +165,9 @@ class Peer:
         self.spec = function_spec(cfg)
         self.byzantine = is_byzantine(cfg, index)
         self.attack = Byzantine(cfg, index) if self.byzantine else None
+        # a simulated attacker does not mind diverging from the honest peers: it never resyncs for it
+        self.agreement = Agreement(index, self.db, self.membership, cfg.byzantine_bound, cfg.run.rounds,
+                                   self.transfer.bad_value, check_state=not self.byzantine)
         import defenses
 
         self.defense = defenses.get(cfg.aggregation.defense, pre=cfg.aggregation.pre or None,
@@ -174,9 +180,8 @@ class Peer:
         self.width = 0  # bytes of a parameter vector
         # our parameters' version counter, known from our own updates (None: read it from the database)
         self._version: int | None = None
-        # (round, the peers we aggregated in it): what the catching-up check compares with the others
-        self._aggset: tuple[int, str] | None = None
-        self._diverged = False  # said once: our own average stopped being finite
+        self.screen = GradientScreen(index, self.db, cfg.peers.functions, self.events)
+        self.completed = -1  # the last round whose update we applied (acknowledged by our database)
 
     @property
     def members(self):
@@ -204,13 +209,31 @@ class Peer:
         pipe.set(K.params, params)
         # a random start, so a warm worker never mistakes another run's parameters for these
         pipe.set(K.version, secrets.randbits(62))
-        self._version, self._aggset = None, None
+        self._version = None
         pipe.set(K.completed, -1)
-        pipe.delete(K.momentum, K.peer_momentum, K.ready, K.metrics, K.done, K.events,
-                    *self.transfer.matching(K.join_pattern), *self.transfer.matching(K.notify_pattern))
+        pipe.delete(K.momentum, K.peer_momentum, K.ready, K.state, K.metrics, K.done, K.events,
+                    *self.transfer.matching(K.join_pattern), *self.transfer.matching(K.notify_pattern),
+                    # another run's digests on the same database would read as this run's
+                    *self.transfer.matching(K.digest_pattern), *self.transfer.matching(K.aggset_pattern))
         pipe.execute()
         self.membership.start_heartbeat()
         return numel
+
+    def resume(self) -> int:
+        """Take up a persisted training where our database's files left it (after every database and
+        orchestrator stopped, e.g. a power loss); returns the round we go on from."""
+        K = self.keys
+        done, params = self.db.get(K.completed), self.db.get(K.params)
+        if done is None or params is None:
+            raise RuntimeError(f"peer {self.index}: nothing to resume: the database has no training state")
+        self.completed = int(done)
+        self.start_round = self.completed + 1
+        self.width, self._version = len(params), None
+        self.db.delete(K.done)
+        self.events(self.start_round, "resumed", self.index, f"after round {self.completed}, from our "
+                    "database's files")
+        self.membership.start_heartbeat()
+        return self.start_round
 
     def init_eval_state(self) -> None:
         self.evaluator.warm()
@@ -226,8 +249,9 @@ class Peer:
         first, width = self.transfer.join(bootstrap, total)
         self.start_round = first
         if width:
+            self.completed = first - 1
             self.width = width
-            self._version, self._aggset = None, None
+            self._version = None
             self.membership.start_heartbeat()
         return first
 
@@ -250,11 +274,17 @@ class Peer:
         self.guard.limit_value_size(self.width)
         while r < total:
             try:
-                why = self._behind(r) if r > self.start_round else None
-                if why:
-                    r = self._resync(r, total, why)
+                verdict = self.agreement.check(r)
+                if verdict.kind == "resync":
+                    r = self._resync(r, total, verdict.why)
+                    continue
+                if verdict.kind == "wait":
+                    r = self._wait(r, total, verdict)
                     continue
                 m = self.round(r)
+            except NoQuorum as exc:
+                r = self._wait(r, total, Verdict("wait", str(exc)))
+                continue
             except Behind as exc:
                 log.warning("peer %s: %s", self.index, exc)
                 r = self._resync(r, total, str(exc))
@@ -271,9 +301,27 @@ class Peer:
         self.db.set(self.keys.done, 1)
         return out
 
-    def _behind(self, r: int) -> str | None:
-        mine = self._aggset[1] if self._aggset is not None and self._aggset[0] == r - 1 else None
-        return self.transfer.behind(r, mine)
+    def _wait(self, r: int, total: int, verdict: Verdict) -> int:
+        """No quorum before round r: train nothing, keep our heartbeat, serve joins (and admissions),
+        probe again every half heartbeat interval. Returns the round to go on from once a quorum is
+        back (or after a resync); gives up after ``membership.quorum_timeout_s``."""
+        self.phase = Phase.WAIT
+        self.events(r, "no_quorum", self.index, f"{verdict.why}; not training until a quorum is back")
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < self.cfg.membership.quorum_timeout_s:
+            self.guard.serve(self.members)
+            r = self.transfer.serve_waiting(r)
+            time.sleep(self.cfg.membership.heartbeat_s / 2)
+            verdict = self.agreement.check(r)
+            if verdict.kind == "resync":
+                return self._resync(r, total, verdict.why)
+            if verdict.train:
+                self.events(r, "quorum", self.index, f"back after {time.monotonic() - t0:.1f} s")
+                return r
+        self.events(r, "gave_up", self.index, f"no quorum for {self.cfg.membership.quorum_timeout_s:g} s: "
+                    f"{verdict.why}")
+        raise RuntimeError(f"peer {self.index}: no quorum for {self.cfg.membership.quorum_timeout_s:g} s "
+                           f"before round {r}: {verdict.why}")
 
     def _resync(self, r: int, total: int, why: str = "") -> int:
         self.events(r, "resync", self.index, f"{why or 'behind the live peers'}; state transfer")
@@ -297,7 +345,13 @@ class Peer:
                     raise RuntimeError(f"peer {self.index}: the restarted database lost the training state "
                                        "(start it with persistence on)")
                 resume = int(done) + 1
-                self._version, self._aggset = None, None  # the restart may have lost our last update
+                self._version = None  # the restart may have lost our last update
+                if resume <= self.completed:  # it came back without updates it had acknowledged
+                    self.events(resume, "rolled_back", self.index,
+                                f"our database came back at round {resume - 1}, we had completed round "
+                                f"{self.completed}: {self.completed - resume + 1} round(s) lost from its "
+                                "files; we go on from there")
+                self.completed = resume - 1
                 self.events(resume, "recovered", self.index, f"database back, resuming at round {resume}")
                 return resume
             time.sleep(0.1)
@@ -330,6 +384,9 @@ class Peer:
         with self._phase(Phase.BARRIER, t):
             ready, missing = self.exchange.barrier(r, self.membership.awaited(r), self.width)
         excluded = self.membership.account(r, ready, missing)
+        if not quorate(1 + len(ready), 1 + len(self.members)):  # a minority does not move on alone
+            raise NoQuorum(f"round {r}: {1 + len(ready)} of {1 + len(self.members)} vectors arrived, no "
+                           "majority of the group; the round's update is not applied")
         with self._phase(Phase.AGGREGATE, t):
             arrived = self.aggregate(r, ready, excluded, m)
         with self._phase(Phase.UPDATE, t):
@@ -357,7 +414,7 @@ class Peer:
         data_attack = self.attack.data_attack if self.attack is not None else None
         tasks = [GradTask(self.spec, self.url, self.index, r, i, K.params, K.grad(r, i), ROUND_KEY_TTL_MS,
                           data_attack, version_key=K.version, version=self._version,
-                          **self.guard.function_credentials()) for i in range(k)]
+                          **self.guard.function_credentials(i)) for i in range(k)]
         t0 = time.perf_counter()
         invocations = self.executor.map(tasks)
         wall = time.perf_counter() - t0
@@ -381,32 +438,7 @@ class Peer:
         share = io / (io + grad) if io + grad > 0 else 0.0
         # the functions' database I/O, as a share of the fan-out's wall time, and the version read for them
         m.times["store"] = wall * share + t_version
-        return self._screen_sizes(r, [inv.task.grad_key for inv in ok], m)
-
-    def _screen_sizes(self, r: int, grad_keys: list[str], m: RoundMetrics) -> list[str]:
-        """Our functions' gradients of the parameters' byte size; one of another size (a faulty or
-        compromised function) counts as a failed function: an event, never averaged, never a crash."""
-        pipe = self.db.pipeline(transaction=False)
-        pipe.strlen(self.keys.params)
-        for key in grad_keys:
-            pipe.strlen(key)
-        width, *sizes = pipe.execute()
-        bad = {key: n for key, n in zip(grad_keys, sizes, strict=True) if n != width}
-        return self._drop_gradients(r, grad_keys, {k: f"gradient of {n} bytes, the parameters have {width}"
-                                                   for k, n in bad.items()}, m)
-
-    def _drop_gradients(self, r: int, grad_keys: list[str], why: dict[str, str], m: RoundMetrics) -> list[str]:
-        if not why:
-            return grad_keys
-        m.functions_ok -= len(why)
-        m.functions_failed += len(why)
-        function = {self.keys.grad(r, i): i for i in range(self.cfg.peers.functions)}
-        for key, reason in why.items():
-            self.events(r, "function_failed", self.index, f"function {function[key]}: {reason}; dropped")
-        kept = [k for k in grad_keys if k not in why]
-        if not kept:
-            raise RuntimeError(f"peer {self.index} round {r}: no usable gradient: {'; '.join(why.values())}")
-        return kept
+        return self.screen.sizes(r, [inv.task.grad_key for inv in ok], m)
 
     def average(self, r: int, grad_keys: list[str], m: RoundMetrics) -> bytes:
         """AVERAGE over the gradients that arrived, read back for publishing in the same round trip;
@@ -420,7 +452,7 @@ class Peer:
         if beta > 0 or not self.backend.queue_average(pipe, K.avg(r), grad_keys):
             self.backend.average(self.db, K.avg(r), grad_keys)
             if beta > 0:  # what we publish becomes our momentum of the averages
-                if not _finite(self.db.get(K.avg(r))) and (kept := self._finite_gradients(r, grad_keys, m)) != grad_keys:
+                if not finite(self.db.get(K.avg(r))) and (kept := self.screen.finite(r, grad_keys, m)) != grad_keys:
                     return self.average(r, kept, m)
                 self.backend.peer_momentum(self.db, K.peer_momentum, K.avg(r), beta)
         pipe.pexpire(K.avg(r), ROUND_KEY_TTL_MS)
@@ -428,25 +460,10 @@ class Peer:
         pipe.set(K.ready, r)
         pipe.delete(*self.exchange.wake_keys())
         own = pipe.execute()[-3]
-        if beta == 0 and not _finite(own) and (kept := self._finite_gradients(r, grad_keys, m)) != grad_keys:
+        if beta == 0 and not finite(own) and (kept := self.screen.finite(r, grad_keys, m)) != grad_keys:
             return self.average(r, kept, m)
         self.width = len(own)
         return own
-
-    def _finite_gradients(self, r: int, grad_keys: list[str], m: RoundMetrics) -> list[str]:
-        """The gradients without a NaN or an infinity; the others are failed functions. When none is
-        finite, or all are and only their average overflows, no function is to blame: our parameters
-        diverged (e.g. under an attack the aggregation rule does not stop). That is an event, once, and
-        the round goes on with what we have, so that the run reports the collapse instead of ending."""
-        bad = {k: "NaN or infinite values" for k, g in zip(grad_keys, self.db.mget(grad_keys), strict=True)
-               if not _finite(g)}
-        if bad and len(bad) < len(grad_keys):
-            return self._drop_gradients(r, grad_keys, bad, m)
-        if not self._diverged:
-            self._diverged = True
-            self.events(r, "diverged", self.index, "our average has NaN or infinite values "
-                        f"({len(grad_keys) - len(bad)} of {len(grad_keys)} gradients finite): our parameters diverged")
-        return grad_keys
 
     def publish(self, r: int, own: bytes) -> None:
         """PUBLISH our vector (or what our attack sends each peer) into every other peer's inbox."""
@@ -467,9 +484,10 @@ class Peer:
         peers with the same inputs compute bit-identical results. Returns the peers that arrived
         (comma-separated, ourselves included), as recorded with the update."""
         K = self.keys
-        present = [q for q in sorted(self.members) if q not in ready]
+        # a late member's vector counts; a removed member's never does: it comes back only by state
+        # transfer (its state has diverged from ours since we removed it)
+        present = [q for q in sorted(self.members) if q not in ready and not self.members[q].removed]
         late = sorted(self.exchange.inbox(r, present))
-        self.membership.readmit(r, late)  # a removed or late peer whose vector is here after all
         inputs = {self.index: K.avg(r)}
         candidates = sorted(set(ready) | set(late))
         arrived = ",".join(map(str, sorted([self.index, *candidates])))
@@ -501,29 +519,26 @@ class Peer:
         self.backend.queue_update(pipe, self.db, K.params, K.momentum, K.agg(r), self.sgd)
         pipe.set(K.completed, r)
         pipe.set(K.aggset(r), arrived, px=ROUND_KEY_TTL_MS)
+        queue_digest(pipe, K, r)  # what the peers compare before the next round
         pipe.incr(K.version)
         pipe.rpush(K.metrics, json.dumps(m.row()))
         pipe.delete(*[K.grad(r, i) for i in range(self.cfg.peers.functions)], K.agg(r), K.avg(r),
                     *self.exchange.round_keys(r), *self.guard.round_keys(r, self.members))
         pipe.scan(0, match=K.join_pattern, count=1000)
         *_, self._version, _, _, join_scan = pipe.execute()
-        self._aggset = (r, arrived)
+        self.completed = r
         return join_scan
 
 
-def _finite(raw: bytes | None) -> bool:
-    """Whether a float32 vector read from a database is there and has no NaN or infinity."""
-    return raw is not None and bool(np.isfinite(np.frombuffer(raw, dtype="<f4")).all())
-
-
 def peer_main(cfg_json: str, index: int, urls: list[str | None], start_key: str | None = None,
-              join: bool = False) -> None:
+              join: bool = False, resume: bool = False) -> None:
     """Entry point of a peer orchestrator process: set up, wait for the start signal (or join a
     running training), train.
 
     The start signal is ``start_key`` in peer 0's database. With ``join=True`` it is awaited in this
     peer's own database instead (if given): a launcher can start a newcomer ahead of time (torch
-    imported, workers warm) and let it ask to join at a chosen moment."""
+    imported, workers warm) and let it ask to join at a chosen moment. With ``resume=True`` the peer takes
+    up the training its database holds (:meth:`Peer.resume`) instead of starting a new one."""
     import torch
 
     torch.set_num_threads(1)
@@ -541,7 +556,10 @@ def peer_main(cfg_json: str, index: int, urls: list[str | None], start_key: str 
             peer.join()
             peer.run()
             return
-        peer.init_params()
+        if resume:
+            peer.resume()
+        else:
+            peer.init_params()
         peer.executor.warm()
         peer.db.set(peer.keys.up, 1)
         if start_key and peer.guard.active:  # secured: set in every database, ours is the one we read

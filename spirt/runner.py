@@ -103,20 +103,50 @@ def _progress(cfg: Config, urls: list[str], stop: threading.Event, enabled: bool
         c.close()
 
 
-def run_training(cfg: Config, *, progress: bool = True, timeout_s: float | None = None) -> pd.DataFrame:
-    """Train; returns the per-round, per-peer metrics (also left in the peers' databases until stop)."""
+STATE_CONFIG = "config.json"
+
+
+def state_config(state_dir: str | Path) -> Config:
+    """The configuration a persisted run was started with (to resume it)."""
+    path = Path(state_dir) / STATE_CONFIG
+    if not path.exists():
+        raise TrainingError(f"{state_dir} holds no persisted run (no {STATE_CONFIG})")
+    return Config.model_validate_json(path.read_text())
+
+
+def run_training(cfg: Config, *, progress: bool = True, timeout_s: float | None = None,
+                 state_dir: str | Path | None = None, resume: bool = False) -> pd.DataFrame:
+    """Train; returns the per-round, per-peer metrics (also left in the peers' databases until stop).
+
+    ``state_dir``: the databases keep their files there (persistence on, every write on disk before
+    its reply), one folder per peer, with the configuration beside them; ``resume`` restarts such a
+    run after a full stop (every database and orchestrator gone, e.g. a power loss): the databases load
+    their files and every peer goes on after the last round its database completed.
+
+    ``df.attrs["final_states"]`` is the number of distinct final models among the honest peers: a run
+    that ended with more than one did not end right."""
+    if resume and state_dir is None:
+        raise TrainingError("resume needs the state directory of the run")
     cfg, client = _launcher_access(cfg)
     with ExitStack() as stack:
         if cfg.peers.urls:
             urls = list(cfg.peers.urls)
         else:
             servers = []
-            for _ in range(cfg.peers.count):
+            if state_dir is not None:
+                Path(state_dir).mkdir(parents=True, exist_ok=True)
+                if not resume:
+                    (Path(state_dir) / STATE_CONFIG).write_text(cfg.model_dump_json(indent=1))
+            for i in range(cfg.peers.count):
                 # with persistence, every write is on disk before its reply (appendfsync always): a
                 # restarted database has every update the peer saw completed
+                workdir = None if state_dir is None else Path(state_dir) / f"peer-{i}"
+                if workdir is not None:
+                    workdir.mkdir(exist_ok=True)
                 srv = start_server(cfg.peers.server, module=needs_module(cfg.aggregation.backend),
-                                   unix_socket=cfg.peers.unix_socket, persistence=cfg.peers.persistence,
-                                   fsync="always", **_tls_args(cfg))
+                                   unix_socket=cfg.peers.unix_socket,
+                                   persistence=cfg.peers.persistence or state_dir is not None,
+                                   fsync="always", workdir=workdir, **_tls_args(cfg))
                 stack.callback(srv.stop)
                 servers.append(srv)
             urls = [s.url for s in servers]
@@ -132,16 +162,33 @@ def run_training(cfg: Config, *, progress: bool = True, timeout_s: float | None 
         shower = threading.Thread(target=_progress, args=(cfg, urls, stop, progress, client), daemon=True)
         t0 = time.perf_counter()
         if cfg.peers.mode == "process":
-            _run_processes(cfg, urls, c0, stack, shower, timeout_s, client)
+            _run_processes(cfg, urls, c0, stack, shower, timeout_s, client, resume)
         else:
             shower.start()
-            _run_threads(cfg, urls, timeout_s)
+            _run_threads(cfg, urls, timeout_s, resume)
         stop.set()
         if shower.is_alive():
             shower.join(5)
         df = _collect(urls, client)
         df.attrs["wall_s"] = time.perf_counter() - t0
+        df.attrs["final_states"] = final_states(cfg, urls, client)
         return df
+
+
+def final_states(cfg: Config, urls: list[str], client=_plain_client) -> int:
+    """How many distinct final models the honest peers hold (their last ``state`` digests)."""
+    from .byzantine import is_byzantine
+
+    states = set()
+    for i, url in enumerate(urls):
+        if is_byzantine(cfg, i):
+            continue
+        c = client(url, socket_timeout=30)
+        try:
+            states.add(c.get(Keys(i).state))
+        finally:
+            c.close()
+    return len(states)
 
 
 def _tls_args(cfg: Config) -> dict:
@@ -153,10 +200,10 @@ def _tls_args(cfg: Config) -> dict:
     return {"tls": TlsFiles(sec.tls_cert_file, sec.tls_key_file, sec.tls_ca_file), "require_tls": sec.require_tls}
 
 
-def _run_processes(cfg, urls, c0, stack, shower, timeout_s, client=_plain_client):
+def _run_processes(cfg, urls, c0, stack, shower, timeout_s, client=_plain_client, resume=False):
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=peer_main, args=(cfg.model_dump_json(), i, urls, START_KEY), name=f"peer-{i}")
-             for i in range(len(urls))]
+    procs = [ctx.Process(target=peer_main, args=(cfg.model_dump_json(), i, urls, START_KEY, False, resume),
+                         name=f"peer-{i}") for i in range(len(urls))]
     for p in procs:
         p.start()
 
@@ -190,7 +237,7 @@ def _run_processes(cfg, urls, c0, stack, shower, timeout_s, client=_plain_client
         raise TrainingError(f"peer orchestrator(s) failed: {', '.join(failed)}")
 
 
-def _run_threads(cfg, urls, timeout_s):
+def _run_threads(cfg, urls, timeout_s, resume=False):
     peers = [Peer(cfg, i, urls) for i in range(len(urls))]
     errors: list[BaseException] = []
 
@@ -202,7 +249,10 @@ def _run_threads(cfg, urls, timeout_s):
 
     try:
         for p in peers:
-            p.init_params()
+            if resume:
+                p.resume()
+            else:
+                p.init_params()
         threads = [threading.Thread(target=body, args=(p,), name=f"peer-{p.index}") for p in peers]
         for t in threads:
             t.start()
@@ -239,6 +289,7 @@ def summarize(df: pd.DataFrame) -> dict:
         "non_compute_s": non_compute,
         "non_compute_share": non_compute / (non_compute + float(mean_t["t_compute"])),
         "wall_s": float(df.attrs.get("wall_s", float("nan"))),
+        "final_states": int(df.attrs.get("final_states", 1)),
     }
 
 
@@ -250,7 +301,9 @@ def write_run_reports(df: pd.DataFrame, out_dir: str | Path, label: str = "") ->
     stem = f"rounds{('_' + label) if label else ''}"
     cols = ["round", "peer", "loss", "accuracy", "test_loss", "functions_ok", "functions_failed",
             "peers_aggregated", "peers_excluded", "byzantine"] + [c for c in df.columns if c.startswith("t_")]
+    attrs = dict(df.attrs)
     df = df.sort_values(["round", "peer"])[cols]
+    df.attrs.update(attrs)
     summary = summarize(df)
     df.to_csv(out / f"{stem}.csv", index=False)
     evals = df.dropna(subset=["accuracy"])

@@ -312,6 +312,10 @@ class Server:
             return ""
         return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-lines:])
 
+    def diagnose(self, lines: int = 200) -> str | None:
+        """The cause of the server's latest trouble, named from its log (:func:`diagnose_log`)."""
+        return diagnose_log(self.log_tail(lines))
+
     # -- lifecycle -------------------------------------------------------------------------------
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the server process (if owned) and release its files. Idempotent."""
@@ -362,9 +366,9 @@ class Server:
             _live.add(self)
         err = _wait_ready(self, startup_timeout)
         if err is not None:
-            self.owns_workdir = False
-            self.stop()
-            raise ServerError(f"{self.binary} did not restart: {err[-2000:]}")
+            cause = diagnose_log(err) or "see its log below"
+            self.stop()  # its files go with it when it owns them, as after any stop
+            raise ServerError(f"{self.binary} did not restart ({cause}): {err[-2000:]}")
 
     def __enter__(self) -> Server:
         return self
@@ -496,6 +500,40 @@ def start_server(
 
 
 _tls_support: dict[str, bool] = {}
+
+
+#: what a server's log says when its files are the trouble, and the cause to name (first match wins)
+LOG_CAUSES = [
+    ("No space left on device", "the disk is full"),
+    ("Bad file format reading the append only file", "the append-only file is corrupt"),
+    ("Unexpected end of file reading the append only file", "the append-only file is truncated"),
+    ("loaded anyway because aof-load-truncated is enabled",
+     "the append-only file was truncated: the server loaded what it could, the last writes are lost"),
+    ("Bad file format reading the RDB", "the snapshot (RDB) file is corrupt"),
+    ("Can't open the append-only file", "the append-only file cannot be opened"),
+    ("Permission denied", "a data file is not writable"),
+    ("MISCONF", "the server cannot persist (see its log)"),
+]
+
+
+def diagnose_log(text: str) -> str | None:
+    """The cause of a server's trouble named from its log text since its latest start (the latest
+    matching line wins), or None when that names none of :data:`LOG_CAUSES`.
+
+    >>> diagnose_log("1:M 30 Nov 17:00:01.000 # Bad file format reading the append only file foo.aof")
+    'the append-only file is corrupt'
+    >>> diagnose_log("Ready to accept connections") is None
+    True
+    """
+    found = None
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if "is starting oO0O" in line]
+    for line in lines[starts[-1] if starts else 0:]:
+        for needle, cause in LOG_CAUSES:
+            if needle in line:
+                found = cause
+                break
+    return found
 
 
 def supports_tls(binary: str | os.PathLike | None = None) -> bool:

@@ -6,15 +6,16 @@ A new peer, or one that fell behind, joins through the live peers:
    databases: ``url|R``);
 2. each live peer, at the end of round R - 1, admits it (awaits its vectors from round R on) and
    snapshots its state after round R - 1: parameters, momentum, and the membership (``snap:R:*``);
-3. the joiner takes the state that f + 1 peers (at least two, all of them when fewer are live) hand
-   over identically, with f the number of Byzantine members the group tolerates (the defense's ``f``),
-   and the membership those peers agree on, and trains from round R.
+3. the joiner takes the state that f + 1 peers (all of them when fewer are live) hand over
+   identically, with f the number of Byzantine members the group tolerates (the defense's ``f``), and
+   the membership those peers agree on, and trains from round R.
 
-A peer finds out it must resynchronise (:meth:`StateTransfer.behind`) when a strict majority of the
-other members, and at least f + 1 of them, already published the next round (it lags), or when a
-strict majority of the peers that finished the last round aggregated a different set of peers than it
-did (its parameters diverged). f members alone can therefore neither make an honest peer resynchronise
-nor choose the round it joins at or the state it adopts.
+A join that fails (no live peer, no f + 1 identical snapshots in time) is retried with backoff,
+re-reading liveness each time, until ``membership.join_timeout_s``. A peer waiting for a quorum
+(:mod:`spirt.agreement`) serves joins too: it moves its round counter to the round the joiners asked
+for (the rounds in between are skipped by the whole re-forming group) and snapshots its state there.
+When a peer must resynchronise is decided in :mod:`spirt.agreement`; f members alone can neither make
+an honest peer resynchronise nor choose the round it joins at or the state it adopts.
 
 Every value read here was written by another peer and is parsed strictly (:mod:`spirt.wire`): a value
 that does not parse, or an implausible one (a round beyond the training's last), is dropped and held
@@ -37,18 +38,20 @@ from .exchange import ROUND_KEY_TTL_MS
 from .guard import Guard
 from .keys import Keys
 from .membership import Membership
-from .servers import pipelines_at_once
 from .wire import (
     BadValue,
     SnapshotMeta,
     parse_join_request,
     parse_mark,
-    parse_member_set,
     parse_snapshot_meta,
 )
 
 #: a joiner asks to be admitted this many rounds after the latest round the live peers announced
 JOIN_AHEAD = 3
+
+
+class JoinFailed(RuntimeError):
+    """One attempt to join did not work out (it is retried until ``membership.join_timeout_s``)."""
 
 
 class StateTransfer:
@@ -59,15 +62,18 @@ class StateTransfer:
         self.index, self.url, self.db = index, url, db
         self.membership, self.guard, self.events, self.cfg = membership, guard, events, cfg
         self.keys = Keys(index)
-        self._bad: dict[int, str] = {}  # the last bad value said of each sender
+        self._bad: set[tuple[int, str]] = set()  # the bad values said, by sender and reason
+        self._finished: set[int] = set()  # members found done by the last liveness read
 
     # -- serving joiners ----------------------------------------------------------------------------
-    def serve_joins(self, r: int, scanned: tuple[int, list] | None = None) -> None:
-        """Admit peers that asked to join; snapshot our state for those starting at round r + 1.
+    def requests(self, r: int, scanned: tuple[int, list] | None = None) -> list[tuple[bytes, int, str, int]]:
+        """The join requests in our database: (key, peer, its URL, its first round). One that does not
+        parse, or in our own name, or from a peer that was not admitted, is deleted with an event.
         ``scanned``: the reply of a first ``SCAN 0 MATCH join_pattern`` already made."""
         K = self.keys
         keys = self.matching(K.join_pattern, scanned)
         values = self.db.mget(keys) if keys else []
+        out = []
         for key, raw in zip(keys, values, strict=True):
             if raw is None:
                 continue
@@ -82,14 +88,46 @@ class StateTransfer:
                 self.events(r, "join_rejected", q, "a join request in our own name" if q == self.index
                             else "not admitted by challenge-response")
                 continue
+            out.append((key, q, url, first))
+        return out
+
+    def serve_joins(self, r: int, scanned: tuple[int, list] | None = None) -> None:
+        """Admit peers that asked to join; snapshot our state for those starting at round r + 1.
+        ``scanned``: the reply of a first ``SCAN 0 MATCH join_pattern`` already made."""
+        for key, q, url, first in self.requests(r, scanned):
             mb = self.membership.members.get(q)
-            if mb is None or mb.url != url or mb.since < first:
-                self.membership.add(q, url, since=first)
+            if mb is None or mb.removed or mb.since < first:
+                # a member we know keeps its route (the address we were given, or first learnt): a join
+                # request cannot redirect our traffic for it
+                self.membership.add(q, url if mb is None else mb.url, since=first)
                 self.events(r, "admitted", q, f"joins at round {first}")
             if first == r + 1:
                 self.snapshot(first)
             if first <= r + 1:
                 self.db.delete(key)
+
+    def serve_waiting(self, r: int) -> int:
+        """Serve joins while we wait for a quorum before round r: the group is not training, so we move
+        to the earliest round a joiner asked for (the state is unchanged; the rounds in between are
+        skipped, an event) and snapshot there. Returns the round we train next."""
+        # the earliest round asked for: later joiners are served as the group trains on, and one that
+        # asked for an earlier round than ours retries (its sources went past it)
+        target = min((first for _, _, _, first in self.requests(r - 1) if first >= r), default=r)
+        if r < target < self.cfg.run.rounds:
+            raw = self.db.get(self.keys.state)
+            if raw is not None:
+                K, digest = self.keys, raw.decode().partition("|")[2]
+                pipe = self.db.pipeline(transaction=True)
+                pipe.set(K.completed, target - 1)
+                pipe.set(K.ready, target - 1)
+                pipe.set(K.digest(target - 1), digest, px=ROUND_KEY_TTL_MS)
+                pipe.set(K.state, f"{target - 1}|{digest}")
+                pipe.execute()
+                self.events(r, "skipped", self.index, f"rounds {r} to {target - 1}: the group re-forms at "
+                            f"round {target}, as a joiner asked")
+                r = target
+        self.serve_joins(r - 1)
+        return r
 
     def matching(self, pattern: str, scanned: tuple[int, list] | None = None) -> list[bytes]:
         """Keys of our database matching ``pattern`` (a handful: one per peer); ``scanned`` is the
@@ -124,51 +162,9 @@ class StateTransfer:
     def bad_value(self, r: int, q: int, exc: BadValue) -> None:
         """A value peer q wrote does not parse: it is dropped, and said once per sender and reason (the
         same bad mark would otherwise be logged every round)."""
-        if self._bad.get(q) != str(exc):
-            self._bad[q] = str(exc)
+        if (q, str(exc)) not in self._bad:
+            self._bad.add((q, str(exc)))
             self.events(r, "bad_value", q, str(exc))
-
-    def behind(self, r: int, mine: str | None) -> str | None:
-        """Why we must resynchronise before round r, or None. ``mine``: the peers we aggregated in
-        round r - 1 (None: read it from our database).
-
-        - lagging: a strict majority of the other current members, and at least f + 1 of them, already
-          published round r + 1 (they finished round r without us);
-        - diverged: a strict majority of the peers that finished round r - 1 aggregated a different set
-          of peers than we did (they excluded us, or we them, e.g. after we stalled past their deadline
-          while their vectors still reached us): our parameters differ from theirs.
-        """
-        current = self.membership.current()
-        group = set(self.membership) | {self.index}
-        ahead: list[int] = []
-        sets: list[str] = []
-        replies = pipelines_at_once({q: (m.probe, [("GET", Keys(q).ready), ("GET", Keys(q).aggset(r - 1))])
-                                     for q, m in current.items()})
-        for q, reply in replies.items():
-            if isinstance(reply, redis.RedisError) or any(isinstance(x, redis.RedisError) for x in reply):
-                continue
-            raw_mark, raw_set = reply
-            try:
-                mark = parse_mark(raw_mark, self.cfg.run.rounds)
-                agg = parse_member_set(raw_set, group) if raw_set is not None else None
-            except BadValue as exc:
-                self.bad_value(r, q, exc)
-                continue
-            if mark is not None and mark >= r + 1:
-                ahead.append(q)
-            if agg is not None:
-                sets.append(agg)
-        if len(ahead) * 2 > len(current) and len(ahead) >= self.f + 1:
-            return f"lagging: peers {sorted(ahead)} of {sorted(current)} published a round after {r}"
-        if mine is None:
-            raw = self.db.get(self.keys.aggset(r - 1))
-            mine = raw.decode() if raw is not None else None
-        if mine is not None and sets:
-            top, n_top = Counter([mine, *sets]).most_common(1)[0]
-            if top != mine and n_top * 2 > len(sets) + 1:
-                return (f"diverged: round {r - 1} aggregated peers {mine} here, {top} at {n_top} of "
-                        f"{len(sets) + 1} peers")
-        return None
 
     # -- joining ------------------------------------------------------------------------------------
     def join(self, bootstrap: dict[int, str] | None = None, total: int | None = None) -> tuple[int, int]:
@@ -186,22 +182,43 @@ class StateTransfer:
         for q, u in (bootstrap or {}).items():
             if q != self.index and q not in self.membership:
                 self.membership.add(q, u, since=0)
+        deadline = time.monotonic() + self.cfg.membership.join_timeout_s
+        delay, said = 0.25, set()
+        while True:
+            try:
+                return self._join_once(total, deadline)
+            except JoinFailed as exc:
+                left = deadline - time.monotonic()
+                if left <= delay:
+                    raise RuntimeError(f"peer {self.index}: could not join within "
+                                       f"{self.cfg.membership.join_timeout_s:g} s: {exc}") from None
+                if str(exc) not in said:  # a failure is said once, however often it repeats
+                    said.add(str(exc))
+                    self.events(-1, "join_retry", self.index, f"{exc}; retrying")
+                time.sleep(delay)
+                delay = min(2 * delay, 5.0)
+
+    def _join_once(self, total: int, deadline: float) -> tuple[int, int]:
+        """One attempt of :meth:`join`; raises :class:`JoinFailed` when it did not work out."""
         self.guard.admit(self.membership.members, wait_for=set())  # let in before we can ask anything
         live = self._live_marks()
+        if not live and self._finished:
+            self.events(total, "join_too_late", self.index, f"peers {sorted(self._finished)} finished the "
+                        "training and none is live: we end with the state we have")
+            return total, 0
         if not live:
-            raise RuntimeError(f"peer {self.index}: no live peer to join")
+            raise JoinFailed("no live peer to join")
         first = self.attested_round(live) + JOIN_AHEAD
         if first >= total:
             self.events(first, "join_too_late", self.index, f"the training ends at round {total - 1}")
             return total, 0
         live = self._ask(live, first)
         self.events(first, "join_request", self.index, f"asked peers {sorted(live)} to admit us from round {first}")
-        states = self._collect(live, first)
+        states = self._collect(live, first, deadline)
         chosen = self.agreeing(states, self.sources_needed(len(live)))
         if chosen is None:
-            raise RuntimeError(f"peer {self.index}: state transfer for round {first} failed: "
-                               f"{len(states)} snapshot(s) from {sorted(live)}, fewer than "
-                               f"{self.sources_needed(len(live))} agree")
+            raise JoinFailed(f"state transfer for round {first}: {len(states)} snapshot(s) from "
+                             f"{sorted(live)}, fewer than {self.sources_needed(len(live))} agree")
         sources, (params, momentum) = chosen
         self._install(params, momentum, first)
         self.membership.adopt(self.agreed_members({q: states[q][2] for q in sources}), first)
@@ -209,9 +226,8 @@ class StateTransfer:
         return first, len(params)
 
     def sources_needed(self, live: int) -> int:
-        """How many sources must hand over the same state: f + 1, at least two; all of them when fewer
-        are live (a group of one can only be trusted)."""
-        return min(max(2, self.f + 1), live)
+        """How many sources must hand over the same state: f + 1; all of them when fewer are live."""
+        return min(self.f + 1, live)
 
     def attested_round(self, live: dict[int, int]) -> int:
         """The latest round that at least f + 1 of the live peers announced (all of them when fewer):
@@ -223,6 +239,7 @@ class StateTransfer:
         """The members that are alive and not done, with the last round they announced (-1: none); a
         member whose mark does not parse is not asked."""
         live = {}
+        self._finished = set()
         for q, m in self.membership.members.items():
             K = Keys(q)
             try:
@@ -233,6 +250,8 @@ class StateTransfer:
                 v, alive, done = pipe.execute()
             except redis.RedisError:
                 continue
+            if done:
+                self._finished.add(q)
             if alive and not done:
                 try:
                     mark = parse_mark(v, self.cfg.run.rounds)
@@ -253,13 +272,17 @@ class StateTransfer:
                 continue
         return asked
 
-    def _collect(self, live: dict[int, int], first: int) -> dict[int, tuple[bytes, bytes | None, SnapshotMeta]]:
-        """The snapshots for round ``first``, until enough agree, all arrived, or the join times out. A
+    def _collect(self, live: dict[int, int], first: int,
+                 deadline: float) -> dict[int, tuple[bytes, bytes | None, SnapshotMeta]]:
+        """The snapshots for round ``first``, until enough agree, all arrived, or this attempt times out
+        (the sources serve them within a few rounds: at most JOIN_AHEAD + 1 barrier deadlines). A
         snapshot whose meta does not parse is dropped (and its source not asked again)."""
         need = self.sources_needed(len(live))
-        deadline = time.monotonic() + self.cfg.membership.join_timeout_s
+        attempt_s = (JOIN_AHEAD + 1) * self.cfg.barrier.timeout_s + 5
+        deadline = min(deadline, time.monotonic() + attempt_s)
         states: dict[int, tuple[bytes, bytes | None, SnapshotMeta]] = {}
         bad: set[int] = set()
+        passed: set[int] = set()  # sources that went past round `first` without serving us
         max_peers = max(self.cfg.peers.count, self.index + 1, *(q + 1 for q in self.membership))
         while time.monotonic() < deadline and live:
             for q in live:
@@ -270,17 +293,24 @@ class StateTransfer:
                     pipe = self.membership[q].client.pipeline(transaction=True)
                     for what in ("params", "momentum", "meta"):
                         pipe.get(K.snapshot(first, what))
-                    p, mom, meta = pipe.execute()
+                    pipe.get(K.ready)
+                    p, mom, meta, mark = pipe.execute()
                 except redis.RedisError:
                     continue
                 if p is None or meta is None:
+                    try:  # it published round `first` without a snapshot for us: it missed our request
+                        published = parse_mark(mark, self.cfg.run.rounds)
+                        if published is not None and published >= first:
+                            passed.add(q)
+                    except BadValue as exc:
+                        self.bad_value(first, q, exc)
                     continue
                 try:
                     states[q] = (p, mom, parse_snapshot_meta(meta, source=q, round=first - 1, max_peers=max_peers))
                 except BadValue as exc:
                     bad.add(q)
                     self.bad_value(first, q, exc)
-            if self.agreeing(states, need) is not None or len(states) + len(bad) == len(live):
+            if self.agreeing(states, need) is not None or len(states) + len(bad | passed) == len(live):
                 break
             self.guard.serve(self.membership.members)
             time.sleep(0.05)
@@ -297,6 +327,9 @@ class StateTransfer:
             pipe.delete(K.momentum)
         pipe.set(K.completed, first - 1)
         pipe.set(K.ready, first - 1)
+        digest = hashlib.sha1(params).hexdigest()  # as the database computes it after a round
+        pipe.set(K.digest(first - 1), digest, px=ROUND_KEY_TTL_MS)
+        pipe.set(K.state, f"{first - 1}|{digest}")
         pipe.set(K.version, secrets.randbits(62))
         pipe.execute()
 

@@ -10,6 +10,8 @@ value                  written by                                          parse
 =====================  ==================================================  ==========================
 round mark (``ready``) a peer, when it publishes a round                   :func:`parse_mark`
 aggregated set         a peer, with its update (the peers it aggregated)   :func:`parse_member_set`
+state digest           a peer, with its update (SHA-1 of its parameters)   :func:`parse_digest`
+latest state           a peer, with its update (``round|digest``)          :func:`parse_state`
 snapshot meta          a peer serving a joiner (round, members, its URL)   :func:`parse_snapshot_meta`
 join request           a peer asking to be admitted (``url|first round``)  :func:`parse_join_request`
 =====================  ==================================================  ==========================
@@ -29,6 +31,7 @@ MAX_INT_DIGITS = 18
 MAX_JOIN_REQUEST_BYTES = 2048
 MAX_URL_BYTES = 1024
 MAX_META_BYTES = 64 * 1024
+DIGEST_HEX = 40  # SHA-1, as the database computes it (``redis.sha1hex``)
 URL_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
@@ -84,6 +87,44 @@ def parse_mark(raw: object, rounds: int) -> int | None:
     if not -1 <= v < rounds:
         raise BadValue(f"round mark {v} is not a round of this training (-1 to {rounds - 1})")
     return v
+
+
+def parse_digest(raw: object) -> str:
+    """The digest of a peer's parameters after a round (``digest:r``): 40 lowercase hex digits.
+
+    >>> parse_digest(b"a977238f3452a6b751b28077741fc0989e3ac2a4")
+    'a977238f3452a6b751b28077741fc0989e3ac2a4'
+    >>> parse_digest(b"not a digest")
+    Traceback (most recent call last):
+    ...
+    spirt.wire.BadValue: state digest 'not a digest' is not 40 hex digits
+    """
+    text = _text(raw, "state digest", DIGEST_HEX)
+    if len(text) != DIGEST_HEX or any(c not in "0123456789abcdef" for c in text):
+        raise BadValue(f"state digest {text[:24]!r} is not {DIGEST_HEX} hex digits")
+    return text
+
+
+def parse_state(raw: object, rounds: int) -> tuple[int, str] | None:
+    """A peer's latest state (``state``): (the last round it completed, the digest of its parameters
+    then); None when it completed none.
+
+    >>> parse_state(b"12|a977238f3452a6b751b28077741fc0989e3ac2a4", rounds=100)
+    (12, 'a977238f3452a6b751b28077741fc0989e3ac2a4')
+    >>> parse_state(b"500|a977238f3452a6b751b28077741fc0989e3ac2a4", rounds=100)
+    Traceback (most recent call last):
+    ...
+    spirt.wire.BadValue: completed round 500 is not a round of this training (0 to 99)
+    """
+    if raw is None:
+        return None
+    round_text, sep, digest = _text(raw, "state", MAX_INT_DIGITS + 1 + DIGEST_HEX).partition("|")
+    if not sep:
+        raise BadValue("state is not 'round|digest'")
+    r = _int(round_text, "completed round")
+    if not 0 <= r < rounds:
+        raise BadValue(f"completed round {r} is not a round of this training (0 to {rounds - 1})")
+    return r, parse_digest(digest)
 
 
 def parse_member_set(raw: object, peers: Collection[int]) -> str:

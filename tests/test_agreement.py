@@ -15,6 +15,7 @@ import threading
 
 import pytest
 
+from spirt.agreement import Agreement, Probe, Verdict, decide, winner
 from spirt.config import load_config
 from spirt.events import EventLog
 from spirt.guard import Guard
@@ -85,17 +86,30 @@ def _marks(dbs, marks: dict[int, object]) -> None:
 # -------------------------------------------------------------------------------- catching up
 
 
+def _check(t: StateTransfer, r: int) -> Verdict:
+    """Peer t's verdict before round r, as its run loop reaches it."""
+    return Agreement(t.index, t.db, t.membership, t.f, ROUNDS, t.bad_value).check(r)
+
+
+def _digests(dbs, r: int, digests: dict[int, str]) -> None:
+    """Members' states after round r: a digest each (a letter, repeated to the SHA-1 length)."""
+    for q, d in digests.items():
+        dbs[q].set(Keys(q).digest(r), d * 40)
+        dbs[q].set(Keys(q).state, f"{r}|{d * 40}")
+
+
 def test_byzantine_an_inflated_mark_does_not_make_a_peer_resync(group):
     t, dbs = group(3)
     r = 7
     _marks(dbs, {0: r, 1: r, 2: 10**6})  # implausible: beyond the training's last round
-    assert t.behind(r, None) is None
+    assert _check(t, r).train
     _marks(dbs, {2: r + 5})  # plausible, but one member of three is not a majority
-    assert t.behind(r, None) is None
+    assert _check(t, r).train
     bad = [e for e in _events(dbs[0]) if e["event"] == "bad_value"]
     assert [(e["about"], "not a round of this training" in e["detail"]) for e in bad] == [(2, True)]
     _marks(dbs, {1: r + 1})  # now both others finished round r: we lag
-    assert t.behind(r, None).startswith("lagging")
+    v = _check(t, r)
+    assert v.kind == "resync" and v.why.startswith("lagging")
 
 
 def test_byzantine_an_implausible_mark_is_not_followed_by_the_liveness_check(group):
@@ -112,25 +126,75 @@ def test_byzantine_lagging_needs_f_plus_one_members(group):
     t, dbs = group(5, f=2)
     r = 3
     _marks(dbs, {0: r, 1: r, 2: r, 3: r + 4, 4: r + 4})  # f = 2 colluders ahead
-    assert t.behind(r, None) is None
+    assert _check(t, r).train
     _marks(dbs, {2: r + 1})  # 3 of 4: a strict majority and f + 1
-    assert "lagging" in t.behind(r, None)
+    assert "lagging" in _check(t, r).why
 
 
-def test_byzantine_garbage_aggregated_sets_are_dropped(group):
+def test_byzantine_garbage_digests_are_dropped_and_a_majority_state_wins(group):
     t, dbs = group(3)
     r = 5
-    _marks(dbs, {0: r, 1: r, 2: r})
-    dbs[0].set(Keys(0).aggset(r - 1), "0,1,2")
-    dbs[1].set(Keys(1).aggset(r - 1), "0,1,2")
-    dbs[2].set(Keys(2).aggset(r - 1), b"\xff\x00" * 10)
-    assert t.behind(r, None) is None
-    dbs[2].set(Keys(2).aggset(r - 1), "2,9")  # a peer not in the group
-    assert t.behind(r, None) is None
+    _marks(dbs, {0: r - 1, 1: r - 1, 2: r - 1})
+    _digests(dbs, r - 1, {0: "a", 1: "a"})
+    dbs[2].set(Keys(2).digest(r - 1), b"\xff\x00" * 20)
+    assert _check(t, r).train
+    dbs[2].set(Keys(2).digest(r - 1), "b" * 39 + "g")  # not hex
+    assert _check(t, r).train
     assert [e["about"] for e in _events(dbs[0]) if e["event"] == "bad_value"] == [2, 2]
-    dbs[1].set(Keys(1).aggset(r - 1), "1,2")
-    dbs[2].set(Keys(2).aggset(r - 1), "1,2")  # both others left us out: we diverged
-    assert t.behind(r, None).startswith("diverged")
+    _digests(dbs, r - 1, {1: "b", 2: "b"})  # both others hold another state: ours diverged
+    v = _check(t, r)
+    assert v.kind == "resync" and v.why.startswith("diverged") and "peers [1, 2]" in v.why
+
+
+def test_byzantine_f_colluding_digests_do_not_make_a_peer_resync(group):
+    # f = 1 of 4: the colluder's state (or a copy of it) needs f + 1 holders; honest peers hold theirs
+    t, dbs = group(4, f=1)
+    r = 9
+    _marks(dbs, {q: r - 1 for q in range(4)})
+    _digests(dbs, r - 1, {0: "a", 1: "a", 2: "a", 3: "c"})
+    assert _check(t, r).train
+    # an honest split (0 | 1, 2) plus the colluder echoing peer 0's digest: the tie goes to the lowest
+    # index, and peer 0 keeps its state, which is an honest peer's; the colluder cannot win alone
+    _digests(dbs, r - 1, {1: "b", 2: "b", 3: "a"})
+    assert _check(t, r).train
+    _digests(dbs, r - 1, {3: "c"})
+    assert _check(t, r).kind == "resync"
+
+
+def test_a_peer_without_a_quorum_waits_and_rejoins_the_state_of_the_majority(group):
+    t, dbs = group(5)
+    r = 20
+    _marks(dbs, {q: r - 1 for q in range(5)})
+    _digests(dbs, r - 1, {0: "a", 1: "b", 2: "b", 3: "b", 4: "b"})
+    for q in (1, 2, 3, 4):  # we removed them all (isolated from them)
+        t.membership[q].removed = True
+    v = _check(t, r)
+    assert v.kind == "resync" and v.why.startswith("rejoin") and "[1, 2, 3, 4]" in v.why
+    for q in (2, 3, 4):  # they are gone too: nobody to rejoin, and one of five is no quorum
+        dbs[q].delete(Keys(q).alive)
+    v = _check(t, r)
+    assert v.kind == "wait" and "no quorum" in v.why
+
+
+def test_decide_breaks_ties_deterministically():
+    # a 2|2 split that healed: both halves wait (2 of 4 is no quorum); the later state wins, then the
+    # half with the lowest index; each side reaches the same verdict from its own probes
+    def probe(c, d):
+        return Probe(True, True, False, c, d * 40, (c, d * 40))
+
+    def verdict(me, mine, others):
+        return decide(me, mine[0] + 1, others, removed={q for q, p in others.items() if p.state != mine}, f=0,
+                      my_digest=mine[1], my_state=mine)
+
+    a, b = (30, "a" * 40), (30, "b" * 40)
+    probes = {0: probe(30, "a"), 1: probe(30, "a"), 2: probe(30, "b"), 3: probe(30, "b")}
+    assert verdict(0, a, {q: p for q, p in probes.items() if q != 0}).kind == "wait"
+    assert verdict(2, b, {q: p for q, p in probes.items() if q != 2}).kind == "resync"
+    later = {0: probe(30, "a"), 1: probe(30, "a"), 2: probe(33, "b"), 3: probe(33, "b")}
+    assert verdict(0, a, {q: p for q, p in later.items() if q != 0}).kind == "resync"
+    assert winner({"x": [3, 1], "y": [0, 2]}, need=2) == "y"
+    assert winner({"x": [3, 1, 4], "y": [0, 2]}, need=2) == "x"
+    assert winner({"x": [3], "y": [0]}, need=2) is None
 
 
 # -------------------------------------------------------------------------------- joining

@@ -431,3 +431,73 @@ def test_scenario_stall_db():
     ev = res.events
     assert "joined" in set(ev[ev["peer"] == 2]["event"])  # it fell behind and took the others' state
     assert (m[m["round"] == res.rounds - 1]["peers_aggregated"] == 4).all()
+
+
+def _aof_tail(srv) -> os.PathLike:
+    """The server's incremental append-only file, where its latest writes are."""
+    from pathlib import Path
+
+    return max(Path(srv.workdir).rglob("*.incr.aof"), key=lambda p: p.stat().st_mtime)
+
+
+def _persisted_server_with_rounds(rounds: int = 20):
+    srv = start_server("valkey", unix_socket=True, persistence=True, fsync="always")
+    c = srv.client()
+    for r in range(rounds):
+        c.set("{p0}:completed", r)
+    srv.kill(signal.SIGKILL)
+    return srv
+
+
+def test_corrupt_append_only_file_is_named_and_a_failed_restart_leaks_nothing():
+    srv = _persisted_server_with_rounds()
+    try:
+        with open(_aof_tail(srv), "ab") as f:
+            f.write(b"*3\r\n$3\r\nSET\r\ngarbage that is no RESP\r\n" * 3)
+        workdir = srv.workdir
+        with pytest.raises(Exception, match="corrupt|truncated") as err:
+            srv.restart(startup_timeout=10)
+        assert "append-only file" in str(err.value)
+        assert not workdir.exists(), "the failed restart left the server's data folder behind"
+    finally:
+        srv.stop()
+
+
+def test_truncated_append_only_file_loads_and_says_so():
+    srv = _persisted_server_with_rounds()
+    try:
+        tail = _aof_tail(srv)
+        data = tail.read_bytes()
+        tail.write_bytes(data[:-7])  # the last write, cut short (a torn write at power loss)
+        srv.restart()
+        assert int(srv.client().get("{p0}:completed")) == 18  # rolled back one write
+        assert "truncated" in srv.diagnose()
+    finally:
+        srv.stop()
+
+
+@pytest.mark.timeout(120)
+def test_database_rolled_back_by_a_truncated_append_only_file_is_an_event():
+    """Our database comes back from a torn append-only file without our last acknowledged update: the
+    peer says how many rounds it lost, then resumes after the round its files kept."""
+    cfg = load_config(None, {**SMALL, "peers.count": 1, "run.rounds": 3, "run.eval_every": 100})
+    srv = start_server("valkey", unix_socket=True, persistence=True, fsync="always")
+    peer = Peer(cfg, 0, [srv.url], executor=InlineExecutor(function_spec(cfg)))
+    try:
+        peer.init_params()
+        peer.run()
+        assert peer.completed == 2
+        srv.kill(signal.SIGKILL)
+        tail = _aof_tail(srv)
+        data = tail.read_bytes()
+        last = data.rfind(b"*1\r\n$5\r\nMULTI")  # the last round's update transaction, torn
+        tail.write_bytes(data[:last + 40])
+        srv.restart()
+        assert "truncated" in srv.diagnose()
+        resume = peer._recover_own_db(3, redis.ConnectionError("gone"))
+        assert resume == 2
+        ev = [e for e in _events(peer.db, 0) if e["event"] == "rolled_back"]
+        assert len(ev) == 1 and "1 round(s) lost" in ev[0]["detail"]
+    finally:
+        peer.close()
+        srv.stop()

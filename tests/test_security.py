@@ -201,7 +201,7 @@ def _denied(fn) -> bool:
 def secured(fresh_server):
     """Peer 0's database with its users installed and peer 1 admitted; returns handles."""
     admin = fresh_server.client()
-    users = acl.DatabaseUsers(0)
+    users = acl.DatabaseUsers(0, functions=2)
     users.install(admin)
     admin.close()
     orch = _client(fresh_server, acl.orchestrator_user(0), users.orchestrator_password)
@@ -215,7 +215,7 @@ def secured(fresh_server):
     orch.set(K.alive, 0)
     orch.set(K.avg(3), b"\0" * 16)
     orch.set(K.incoming(2, 3), b"\1" * 16)
-    fn = _client(fresh_server, acl.function_user(0), users.function_password)
+    fn = _client(fresh_server, acl.function_user(0, 0), users.function_passwords[0])
     remote = _client(fresh_server, acl.remote_user(1), pw1)
     hello = _client(fresh_server, acl.HELLO_USER, "x")
     try:
@@ -257,6 +257,8 @@ def test_function_user_least_privilege(secured):
         "config": lambda: fn.config_get("*"),
         "acl": lambda: fn.execute_command("ACL", "LIST"),
         "other peer's grad": lambda: fn.set(Keys(1).grad(3, 0), b"x"),
+        "another function's slot": lambda: fn.set(K.grad(3, 1), b"\3" * 16),
+        "a slot with a longer index": lambda: fn.set(K.grad(3, 10), b"\3" * 16),
         "eval": lambda: fn.eval("return 1", 0),
     }
     for what, op in forbidden.items():
@@ -456,7 +458,7 @@ def test_users_survive_a_database_restart(server_flavor, tmp_path):
         remote = _client(srv, acl.remote_user(1), "peer-1-secret")
         assert remote.set(Keys(0).incoming(1, 5), b"\0" * 16)
         assert _denied(lambda: remote.get(Keys(0).params))
-        fn = _client(srv, acl.function_user(0), users.function_password)
+        fn = _client(srv, acl.function_user(0, 0), users.function_passwords[0])
         assert _denied(lambda: fn.set(Keys(0).params, b"x"))
         for c in (orch, remote, fn):
             c.close()

@@ -181,6 +181,7 @@ def test_forging_peer_rejected_and_counted(tmp_path, two_servers):
     p0, p1 = peers
     outsider = Identity.generate(1)
     p1.guard.sign_outgoing = lambda r, out: {q: sign_update(outsider, "g", r, v) for q, v in out.items()}
+    p1.agreement.check_state = False  # an attacker does not mind that its state differs from peer 0's
     try:
         _run(peers)
         rows0, rows1 = _rows(p0), _rows(p1)
@@ -214,8 +215,10 @@ def test_garbage_in_remote_writable_keys(tmp_path, two_servers):
         c.set(K.incoming(1, 99) + ":sig", b"\x00" * 200)
         c.set(K.incoming(1, 0), b"\x01\x02\x03")  # truncated: not a multiple of 4 bytes
         p1.db.set(Keys(1).ready, b"\xffnot a round")  # read by peer 0 from peer 1's own database
+        p1.db.set(Keys(1).digest(0), b"\xff" * 40)
+        p1.db.set(Keys(1).state, b"0|" + b"z" * 40)
         assert p0.membership.alive(1) == (True, "", None)
-        assert p0.transfer.behind(1, None) is None
+        assert p0.agreement.check(1).train
         p0.transfer.serve_joins(0)
         assert p0.transfer.matching(K.join_pattern) == []
         assert set(p0.members) == {1}
@@ -262,12 +265,17 @@ def test_functions_confined_in_training(tmp_path, two_servers):
     p = Peer(cfg, 0, [two_servers[0].url, None])
     try:
         p.init_params()
-        creds = p.guard.function_credentials()
+        creds = p.guard.function_credentials(0)
         fn = make_client(url=two_servers[0].url, username=creds["db_username"], password=creds["db_password"])
         assert fn.get(Keys(0).params) == p.db.get(Keys(0).params)
         with pytest.raises(redis.RedisError):
             fn.set(Keys(0).params, b"\0" * 8)
-        assert acl.function_user(0) == creds["db_username"]
+        assert acl.function_user(0, 0) == creds["db_username"]
+        other = p.guard.function_credentials(1)
+        assert other["db_username"] == acl.function_user(0, 1) and other["db_password"] != creds["db_password"]
+        assert fn.set(Keys(0).grad(4, 0), b"\0" * 8)
+        with pytest.raises(redis.RedisError):  # another function's slot
+            fn.set(Keys(0).grad(4, 1), b"\0" * 8)
         assert creds["db_password"] not in repr(p.guard) + repr(p.guard.users)
         fn.close()
     finally:

@@ -109,7 +109,7 @@ def test_secure_training_over_tls(tls, tmp_path, caplog):
         assert len(rows) == 4 and all(r["peers_aggregated"] == 2 for r in rows)
         # no password in the logs, the metrics or the events
         secrets_ = [p.guard.users.orchestrator_password for p in peers]
-        secrets_ += [p.guard.users.function_password for p in peers]
+        secrets_ += [pw for p in peers for pw in p.guard.users.function_passwords]
         secrets_ += [p.guard.identity.database_password(1 - p.index, "g") for p in peers]
         text = caplog.text + json.dumps(rows) + " ".join(
             e.decode() for p in peers for e in p.db.lrange(p.keys.events, 0, -1))

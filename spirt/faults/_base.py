@@ -86,6 +86,9 @@ class Fault(ABC):
 
     #: training config the fault needs, over the scenario's (section.field -> value)
     config: ClassVar[Mapping[str, Any]] = {}
+    #: the fault cuts network links: every peer reaches the others' databases through its own proxies
+    #: (:class:`spirt.links.Links`, ``cluster.links``)
+    links: ClassVar[bool] = False
 
     #: events that show the fault was noticed (the first one at or after the fault counts): logged by
     #: the other peers about the victim, or by the victim itself if ``noticed_by_victim``

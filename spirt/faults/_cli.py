@@ -8,21 +8,24 @@ from pathlib import Path
 import pandas as pd
 
 from ..benchmarks.update import reports_dir
-from ._report import COLUMNS, listing, write_reports
+from ._report import COLUMNS, listing, write_partition_reports, write_reports
 from ._scenarios import BASE, SCENARIOS, reference_for, run_scenario
 
 
 def run_all(names: list[str] | None = None, overrides: dict | None = None, out_dir: str | Path | None = None,
             progress=print) -> pd.DataFrame:
     """Run the scenarios ``names`` (default: every registered fault) with their fault-free references;
-    writes ``faults.{md,csv}`` to ``out_dir`` if given."""
-    rows = []
+    writes ``faults.{md,csv}`` to ``out_dir`` if given, and ``partitions.{md,csv}`` (the honest peers'
+    disagreement per round) for the faults that cut links."""
+    rows, rounds = [], []
     for name in names or list(SCENARIOS):
         s = SCENARIOS[name]
         ref = reference_for(s, overrides)
         res = run_scenario(s, overrides)
         row = res.row(ref)
         rows.append(row)
+        if s.fault_class.links and res.disagreement is not None:
+            rounds.append(res.disagreement.assign(scenario=name, fault=s.description))
         if progress:
             progress(f"{name}: detection {row['detection_s']:.2f} s, recovery {row['recovery_s']:.2f} s, "
                      f"rounds lost {row['rounds_lost']}, accuracy {row['final_accuracy']:.4f} vs "
@@ -30,6 +33,8 @@ def run_all(names: list[str] | None = None, overrides: dict | None = None, out_d
     df = pd.DataFrame(rows)
     if out_dir is not None:
         df = write_reports(rows, out_dir)
+        if rounds:
+            write_partition_reports(df, pd.concat(rounds, ignore_index=True), out_dir)
     return df
 
 

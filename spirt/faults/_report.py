@@ -52,7 +52,11 @@ def write_reports(rows: list[dict], out_dir: str | Path, notes: str = "") -> pd.
         "(same seed, same data parts); `difference_points` = 100 x (final - fault-free).\n"
         "- `survivors_identical`: the survivors end with bit-identical parameters; `victim_events`: what the "
         "victim logged after the fault (event@round); `wall_s`: the whole scenario, including starting 8 "
-        "processes and 4 servers and the final evaluation.\n\n"
+        "processes and 4 servers and the final evaluation.\n"
+        "- Honest disagreement, from an observer that reads every peer's parameters as it completes each "
+        "round (`spirt/disagreement.py`): `disagreeing_rounds`, rounds after which the honest peers held more "
+        "than one model; `max_honest_distance`, the largest L2 distance between two of them over the run; "
+        "`min_average_accuracy`, the lowest test accuracy of their average model in those rounds.\n\n"
         "Training is deterministic for given inputs: a fault that only delays work (a retried function) ends "
         "bit-identical to the fault-free run, and two faults that remove the same peer from the same round on "
         "end identical to each other.\n"
@@ -60,3 +64,50 @@ def write_reports(rows: list[dict], out_dir: str | Path, notes: str = "") -> pd.
     )
     write_table(df, out_dir, "faults", "Fault tolerance: detection, recovery, rounds lost, accuracy", text)
     return df
+
+
+def write_partition_reports(faults: pd.DataFrame, rounds: pd.DataFrame, out_dir: str | Path) -> None:
+    """``partitions.{md,csv}``: per round of every scenario that cut links, the honest peers' number of
+    distinct models, the largest distance between two of them and the accuracy of their average."""
+    from ..reports import write_table
+
+    cols = ["scenario", "round", "honest_peers", "honest_states", "honest_distance", "honest_average_accuracy"]
+    rounds = rounds[cols]
+    split = rounds[rounds["honest_states"] > 1]
+    summary = faults[faults["scenario"].isin(rounds["scenario"].unique())]
+    lines = [f"- `{r.scenario}` ({r.fault}): {int(r.disagreeing_rounds)} round(s) with more than one honest "
+             f"model, largest distance {r.max_honest_distance:.4g}; survivors identical at the end: "
+             f"{r.survivors_identical}; final accuracy {r.final_accuracy:.4f} vs fault-free "
+             f"{r.fault_free_accuracy:.4f}" for r in summary.itertuples()]
+    text = (
+        "Network partitions between real peer processes: every peer reaches every other peer's database "
+        "through its own TCP proxy (`spirt/links.py`), which the scenario cuts (silently: bytes are "
+        f"swallowed) and heals. Training: {describe_training(BASE)}.\n\n"
+        "Per round, from an observer that reads each peer's parameters as it completes the round: "
+        "`honest_states`, the number of distinct models among the `honest_peers` seen at that round; "
+        "`honest_distance`, the largest L2 distance between two of them; `honest_average_accuracy`, the "
+        "test accuracy of their average model where they disagreed. The table below lists the rounds with "
+        "disagreement; `partitions.csv` has every round; `partitions.png` plots the distance.\n\n" + "\n".join(lines) + "\n"
+    )
+    write_table(split, out_dir, "partitions", "Partitions: honest disagreement per round", text)
+    rounds.to_csv(Path(out_dir) / "partitions.csv", index=False)  # every round, not only the split ones
+    plot_partitions(rounds, Path(out_dir) / "partitions.png")
+
+
+def plot_partitions(rounds: pd.DataFrame, path: Path) -> None:
+    """The honest peers' largest distance per round, one line per scenario."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for name, g in rounds.groupby("scenario"):
+        ax.plot(g["round"], g["honest_distance"], marker=".", label=name)
+    ax.set_xlabel("round")
+    ax.set_ylabel("largest L2 distance between honest models")
+    ax.set_title("Partitions: honest disagreement per round (0: one model)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -124,6 +124,8 @@ class ScenarioResult:
     wall_s: float
     #: last round the victim had completed just before the fault (None: unknown)
     victim_completed_before: int | None = None
+    #: per round: the honest peers' distinct models, largest pairwise distance, their average's accuracy
+    disagreement: pd.DataFrame | None = None
 
     @property
     def fault(self) -> Fault:
@@ -226,6 +228,17 @@ class ScenarioResult:
         mine = ev[(ev["peer"] == v) & (ev["about"] == v) & (ev["t"] >= self.t_fault - 1e-3)]
         return " ".join(f"{e}@{int(r)}" for e, r in zip(mine["event"], mine["round"], strict=True))
 
+    def disagreement_summary(self) -> dict:
+        """The honest peers' disagreement over the run: rounds they ended with more than one model, the
+        largest distance between two of them, and the lowest accuracy of their average model then."""
+        d = self.disagreement
+        if d is None or d.empty:
+            return {"disagreeing_rounds": 0, "max_honest_distance": float("nan"),
+                    "min_average_accuracy": float("nan")}
+        split = d[d["honest_states"] > 1]
+        return {"disagreeing_rounds": len(split), "max_honest_distance": float(d["honest_distance"].max()),
+                "min_average_accuracy": float(split["honest_average_accuracy"].min()) if len(split) else float("nan")}
+
     def row(self, reference: float | None = None) -> dict:
         s = self.scenario
         ref = float("nan") if reference is None else reference
@@ -248,6 +261,7 @@ class ScenarioResult:
             "fault_free_accuracy": ref,
             "difference_points": (self.final_accuracy - ref) * 100,
             "survivors_identical": self.survivors_identical,
+            **self.disagreement_summary(),
             "victim_events": self.victim_story(),
             "wall_s": self.wall_s,
         }
@@ -264,7 +278,7 @@ def run_scenario(scenario: Scenario | str, overrides: dict | None = None, *, tim
     newcomers = [s.victim] if fault.fate is Fate.JOINS else []
     t_wall = time.perf_counter()
     slots = len(initial) + len(newcomers)
-    with Cluster(cfg, slots=slots, initial=initial, newcomers=newcomers) as cl:
+    with Cluster(cfg, slots=slots, initial=initial, newcomers=newcomers, links=fault.links) as cl:
         deadline = time.monotonic() + timeout_s
         fault.aim(cl, s, timeout_s=timeout_s)
         before = cl.completed(s.victim) if not newcomers else None
@@ -275,6 +289,8 @@ def run_scenario(scenario: Scenario | str, overrides: dict | None = None, *, tim
         t_fault = fault.fault_time(s, t_fault, events)
         params = {i: cl.params(i) for i in survivors}
         t_start = cl.t_start
+        cl.observer.stop()
+        disagreement = cl.observer.table(functools.partial(accuracy_of, cfg))
     missing = [i for i, p in params.items() if p is None]
     if missing:
         raise ClusterError(f"no final parameters from survivors {missing}")
@@ -282,7 +298,7 @@ def run_scenario(scenario: Scenario | str, overrides: dict | None = None, *, tim
     acc_by_digest = {d: accuracy_of(cfg, params[i]) for d, i in {d: i for i, d in digests.items()}.items()}
     accuracy = {i: acc_by_digest[d] for i, d in digests.items()}
     return ScenarioResult(s, slots, cfg.run.rounds, survivors, t_start, t_fault, metrics, events, accuracy,
-                          digests, time.perf_counter() - t_wall, before)
+                          digests, time.perf_counter() - t_wall, before, disagreement)
 
 
 _REFERENCES: dict[str, float] = {}

@@ -8,8 +8,10 @@ user       may
 ========== ====================================================================================
 orch-p     everything except the server-wide dangerous commands it does not need (it owns the
            database: it also creates the other users)
-fn-p       read ``params`` and ``version``; write ``grad:*`` (the gradient functions)
-peer-q     read what p publishes (``alive``, ``ready``, ``done``, ``aggset:*``, ``snap:*``); write
+fn-p-k     read ``params`` and ``version``; write only its own slot ``grad:*:k`` (gradient function k:
+           one cannot overwrite another's gradient)
+peer-q     read what p publishes (``alive``, ``ready``, ``done``, ``state``, ``aggset:*``, ``digest:*``,
+           ``snap:*``); write
            only keys of its own: its inbox ``in:q:*``, its wake-up list ``notify:q`` and its join
            request ``join:q``
 hello      before admission: write ``hello:*``, read ``challenge:*`` (nothing else)
@@ -41,8 +43,8 @@ def orchestrator_user(p: int) -> str:
     return f"orch-{p}"
 
 
-def function_user(p: int) -> str:
-    return f"fn-{p}"
+def function_user(p: int, k: int) -> str:
+    return f"fn-{p}-{k}"
 
 
 def remote_user(q: int) -> str:
@@ -69,15 +71,15 @@ def orchestrator_rules(p: int) -> list[str]:
     return ["resetkeys", "~*", "resetchannels", "&*", *ORCHESTRATOR_COMMANDS]
 
 
-def function_rules(p: int) -> list[str]:
+def function_rules(p: int, k: int) -> list[str]:
     K = Keys(p)
-    return ["resetkeys", f"%R~{K.params}", f"%R~{K.version}", f"%W~{K.grad_pattern}", "resetchannels",
+    return ["resetkeys", f"%R~{K.params}", f"%R~{K.version}", f"%W~{K.grad_slot_pattern(k)}", "resetchannels",
             *FUNCTION_COMMANDS]
 
 
 def remote_rules(p: int, q: int) -> list[str]:
     K = Keys(p)
-    reads = [K.alive, K.ready, K.done, K.aggset_pattern, K.snapshot_pattern]
+    reads = [K.alive, K.ready, K.done, K.state, K.aggset_pattern, K.digest_pattern, K.snapshot_pattern]
     writes = [K.inbox_pattern(q), K.notify(q), K.join(q)]
     return ["resetkeys", *[f"%R~{k}" for k in reads], *[f"%W~{k}" for k in writes], "resetchannels",
             *REMOTE_COMMANDS]
@@ -86,7 +88,7 @@ def remote_rules(p: int, q: int) -> list[str]:
 def launcher_rules(p: int) -> list[str]:
     """The process that started the run: sees progress and results, starts the peers, nothing else."""
     K = Keys(p)
-    reads = [K.up, K.metrics, K.events, K.done]
+    reads = [K.up, K.metrics, K.events, K.done, K.state]
     return ["resetkeys", *[f"%R~{k}" for k in reads], f"~{START_KEY}", "resetchannels",
             "-@all", "+get", "+set", "+del", "+exists", "+llen", "+lindex", "+lrange", "+ping"]
 
@@ -139,10 +141,11 @@ class DatabaseUsers:
     """Fresh random passwords for the local roles of peer ``p``, created in its database by
     :meth:`install` through a client with full rights (the one the database was started with)."""
 
-    def __init__(self, p: int):
+    def __init__(self, p: int, functions: int = 1):
         self.p = p
         self.orchestrator_password = secrets.token_urlsafe(32)
-        self.function_password = secrets.token_urlsafe(32)
+        #: one user per gradient function, each with its own password
+        self.function_passwords = [secrets.token_urlsafe(32) for _ in range(functions)]
 
     def __repr__(self) -> str:  # passwords never in reprs, logs or tracebacks
         return f"DatabaseUsers(p={self.p})"
@@ -150,7 +153,8 @@ class DatabaseUsers:
     def install(self, admin: redis.Redis, launcher_sha256: str | None = None) -> None:
         p = self.p
         set_user(admin, orchestrator_user(p), orchestrator_rules(p), password=self.orchestrator_password)
-        set_user(admin, function_user(p), function_rules(p), password=self.function_password)
+        for k, password in enumerate(self.function_passwords):
+            set_user(admin, function_user(p, k), function_rules(p, k), password=password)
         set_user(admin, HELLO_USER, hello_rules(p), nopass=True)
         if launcher_sha256 is not None:
             set_user(admin, LAUNCHER_USER, launcher_rules(p), password_sha256=launcher_sha256)

@@ -47,7 +47,7 @@ class PeerSecurity(Guard):
     active = True
 
     def __init__(self, cfg: SecuritySection, index: int, url: str, admin: redis.Redis, *,
-                 checks_in_database: Any = None):
+                 checks_in_database: Any = None, functions: int = 1):
         self.cfg, self.index, self.url = cfg, index, url
         self.keys = Keys(index)
         #: queues a finiteness check on a pipeline and says whether it did (a backend's finite_check)
@@ -57,7 +57,7 @@ class PeerSecurity(Guard):
         self._check_transport(url)
         self.identity = Identity.load(cfg.keys_dir, index)
         self.trust = TrustStore.load(cfg.keys_dir, cfg.group)
-        self.users = acl.DatabaseUsers(index)
+        self.users = acl.DatabaseUsers(index, functions)
         admin.close()  # made without our TLS options: the one below replaces it
         pool = admin.connection_pool.connection_kwargs
         admin = make_client(url=url, username=pool.get("username"), password=pool.get("password"),
@@ -87,8 +87,8 @@ class PeerSecurity(Guard):
         return {"username": acl.orchestrator_user(self.index), "password": self.users.orchestrator_password,
                 **self.transport(self.url)}
 
-    def function_credentials(self) -> dict:
-        return {"db_username": acl.function_user(self.index), "db_password": self.users.function_password,
+    def function_credentials(self, k: int) -> dict:
+        return {"db_username": acl.function_user(self.index, k), "db_password": self.users.function_passwords[k],
                 "db_options": self.transport(self.url) or None}
 
     def member_credentials(self, q: int, url: str) -> dict:

@@ -1,0 +1,85 @@
+"""Network partitions between real peer processes, cut and healed through per-link TCP proxies.
+
+Every peer reaches every other peer's database through its own proxy (spirt.links), so a link can be
+cut silently (both ways or one way) without root, as Jepsen's nemeses do: cut one pair, isolate one
+peer, split into halves or into a majority and a minority, or split with a bridge peer that sees both
+sides. Each test cuts at a round, heals after a few seconds, and checks what must hold whatever the cut:
+
+- every peer finishes the training, and all of them hold one and the same model at the end;
+- no update is applied by a minority: every round a peer completed aggregated a strict majority of
+  the group;
+- nothing diverges silently: peers that ended up with different states said so (a ``resync`` event),
+  and a peer without a quorum said so (``no_quorum``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from spirt.cluster import Cluster
+from spirt.config import load_config
+
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
+
+#: small and fast: an MLP, gradients computed by the orchestrators themselves (no worker processes)
+PARTITION = {
+    "run.rounds": 36, "run.eval_every": 10_000, "run.seed": 0, "run.eval_samples": 100,
+    "model.name": "mlp", "data.dataset": "fashion-mnist", "data.limit_train": 6000, "data.limit_test": 100,
+    "peers.functions": 1, "peers.batch_size": 32, "executor.kind": "inline",
+    "membership.heartbeat_s": 0.5, "membership.max_misses": 2, "membership.join_timeout_s": 60.0,
+    "membership.quorum_timeout_s": 120.0, "barrier.timeout_s": 3.0,
+}
+CUT_AT = 8  # the round every peer has reached when the links are cut
+CUT_S = 2.5  # how long they stay cut
+
+
+def _run(n: int, nemesis, cut_s: float = CUT_S):
+    """Train n peers, apply ``nemesis(links)`` at round CUT_AT, heal after ``cut_s``; returns the final
+    parameters of each peer, the metrics and the events."""
+    cfg = load_config(None, {**PARTITION, "peers.count": n})
+    with Cluster(cfg, links=True) as c:
+        for i in range(n):
+            c.wait_round(i, CUT_AT, timeout_s=120)
+        nemesis(c.links)
+        time.sleep(cut_s)
+        c.links.heal()
+        c.wait_finished(list(range(n)), timeout_s=240)
+        return [c.params(i) for i in range(n)], c.metrics(), c.events()
+
+
+def _check(n: int, params, metrics, events) -> None:
+    assert all(p is not None for p in params)
+    assert len(set(params)) == 1, "the peers ended with different models"
+    assert (2 * metrics["peers_aggregated"] > n).all(), "an update was applied without a majority"
+    last = metrics[metrics["round"] == PARTITION["run.rounds"] - 1]
+    assert sorted(last["peer"]) == list(range(n)) and (last["peers_aggregated"] == n).all()
+
+
+@pytest.mark.parametrize("name, n, nemesis", [
+    ("cut a pair", 3, lambda links: links.cut(0, 1)),
+    ("one-way cut", 3, lambda links: links.cut_one_way(0, 1)),
+    ("isolate one", 5, lambda links: links.isolate(4)),
+    ("halves", 4, lambda links: links.split([0, 1], [2, 3])),
+    ("majority and minority", 5, lambda links: links.split([0, 1, 2], [3, 4])),
+    ("bridge", 5, lambda links: links.bridge([0, 1], 2, [3, 4])),
+])
+def test_partition_heals_to_one_state(name, n, nemesis):
+    params, metrics, events = _run(n, nemesis)
+    _check(n, params, metrics, events)
+    said = set(events["event"])
+    assert said & {"excluded", "no_quorum"}, f"{name}: the cut went unnoticed"
+
+
+def test_partition_isolated_peer_waits_then_rejoins_by_state_transfer():
+    """The isolated peer of five trains nothing alone, and comes back through state transfer: the
+    others never aggregate its vectors after removing it."""
+    params, metrics, events = _run(5, lambda links: links.isolate(4), cut_s=8.0)
+    _check(5, params, metrics, events)
+    mine = events[events["peer"] == 4]
+    assert "no_quorum" in set(mine["event"])
+    assert "joined" in set(mine["event"])
+    removed = events[(events["event"] == "removed") & (events["about"] == 4)]
+    assert len(removed) >= 3  # the majority removed it
+    assert "readmitted" not in set(events["event"])
