@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import redis
 
 from .exchange import ROUND_KEY_TTL_MS
+from .guard import Guard
 from .keys import Keys
 from .membership import Membership
 from .servers import pipelines_at_once
@@ -77,6 +78,8 @@ class Probe:
     digest: str | None = None  # of its parameters after round r - 1
     state: tuple[int, str] | None = None  # its last completed round and its digest
     aggregated: str | None = None  # the peers it aggregated in round r - 1 (to explain a divergence)
+    #: its records of the vectors it accepted in rounds r - 1 and r - 2 (parsed by the guard)
+    heard: tuple[bytes | None, bytes | None] = (None, None)
 
     @property
     def reachable(self) -> bool:
@@ -161,8 +164,10 @@ class Agreement:
     """Peer ``index``'s side of the agreement: probing the members and deciding before each round."""
 
     def __init__(self, index: int, db: redis.Redis, membership: Membership, f: int, rounds: int,
-                 bad_value: Callable[[int, int, BadValue], None], *, check_state: bool = True):
+                 bad_value: Callable[[int, int, BadValue], None], guard: Guard | None = None, *,
+                 check_state: bool = True):
         self.index, self.db, self.membership = index, db, membership
+        self.guard = guard or Guard()
         self.f, self.rounds, self.bad_value = f, rounds, bad_value
         self.check_state = check_state
         self.keys = Keys(index)
@@ -171,20 +176,22 @@ class Agreement:
         """One probe of every member (removed ones too), all at once, each bounded by the heartbeat."""
         jobs = {q: (m.probe, [("EXISTS", Keys(q).alive), ("EXISTS", Keys(q).done), ("GET", Keys(q).ready),
                               ("GET", Keys(q).digest(r - 1)), ("GET", Keys(q).state),
-                              ("GET", Keys(q).aggset(r - 1))])
-                for q, m in self.membership.members.items()}
+                              ("GET", Keys(q).aggset(r - 1)), ("GET", Keys(q).heard(r - 1)),
+                              ("GET", Keys(q).heard(r - 2))])
+                for q, m in self.membership.members.items() if not m.banned}
         group = set(self.membership) | {self.index}
         out = {}
         for q, reply in pipelines_at_once(jobs).items():
             if isinstance(reply, redis.RedisError) or any(isinstance(x, redis.RedisError) for x in reply):
                 out[q] = Probe()
                 continue
-            alive, done, raw_mark, raw_digest, raw_state, raw_set = reply
+            alive, done, raw_mark, raw_digest, raw_state, raw_set, *heard = reply
             out[q] = Probe(True, bool(alive), bool(done),
                            self._parsed(r, q, parse_mark, raw_mark, self.rounds),
                            self._parsed(r, q, parse_digest, raw_digest),
                            self._parsed(r, q, parse_state, raw_state, self.rounds),
-                           self._parsed(r, q, parse_member_set, raw_set, group))
+                           self._parsed(r, q, parse_member_set, raw_set, group),
+                           tuple(h if isinstance(h, bytes) else None for h in heard))
         return out
 
     def _parsed(self, r: int, q: int, parse, raw, *args):
@@ -197,6 +204,23 @@ class Agreement:
         except BadValue as exc:
             self.bad_value(r, q, exc)
             return None
+
+    def catch_equivocation(self, r: int, probes: dict[int, Probe]) -> None:
+        """Compare what every peer accepted from each sender in rounds r - 1 and r - 2 (their ``heard``
+        records and ours: a peer slower to finish a round is compared a round later); a sender proven to
+        have signed two different vectors for one round is excluded for good."""
+        for back, rr in enumerate((r - 1, r - 2)):
+            if rr < 0:
+                continue
+            reports = {q: p.heard[back] for q, p in probes.items() if p.heard[back] is not None}
+            mine = self.db.get(self.keys.heard(rr))
+            if mine is not None:
+                reports[self.index] = mine
+            if len(reports) < 2:
+                continue
+            for q, m in self.membership.members.items():
+                if not m.banned and (proof := self.guard.equivocation(q, rr, reports)) is not None:
+                    self.membership.ban(r, q, proof)
 
     def mine(self, r: int) -> tuple[str | None, tuple[int, str] | None]:
         """Our digest after round r - 1 and our latest state, from our own database."""
@@ -212,6 +236,8 @@ class Agreement:
         """The verdict before round r (with no state of ours yet, at the start, only lagging and the
         quorum are checked)."""
         probes = self.probe(r)
+        self.catch_equivocation(r, probes)
+        probes = {q: p for q, p in probes.items() if not self.membership[q].banned}
         digest, state = self.mine(r)
         removed = {q for q, m in self.membership.members.items() if m.removed}
         return decide(self.index, r, probes, removed, self.f, my_digest=digest, my_state=state,

@@ -61,7 +61,7 @@ class Exchange:
         self.pushed_at = time.monotonic()
         jobs = {}
         for q, data in outgoing.items():
-            if self.membership[q].stalled and not self.membership.answers(q):
+            if self.membership[q].banned or (self.membership[q].stalled and not self.membership.answers(q)):
                 continue
             K = Keys(q)
             cmds = []

@@ -75,5 +75,16 @@ class Guard:
     def round_keys(self, r: int, members: Mapping[int, Any]) -> list[str]:
         return []
 
+    def heard(self, r: int) -> bytes | None:
+        """What we publish of the vectors we accepted in round r, for the others to compare (the
+        senders' signed envelopes); None: nothing (without signatures a report proves nothing)."""
+        return None
+
+    def equivocation(self, sender: int, r: int, reports: Mapping[int, bytes]) -> str | None:
+        """A proof that ``sender`` showed different vectors to different peers in round r, from the
+        ``heard`` records of the peers (reporter -> record), or None. Only a proof that the sender's own
+        signatures make counts: a reporter cannot frame an honest sender."""
+        return None
+
     def close(self) -> None:
         pass

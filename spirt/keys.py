@@ -23,6 +23,7 @@ key (in p's database)  what it holds, who writes it
 ``aggset:r``           the peers p aggregated in round r (comma-separated)
 ``digest:r``           SHA-1 of p's parameters after round r, written with the update (compared by peers)
 ``state``              ``r|digest`` of p's last completed round, written with the update
+``heard:r``            the signed envelopes of the vectors p accepted in round r (equivocation proofs)
 ``in:q:r``             peer q's round-r vector, pushed by q (remote-writable by q only)
 ``in:q:r:sig``         its signed envelope (security on), pushed by q
 ``vin:q:r``            the copy of q's vector p checked and aggregates (q cannot write it)
@@ -143,6 +144,11 @@ class Keys:
         """``r|digest``: the last completed round and the digest of the parameters after it."""
         return self._k("state")
 
+    def heard(self, r: int) -> str:
+        """The senders' signed envelopes of the vectors accepted in round r, concatenated (security on):
+        what the peers compare to catch a sender that showed them different vectors."""
+        return self._k("heard", r)
+
     def incoming(self, q: int, r: int) -> str:
         """Peer q's round-r vector in our inbox (q pushes it)."""
         return self._k("in", q, r)
@@ -207,6 +213,10 @@ class Keys:
     @property
     def digest_pattern(self) -> str:
         return self._k("digest", "*")
+
+    @property
+    def heard_pattern(self) -> str:
+        return self._k("heard", "*")
 
     @property
     def snapshot_pattern(self) -> str:

@@ -46,6 +46,8 @@ class Member:
     #: hung database costs one barrier deadline, not one per round
     stalled: bool = False
     next_probe: float = 0.0  # monotonic time a stalled member may be probed again
+    #: proven to have shown different vectors to different peers: removed for good (no rejoining)
+    banned: bool = False
 
     def close(self) -> None:
         self.client.close()
@@ -124,7 +126,7 @@ class Membership:
             if q != self.index and q not in self.members:
                 self.add(q, url, since=first)
         for q, m in self.members.items():
-            removed = q not in current
+            removed = q not in current or m.banned
             if removed != m.removed:  # a change of membership is an event, whatever its cause
                 self.events(first, "removed" if removed else "readmitted", q,
                             "by the membership of the state we took over")
@@ -189,6 +191,16 @@ class Membership:
                 m.removed = True
                 self.events(r, "removed", q, f"{m.misses} missed barriers")
         return notes
+
+    def ban(self, r: int, q: int, proof: str) -> None:
+        """Member q equivocated (``proof``): removed for good, never awaited, pushed to or admitted again."""
+        m = self.members[q]
+        if not m.banned:
+            m.banned = m.removed = True
+            self.events(r, "equivocation", q, f"excluded for good: {proof}")
+
+    def banned(self) -> set[int]:
+        return {q for q, m in self.members.items() if m.banned}
 
     # -- heartbeat ----------------------------------------------------------------------------------
     def start_heartbeat(self) -> None:

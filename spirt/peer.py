@@ -167,7 +167,7 @@ class Peer:
         self.attack = Byzantine(cfg, index) if self.byzantine else None
         # a simulated attacker does not mind diverging from the honest peers: it never resyncs for it
         self.agreement = Agreement(index, self.db, self.membership, cfg.byzantine_bound, cfg.run.rounds,
-                                   self.transfer.bad_value, check_state=not self.byzantine)
+                                   self.transfer.bad_value, self.guard, check_state=not self.byzantine)
         import defenses
 
         self.defense = defenses.get(cfg.aggregation.defense, pre=cfg.aggregation.pre or None,
@@ -384,9 +384,10 @@ class Peer:
         with self._phase(Phase.BARRIER, t):
             ready, missing = self.exchange.barrier(r, self.membership.awaited(r), self.width)
         excluded = self.membership.account(r, ready, missing)
-        if not quorate(1 + len(ready), 1 + len(self.members)):  # a minority does not move on alone
-            raise NoQuorum(f"round {r}: {1 + len(ready)} of {1 + len(self.members)} vectors arrived, no "
-                           "majority of the group; the round's update is not applied")
+        group = 1 + len(self.members) - len(self.membership.banned())
+        if not quorate(1 + len(ready), group):  # a minority does not move on alone
+            raise NoQuorum(f"round {r}: {1 + len(ready)} of {group} vectors arrived, no majority of the "
+                           "group; the round's update is not applied")
         with self._phase(Phase.AGGREGATE, t):
             arrived = self.aggregate(r, ready, excluded, m)
         with self._phase(Phase.UPDATE, t):
@@ -519,6 +520,9 @@ class Peer:
         self.backend.queue_update(pipe, self.db, K.params, K.momentum, K.agg(r), self.sgd)
         pipe.set(K.completed, r)
         pipe.set(K.aggset(r), arrived, px=ROUND_KEY_TTL_MS)
+        heard = self.guard.heard(r)
+        if heard is not None:  # the senders' signed envelopes of what we accepted: equivocation checks
+            pipe.set(K.heard(r), heard, px=ROUND_KEY_TTL_MS)
         queue_digest(pipe, K, r)  # what the peers compare before the next round
         pipe.incr(K.version)
         pipe.rpush(K.metrics, json.dumps(m.row()))

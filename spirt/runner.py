@@ -19,6 +19,7 @@ import redis
 
 from .backends import needs_module
 from .config import Config
+from .disagreement import Observer
 from .keys import START_KEY, Keys
 from .peer import Peer, peer_main
 from .processes import stop_processes
@@ -160,19 +161,55 @@ def run_training(cfg: Config, *, progress: bool = True, timeout_s: float | None 
 
         stop = threading.Event()
         shower = threading.Thread(target=_progress, args=(cfg, urls, stop, progress, client), daemon=True)
+        observer = _observer(cfg, urls, client)
+        stack.callback(observer.stop)
         t0 = time.perf_counter()
         if cfg.peers.mode == "process":
-            _run_processes(cfg, urls, c0, stack, shower, timeout_s, client, resume)
+            _run_processes(cfg, urls, c0, stack, shower, timeout_s, client, resume, observer)
         else:
             shower.start()
+            observer.__enter__()
             _run_threads(cfg, urls, timeout_s, resume)
         stop.set()
         if shower.is_alive():
             shower.join(5)
-        df = _collect(urls, client)
+        observer.stop()
+        df = _with_disagreement(_collect(urls, client), cfg, observer)
         df.attrs["wall_s"] = time.perf_counter() - t0
         df.attrs["final_states"] = final_states(cfg, urls, client)
         return df
+
+
+def _observer(cfg: Config, urls: list[str], client) -> Observer:
+    """The honest peers' disagreement, round by round (:mod:`spirt.disagreement`)."""
+    from .byzantine import is_byzantine
+
+    return Observer({i: client(u, socket_timeout=2) for i, u in enumerate(urls) if not is_byzantine(cfg, i)})
+
+
+def _with_disagreement(df: pd.DataFrame, cfg: Config, observer: Observer) -> pd.DataFrame:
+    """The rounds table with the honest peers' disagreement of each round (``honest_states``,
+    ``honest_distance``, ``honest_average_accuracy``; the last one where they disagreed)."""
+    for c in observer.clients.values():
+        c.close()
+    evaluator = None
+
+    def accuracy(params: bytes) -> float:
+        nonlocal evaluator
+        if evaluator is None:
+            from .evaluation import Evaluator
+
+            evaluator = Evaluator(cfg)
+        return evaluator.evaluate(params)[1]
+
+    d = observer.table(accuracy)
+    if df.empty or d.empty:
+        return df
+    attrs = dict(df.attrs)
+    out = df.merge(d[["round", "honest_states", "honest_distance", "honest_average_accuracy"]], on="round",
+                   how="left")
+    out.attrs.update(attrs)
+    return out
 
 
 def final_states(cfg: Config, urls: list[str], client=_plain_client) -> int:
@@ -200,7 +237,7 @@ def _tls_args(cfg: Config) -> dict:
     return {"tls": TlsFiles(sec.tls_cert_file, sec.tls_key_file, sec.tls_ca_file), "require_tls": sec.require_tls}
 
 
-def _run_processes(cfg, urls, c0, stack, shower, timeout_s, client=_plain_client, resume=False):
+def _run_processes(cfg, urls, c0, stack, shower, timeout_s, client=_plain_client, resume=False, observer=None):
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=peer_main, args=(cfg.model_dump_json(), i, urls, START_KEY, False, resume),
                          name=f"peer-{i}") for i in range(len(urls))]
@@ -219,6 +256,8 @@ def _run_processes(cfg, urls, c0, stack, shower, timeout_s, client=_plain_client
         if dead or time.monotonic() > deadline:
             raise TrainingError(f"peers failed to start: {dead or 'timeout'}")
         time.sleep(0.05)
+    if observer is not None:
+        observer.__enter__()
     for c in clients if cfg.security.enabled else [c0]:  # secured peers read it in their own database
         c.set(START_KEY, 1)
     shower.start()
@@ -301,6 +340,7 @@ def write_run_reports(df: pd.DataFrame, out_dir: str | Path, label: str = "") ->
     stem = f"rounds{('_' + label) if label else ''}"
     cols = ["round", "peer", "loss", "accuracy", "test_loss", "functions_ok", "functions_failed",
             "peers_aggregated", "peers_excluded", "byzantine"] + [c for c in df.columns if c.startswith("t_")]
+    cols += [c for c in ("honest_states", "honest_distance", "honest_average_accuracy") if c in df.columns]
     attrs = dict(df.attrs)
     df = df.sort_values(["round", "peer"])[cols]
     df.attrs.update(attrs)

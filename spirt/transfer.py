@@ -83,9 +83,11 @@ class StateTransfer:
                 self.db.delete(key)
                 self.events(r, "join_rejected", -1, str(exc))
                 continue
-            if q == self.index or not self.guard.may_join(q):
+            banned = q in self.membership and self.membership[q].banned
+            if q == self.index or banned or not self.guard.may_join(q):
                 self.db.delete(key)
                 self.events(r, "join_rejected", q, "a join request in our own name" if q == self.index
+                            else "excluded for good (equivocation)" if banned
                             else "not admitted by challenge-response")
                 continue
             out.append((key, q, url, first))
@@ -241,6 +243,8 @@ class StateTransfer:
         live = {}
         self._finished = set()
         for q, m in self.membership.members.items():
+            if m.banned:
+                continue
             K = Keys(q)
             try:
                 pipe = m.probe.pipeline(transaction=False)

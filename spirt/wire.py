@@ -5,16 +5,17 @@ strictly (type, size, range), and a value that does not parse raises :class:`Bad
 wrong. The caller drops the value and holds it against its sender (an event naming the sender and the
 reason); nothing here lets a bad value through or raises anything else.
 
-=====================  ==================================================  ==========================
+=====================  ==================================================  ==================================
 value                  written by                                          parser
-=====================  ==================================================  ==========================
+=====================  ==================================================  ==================================
 round mark (``ready``) a peer, when it publishes a round                   :func:`parse_mark`
 aggregated set         a peer, with its update (the peers it aggregated)   :func:`parse_member_set`
 state digest           a peer, with its update (SHA-1 of its parameters)   :func:`parse_digest`
 latest state           a peer, with its update (``round|digest``)          :func:`parse_state`
 snapshot meta          a peer serving a joiner (round, members, its URL)   :func:`parse_snapshot_meta`
 join request           a peer asking to be admitted (``url|first round``)  :func:`parse_join_request`
-=====================  ==================================================  ==========================
+``heard`` record       a peer, with its update (signed envelopes it took)  ``security.signing.split_heard``
+=====================  ==================================================  ==================================
 
 Vectors are checked where they are read (byte width in the exchange, contents by the guard's screen);
 the wake-up lists carry nothing that is used.

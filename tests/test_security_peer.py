@@ -369,3 +369,53 @@ def test_launcher_runs_secured_peers(tmp_path, mode):
     df = run_training(_cfg(tmp_path, **{"peers.mode": mode}), progress=False, timeout_s=300)
     assert sorted(df["round"]) == [0, 0, 1, 1]
     assert (df["peers_aggregated"] == 2).all() and (df["updates_rejected"] == 0).all()
+
+
+def test_byzantine_equivocating_peer_is_caught_with_a_proof(tmp_path):
+    """Peer 2 sends validly signed but different vectors to peers 0 and 1 (an attacker that read the
+    honest vectors and wants to split them). The honest peers compare the signed envelopes they
+    accepted: both exclude peer 2 for good within two rounds, the event carries the two envelopes, and
+    they end with one model. Without the comparison they would end with two."""
+    make_group(tmp_path, 3, "g")
+    cfg = _cfg(tmp_path, **{"peers.count": 3, "run.rounds": 6, "barrier.timeout_s": 3,
+                            "membership.heartbeat_s": 0.5, "membership.quorum_timeout_s": 30})
+    servers = [start_server("valkey") for _ in range(3)]
+    peers: list = []
+    try:
+        urls = [s.url for s in servers]
+        peers = [Peer(cfg, i, urls) for i in range(3)]
+        for p in peers:
+            p.init_params()
+        assert not in_threads(lambda p: p.guard.admit(p.members), peers, timeout_s=60)
+        liar = peers[2]
+        liar.agreement.check_state = False  # an attacker does not mind its own state
+        honest_publish = liar.publish
+
+        def equivocate(r, own):
+            vec = np.frombuffer(own, dtype="<f4")
+            outgoing = {0: own, 1: (vec * -3.0).astype("<f4").tobytes()}
+            liar.exchange.push(r, outgoing, liar.guard.sign_outgoing(r, outgoing))
+
+        liar.publish = lambda r, own: (equivocate if r >= 2 else honest_publish)(r, own)
+        def run(p):
+            try:
+                p.run()
+            except Exception:  # noqa: BLE001 - the liar, shut out, may fail to finish: that is its business
+                if p is not liar:
+                    raise
+
+        errors = in_threads(run, peers, timeout_s=120)
+        assert not errors, errors
+        for p in peers[:2]:
+            events = [json.loads(e) for e in p.db.lrange(p.keys.events, 0, -1)]
+            caught = [e for e in events if e["event"] == "equivocation"]
+            assert len(caught) == 1 and caught[0]["about"] == 2, events
+            assert caught[0]["round"] <= 2 + 2  # within two rounds of the first lie (round 2)
+            assert "two envelopes signed by peer 2" in caught[0]["detail"]
+            assert p.members[2].banned
+        assert peers[0].db.get(Keys(0).params) == peers[1].db.get(Keys(1).params)
+    finally:
+        for p in peers:
+            p.close()
+        for s in servers:
+            s.stop()

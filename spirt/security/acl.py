@@ -11,7 +11,7 @@ orch-p     everything except the server-wide dangerous commands it does not need
 fn-p-k     read ``params`` and ``version``; write only its own slot ``grad:*:k`` (gradient function k:
            one cannot overwrite another's gradient)
 peer-q     read what p publishes (``alive``, ``ready``, ``done``, ``state``, ``aggset:*``, ``digest:*``,
-           ``snap:*``); write
+           ``heard:*``, ``snap:*``); write
            only keys of its own: its inbox ``in:q:*``, its wake-up list ``notify:q`` and its join
            request ``join:q``
 hello      before admission: write ``hello:*``, read ``challenge:*`` (nothing else)
@@ -79,16 +79,18 @@ def function_rules(p: int, k: int) -> list[str]:
 
 def remote_rules(p: int, q: int) -> list[str]:
     K = Keys(p)
-    reads = [K.alive, K.ready, K.done, K.state, K.aggset_pattern, K.digest_pattern, K.snapshot_pattern]
+    reads = [K.alive, K.ready, K.done, K.state, K.aggset_pattern, K.digest_pattern, K.heard_pattern,
+             K.snapshot_pattern]
     writes = [K.inbox_pattern(q), K.notify(q), K.join(q)]
     return ["resetkeys", *[f"%R~{k}" for k in reads], *[f"%W~{k}" for k in writes], "resetchannels",
             *REMOTE_COMMANDS]
 
 
 def launcher_rules(p: int) -> list[str]:
-    """The process that started the run: sees progress and results, starts the peers, nothing else."""
+    """The process that started the run: sees progress, results and the models (to measure how far
+    apart the peers are), starts the peers, nothing else."""
     K = Keys(p)
-    reads = [K.up, K.metrics, K.events, K.done, K.state]
+    reads = [K.up, K.metrics, K.events, K.done, K.state, K.params]  # params: the disagreement observer
     return ["resetkeys", *[f"%R~{k}" for k in reads], f"~{START_KEY}", "resetchannels",
             "-@all", "+get", "+set", "+del", "+exists", "+llen", "+lindex", "+lrange", "+ping"]
 

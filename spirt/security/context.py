@@ -26,7 +26,7 @@ from ..servers import make_client
 from . import acl
 from .admission import Applicant, Desk
 from .identity import AdmissionError, Identity, MalformedInput, TrustStore, Verifier
-from .signing import UpdateRejected, sign_update, verify_update
+from .signing import UpdateRejected, sign_update, split_heard, verify_signature, verify_update
 from .tls import TlsFiles
 
 if TYPE_CHECKING:
@@ -70,6 +70,7 @@ class PeerSecurity(Guard):
         self.admitted_at: set[int] = set()  # members whose databases let us in
         self.unreachable: set[int] = set()  # members whose databases did not answer at all
         self._checked: dict[tuple[int, int], tuple[str, str] | None] = {}  # (round, peer) -> verdict
+        self._heard: dict[int, dict[int, bytes]] = {}  # round -> sender -> envelope of what we accepted
 
     def __repr__(self) -> str:
         return f"PeerSecurity(peer={self.index}, group={self.group!r})"
@@ -250,6 +251,42 @@ class PeerSecurity(Guard):
                 raise UpdateRejected("non_finite", "NaN or infinite values")
         except UpdateRejected as exc:
             return exc.reason, str(exc)
+        if self.cfg.sign_updates:  # what we accepted from q, signed by q: shared for equivocation checks
+            self._heard.setdefault(r, {})[q] = bytes(res[3])
+        return None
+
+    def heard(self, r: int) -> bytes | None:
+        if not self.cfg.sign_updates:
+            return None
+        got = self._heard.pop(r, {})
+        for old in [k for k in self._heard if k < r]:
+            del self._heard[old]
+        return b"".join(got[q] for q in sorted(got))
+
+    def equivocation(self, sender: int, r: int, reports: Mapping[int, bytes]) -> str | None:
+        """Two envelopes of ``sender`` for round r, both with its valid signature, over different
+        digests: the proof (hex of both, and who reported them)."""
+        if not self.cfg.sign_updates:
+            return None
+        try:
+            key = self._key_of(sender)
+        except (AdmissionError, MalformedInput):
+            return None
+        mine = [(reporter, env) for reporter, record in sorted(reports.items()) for env in split_heard(record)
+                if env.sender == sender and env.round == r]
+        if len({env.digest for _, env in mine}) < 2:
+            return None  # one vector for everyone (the common case: no signature to check)
+        seen: dict[bytes, tuple[int, bytes]] = {}  # digest -> (reporter, envelope)
+        for reporter, env in mine:
+            if env.digest in seen:
+                continue
+            if not verify_signature(env, group=self.group, key=key):
+                continue  # not the sender's: the reporter's doing, proves nothing against the sender
+            seen[env.digest] = (reporter, env.encode())
+            if len(seen) == 2:
+                (a, ea), (b, eb) = seen.values()
+                return (f"round {r}: two envelopes signed by peer {sender} over different vectors, reported "
+                        f"by peers {a} and {b}: {ea.hex()} / {eb.hex()}")
         return None
 
     def screen(self, r: int, inputs: dict[int, str], width: int) -> list[tuple[int, str, str]]:

@@ -92,3 +92,23 @@ def verify_update(blob, raw, *, group: str, sender: int, r: int, key: Ed25519Pub
     except InvalidSignature:
         raise UpdateRejected("forged", f"signature not made with peer {sender}'s key") from None
     return env
+
+
+def verify_signature(env: Envelope, *, group: str, key: Ed25519PublicKey) -> bool:
+    """Whether ``env``'s signature is its sender's over its (group, sender, round, digest)."""
+    try:
+        key.verify(env.signature, _message(group, env.sender, env.round, env.digest))
+    except InvalidSignature:
+        return False
+    return True
+
+
+def split_heard(record: object) -> list[Envelope]:
+    """The envelopes of a ``heard`` record another peer wrote (concatenated envelopes); a record that is
+    not a whole number of well-formed envelopes yields none of them (it proves nothing)."""
+    if not isinstance(record, (bytes, bytearray)) or len(record) % ENVELOPE_BYTES:
+        return []
+    try:
+        return [parse_envelope(record[i:i + ENVELOPE_BYTES]) for i in range(0, len(record), ENVELOPE_BYTES)]
+    except MalformedInput:
+        return []
