@@ -1,4 +1,5 @@
-"""Fault-injection scenarios with real processes and signals -> reports/faults.{csv,md}.
+"""Fault-injection scenarios with real processes and signals -> reports/faults.{csv,md} (and, for the
+faults that cut links, the honest peers' disagreement per round -> reports/partitions.{csv,md,png}).
 
 Per registered fault (see :mod:`spirt.faults`; ``spirt bench faults -- --list``): detection latency,
 recovery time, rounds lost, the survivors' final accuracy on the full test set next to the fault-free
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+import pandas as pd
 import pytest
 
 from spirt import faults
@@ -17,6 +19,7 @@ from spirt.benchmarks.update import reports_dir
 
 SELECTED = [s for s in os.environ.get("SPIRT_FAULT_SCENARIOS", ",".join(faults.SCENARIOS)).split(",") if s]
 _rows: list[dict] = []
+_rounds: list[pd.DataFrame] = []
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -24,7 +27,9 @@ def _write():
     yield
     if _rows:
         order = {name: i for i, name in enumerate(faults.SCENARIOS)}
-        faults.write_reports(sorted(_rows, key=lambda r: order[r["scenario"]]), reports_dir())
+        df = faults.write_reports(sorted(_rows, key=lambda r: order[r["scenario"]]), reports_dir())
+        if _rounds:
+            faults.write_partition_reports(df, pd.concat(_rounds, ignore_index=True), reports_dir())
 
 
 @pytest.mark.faults
@@ -35,6 +40,9 @@ def test_fault_scenario(name):
     reference = faults.reference_for(s)
     res = faults.run_scenario(s)
     _rows.append(res.row(reference))
+    if s.fault_class.links and res.disagreement is not None:
+        _rounds.append(res.disagreement.assign(scenario=name, fault=s.description))
+    assert res.survivors_identical, res.digests
     m = res.metrics
     for i in res.survivors:  # the survivors trained to the end
         assert m[m["peer"] == i]["round"].max() == res.rounds - 1

@@ -164,12 +164,18 @@ def run_training(cfg: Config, *, progress: bool = True, timeout_s: float | None 
         observer = _observer(cfg, urls, client)
         stack.callback(observer.stop)
         t0 = time.perf_counter()
-        if cfg.peers.mode == "process":
-            _run_processes(cfg, urls, c0, stack, shower, timeout_s, client, resume, observer)
-        else:
-            shower.start()
-            observer.__enter__()
-            _run_threads(cfg, urls, timeout_s, resume)
+        try:
+            if cfg.peers.mode == "process":
+                _run_processes(cfg, urls, c0, stack, shower, timeout_s, client, resume, observer)
+            else:
+                shower.start()
+                observer.__enter__()
+                _run_threads(cfg, urls, timeout_s, resume)
+        except TrainingError as exc:
+            causes = _server_causes(servers if not cfg.peers.urls else [])
+            if causes:
+                raise TrainingError(f"{exc}; {causes}") from exc
+            raise
         stop.set()
         if shower.is_alive():
             shower.join(5)
@@ -178,6 +184,13 @@ def run_training(cfg: Config, *, progress: bool = True, timeout_s: float | None 
         df.attrs["wall_s"] = time.perf_counter() - t0
         df.attrs["final_states"] = final_states(cfg, urls, client)
         return df
+
+
+def _server_causes(servers: list) -> str:
+    """What the logs of the databases that exited say went wrong (a full disk, a corrupt file)."""
+    dead = [(i, s) for i, s in enumerate(servers) if not s.alive()]
+    return "; ".join(f"the database of peer {i} exited: {s.diagnose() or 'see ' + str(s.logfile)}"
+                     for i, s in dead)
 
 
 def _observer(cfg: Config, urls: list[str], client) -> Observer:

@@ -505,6 +505,9 @@ _tls_support: dict[str, bool] = {}
 #: what a server's log says when its files are the trouble, and the cause to name (first match wins)
 LOG_CAUSES = [
     ("No space left on device", "the disk is full"),
+    ("Short write while writing to the AOF file", "the disk is full (a short write to the append-only file)"),
+    ("Can't recover from AOF write error",
+     "the append-only file could not be written (the disk is full or failing): the server exited"),
     ("Bad file format reading the append only file", "the append-only file is corrupt"),
     ("Unexpected end of file reading the append only file", "the append-only file is truncated"),
     ("loaded anyway because aof-load-truncated is enabled",

@@ -32,7 +32,7 @@ PARTITION = {
     "membership.quorum_timeout_s": 120.0, "barrier.timeout_s": 3.0,
 }
 CUT_AT = 8  # the round every peer has reached when the links are cut
-CUT_S = 2.5  # how long they stay cut
+CUT_S = 5.0  # how long they stay cut: longer than the barrier deadline, so the peers give up waiting
 
 
 def _run(n: int, nemesis, cut_s: float = CUT_S):

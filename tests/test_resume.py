@@ -114,3 +114,22 @@ def test_every_database_restarted_at_once_ends_with_one_state(run):
         events = c.events()
     assert all(p is not None for p in params) and len(set(params)) == 1, events.to_string()
     assert set(events[events["event"] == "recovered"]["peer"]) == {0, 1, 2, 3}
+
+
+def test_full_disk_ends_the_run_naming_the_cause(tmp_path):
+    """The database's disk fills up mid-run (a 3 MB file system): the server exits, and the run's error
+    says why, from the server's log, instead of only that the peer failed."""
+    from spirt.config import load_config
+    from spirt.runner import TrainingError, run_training
+
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(small)]).returncode:
+        pytest.skip("mounting a small file system needs root")
+    try:
+        cfg = load_config(None, {**RESTART, "peers.count": 1, "peers.mode": "thread", "run.rounds": 200,
+                                 "membership.db_recovery_s": 2.0})
+        with pytest.raises(TrainingError, match="the disk is full"):
+            run_training(cfg, progress=False, state_dir=small / "state")
+    finally:
+        subprocess.run(["umount", "-l", str(small)])

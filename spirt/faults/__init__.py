@@ -44,7 +44,7 @@ from __future__ import annotations
 from ..cluster import Cluster, ClusterError, heartbeat_process, peer_context
 from ._base import Fate, Fault, FaultInfo, NoFault, Scenario, fault_class, register, registry
 from ._cli import main, parser, run_all
-from ._report import COLUMNS, listing, write_reports
+from ._report import COLUMNS, listing, write_partition_reports, write_reports
 from ._scenarios import (
     BASE,
     SCENARIOS,
@@ -68,6 +68,7 @@ def info(name: str) -> FaultInfo:
 __all__ = [
     "names", "info", "register", "registry", "Fault", "FaultInfo", "Fate", "NoFault", "fault_class",
     "Scenario", "SCENARIOS", "BASE", "scenario_config", "run_scenario", "run_all", "ScenarioResult",
-    "reference_for", "fault_free_accuracy", "accuracy_of", "write_reports", "listing", "COLUMNS", "main",
+    "reference_for", "fault_free_accuracy", "accuracy_of", "write_reports", "write_partition_reports", "listing",
+    "COLUMNS", "main",
     "parser", "Cluster", "ClusterError", "peer_context", "heartbeat_process",
 ]
