@@ -1,7 +1,8 @@
 """Agreement on the group's state: attested rounds, quorum, and which side resynchronises.
 
-Every completed round leaves, in the update's own transaction, the SHA-1 of the parameters after it
-(``digest:r``, computed inside the database) and ``state`` = ``r|digest``. Peers that aggregated the
+Every completed round leaves, in the update's own transaction, a digest of the parameters after it
+(``digest:r``, computed inside the database: ``TENSOR.DIGEST`` with the tensor module, else SHA-1 in
+Lua) and ``state`` = ``r|digest``. Peers that aggregated the
 same vectors in the same order hold bit-identical parameters, so equal digests mean equal models.
 
 Before each round every peer probes all the members it knows, removed ones included (liveness, round
@@ -43,19 +44,21 @@ from .membership import Membership
 from .servers import pipelines_at_once
 from .wire import BadValue, parse_digest, parse_mark, parse_member_set, parse_state
 
-#: digest of the parameters after round ARGV[1], stored as digest:r (with a time to live) and as the
-#: latest state; inside the database so the parameters never leave it
+#: digest of the parameters after round ARGV[1] (the backend's expression), stored as digest:r (with a
+#: time to live) and as the latest state; inside the database, so the parameters never leave it
 DIGEST_LUA = """
-local h = redis.sha1hex(redis.call('GET', KEYS[1]))
+local h = {digest}
 redis.call('SET', KEYS[2], h, 'PX', ARGV[2])
 redis.call('SET', KEYS[3], ARGV[1] .. '|' .. h)
 return h
 """
 
 
-def queue_digest(pipe, keys: Keys, r: int) -> None:
-    """Queue the round-r digest on the update's transaction (after the update command)."""
-    pipe.eval(DIGEST_LUA, 3, keys.params, keys.digest(r), keys.state, r, ROUND_KEY_TTL_MS)
+def queue_digest(pipe, keys: Keys, r: int, backend) -> None:
+    """Queue the digest of our parameters as the state after round r on a transaction (after the update
+    command, or after installing a state)."""
+    pipe.eval(DIGEST_LUA.format(digest=backend.digest_lua), 3, keys.params, keys.digest(r), keys.state, r,
+              ROUND_KEY_TTL_MS)
 
 
 class NoQuorum(RuntimeError):
@@ -185,6 +188,7 @@ class Agreement:
             if isinstance(reply, redis.RedisError) or any(isinstance(x, redis.RedisError) for x in reply):
                 out[q] = Probe()
                 continue
+            self.membership[q].stalled = False  # it answered: push to it again
             alive, done, raw_mark, raw_digest, raw_state, raw_set, *heard = reply
             out[q] = Probe(True, bool(alive), bool(done),
                            self._parsed(r, q, parse_mark, raw_mark, self.rounds),

@@ -69,6 +69,9 @@ class Backend:
     in_database: ClassVar[frozenset[str]] = frozenset()
     #: runs inside the server's one thread at interpreter speed: blocks it for seconds at 10M floats
     blocking: ClassVar[bool] = False
+    #: a Lua expression of the 40-hex digest of the value at KEYS[1], computed inside the database
+    #: (the peers compare their parameters' digests; every peer of a group uses the same backend)
+    digest_lua: ClassVar[str] = "redis.sha1hex(redis.call('GET', KEYS[1]))"
 
     def prepare(self, client: redis.Redis) -> None:
         """One-time set-up on a server (loading scripts); idempotent."""
@@ -138,6 +141,7 @@ class ModuleBackend(Backend):
 
     name = "module"
     needs = frozenset({TENSOR_MODULE})
+    digest_lua = "redis.call('TENSOR.DIGEST', KEYS[1])"  # at memory speed, no copy into Lua
     in_database = frozenset({"mean", "median", "trimmed_mean", "dist", "finite"})
 
     def prepare(self, client):

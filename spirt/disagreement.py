@@ -2,12 +2,14 @@
 worth.
 
 An :class:`Observer` (a thread of the launcher or of the fault harness) watches every honest peer's
-``state`` (``round|digest``, written with each update). When a peer completes a round, the observer
-reads that round's parameters in the same transaction, so the parameters are exactly the round's.
-Once every watched peer has passed a round, the round is closed:
+``state`` (``round|digest``, written with each update): one small read per peer and poll while they
+agree. When a peer reports a digest for a round that differs from one already seen, the observer
+reads the parameters of every peer still at that round (with the state, in one transaction, so they
+are exactly that round's). Once every watched peer has passed a round, the round is closed:
 
 - ``honest_states``: the number of distinct models among the honest peers that completed it;
-- ``honest_distance``: the largest L2 distance between two of them (0 when they agree);
+- ``honest_distance``: the largest L2 distance between two of them (0 when they agree; NaN when fewer
+  than two of the disagreeing peers were still at that round to be read);
 - ``honest_average``: the average of their parameters, kept only when they disagree, so that its test
   accuracy (``honest_average_accuracy``) is evaluated once, at the end.
 
@@ -28,7 +30,7 @@ import redis
 from .keys import Keys
 
 #: how often the peers' states are polled
-POLL_S = 0.01
+POLL_S = 0.02
 #: a round is closed without the peers that are this many rounds behind the most advanced one (dead,
 #: partitioned or rejoining), so that memory stays bounded
 LAG = 5
@@ -40,7 +42,9 @@ class Observer:
     def __init__(self, clients: dict[int, redis.Redis]):
         self.clients = clients
         self._seen: dict[int, int] = {}  # peer -> last round sampled
-        self._open: dict[int, dict[int, np.ndarray]] = {}  # round -> peer -> parameters
+        self._digests: dict[int, dict[int, bytes]] = {}  # round -> peer -> digest of its state
+        self._open: dict[int, dict[int, np.ndarray]] = {}  # round -> peer -> parameters (disagreement only)
+        self._tried: set[tuple[int, int]] = set()  # (peer, round) whose parameters were asked for
         self.rows: list[dict] = []
         self.averages: dict[int, np.ndarray] = {}
         self._stop = threading.Event()
@@ -57,7 +61,7 @@ class Observer:
         if self._thread.is_alive():
             self._stop.set()
             self._thread.join(10)
-        for r in sorted(self._open):
+        for r in sorted(self._digests):
             self._close(r)
 
     def _watch(self) -> None:
@@ -67,41 +71,61 @@ class Observer:
             if self._seen:
                 low = min(self._seen.values()) if len(self._seen) == len(self.clients) else -1
                 high = max(self._seen.values())
-                for r in [r for r in self._open if r <= low or r < high - LAG]:
+                for r in [r for r in self._digests if r <= low or r < high - LAG]:
                     self._close(r)
             self._stop.wait(POLL_S)
 
     def _sample(self, q: int, c: redis.Redis) -> None:
+        """Peer q's latest state; its parameters only when its digest for that round differs from one
+        already seen (agreeing peers cost one small read per poll)."""
         K = Keys(q)
         try:
             raw = c.get(K.state)
             if raw is None:
                 return
-            r = int(raw.split(b"|")[0])
+            r_text, _, digest = raw.partition(b"|")
+            r = int(r_text)
             if self._seen.get(q) == r:
                 return
-            pipe = c.pipeline(transaction=True)
-            pipe.get(K.state)
-            pipe.get(K.params)
-            state, params = pipe.execute()
+            params = None
+            seen = self._digests.setdefault(r, {})
+            if seen and digest not in seen.values():
+                state, params = c.pipeline(transaction=True).get(K.state).get(K.params).execute()
+                if state != raw:  # it moved on meanwhile: that round's parameters are gone
+                    params = None
         except (redis.RedisError, ValueError):
             return  # unreachable, restarting or hung: this round goes without its sample
-        r = int(state.split(b"|")[0])
         self._seen[q] = r
-        self._open.setdefault(r, {})[q] = np.frombuffer(params, dtype="<f4").copy()
+        seen[q] = digest
+        if params is not None:
+            self._open.setdefault(r, {})[q] = np.frombuffer(params, dtype="<f4").copy()
+        if len(set(seen.values())) > 1:  # a disagreement: the others' parameters, while they are at r
+            for p, d in seen.items():
+                if p != q and (p, r) not in self._tried:
+                    self._tried.add((p, r))
+                    self._fetch(p, r, d)
+
+    def _fetch(self, q: int, r: int, digest: bytes) -> None:
+        K = Keys(q)
+        try:
+            state, params = self.clients[q].pipeline(transaction=True).get(K.state).get(K.params).execute()
+        except redis.RedisError:
+            return
+        if state == str(r).encode() + b"|" + digest and params is not None:
+            self._open.setdefault(r, {})[q] = np.frombuffer(params, dtype="<f4").copy()
 
     def _close(self, r: int) -> None:
-        params = self._open.pop(r)
-        vecs = list({v.tobytes(): v for v in params.values()}.values())  # one per distinct model
-        distinct = len(vecs)
-        distance = 0.0
-        for i in range(len(vecs)):
-            for j in range(i + 1, len(vecs)):
-                distance = max(distance, float(np.linalg.norm(vecs[i].astype(np.float64) - vecs[j])))
-        if distinct > 1:
+        digests = self._digests.pop(r, {})
+        params = self._open.pop(r, {})
+        self._tried = {(p, rr) for p, rr in self._tried if rr != r}
+        distinct = len(set(digests.values()))
+        distance = 0.0 if distinct <= 1 else float("nan")
+        if distinct > 1 and len(params) > 1:  # the parameters of the peers that were still at round r
             vecs = list(params.values())
+            distance = max(float(np.linalg.norm(vecs[i].astype(np.float64) - vecs[j]))
+                           for i in range(len(vecs)) for j in range(i + 1, len(vecs)))
             self.averages[r] = np.mean(np.stack(vecs), axis=0, dtype=np.float64).astype("<f4")
-        self.rows.append({"round": r, "honest_peers": len(params), "honest_states": distinct,
+        self.rows.append({"round": r, "honest_peers": len(digests), "honest_states": distinct,
                           "honest_distance": distance})
 
     def table(self, accuracy: Callable[[bytes], float] | None = None) -> pd.DataFrame:

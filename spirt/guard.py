@@ -75,6 +75,17 @@ class Guard:
     def round_keys(self, r: int, members: Mapping[int, Any]) -> list[str]:
         return []
 
+    #: whether snapshots (and updates) carry signatures
+    signs = False
+
+    def sign_snapshot(self, r: int, params: bytes, momentum: bytes | None) -> bytes | None:
+        """Our signature over the state we hand to joiners after round r; None: unsigned."""
+        return None
+
+    def snapshot_signed(self, source: int, r: int, params: bytes, momentum: bytes | None, sig: object) -> bool:
+        """Whether a snapshot ``source`` handed over is signed by it (always, without signatures)."""
+        return True
+
     def heard(self, r: int) -> bytes | None:
         """What we publish of the vectors we accepted in round r, for the others to compare (the
         senders' signed envelopes); None: nothing (without signatures a report proves nothing)."""

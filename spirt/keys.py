@@ -29,7 +29,7 @@ key (in p's database)  what it holds, who writes it
 ``vin:q:r``            the copy of q's vector p checked and aggregates (q cannot write it)
 ``notify:q``           q's wake-up list: the rounds q published (remote-writable by q only)
 ``join:q``             q's request to join, ``url|first round`` (remote-writable by q only)
-``snap:r:what``        state p hands to peers joining at round r (params, momentum, meta)
+``snap:r:what``        state p hands to peers joining at round r (params, momentum, meta; sig: signed updates)
 ``hello:q``            q's admission request (pre-admission ``hello`` user)
 ``hello:q:resp``       q's signed response to p's challenge (``hello`` user)
 ``challenge:q``        p's challenge to q (read by the ``hello`` user)

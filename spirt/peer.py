@@ -523,7 +523,7 @@ class Peer:
         heard = self.guard.heard(r)
         if heard is not None:  # the senders' signed envelopes of what we accepted: equivocation checks
             pipe.set(K.heard(r), heard, px=ROUND_KEY_TTL_MS)
-        queue_digest(pipe, K, r)  # what the peers compare before the next round
+        queue_digest(pipe, K, r, self.backend)  # what the peers compare before the next round
         pipe.incr(K.version)
         pipe.rpush(K.metrics, json.dumps(m.row()))
         pipe.delete(*[K.grad(r, i) for i in range(self.cfg.peers.functions)], K.agg(r), K.avg(r),

@@ -32,6 +32,8 @@ from collections import Counter
 
 import redis
 
+from .agreement import queue_digest
+from .backends import get_backend
 from .config import Config
 from .events import EventLog
 from .exchange import ROUND_KEY_TTL_MS
@@ -147,12 +149,21 @@ class StateTransfer:
         meta = {"round": first - 1, "from": self.index,
                 "members": {str(q): m.url for q, m in self.membership.current().items()},
                 "self_url": self.url}
-        pipe = self.db.pipeline(transaction=True)
-        pipe.execute_command("COPY", K.params, K.snapshot(first, "params"), "REPLACE")
-        pipe.execute_command("COPY", K.momentum, K.snapshot(first, "momentum"), "REPLACE")
-        pipe.set(K.snapshot(first, "meta"), json.dumps(meta))
-        for what in ("params", "momentum", "meta"):
-            pipe.pexpire(K.snapshot(first, what), ROUND_KEY_TTL_MS)
+        if self.guard.signs:  # signed: the state is read (atomically), signed, and written back with it
+            params, momentum = self.db.pipeline(transaction=True).get(K.params).get(K.momentum).execute()
+            pipe = self.db.pipeline(transaction=True)
+            pipe.set(K.snapshot(first, "params"), params, px=ROUND_KEY_TTL_MS)
+            if momentum is not None:
+                pipe.set(K.snapshot(first, "momentum"), momentum, px=ROUND_KEY_TTL_MS)
+            pipe.set(K.snapshot(first, "sig"), self.guard.sign_snapshot(first - 1, params, momentum),
+                     px=ROUND_KEY_TTL_MS)
+        else:  # nothing crosses the wire
+            pipe = self.db.pipeline(transaction=True)
+            pipe.execute_command("COPY", K.params, K.snapshot(first, "params"), "REPLACE")
+            pipe.execute_command("COPY", K.momentum, K.snapshot(first, "momentum"), "REPLACE")
+            for what in ("params", "momentum"):
+                pipe.pexpire(K.snapshot(first, what), ROUND_KEY_TTL_MS)
+        pipe.set(K.snapshot(first, "meta"), json.dumps(meta), px=ROUND_KEY_TTL_MS)  # last: it says "ready"
         pipe.execute()
 
     # -- catching up --------------------------------------------------------------------------------
@@ -295,10 +306,10 @@ class StateTransfer:
                 K = Keys(q)
                 try:
                     pipe = self.membership[q].client.pipeline(transaction=True)
-                    for what in ("params", "momentum", "meta"):
+                    for what in ("params", "momentum", "meta", "sig"):
                         pipe.get(K.snapshot(first, what))
                     pipe.get(K.ready)
-                    p, mom, meta, mark = pipe.execute()
+                    p, mom, meta, sig, mark = pipe.execute()
                 except redis.RedisError:
                     continue
                 if p is None or meta is None:
@@ -310,7 +321,10 @@ class StateTransfer:
                         self.bad_value(first, q, exc)
                     continue
                 try:
-                    states[q] = (p, mom, parse_snapshot_meta(meta, source=q, round=first - 1, max_peers=max_peers))
+                    parsed = parse_snapshot_meta(meta, source=q, round=first - 1, max_peers=max_peers)
+                    if not self.guard.snapshot_signed(q, first - 1, p, mom, sig):
+                        raise BadValue(f"snapshot for round {first} is not signed by peer {q}")
+                    states[q] = (p, mom, parsed)
                 except BadValue as exc:
                     bad.add(q)
                     self.bad_value(first, q, exc)
@@ -331,9 +345,7 @@ class StateTransfer:
             pipe.delete(K.momentum)
         pipe.set(K.completed, first - 1)
         pipe.set(K.ready, first - 1)
-        digest = hashlib.sha1(params).hexdigest()  # as the database computes it after a round
-        pipe.set(K.digest(first - 1), digest, px=ROUND_KEY_TTL_MS)
-        pipe.set(K.state, f"{first - 1}|{digest}")
+        queue_digest(pipe, K, first - 1, get_backend(self.cfg.aggregation.backend))  # as after a round
         pipe.set(K.version, secrets.randbits(62))
         pipe.execute()
 

@@ -104,7 +104,7 @@ def test_module_loaded(db):
     names = {c.split()[0] for c in info[3]}
     assert names == {
         b"TENSOR.AVG", b"TENSOR.AXPY", b"TENSOR.SGD", b"TENSOR.MEDIAN", b"TENSOR.TRIMMEAN",
-        b"TENSOR.DIST", b"TENSOR.NORM", b"TENSOR.FINITE", b"TENSOR.INFO",
+        b"TENSOR.DIST", b"TENSOR.NORM", b"TENSOR.FINITE", b"TENSOR.DIGEST", b"TENSOR.INFO",
     }  # fmt: skip
     mods = db.execute_command("MODULE", "LIST")
     assert any(b"spirt_tensor" in (m[1] if isinstance(m, list) else m[b"name"]) for m in mods)
@@ -126,6 +126,7 @@ def test_key_positions(db):
     assert gk("TENSOR.MEDIAN", "d", "a", "b") == ["d", "a", "b"]
     assert gk("TENSOR.DIST", "a", "b") == ["a", "b"]
     assert gk("TENSOR.NORM", "a") == ["a"]
+    assert gk("TENSOR.DIGEST", "a") == ["a"]
 
 
 def test_command_flags(db):
@@ -135,13 +136,39 @@ def test_command_flags(db):
 
     for w in ("tensor.avg", "tensor.axpy", "tensor.sgd", "tensor.median", "tensor.trimmean"):
         assert {"write", "denyoom"} <= flags(w), w
-    for r in ("tensor.dist", "tensor.norm", "tensor.finite"):
+    for r in ("tensor.dist", "tensor.norm", "tensor.finite", "tensor.digest"):
         assert "readonly" in flags(r), r
 
 
 # --------------------------------------------------------------------------------------------------
 # numerics
 # --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 4096, 200_003])
+def test_digest_tells_tensors_apart(db, n):
+    """40 hex digits; equal bytes give equal digests, one flipped bit, a shorter tensor or another
+    position of the same values give another one; the tensor is left alone."""
+    x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    put(db, "a", x)
+    put(db, "b", x)
+    d = db.execute_command("TENSOR.DIGEST", "a")
+    assert len(d) == 40 and all(c in b"0123456789abcdef" for c in d)
+    assert db.execute_command("TENSOR.DIGEST", "b") == d and np.array_equal(get(db, "a"), x)
+    others = set()
+    for i in {0, n // 2, n - 1}:
+        y = x.copy()
+        y.view(np.uint32)[i] ^= 1 << (i % 32)
+        put(db, "c", y)
+        others.add(db.execute_command("TENSOR.DIGEST", "c"))
+    if n > 1:
+        put(db, "c", x[:-1])
+        others.add(db.execute_command("TENSOR.DIGEST", "c"))
+        put(db, "c", np.roll(x, 1))
+        if not np.array_equal(np.roll(x, 1), x):
+            others.add(db.execute_command("TENSOR.DIGEST", "c"))
+    assert d not in others and len(others) == len({*others})
+    assert "does not exist" in fails(db, "TENSOR.DIGEST", "missing")
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -934,7 +961,7 @@ def threaded(server):
 
 def info_threads(client):
     info = client.execute_command("TENSOR.INFO")
-    assert info[0] == b"version" and info[2] == b"commands" and len(info[3]) == 9  # unchanged prefix
+    assert info[0] == b"version" and info[2] == b"commands" and len(info[3]) == 10  # unchanged prefix
     assert info[4] == b"threads" and info[6] == b"parallel-threshold" and len(info) == 8
     return int(info[5]), int(info[7])
 

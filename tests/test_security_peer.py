@@ -419,3 +419,27 @@ def test_byzantine_equivocating_peer_is_caught_with_a_proof(tmp_path):
             p.close()
         for s in servers:
             s.stop()
+
+
+def test_byzantine_snapshots_must_carry_their_sources_signature(tmp_path, two_servers):
+    """With signed updates a joiner adopts a snapshot only with its source's signature over exactly that
+    state and round: a tampered state, another round, another signer or no signature is refused."""
+    make_group(tmp_path, 2, "g")
+    peers = _admitted_peers(_cfg(tmp_path), two_servers)
+    p0, p1 = peers
+    try:
+        params, mom = b"\1" * 64, b"\2" * 64
+        sig = p1.guard.sign_snapshot(7, params, mom)
+        assert p0.guard.snapshot_signed(1, 7, params, mom, sig)
+        refused = {
+            "tampered": (1, 7, b"\3" * 64, mom, sig),
+            "other round": (1, 8, params, mom, sig),
+            "other signer": (1, 7, params, mom, p0.guard.sign_snapshot(7, params, mom)),
+            "unsigned": (1, 7, params, mom, None),
+            "garbage": (1, 7, params, mom, b"\0" * 64),
+        }
+        for what, args in refused.items():
+            assert not p0.guard.snapshot_signed(*args), what
+    finally:
+        for p in peers:
+            p.close()

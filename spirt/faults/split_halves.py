@@ -24,7 +24,7 @@ class SplitHalves(Fault):
     victim = 0
     duration_s = 15.0  # longer than the barrier deadline (10 s): the others give up waiting
     links = True
-    back_with = ("quorum",)
+    back_with = ("quorum", "joined")  # back with the others, or through state transfer
     noticed_by = ("no_quorum",)
     noticed_by_victim = True
 

@@ -44,6 +44,10 @@
  * TENSOR.NORM src
  *     Reply: double, the L2 norm (accumulated in double). Read-only.
  *
+ * TENSOR.DIGEST src
+ *     Reply: 40 hex digits identifying the tensor's bytes (a fast non-cryptographic 160-bit digest: equal
+ *     tensors give equal digests; peers compare them to tell their states apart).
+ *
  * TENSOR.FINITE src
  *     Reply: integer 1 if no element is NaN or +-inf, else 0. Read-only.
  *
@@ -1167,6 +1171,24 @@ static int cmd_finite(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     return RedisModule_ReplyWithLongLong(ctx, finite);
 }
 
+static int cmd_digest(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    const char *cmd = "TENSOR.DIGEST";
+    if (argc != 2) return reply_arity(ctx, cmd, "TENSOR.DIGEST src");
+    srcset_t s;
+    if (srcset_open(&s, ctx, cmd, argv, 0, 1, 1, 1) != 0) return REDISMODULE_OK;
+    uint64_t d[4];
+    tk_digest(s.src[0], s.n * sizeof(float), d);
+    srcset_close(&s);
+    /* 160 bits as 40 lowercase hex digits: the width of a SHA-1, so one parser reads either */
+    static const char HEX[] = "0123456789abcdef";
+    char buf[40];
+    for (int i = 0; i < 40; i++) {
+        uint64_t word = d[i / 16];
+        buf[i] = HEX[(word >> (60 - 4 * (i % 16))) & 0xF];
+    }
+    return RedisModule_ReplyWithStringBuffer(ctx, buf, sizeof buf);
+}
+
 /* =============================================================================================== */
 /* TENSOR.INFO and registration                                                                     */
 /* =============================================================================================== */
@@ -1191,6 +1213,7 @@ static const command_def_t COMMANDS[] = {
     {"tensor.dist", cmd_dist, "readonly", 1, -1, 1, "TENSOR.DIST src [src ...]"},
     {"tensor.norm", cmd_norm, "readonly", 1, 1, 1, "TENSOR.NORM src"},
     {"tensor.finite", cmd_finite, "readonly", 1, 1, 1, "TENSOR.FINITE src"},
+    {"tensor.digest", cmd_digest, "readonly", 1, 1, 1, "TENSOR.DIGEST src"},
     {"tensor.info", cmd_info, "readonly fast", 0, 0, 0, "TENSOR.INFO"},
 };
 

@@ -26,7 +26,15 @@ from ..servers import make_client
 from . import acl
 from .admission import Applicant, Desk
 from .identity import AdmissionError, Identity, MalformedInput, TrustStore, Verifier
-from .signing import UpdateRejected, sign_update, split_heard, verify_signature, verify_update
+from .signing import (
+    UpdateRejected,
+    sign_snapshot,
+    sign_update,
+    split_heard,
+    verify_signature,
+    verify_snapshot,
+    verify_update,
+)
 from .tls import TlsFiles
 
 if TYPE_CHECKING:
@@ -254,6 +262,24 @@ class PeerSecurity(Guard):
         if self.cfg.sign_updates:  # what we accepted from q, signed by q: shared for equivocation checks
             self._heard.setdefault(r, {})[q] = bytes(res[3])
         return None
+
+    @property
+    def signs(self) -> bool:
+        return self.cfg.sign_updates
+
+    def sign_snapshot(self, r: int, params: bytes, momentum: bytes | None) -> bytes | None:
+        if not self.cfg.sign_updates:
+            return None
+        return sign_snapshot(self.identity, self.group, r, params, momentum)
+
+    def snapshot_signed(self, source: int, r: int, params: bytes, momentum: bytes | None, sig: object) -> bool:
+        if not self.cfg.sign_updates:
+            return True
+        try:
+            key = self._key_of(source)
+        except (AdmissionError, MalformedInput):
+            return False
+        return verify_snapshot(sig, params, momentum, group=self.group, source=source, r=r, key=key)
 
     def heard(self, r: int) -> bytes | None:
         if not self.cfg.sign_updates:

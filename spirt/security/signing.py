@@ -112,3 +112,28 @@ def split_heard(record: object) -> list[Envelope]:
         return [parse_envelope(record[i:i + ENVELOPE_BYTES]) for i in range(0, len(record), ENVELOPE_BYTES)]
     except MalformedInput:
         return []
+
+
+def _snapshot_message(group: str, source: int, r: int, digest: bytes) -> bytes:
+    return canonical(b"spirt-snapshot-v1", group, source, r, digest)
+
+
+def snapshot_digest(params: bytes, momentum: bytes | None) -> bytes:
+    return hashlib.sha256(bytes(params) + b"|" + bytes(momentum or b"")).digest()
+
+
+def sign_snapshot(identity: Identity, group: str, r: int, params: bytes, momentum: bytes | None) -> bytes:
+    """The source's signature over the state it hands to joiners after round r (64 bytes)."""
+    return identity.sign(_snapshot_message(group, identity.index, r, snapshot_digest(params, momentum)))
+
+
+def verify_snapshot(sig: object, params: bytes, momentum: bytes | None, *, group: str, source: int, r: int,
+                    key: Ed25519PublicKey) -> bool:
+    """Whether ``sig`` is ``source``'s signature over this state after round r."""
+    if not isinstance(sig, (bytes, bytearray)) or len(sig) != 64:
+        return False
+    try:
+        key.verify(bytes(sig), _snapshot_message(group, source, r, snapshot_digest(params, momentum)))
+    except InvalidSignature:
+        return False
+    return True

@@ -589,6 +589,31 @@ static void test_norm_finite(void) {
     }
 }
 
+/* The digest: equal bytes, equal digests; any single flipped bit, or one byte more or less (zero-padded
+ * tails included), changes every output word. */
+static void test_digest(void) {
+    unsigned char buf[301];
+    for (size_t i = 0; i < sizeof buf; i++) buf[i] = (unsigned char)(i * 37 + 11);
+    for (size_t n = 0; n <= sizeof buf - 1; n += (n < 40 ? 1 : 13)) {
+        uint64_t a[4], b[4], c[4];
+        tk_digest(buf, n, a);
+        tk_digest(buf, n, b);
+        g_checks++;
+        if (memcmp(a, b, sizeof a) != 0) fail("digest n=%zu differs between two calls", n);
+        tk_digest(buf, n + 1, c);
+        for (int k = 0; k < 4; k++)
+            if (c[k] == a[k]) fail("digest n=%zu: word %d unchanged by one more byte", n, k);
+        for (size_t bit = 0; bit < 8 * n; bit += 7) {
+            buf[bit / 8] ^= (unsigned char)(1u << (bit % 8));
+            tk_digest(buf, n, c);
+            buf[bit / 8] ^= (unsigned char)(1u << (bit % 8));
+            g_checks++;
+            for (int k = 0; k < 4; k++)
+                if (c[k] == a[k]) fail("digest n=%zu: word %d unchanged by flipping bit %zu", n, k, bit);
+        }
+    }
+}
+
 int main(void) {
     test_avg_axpy();
     test_sgd();
@@ -596,6 +621,7 @@ int main(void) {
     test_rank();
     test_dist();
     test_norm_finite();
+    test_digest();
     if (g_failures > MAX_REPORTED) printf("... %lu more failures\n", g_failures - MAX_REPORTED);
     printf("kernels: %lu checks, %lu failures\n", g_checks, g_failures);
     return g_failures ? 1 : 0;
