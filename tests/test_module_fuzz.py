@@ -32,7 +32,7 @@ FLT_MAX = float(np.finfo(F32).max)
 KEYS = [b"k0", b"k1", b"k2", b"k3", b"{t}k4", b"w\r\n'\x00"]
 NS = [1, 1, 2, 3, 4, 5, 8, 13, 64, 1000, 4097]
 WRITERS = {"TENSOR.AVG", "TENSOR.AXPY", "TENSOR.SGD", "TENSOR.MEDIAN", "TENSOR.TRIMMEAN"}
-COMMANDS = sorted(WRITERS | {"TENSOR.DIST", "TENSOR.NORM", "TENSOR.FINITE", "TENSOR.INFO"})
+COMMANDS = sorted(WRITERS | {"TENSOR.DIST", "TENSOR.NORM", "TENSOR.FINITE", "TENSOR.DIGEST", "TENSOR.INFO"})
 
 COMMON = dict(
     deadline=None,
@@ -227,6 +227,10 @@ def _model(cmd, args, state):
     if cmd == "TENSOR.FINITE":
         need(len(args) == 1)
         return int(np.all(np.isfinite(tensor(state, args[0])))), {}
+    if cmd == "TENSOR.DIGEST":  # its value is checked in test_module.py; here: when it must fail
+        need(len(args) == 1)
+        tensor(state, args[0])
+        return "digest", {}
     if cmd == "TENSOR.INFO":
         need(len(args) == 0)
         return "info", {}
@@ -434,7 +438,7 @@ def structured_calls(draw, state):
         args = [key(), key(), draw(NONNEG)] + [t for o in opts for t in o]
     elif cmd == "TENSOR.DIST":
         args = keys(1, 7)
-    elif cmd in ("TENSOR.NORM", "TENSOR.FINITE"):
+    elif cmd in ("TENSOR.NORM", "TENSOR.FINITE", "TENSOR.DIGEST"):
         args = [key()]
     else:
         args = []
@@ -524,7 +528,9 @@ def run_case(server_db, raw, cmd, args, state):
     if up in WRITERS or up == "TENSOR.FINITE":
         assert reply == ref_reply
     elif up == "TENSOR.INFO":
-        assert reply[0] == b"version" and len(reply[3]) == 9
+        assert reply[0] == b"version" and len(reply[3]) == 10
+    elif up == "TENSOR.DIGEST":
+        assert isinstance(reply, bytes) and len(reply) == 40
     else:
         got = np.array([float(v) for v in (reply if isinstance(reply, list) else [reply])])
         np.testing.assert_array_equal(np.isnan(got), np.isnan(ref_reply))
