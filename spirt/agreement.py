@@ -61,6 +61,11 @@ def queue_digest(pipe, keys: Keys, r: int, backend) -> None:
               ROUND_KEY_TTL_MS)
 
 
+#: bytes of one signed envelope in a heard record (spirt.security.signing.ENVELOPE_BYTES, which needs
+#: the cryptography package; the layout is fixed)
+ENVELOPE_BYTES = 112
+
+
 class NoQuorum(RuntimeError):
     """Too few vectors reached the barrier for a round's update: we are in a minority."""
 
@@ -177,10 +182,14 @@ class Agreement:
 
     def probe(self, r: int) -> dict[int, Probe]:
         """One probe of every member (removed ones too), all at once, each bounded by the heartbeat."""
+        # heard records only matter with signatures; read bounded (one envelope per member, and one byte
+        # more to tell an oversized record), since the sender chooses their size
+        limit = ENVELOPE_BYTES * (len(self.membership.members) + 1)
+        rounds = (r - 1, r - 2) if self.guard.signs else ()
         jobs = {q: (m.probe, [("EXISTS", Keys(q).alive), ("EXISTS", Keys(q).done), ("GET", Keys(q).ready),
                               ("GET", Keys(q).digest(r - 1)), ("GET", Keys(q).state),
-                              ("GET", Keys(q).aggset(r - 1)), ("GET", Keys(q).heard(r - 1)),
-                              ("GET", Keys(q).heard(r - 2))])
+                              ("GET", Keys(q).aggset(r - 1)),
+                              *[("GETRANGE", Keys(q).heard(rr), 0, limit) for rr in rounds]])
                 for q, m in self.membership.members.items() if not m.banned}
         group = set(self.membership) | {self.index}
         out = {}
@@ -189,13 +198,14 @@ class Agreement:
                 out[q] = Probe()
                 continue
             self.membership[q].stalled = False  # it answered: push to it again
-            alive, done, raw_mark, raw_digest, raw_state, raw_set, *heard = reply
+            alive, done, raw_mark, raw_digest, raw_state, raw_set, *heard = reply  # heard: [] unsigned
             out[q] = Probe(True, bool(alive), bool(done),
                            self._parsed(r, q, parse_mark, raw_mark, self.rounds),
                            self._parsed(r, q, parse_digest, raw_digest),
                            self._parsed(r, q, parse_state, raw_state, self.rounds),
                            self._parsed(r, q, parse_member_set, raw_set, group),
-                           tuple(h if isinstance(h, bytes) else None for h in heard))
+                           tuple(h if isinstance(h, bytes) and 0 < len(h) <= limit else None
+                                 for h in [*heard, None, None][:2]))
         return out
 
     def _parsed(self, r: int, q: int, parse, raw, *args):

@@ -217,8 +217,14 @@ def test_garbage_in_remote_writable_keys(tmp_path, two_servers):
         p1.db.set(Keys(1).ready, b"\xffnot a round")  # read by peer 0 from peer 1's own database
         p1.db.set(Keys(1).digest(0), b"\xff" * 40)
         p1.db.set(Keys(1).state, b"0|" + b"z" * 40)
+        p1.db.set(Keys(1).heard(0), b"\x00" * (1 << 20))  # far more than one envelope per member
         assert p0.membership.alive(1) == (True, "", None)
         assert p0.agreement.check(1).train
+        assert p0.agreement.probe(1)[1].heard == (None, None)  # read bounded, and dropped
+        from spirt.agreement import ENVELOPE_BYTES
+        from spirt.security.signing import ENVELOPE_BYTES as SIGNED
+
+        assert ENVELOPE_BYTES == SIGNED
         p0.transfer.serve_joins(0)
         assert p0.transfer.matching(K.join_pattern) == []
         assert set(p0.members) == {1}

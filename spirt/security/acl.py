@@ -34,7 +34,7 @@ from ..keys import START_KEY, Keys
 ORCHESTRATOR_COMMANDS = ["+@all", "-@dangerous", "+info", "+acl|setuser", "+acl|deluser", "+acl|getuser",
                          "+acl|whoami", "+acl|save", "+config|set", "+config|get", "+command"]
 FUNCTION_COMMANDS = ["-@all", "+get", "+set", "+multi", "+exec", "+ping"]
-REMOTE_COMMANDS = ["-@all", "+get", "+set", "+exists", "+strlen", "+rpush", "+ltrim", "+multi", "+exec",
+REMOTE_COMMANDS = ["-@all", "+get", "+getrange", "+set", "+exists", "+strlen", "+rpush", "+ltrim", "+multi", "+exec",
                    "+ping"]
 HELLO_COMMANDS = ["-@all", "+get", "+set", "+ping"]
 
