@@ -13,7 +13,8 @@ interval) and decides, from what it read alone, one of three verdicts (:func:`de
   - *lagging*: a strict majority of the other current members (or of all the others), and at least
     f + 1 of them, already published a later round;
   - *diverged*: the digest of the last round that the most reachable peers hold (at least f + 1 of
-    them; ties go to the group with the lowest peer index) is not ours;
+    them; ties go to the group with the lowest peer index) is not ours, and it stays ahead even if
+    every peer still finishing that round ends with ours;
   - *rejoin*: we lost our quorum, a majority of the group is reachable again, and another state wins
     the same comparison over the peers' latest states (e.g. the other half after a 2|2 split healed).
 - **wait**: we and the current members we reach are not a strict majority of the group (every member
@@ -160,7 +161,12 @@ def decide(me: int, r: int, probes: dict[int, Probe], removed: set[int], f: int,
         digests[me] = my_digest
         groups = _group(digests)
         best = winner(groups, need)
-        if best is not None and best != my_digest:
+        # peers still finishing round r - 1 (they published it, its digest is not there yet) may side
+        # with us: we resynchronise only if the other state wins whatever they end with, so that the
+        # first peers to finish a round never decide alone
+        pending = sum(answered[q].digest is None and answered[q].mark == r - 1 for q in reach)
+        if best is not None and best != my_digest and (
+                not pending or len(groups[best]) > len(groups[my_digest]) + pending):
             sets = {answered[q].aggregated for q in groups[best] if q != me} - {None}
             how = f"; they aggregated peers {' or '.join(sorted(sets))}" if sets else ""
             return Verdict("resync", f"diverged: round {r - 1} ended with digest {best[:12]} at peers "

@@ -13,6 +13,7 @@ key (in p's database)  what it holds, who writes it
 ``completed``          last round whose update is applied, written in the update's transaction
 ``ready``              last round p announced (its average is on its way to the others)
 ``alive``              heartbeat, with a time to live
+``joining``            in place of ``alive`` while p sits out for a state transfer (with a time to live)
 ``done``               set when p finished training
 ``up``                 set when p's orchestrator is ready to start (launcher handshake)
 ``metrics``            list of per-round metric rows (JSON)
@@ -102,6 +103,12 @@ class Keys:
     def alive(self) -> str:
         """Heartbeat: present while the orchestrator lives (it refreshes the expiry)."""
         return self._k("alive")
+
+    @property
+    def joining(self) -> str:
+        """Present, instead of ``alive``, while the orchestrator sits out for a state transfer: the
+        others exclude it from their rounds but do not remove it (it comes back with their state)."""
+        return self._k("joining")
 
     @property
     def done(self) -> str:

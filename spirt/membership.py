@@ -1,12 +1,15 @@
 """Who a peer trains with: members, heartbeats, liveness, misses, exclusion, removal and readmission.
 
 - Heartbeat: a thread keeps ``alive`` in the peer's own database with a time to live of 1.5 intervals,
-  refreshed every half interval. While the peer sits out (state transfer) it deletes the key instead,
-  so the others stop waiting for it at once.
+  refreshed every half interval. While the peer sits out (state transfer) it deletes the key and keeps
+  ``joining`` instead: the others stop waiting for it at once, but do not remove it (see below).
 - Liveness of another peer: its heartbeat key and its database answering, read from its database.
 - Accounting after each barrier: a member whose vector arrived has its misses reset; one that was
   missing is excluded from the round (an ``excluded`` event with the reason) and removed from the
-  membership after ``membership.max_misses`` misses in a row (``removed``).
+  membership after ``membership.max_misses`` misses in a row (``removed``). A member that sits out
+  for a state transfer is excluded but misses nothing: it comes back with the group's state at the
+  round it asked for, and a peer its request did not reach (one resynchronising itself at the time)
+  must not have removed it meanwhile, or the two would aggregate different sets from then on.
 - Readmission: only by state transfer. A removed member's state has diverged from ours, so its
   vectors are never aggregated again; it comes back by asking to join (:mod:`spirt.transfer`), which
   adds it afresh.
@@ -48,6 +51,8 @@ class Member:
     next_probe: float = 0.0  # monotonic time a stalled member may be probed again
     #: proven to have shown different vectors to different peers: removed for good (no rejoining)
     banned: bool = False
+    #: sitting out for a state transfer (its ``joining`` key, at the last liveness check)
+    joining: bool = False
 
     def close(self) -> None:
         self.client.close()
@@ -141,10 +146,12 @@ class Membership:
             pipe = m.probe.pipeline(transaction=False)
             pipe.exists(K.alive)
             pipe.get(K.ready)
-            alive, ready = pipe.execute()
+            pipe.exists(K.joining)
+            alive, ready, joining = pipe.execute()
         except redis.RedisError as exc:
             return False, f"database unreachable ({type(exc).__name__})", None
         m.stalled = False
+        m.joining = bool(joining) and not alive
         try:  # written by the member: a mark that does not parse is dropped and said, once per reason
             published = parse_mark(ready, self.rounds if self.rounds is not None else 2**62)
         except BadValue as exc:
@@ -152,7 +159,9 @@ class Membership:
             if self._bad_marks.get(q) != str(exc):
                 self._bad_marks[q] = str(exc)
                 self.events(-1, "bad_value", q, str(exc))
-        return (True, "", published) if alive else (False, "heartbeat expired", published)
+        if alive:
+            return True, "", published
+        return False, "sitting out for a state transfer" if m.joining else "heartbeat expired", published
 
     def answers(self, q: int) -> bool:
         """Whether member q's database answers a probe now (clears its ``stalled`` mark if so); a
@@ -172,7 +181,7 @@ class Membership:
 
     def suspect(self, peers: list[int]) -> bool:
         """Whether any of ``peers`` missed a barrier lately (the barrier checks those at once)."""
-        return any(self.members[q].misses for q in peers)
+        return any(self.members[q].misses or self.members[q].joining for q in peers)
 
     # -- accounting after a barrier -----------------------------------------------------------------
     def account(self, r: int, ready: list[int], missing: dict[int, tuple[str, float]]) -> list[str]:
@@ -181,12 +190,15 @@ class Membership:
         notes of the round."""
         for q in ready:
             self.members[q].misses = 0
+            self.members[q].joining = False
         notes = []
         for q, (why, t_found) in missing.items():
             m = self.members[q]
-            m.misses += 1
             notes.append(f"{q}({why})")
             self.events(r, "excluded", q, why, t=t_found)
+            if m.joining:  # it comes back with the group's state: excluded, not counted towards removal
+                continue
+            m.misses += 1
             if m.misses >= self.cfg.max_misses and not m.removed:
                 m.removed = True
                 self.events(r, "removed", q, f"{m.misses} missed barriers")
@@ -210,28 +222,35 @@ class Membership:
             self._thread.start()
 
     def sit_out(self, db: redis.Redis) -> None:
-        """Stop advertising liveness (state transfer): the others stop waiting for us at once."""
+        """Stop advertising liveness (state transfer): the others stop waiting for us at once; our
+        ``joining`` key (kept by the heartbeat thread, so it expires if we die) tells them why."""
         self._paused.set()
         try:
-            db.delete(self.keys.alive)
+            db.pipeline(transaction=True).delete(self.keys.alive).set(
+                self.keys.joining, self.index, px=self._ttl_ms).execute()
         except redis.RedisError:
             pass
+
+    @property
+    def _ttl_ms(self) -> int:
+        """The heartbeat's (and ``joining``'s) time to live: 1.5 intervals."""
+        return max(1, int(self.cfg.heartbeat_s * 1500))
 
     def _beat(self) -> None:
         hb = self.cfg.heartbeat_s
         client = self._own(socket_timeout=max(1.0, hb), connect_timeout=max(0.5, hb / 2))
-        ttl_ms = max(1, int(hb * 1500))
+        ttl_ms = self._ttl_ms
+        K = self.keys
         while not self._stop.is_set():
+            # one of the two keys at a time, switched in one transaction
+            live, gone = (K.joining, K.alive) if self._paused.is_set() else (K.alive, K.joining)
             try:
-                if self._paused.is_set():
-                    client.delete(self.keys.alive)
-                else:
-                    client.set(self.keys.alive, self.index, px=ttl_ms)
+                client.pipeline(transaction=True).delete(gone).set(live, self.index, px=ttl_ms).execute()
             except redis.RedisError:
                 pass  # our database is down; the orchestrator notices on its own
             self._stop.wait(hb / 2)
         try:
-            client.delete(self.keys.alive)
+            client.delete(K.alive, K.joining)
         except redis.RedisError:
             pass
         client.close()

@@ -298,6 +298,8 @@ class Peer:
             if progress:
                 progress(m)
             r += 1
+        # the final state, for a peer that must resynchronise after the last round it could join at
+        self.transfer.snapshot(total)
         self.db.set(self.keys.done, 1)
         return out
 

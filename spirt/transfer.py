@@ -11,8 +11,11 @@ A new peer, or one that fell behind, joins through the live peers:
    the membership those peers agree on, and trains from round R.
 
 A join that fails (no live peer, no f + 1 identical snapshots in time) is retried with backoff,
-re-reading liveness each time, until ``membership.join_timeout_s``. A peer waiting for a quorum
-(:mod:`spirt.agreement`) serves joins too: it moves its round counter to the round the joiners asked
+re-reading liveness each time, until ``membership.join_timeout_s``. Members sitting out for a state
+transfer of their own are asked too (they admit the joiner when they are back) but hand over nothing.
+R is at most the last round; when the live peers are in the last round already, the joiner takes the
+state they end the training with (each leaves a snapshot of it, ``snap:<rounds>:*``, when it
+finishes). A peer waiting for a quorum (:mod:`spirt.agreement`) serves joins too: it moves its round counter to the round the joiners asked
 for (the rounds in between are skipped by the whole re-forming group) and snapshots its state there.
 When a peer must resynchronise is decided in :mod:`spirt.agreement`; f members alone can neither make
 an honest peer resynchronise nor choose the round it joins at or the state it adopts.
@@ -66,6 +69,7 @@ class StateTransfer:
         self.keys = Keys(index)
         self._bad: set[tuple[int, str]] = set()  # the bad values said, by sender and reason
         self._finished: set[int] = set()  # members found done by the last liveness read
+        self._joining: set[int] = set()  # members found sitting out for a state transfer of their own
 
     # -- serving joiners ----------------------------------------------------------------------------
     def requests(self, r: int, scanned: tuple[int, list] | None = None) -> list[tuple[bytes, int, str, int]]:
@@ -215,18 +219,31 @@ class StateTransfer:
         """One attempt of :meth:`join`; raises :class:`JoinFailed` when it did not work out."""
         self.guard.admit(self.membership.members, wait_for=set())  # let in before we can ask anything
         live = self._live_marks()
-        if not live and self._finished:
-            self.events(total, "join_too_late", self.index, f"peers {sorted(self._finished)} finished the "
-                        "training and none is live: we end with the state we have")
-            return total, 0
-        if not live:
+        if not live and not self._finished:
             raise JoinFailed("no live peer to join")
-        first = self.attested_round(live) + JOIN_AHEAD
-        if first >= total:
-            self.events(first, "join_too_late", self.index, f"the training ends at round {total - 1}")
-            return total, 0
-        live = self._ask(live, first)
-        self.events(first, "join_request", self.index, f"asked peers {sorted(live)} to admit us from round {first}")
+        attested = self.attested_round(live) if live else total - 1
+        if attested >= total - 1:  # they are in the last round, or done: we take the final state
+            return self._join_final(total, deadline, {**live, **dict.fromkeys(self._finished, total - 1)})
+        # near the end we ask for the last round: a source that passes it without serving us (our
+        # request came too late) makes us retry, and then take the final state
+        first = min(attested + JOIN_AHEAD, total - 1)
+        # members sitting out for a state transfer of their own are asked too (they admit us when they
+        # are back), but they hand over nothing
+        asked = self._ask({**live, **dict.fromkeys(self._joining, -1)}, first)
+        live = {q: mark for q, mark in live.items() if q in asked}
+        self.events(first, "join_request", self.index, f"asked peers {sorted(asked)} to admit us from round {first}")
+        return self._take(live, first, deadline)
+
+    def _join_final(self, total: int, deadline: float, sources: dict[int, int]) -> tuple[int, int]:
+        """Join with the state the sources end the training with (each leaves a snapshot of it when it
+        finishes): a peer that must resynchronise in the last rounds ends with the group's model."""
+        self.events(total, "join_final", self.index, f"the training ends at round {total - 1}: taking the "
+                    f"final state of peers {sorted(sources)}")
+        return self._take(sources, total, deadline)
+
+    def _take(self, live: dict[int, int], first: int, deadline: float) -> tuple[int, int]:
+        """Collect the sources' snapshots for round ``first`` and install the state enough of them agree
+        on, with the membership they agree on."""
         states = self._collect(live, first, deadline)
         chosen = self.agreeing(states, self.sources_needed(len(live)))
         if chosen is None:
@@ -252,7 +269,7 @@ class StateTransfer:
         """The members that are alive and not done, with the last round they announced (-1: none); a
         member whose mark does not parse is not asked."""
         live = {}
-        self._finished = set()
+        self._finished, self._joining = set(), set()
         for q, m in self.membership.members.items():
             if m.banned:
                 continue
@@ -262,11 +279,14 @@ class StateTransfer:
                 pipe.get(K.ready)
                 pipe.exists(K.alive)
                 pipe.exists(K.done)
-                v, alive, done = pipe.execute()
+                pipe.exists(K.joining)
+                v, alive, done, joining = pipe.execute()
             except redis.RedisError:
                 continue
             if done:
                 self._finished.add(q)
+            elif joining and not alive:
+                self._joining.add(q)
             if alive and not done:
                 try:
                     mark = parse_mark(v, self.cfg.run.rounds)
@@ -328,7 +348,10 @@ class StateTransfer:
                 except BadValue as exc:
                     bad.add(q)
                     self.bad_value(first, q, exc)
-            if self.agreeing(states, need) is not None or len(states) + len(bad | passed) == len(live):
+            # enough agree and they are most of the sources (or every source answered): the first
+            # snapshots to arrive do not decide alone when more sources are coming
+            chosen = self.agreeing(states, need)
+            if (chosen is not None and 2 * len(chosen[0]) > len(live)) or len(states) + len(bad | passed) == len(live):
                 break
             self.guard.serve(self.membership.members)
             time.sleep(0.05)

@@ -176,6 +176,24 @@ def test_a_peer_without_a_quorum_waits_and_rejoins_the_state_of_the_majority(gro
     assert v.kind == "wait" and "no quorum" in v.why
 
 
+def test_the_first_peers_to_finish_a_round_do_not_decide_a_divergence_alone():
+    # peer 0 alone finished round 8 with another digest than ours (peer 4's) while peers 1 and 2 still
+    # finish it: a tie for now that peer 0's lower index would win, but they may side with us, so we
+    # keep training; once they ended with peer 0's digest, we resynchronise
+    def probe(mark, d):
+        return Probe(True, True, False, mark, d and d * 40, None)
+
+    def verdict(others):
+        return decide(4, 9, others, removed=set(), f=0, my_digest="a" * 40, my_state=(8, "a" * 40))
+
+    assert verdict({0: probe(8, "c"), 1: probe(8, None), 2: probe(8, None), 3: probe(5, None)}).train
+    # 3 against us with 1 pending: the other state wins whatever it ends with
+    assert verdict({0: probe(8, "c"), 1: probe(8, "c"), 2: probe(8, "c"), 3: probe(8, None)}).kind == "resync"
+    assert verdict({0: probe(8, "c"), 1: probe(8, "c"), 2: probe(8, "a"), 3: probe(8, "c")}).kind == "resync"
+    # a peer waiting in an earlier round is not finishing this one: the tie is decided (lowest index)
+    assert verdict({0: probe(8, "c"), 1: probe(5, None), 2: probe(5, None), 3: probe(5, None)}).kind == "resync"
+
+
 def test_decide_breaks_ties_deterministically():
     # a 2|2 split that healed: both halves wait (2 of 4 is no quorum); the later state wins, then the
     # half with the lowest index; each side reaches the same verdict from its own probes
@@ -280,3 +298,92 @@ def test_byzantine_one_source_cannot_change_the_membership_a_joiner_adopts(group
     t.join(total=ROUNDS)
     current = t.membership.current()
     assert sorted(current) == [0, 1, 2] and all(current[q].url == urls[q] for q in current)
+
+
+# -------------------------------------------------------------------------------- sitting out
+
+
+def test_a_member_sitting_out_for_a_state_transfer_is_excluded_but_not_removed(group):
+    """A member resynchronising keeps ``joining`` instead of its heartbeat: it misses rounds, but is not
+    removed (it comes back with the group's state, maybe through other members than us, and we must
+    aggregate its vectors then). Once the key expires (it died while joining), misses count again."""
+    t, dbs = group(3)
+    m = t.membership
+    dbs[1].delete(Keys(1).alive)
+    dbs[1].set(Keys(1).joining, 1, px=600_000)
+    for r in range(5):
+        alive, why, _ = m.alive(1)
+        assert not alive and why == "sitting out for a state transfer"
+        m.account(r, ready=[2], missing={1: (why, 0.0)})
+    assert not m[1].removed and m.awaited(5) == [1, 2]
+    dbs[1].delete(Keys(1).joining)
+    for r in range(5, 5 + m.cfg.max_misses):
+        alive, why, _ = m.alive(1)
+        assert why == "heartbeat expired"
+        m.account(r, ready=[2], missing={1: (why, 0.0)})
+    assert m[1].removed
+
+
+def test_sitting_out_switches_the_heartbeat_to_joining_and_back(group):
+    t, dbs = group(2)
+    m, K = t.membership, Keys(0)
+    m.start_heartbeat()
+    _wait_for(lambda: dbs[0].exists(K.alive) and not dbs[0].exists(K.joining))
+    m.sit_out(dbs[0])
+    assert not dbs[0].exists(K.alive) and dbs[0].exists(K.joining)
+    threading.Event().wait(2 * m.cfg.heartbeat_s)  # the heartbeat thread keeps it, not the heartbeat
+    assert not dbs[0].exists(K.alive) and dbs[0].exists(K.joining)
+    m.start_heartbeat()
+    _wait_for(lambda: dbs[0].exists(K.alive) and not dbs[0].exists(K.joining))
+
+
+def _wait_for(cond, timeout_s: float = 5.0) -> None:
+    deadline = threading.Event()
+    for _ in range(int(timeout_s / 0.05)):
+        if cond():
+            return
+        deadline.wait(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+def test_a_joiner_asks_members_sitting_out_too_but_takes_state_from_live_ones(group, servers):
+    t, dbs = group(4, me=3)
+    urls = [s.url for s in servers[:4]]
+    _marks(dbs, {0: 5, 1: 5})
+    dbs[2].delete(Keys(2).alive)
+    dbs[2].set(Keys(2).joining, 1, px=600_000)  # resynchronising itself: it will admit us when back
+    first = 5 + JOIN_AHEAD
+    state = b"\x04" * 16
+    for q in (0, 1):
+        _snapshot(dbs[q], q, first, state, {q: urls[q] for q in range(3)}, urls[q])
+    assert t.join(total=ROUNDS) == (first, len(state))
+    assert all(dbs[q].get(Keys(q).join(3)) == f"{urls[3]}|{first}".encode() for q in (0, 1, 2))
+    assert [e["detail"] for e in _events(dbs[3], 3) if e["event"] == "join_request"] == [
+        f"asked peers [0, 1, 2] to admit us from round {first}"]
+
+
+def test_a_peer_that_must_resync_in_the_last_round_takes_the_final_state(group, servers):
+    """The others are in the last round (or done): there is no round left to join at, so the joiner
+    takes the state they end the training with (each leaves a snapshot of it when it finishes), once
+    they agree, and ends with the group's model instead of its own."""
+    t, dbs = group(3, me=2)
+    urls = [s.url for s in servers[:3]]
+    _marks(dbs, {0: ROUNDS - 1, 1: ROUNDS - 1})
+    final = b"\x05" * 16
+
+    def finish():
+        for q in (0, 1):
+            threading.Event().wait(0.3)
+            _snapshot(dbs[q], q, ROUNDS, final, {q: urls[q] for q in range(3)}, urls[q])
+            dbs[q].set(Keys(q).done, 1)
+
+    finisher = threading.Thread(target=finish)
+    finisher.start()
+    try:
+        assert t.join(total=ROUNDS) == (ROUNDS, len(final))
+    finally:
+        finisher.join()
+    assert dbs[2].get(Keys(2).params) == final
+    ev = _events(dbs[2], 2)
+    assert [e["event"] for e in ev if e["event"] in ("join_final", "joined")] == ["join_final", "joined"]
+    assert [e["detail"] for e in ev if e["event"] == "joined"] == [f"state of round {ROUNDS - 1} from peers [0, 1]"]

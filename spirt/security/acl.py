@@ -10,10 +10,9 @@ orch-p     everything except the server-wide dangerous commands it does not need
            database: it also creates the other users)
 fn-p-k     read ``params`` and ``version``; write only its own slot ``grad:*:k`` (gradient function k:
            one cannot overwrite another's gradient)
-peer-q     read what p publishes (``alive``, ``ready``, ``done``, ``state``, ``aggset:*``, ``digest:*``,
-           ``heard:*``, ``snap:*``); write
-           only keys of its own: its inbox ``in:q:*``, its wake-up list ``notify:q`` and its join
-           request ``join:q``
+peer-q     read what p publishes (``alive``, ``joining``, ``ready``, ``done``, ``state``, ``aggset:*``,
+           ``digest:*``, ``heard:*``, ``snap:*``); write only keys of its own: its inbox ``in:q:*``,
+           its wake-up list ``notify:q`` and its join request ``join:q``
 hello      before admission: write ``hello:*``, read ``challenge:*`` (nothing else)
 default    disabled
 ========== ====================================================================================
@@ -79,8 +78,8 @@ def function_rules(p: int, k: int) -> list[str]:
 
 def remote_rules(p: int, q: int) -> list[str]:
     K = Keys(p)
-    reads = [K.alive, K.ready, K.done, K.state, K.aggset_pattern, K.digest_pattern, K.heard_pattern,
-             K.snapshot_pattern]
+    reads = [K.alive, K.joining, K.ready, K.done, K.state, K.aggset_pattern, K.digest_pattern,
+             K.heard_pattern, K.snapshot_pattern]
     writes = [K.inbox_pattern(q), K.notify(q), K.join(q)]
     return ["resetkeys", *[f"%R~{k}" for k in reads], *[f"%W~{k}" for k in writes], "resetchannels",
             *REMOTE_COMMANDS]
