@@ -229,6 +229,8 @@ class Agreement:
         """Compare what every peer accepted from each sender in rounds r - 1 and r - 2 (their ``heard``
         records and ours: a peer slower to finish a round is compared a round later); a sender proven to
         have signed two different vectors for one round is excluded for good."""
+        if not self.guard.signs:  # without signatures a record proves nothing (and none is published)
+            return
         for back, rr in enumerate((r - 1, r - 2)):
             if rr < 0:
                 continue
