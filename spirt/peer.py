@@ -119,8 +119,38 @@ class RoundMetrics:
         return d
 
 
+def fan_out(executor, tasks: list[GradTask], database_answers) -> tuple[list, list | None]:
+    """The round's gradient functions: ``(invocations, failed_first)``. When every function failed yet
+    ``database_answers()``, they run once more and ``failed_first`` holds the first fan-out: the
+    database they read may have stalled (SIGSTOP, a stuck disk) for longer than their retries, and one
+    more fan-out tells a stall that has passed from a fault of the functions themselves."""
+    invocations = executor.map(tasks)
+    if any(inv.result is not None for inv in invocations) or not database_answers():
+        return invocations, None
+    return executor.map(tasks), invocations
+
+
+def failure_report(invocations: list) -> tuple[float, str] | None:
+    """(time of the first failure, description) of a fan-out's failed attempts; None if none failed."""
+    failures = sorted((tf, inv.task.index, err) for inv in invocations for tf, err in inv.failures)
+    if not failures:
+        return None
+    tf, i, err = failures[0]
+    without = sum(inv.result is None for inv in invocations)
+    return tf, (f"{len(failures)} failed attempt(s), first: function {i}: {err}; "
+                f"{without} of {len(invocations)} function(s) without a gradient")
+
+
+def own_probe(url: str, heartbeat_s: float, credentials: dict) -> redis.Redis:
+    """A client that asks whether our database is there, with a short timeout: through the peer's main
+    client (120 s), a stalled server (SIGSTOP, a stuck disk) would answer "yes" once it resumes, and
+    the stall would look like a fault of the gradient functions rather than of the database they read."""
+    return make_client(url=url, socket_timeout=max(2.0, 2 * heartbeat_s), connect_timeout=max(1.0, heartbeat_s),
+                       **credentials)
+
+
 class OwnDatabaseDown(RuntimeError):
-    """This peer's own database is unreachable (crashed or restarting)."""
+    """This peer's own database is unreachable (crashed or restarting) or stalled (it does not answer)."""
 
 
 def make_guard(cfg: Config, index: int, url: str, backend) -> Guard:
@@ -148,6 +178,7 @@ class Peer:
         self.backend = get_backend(cfg.aggregation.backend)
         self.guard = make_guard(cfg, index, self.url, self.backend)
         self.db = make_client(url=self.url, socket_timeout=120, **self.guard.own_credentials())
+        self._own_probe = own_probe(self.url, cfg.membership.heartbeat_s, self.guard.own_credentials())
         self.backend.prepare(self.db)
         self.events = EventLog(self.db, self.keys.events, index)
         self.membership = Membership(
@@ -260,6 +291,7 @@ class Peer:
         if self._executor is not None:
             self._executor.close()
         self.db.close()
+        self._own_probe.close()
         self.guard.close()
 
     # -- main loop ---------------------------------------------------------------------------------
@@ -330,8 +362,9 @@ class Peer:
         return self.join(None, total=total)
 
     def _own_db_ok(self) -> bool:
+        """Our database answers a ping within a couple of heartbeat intervals."""
         try:
-            return bool(self.db.ping())
+            return bool(self._own_probe.ping())
         except redis.RedisError:
             return False
 
@@ -419,21 +452,18 @@ class Peer:
                           data_attack, version_key=K.version, version=self._version,
                           **self.guard.function_credentials(i)) for i in range(k)]
         t0 = time.perf_counter()
-        invocations = self.executor.map(tasks)
+        invocations, failed_first = fan_out(self.executor, tasks, self._own_db_ok)
         wall = time.perf_counter() - t0
         ok = [inv for inv in invocations if inv.result is not None]
         m.functions_ok, m.functions_failed = len(ok), len(invocations) - len(ok)
-        m.functions_retried = sum(inv.attempts > 1 for inv in invocations)
-        failures = sorted((tf, inv.task.index, err) for inv in invocations for tf, err in inv.failures)
-        if failures:
-            tf, i, err = failures[0]
-            self.events(r, "function_failed", self.index,
-                        f"{len(failures)} failed attempt(s), first: function {i}: {err}; "
-                        f"{m.functions_failed} of {len(invocations)} function(s) without a gradient", t=tf)
+        m.functions_retried = len(invocations) if failed_first else sum(inv.attempts > 1 for inv in invocations)
+        for fan, then in ((failed_first, "; our database answers: the functions once more"), (invocations, "")):
+            if fan and (failed := failure_report(fan)):
+                self.events(r, "function_failed", self.index, failed[1] + then, t=failed[0])
         if not ok:
             if not self._own_db_ok():
                 raise OwnDatabaseDown(f"every gradient function failed: {invocations[0].error}")
-            raise RuntimeError(f"peer {self.index} round {r}: every gradient function failed: "
+            raise RuntimeError(f"peer {self.index} round {r}: every gradient function failed, twice: "
                                f"{invocations[0].error}")
         m.loss = float(np.mean([inv.result.loss for inv in ok]))
         io = float(np.mean([inv.result.t_read + inv.result.t_store for inv in ok]))

@@ -23,6 +23,7 @@ import threading
 import time
 import warnings
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,45 +111,68 @@ def make_client(
 
 
 def pipelines_at_once(jobs: dict) -> dict:
-    """One non-transactional pipeline on each of several servers, all sent before any reply is read,
-    so a peer talking to all the others waits for the slowest server once instead of for each in turn.
+    """One non-transactional pipeline on each of several servers, all under way at once, so a peer
+    talking to all the others waits for the slowest server once instead of for each in turn.
+
+    Each server gets its own thread: a server that hangs (SIGSTOP, a stuck host) stops reading, its
+    socket buffers fill, and a send of a large vector to it blocks until the client's socket timeout.
+    Sent one after another, that would hold back every server after it in the loop; in threads, only
+    the caller waits, and only once.
 
     ``jobs`` maps a key to ``(client, [(command, *args), ...])``; the result maps it to the list of raw
     replies (``b"OK"``, not redis-py's ``True``; a ``redis.ResponseError`` in place of a command's error
     reply) or, when the server could not be reached or the connection broke, to the
     ``redis.RedisError`` raised.
     """
-    def failure(exc: BaseException) -> redis.RedisError:
-        return exc if isinstance(exc, redis.RedisError) else redis.ConnectionError(str(exc))
+    if len(jobs) <= 1:
+        return {key: _pipeline_raw(client, commands) for key, (client, commands) in jobs.items()}
+    pool = _pipeline_threads()
+    futures = {key: pool.submit(_pipeline_raw, client, commands) for key, (client, commands) in jobs.items()}
+    return {key: f.result() for key, f in futures.items()}
 
-    out: dict = {}
-    sent = []
-    for key, (client, commands) in jobs.items():
-        pool, conn = client.connection_pool, None
-        try:
-            conn = pool.get_connection()
-            conn.send_packed_command(conn.pack_commands(commands))
-            sent.append((key, pool, conn, len(commands)))
-        except (redis.RedisError, OSError) as exc:
-            out[key] = failure(exc)
-            if conn is not None:
-                conn.disconnect()
-                pool.release(conn)
-    for key, pool, conn, n in sent:
+
+def _pipeline_raw(client: redis.Redis, commands: list[tuple]) -> list | redis.RedisError:
+    """:func:`pipelines_at_once` on one server."""
+    pool, conn = client.connection_pool, None
+    try:
+        conn = pool.get_connection()
+        conn.send_packed_command(conn.pack_commands(commands))
         replies: list = []
-        try:
-            for _ in range(n):
-                try:
-                    replies.append(conn.read_response())
-                except redis.ResponseError as exc:  # that command failed; the connection is fine
-                    replies.append(exc)
-            out[key] = replies
-        except (redis.RedisError, OSError) as exc:
-            out[key] = failure(exc)
+        for _ in commands:
+            try:
+                replies.append(conn.read_response())
+            except redis.ResponseError as exc:  # that command failed; the connection is fine
+                replies.append(exc)
+        return replies
+    except (redis.RedisError, OSError) as exc:
+        if conn is not None:
             conn.disconnect()  # replies may be left unread: the connection cannot be reused
-        finally:
+        return exc if isinstance(exc, redis.RedisError) else redis.ConnectionError(str(exc))
+    finally:
+        if conn is not None:
             pool.release(conn)
-    return out
+
+
+_threads: ThreadPoolExecutor | None = None
+_threads_lock = threading.Lock()
+
+
+def _pipeline_threads() -> ThreadPoolExecutor:
+    """This process's threads for :func:`pipelines_at_once`, started on first use."""
+    global _threads
+    with _threads_lock:
+        if _threads is None:
+            _threads = ThreadPoolExecutor(max_workers=32, thread_name_prefix="spirt-pipelines")
+        return _threads
+
+
+def _forget_threads_in_child() -> None:
+    """A forked child has none of its parent's threads (and maybe a lock held by one of them)."""
+    global _threads, _threads_lock
+    _threads, _threads_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_threads_in_child)
 
 
 def find_server_binary(spec: str | os.PathLike | None = None) -> Path:

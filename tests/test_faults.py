@@ -245,6 +245,36 @@ def test_round_goes_on_with_the_gradients_that_arrived():
         assert dbs[0].get(Keys(0).params) != _initial_params(cfg)
 
 
+class _OnceStalledExecutor(InlineExecutor):
+    """Inline functions, except that in round 1 every function of peer 0 times out once: what a stall
+    of the database they read, longer than their retries and over before the peer checks it, looks like."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.stalled = False
+
+    def map(self, tasks):
+        if tasks[0].peer == 0 and tasks[0].round == 1 and not self.stalled:
+            self.stalled = True
+            err = "timed out (no function finished for 3 s)"
+            return [Invocation(t, None, err, self.retries + 1, [(time.time(), err)]) for t in tasks]
+        return super().map(tasks)
+
+
+@pytest.mark.timeout(120)
+def test_every_function_failing_while_our_database_answers_runs_them_once_more():
+    """Every function of a round failed, yet our database answers: they run once more (a stall of the
+    database has passed), the round completes, and the failures are an event."""
+    cfg = load_config(None, SMALL)
+    with _two_peers_trained(cfg, lambda c: _OnceStalledExecutor(function_spec(c), retries=1)) as (results, dbs):
+        assert [m.round for m in results[0]] == [0, 1]
+        again = results[0][1]
+        assert again.functions_ok == cfg.peers.functions and again.functions_retried == cfg.peers.functions
+        failed = [e["detail"] for e in _events(dbs[0], 0) if e["event"] == "function_failed"]
+        assert len(failed) == 1 and "the functions once more" in failed[0], failed
+        assert dbs[0].get(Keys(0).params) == dbs[1].get(Keys(1).params)
+
+
 class _CorruptingExecutor(InlineExecutor):
     """Inline functions, after which function 1's gradient is cut short and function 2's holds a NaN (a
     faulty or compromised function writing its slot)."""

@@ -194,3 +194,36 @@ def test_pipelines_at_once_replies_per_server_and_names_failures():
     finally:
         for s in (a, b, gone):
             s.stop()
+
+
+def test_pipelines_at_once_a_hung_server_holds_back_no_other():
+    """A SIGSTOPped server stops reading: a large value sent to it fills the socket buffers and the send
+    blocks until the client's timeout. The server after it in the jobs gets its value meanwhile."""
+    import threading
+
+    from spirt.servers import pipelines_at_once
+
+    hung, live = start_server("valkey"), start_server("valkey")
+    try:
+        ch, cl = hung.client(socket_timeout=4, connect_timeout=1), live.client()
+        ch.ping()
+        watcher = live.client()
+        hung.process.send_signal(signal.SIGSTOP)
+        big = b"\x01" * (16 << 20)  # far more than the kernel buffers hold
+        out: dict = {}
+        call = threading.Thread(target=lambda: out.update(pipelines_at_once({
+            "hung": (ch, [("SET", "v", big)]), "live": (cl, [("SET", "v", b"small")])})))
+        call.start()
+        arrived_while_blocked = False
+        while call.is_alive():
+            if watcher.get("v") == b"small":
+                arrived_while_blocked = call.is_alive()
+                break
+            time.sleep(0.02)
+        call.join()
+        assert arrived_while_blocked  # not after the hung server's timeout
+        assert out["live"] == [b"OK"] and isinstance(out["hung"], redis.TimeoutError)
+    finally:
+        hung.process.send_signal(signal.SIGCONT)
+        for s in (hung, live):
+            s.stop()

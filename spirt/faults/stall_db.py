@@ -6,8 +6,11 @@ peers' pushes into its inbox and their liveness probes wait for replies, and so 
 orchestrator. Every call to another peer's database is bounded (pushes by the barrier deadline,
 liveness probes by the heartbeat interval), and a member whose database missed a push is not pushed to
 again until it answers a probe: the others find it unreachable at their barrier, exclude it and go on,
-delayed by at most one barrier deadline. Once its server answers again, the victim has fallen behind and
-takes the others' state (a state transfer).
+delayed by at most one barrier deadline. A push to the hung server blocks once its socket buffers are
+full, so each server is pushed to from its own thread: the others' vectors are not held back behind it.
+The victim's own gradient functions time out on the database they read; when every one of them failed
+and the database answers again, the victim runs them once more rather than ending. Once its server
+answers again, the victim has fallen behind and takes the others' state (a state transfer).
 """
 
 from __future__ import annotations
