@@ -55,9 +55,14 @@ return h
 """
 
 
-def queue_digest(pipe, keys: Keys, r: int, backend) -> None:
+def queue_digest(pipe, keys: Keys, r: int, backend, digest: str | None = None) -> None:
     """Queue the digest of our parameters as the state after round r on a transaction (after the update
-    command, or after installing a state)."""
+    command, or after installing a state): ``digest`` where the update computed it on the client (see
+    :meth:`Backend.queue_update`), else computed inside the database."""
+    if digest is not None:
+        pipe.set(keys.digest(r), digest, px=ROUND_KEY_TTL_MS)
+        pipe.set(keys.state, f"{r}|{digest}")
+        return
     pipe.eval(DIGEST_LUA.format(digest=backend.digest_lua), 3, keys.params, keys.digest(r), keys.state, r,
               ROUND_KEY_TTL_MS)
 

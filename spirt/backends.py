@@ -19,6 +19,7 @@ released SPIRT code's JSON lists averaged in Lua, lives with the benchmark
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from importlib import resources
 from typing import ClassVar
@@ -111,9 +112,12 @@ class Backend:
         """Average ``grads`` and apply one SGD step to ``param`` (momentum state in ``buf``)."""
         raise NotImplementedError
 
-    def queue_update(self, pipe, client: redis.Redis, param: str, buf: str, grad: str, sgd: SGDConfig) -> None:
+    def queue_update(self, pipe, client: redis.Redis, param: str, buf: str, grad: str,
+                     sgd: SGDConfig) -> str | None:
         """Queue the SGD step with the aggregated gradient ``grad`` on a transaction ``pipe``, so that it
-        lands atomically with the peer's bookkeeping (round completed, parameter version)."""
+        lands atomically with the peer's bookkeeping (round completed, parameter version). Returns the
+        digest of the new parameters (as ``digest_lua`` gives it) when they were computed on the client,
+        else None (the database computes it)."""
         raise NotImplementedError
 
     def peer_momentum(self, client: redis.Redis, state: str, vec: str, beta: float) -> None:
@@ -269,11 +273,17 @@ class ClientBackend(Backend):
 
     def update(self, client, param, buf, grads, sgd):
         pipe = client.pipeline(transaction=False)
-        n = self.queue_update(pipe, client, param, buf, grads, sgd)
+        n, _ = self._queue_update(pipe, client, param, buf, grads, sgd)
         pipe.execute()
         return n
 
     def queue_update(self, pipe, client, param, buf, grad, sgd):
+        return self._queue_update(pipe, client, param, buf, grad, sgd)[1]
+
+    def _queue_update(self, pipe, client, param, buf, grad, sgd) -> tuple[int, str]:
+        """(floats, digest of the new parameters): the parameters are here anyway, and SHA-1 through
+        hashlib costs a fraction of redis.sha1hex in Lua on the stored copy (0.5 against 4 ms for the
+        MLP's 0.8 MB): most of what agreeing on the state costs this backend."""
         grads = [grad] if isinstance(grad, str) else list(grad)
         g, (p_raw, b_raw) = self._mean(client, grads, extra=[param, buf])
         p = from_f32_bytes(p_raw, key=param, writable=True)
@@ -290,8 +300,9 @@ class ClientBackend(Backend):
                 d = b
             pipe.set(buf, as_f32_bytes(d))
         p -= np.float32(sgd.lr) * d
-        pipe.set(param, as_f32_bytes(p))
-        return p.size
+        new = as_f32_bytes(p)
+        pipe.set(param, new)
+        return p.size, hashlib.sha1(new).hexdigest()  # noqa: S324 - a state digest, not a signature
 
 
 #: name -> backend class (the registry's view)

@@ -549,13 +549,13 @@ class Peer:
         them after the update. Returns the first SCAN of join requests, made in the same round trip."""
         K = self.keys
         pipe = self.db.pipeline(transaction=True)
-        self.backend.queue_update(pipe, self.db, K.params, K.momentum, K.agg(r), self.sgd)
+        digest = self.backend.queue_update(pipe, self.db, K.params, K.momentum, K.agg(r), self.sgd)
         pipe.set(K.completed, r)
         pipe.set(K.aggset(r), arrived, px=ROUND_KEY_TTL_MS)
         heard = self.guard.heard(r)
         if heard is not None:  # the senders' signed envelopes of what we accepted: equivocation checks
             pipe.set(K.heard(r), heard, px=ROUND_KEY_TTL_MS)
-        queue_digest(pipe, K, r, self.backend)  # what the peers compare before the next round
+        queue_digest(pipe, K, r, self.backend, digest)  # what the peers compare before the next round
         pipe.incr(K.version)
         pipe.rpush(K.metrics, json.dumps(m.row()))
         pipe.delete(*[K.grad(r, i) for i in range(self.cfg.peers.functions)], K.agg(r), K.avg(r),

@@ -387,3 +387,28 @@ def test_a_peer_that_must_resync_in_the_last_round_takes_the_final_state(group, 
     ev = _events(dbs[2], 2)
     assert [e["event"] for e in ev if e["event"] in ("join_final", "joined")] == ["join_final", "joined"]
     assert [e["detail"] for e in ev if e["event"] == "joined"] == [f"state of round {ROUNDS - 1} from peers [0, 1]"]
+
+
+@pytest.mark.parametrize("backend", ["client", "lua", "module"])
+def test_the_state_digest_after_an_update_is_the_databases_own(backend):
+    """The client backend computes its digest on the client, from the bytes it stores: it must equal
+    the backend's in-database digest of the stored parameters, or its peers would see a divergence."""
+    import numpy as np
+
+    from spirt.agreement import queue_digest
+    from spirt.backends import SGDConfig, get_backend
+
+    b, K = get_backend(backend), Keys(0)
+    rng = np.random.default_rng(3)
+    with start_server("valkey") as srv:
+        c = srv.client()
+        b.prepare(c)
+        c.set(K.params, rng.standard_normal(1000, dtype=np.float32).tobytes())
+        c.set(K.agg(0), rng.standard_normal(1000, dtype=np.float32).tobytes())
+        pipe = c.pipeline(transaction=True)
+        digest = b.queue_update(pipe, c, K.params, K.momentum, K.agg(0), SGDConfig(0.1, 0.9, 0.0))
+        queue_digest(pipe, K, 0, b, digest)
+        pipe.execute()
+        assert (digest is not None) == (backend == "client")
+        stored = c.eval(f"return {b.digest_lua}", 1, K.params)
+        assert c.get(K.digest(0)) == stored and c.get(K.state) == b"0|" + stored
