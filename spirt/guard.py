@@ -12,6 +12,7 @@ The calls, in the order a round makes them:
 
 =======================  =======================================================================
 ``own_credentials``      how the orchestrator logs in to its own database
+``check_users``          at start and when our database came back from its files: only our users
 ``function_credentials`` how each gradient function logs in (passed with its task)
 ``member_credentials``   how it logs in to another member's database
 ``admit``                before the first round: be admitted by every member, admit them
@@ -55,6 +56,10 @@ class Guard:
 
     def may_join(self, q: int) -> bool:
         return True
+
+    def check_users(self, events, r: int) -> None:
+        """Our database's users are ours and as we defined them, none other (after its start, and when it
+        came back from its files); a user removed is an event (``events``, at round ``r``)."""
 
     def limit_value_size(self, width: int) -> None:
         """Cap the size of any single value remote clients may send (``width``: a parameter vector)."""

@@ -149,19 +149,38 @@ def own_probe(url: str, heartbeat_s: float, credentials: dict) -> redis.Redis:
                        **credentials)
 
 
+def back_from_files(db: redis.Redis, keys: Keys, index: int, completed: int, events: EventLog) -> int:
+    """Our database answers again after a restart: the round to resume at, after the last one its
+    files say we completed. Fewer than we had completed (it lost acknowledged updates) is an event."""
+    done = db.get(keys.completed)
+    if done is None or db.get(keys.params) is None:
+        raise RuntimeError(f"peer {index}: the restarted database lost the training state "
+                           "(start it with persistence on)")
+    resume = int(done) + 1
+    if resume <= completed:
+        events(resume, "rolled_back", index, f"our database came back at round {resume - 1}, we had "
+               f"completed round {completed}: {completed - resume + 1} round(s) lost from its files; we go "
+               "on from there")
+    events(resume, "recovered", index, f"database back, resuming at round {resume}")
+    return resume
+
+
 class OwnDatabaseDown(RuntimeError):
     """This peer's own database is unreachable (crashed or restarting) or stalled (it does not answer)."""
 
 
-def make_guard(cfg: Config, index: int, url: str, backend) -> Guard:
+def make_guard(cfg: Config, index: int, url: str, backend, admin: str | None = None, width=lambda: None) -> Guard:
     """The peer's guard: security's when ``[security] enabled``, else the no-op one. Security installs
-    the database's users first, through a client with full rights."""
+    the database's users first, through a client with full rights: the ``admin`` user the server was
+    started with (its password: ``admin``), else the default user."""
     if not cfg.security.enabled:
         return Guard()
+    from .security.acl import ADMIN_USER
     from .security.context import PeerSecurity
 
-    return PeerSecurity(cfg.security, index, url, make_client(url=url, socket_timeout=120),
-                        checks_in_database=backend.finite_check, functions=cfg.peers.functions)
+    login = {"username": ADMIN_USER, "password": admin} if admin is not None else {}
+    return PeerSecurity(cfg.security, index, url, make_client(url=url, socket_timeout=120, **login),
+                        checks_in_database=backend.finite_check, functions=cfg.peers.functions, width=width())
 
 
 class Peer:
@@ -171,16 +190,18 @@ class Peer:
     :meth:`join` with the URLs of live peers, which then learn its URL from its join request.
     """
 
-    def __init__(self, cfg: Config, index: int, urls: list[str | None], *, executor=None):
+    def __init__(self, cfg: Config, index: int, urls: list[str | None], *, executor=None, admin: str | None = None):
         self.cfg, self.index = cfg, index
         self.url = urls[index]
         self.keys = Keys(index)
         self.backend = get_backend(cfg.aggregation.backend)
-        self.guard = make_guard(cfg, index, self.url, self.backend)
+        self.evaluator = Evaluator(cfg)
+        self.guard = make_guard(cfg, index, self.url, self.backend, admin, lambda: 4 * self.evaluator.initial()[1])
         self.db = make_client(url=self.url, socket_timeout=120, **self.guard.own_credentials())
         self._own_probe = own_probe(self.url, cfg.membership.heartbeat_s, self.guard.own_credentials())
         self.backend.prepare(self.db)
         self.events = EventLog(self.db, self.keys.events, index)
+        self.guard.check_users(self.events, 0)
         self.membership = Membership(
             index, cfg.membership, self.events,
             connect=lambda q, u, timeout_s: member_client(u, self.guard.member_credentials(q, u), timeout_s),
@@ -204,7 +225,6 @@ class Peer:
         self.defense = defenses.get(cfg.aggregation.defense, pre=cfg.aggregation.pre or None,
                                     **cfg.aggregation.params)
         self.aggregate_path = choose_path(self.backend, self.defense)
-        self.evaluator = Evaluator(cfg)
         self._executor = executor
         self.phase = Phase.COMPUTE
         self.start_round = 0
@@ -375,19 +395,10 @@ class Peer:
         deadline = time.monotonic() + self.cfg.membership.db_recovery_s
         while time.monotonic() < deadline:
             if self._own_db_ok():
-                done = self.db.get(self.keys.completed)
-                if done is None or self.db.get(self.keys.params) is None:
-                    raise RuntimeError(f"peer {self.index}: the restarted database lost the training state "
-                                       "(start it with persistence on)")
-                resume = int(done) + 1
+                resume = back_from_files(self.db, self.keys, self.index, self.completed, self.events)
                 self._version = None  # the restart may have lost our last update
-                if resume <= self.completed:  # it came back without updates it had acknowledged
-                    self.events(resume, "rolled_back", self.index,
-                                f"our database came back at round {resume - 1}, we had completed round "
-                                f"{self.completed}: {self.completed - resume + 1} round(s) lost from its "
-                                "files; we go on from there")
                 self.completed = resume - 1
-                self.events(resume, "recovered", self.index, f"database back, resuming at round {resume}")
+                self.guard.check_users(self.events, resume)  # the users its files brought back
                 return resume
             time.sleep(0.1)
         raise RuntimeError(f"peer {self.index}: own database did not come back within "
@@ -567,20 +578,21 @@ class Peer:
 
 
 def peer_main(cfg_json: str, index: int, urls: list[str | None], start_key: str | None = None,
-              join: bool = False, resume: bool = False) -> None:
+              join: bool = False, resume: bool = False, admin: str | None = None) -> None:
     """Entry point of a peer orchestrator process: set up, wait for the start signal (or join a
     running training), train.
 
     The start signal is ``start_key`` in peer 0's database. With ``join=True`` it is awaited in this
     peer's own database instead (if given): a launcher can start a newcomer ahead of time (torch
     imported, workers warm) and let it ask to join at a chosen moment. With ``resume=True`` the peer takes
-    up the training its database holds (:meth:`Peer.resume`) instead of starting a new one."""
+    up the training its database holds (:meth:`Peer.resume`) instead of starting a new one. ``admin``: the
+    password of the ``admin`` user the database was started with (secured runs)."""
     import torch
 
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING, format=f"peer {index}: %(message)s")
     cfg = Config.model_validate_json(cfg_json)
-    peer = Peer(cfg, index, urls)
+    peer = Peer(cfg, index, urls, admin=admin)
     try:
         if join:
             peer.init_eval_state()

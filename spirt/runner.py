@@ -54,6 +54,28 @@ def _launcher_access(cfg: Config):
     return cfg, client
 
 
+class _Admins:
+    """A secured run's databases start with their users in place: the default user off and an ``admin``
+    user with a fresh random password per database, which only this process and that peer know (the
+    peer installs its users with it, then deletes it). Servers the user runs (``peers.urls``) are
+    reached as they were started."""
+
+    def __init__(self, cfg: Config):
+        self.passwords: dict[int, str] = {}
+        self.enabled = cfg.security.enabled and not cfg.peers.urls
+
+    def server_args(self, i: int) -> dict:
+        if not self.enabled:
+            return {}
+        from .security.acl import bootstrap_users
+
+        self.passwords[i] = secrets.token_urlsafe(32)
+        return {"users": bootstrap_users(self.passwords[i])}
+
+    def __call__(self, i: int) -> str | None:
+        return self.passwords.get(i)
+
+
 def _up(c: redis.Redis, i: int, secured: bool) -> bool:
     try:
         return bool(c.exists(Keys(i).up))
@@ -129,6 +151,7 @@ def run_training(cfg: Config, *, progress: bool = True, timeout_s: float | None 
     if resume and state_dir is None:
         raise TrainingError("resume needs the state directory of the run")
     cfg, client = _launcher_access(cfg)
+    admins = _Admins(cfg)
     with ExitStack() as stack:
         if cfg.peers.urls:
             urls = list(cfg.peers.urls)
@@ -147,7 +170,7 @@ def run_training(cfg: Config, *, progress: bool = True, timeout_s: float | None 
                 srv = start_server(cfg.peers.server, module=needs_module(cfg.aggregation.backend),
                                    unix_socket=cfg.peers.unix_socket,
                                    persistence=cfg.peers.persistence or state_dir is not None,
-                                   fsync="always", workdir=workdir, **_tls_args(cfg))
+                                   fsync="always", workdir=workdir, **_tls_args(cfg), **admins.server_args(i))
                 stack.callback(srv.stop)
                 servers.append(srv)
             urls = [s.url for s in servers]
@@ -166,11 +189,11 @@ def run_training(cfg: Config, *, progress: bool = True, timeout_s: float | None 
         t0 = time.perf_counter()
         try:
             if cfg.peers.mode == "process":
-                _run_processes(cfg, urls, c0, stack, shower, timeout_s, client, resume, observer)
+                _run_processes(cfg, urls, c0, stack, shower, timeout_s, client, resume, observer, admins)
             else:
                 shower.start()
                 observer.__enter__()
-                _run_threads(cfg, urls, timeout_s, resume)
+                _run_threads(cfg, urls, timeout_s, resume, admins)
         except TrainingError as exc:
             causes = _server_causes(servers if not cfg.peers.urls else [])
             if causes:
@@ -250,9 +273,10 @@ def _tls_args(cfg: Config) -> dict:
     return {"tls": TlsFiles(sec.tls_cert_file, sec.tls_key_file, sec.tls_ca_file), "require_tls": sec.require_tls}
 
 
-def _run_processes(cfg, urls, c0, stack, shower, timeout_s, client=_plain_client, resume=False, observer=None):
+def _run_processes(cfg, urls, c0, stack, shower, timeout_s, client=_plain_client, resume=False, observer=None,
+                   admins=lambda i: None):
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=peer_main, args=(cfg.model_dump_json(), i, urls, START_KEY, False, resume),
+    procs = [ctx.Process(target=peer_main, args=(cfg.model_dump_json(), i, urls, START_KEY, False, resume, admins(i)),
                          name=f"peer-{i}") for i in range(len(urls))]
     for p in procs:
         p.start()
@@ -289,8 +313,8 @@ def _run_processes(cfg, urls, c0, stack, shower, timeout_s, client=_plain_client
         raise TrainingError(f"peer orchestrator(s) failed: {', '.join(failed)}")
 
 
-def _run_threads(cfg, urls, timeout_s, resume=False):
-    peers = [Peer(cfg, i, urls) for i in range(len(urls))]
+def _run_threads(cfg, urls, timeout_s, resume=False, admins=lambda i: None):
+    peers = [Peer(cfg, i, urls, admin=admins(i)) for i in range(len(urls))]
     errors: list[BaseException] = []
 
     def body(p: Peer):

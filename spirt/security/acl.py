@@ -14,8 +14,16 @@ peer-q     read what p publishes (``alive``, ``joining``, ``ready``, ``done``, `
            ``digest:*``, ``heard:*``, ``snap:*``); write only keys of its own: its inbox ``in:q:*``,
            its wake-up list ``notify:q`` and its join request ``join:q``
 hello      before admission: write ``hello:*``, read ``challenge:*`` (nothing else)
-default    disabled
+admin      the server starts with it (see :func:`bootstrap_users`); the peer installs the others
+           through it, then deletes it
+default    disabled, from the server's start on
 ========== ====================================================================================
+
+There is no window in which anyone else can reach a fresh database: whoever starts the server writes
+its ACL file first (:func:`bootstrap_users`: the default user off, an ``admin`` user whose random
+password only the starter and the peer know). The peer then installs exactly its users, and removes
+any other it finds, on install and whenever its database comes back from its files
+(:meth:`DatabaseUsers.check`).
 
 No key is writable by two remote peers, so none can speak in another's name; what a peer writes in
 its own keys is still parsed as hostile input.
@@ -31,7 +39,7 @@ import redis
 from ..keys import START_KEY, Keys
 
 ORCHESTRATOR_COMMANDS = ["+@all", "-@dangerous", "+info", "+acl|setuser", "+acl|deluser", "+acl|getuser",
-                         "+acl|whoami", "+acl|save", "+config|set", "+config|get", "+command"]
+                         "+acl|whoami", "+acl|users", "+acl|save", "+client|kill", "+config|set", "+config|get", "+command"]
 FUNCTION_COMMANDS = ["-@all", "+get", "+set", "+multi", "+exec", "+ping"]
 REMOTE_COMMANDS = ["-@all", "+get", "+getrange", "+set", "+exists", "+strlen", "+rpush", "+ltrim", "+multi", "+exec",
                    "+ping"]
@@ -52,6 +60,12 @@ def remote_user(q: int) -> str:
 
 HELLO_USER = "hello"
 LAUNCHER_USER = "launcher"
+ADMIN_USER = "admin"
+#: The default user: off (no client can log in as it, none is logged in as it on connecting). Its rights
+#: stay whole: when a server replays its append-only file, it re-checks each transaction's commands
+#: against the default user's rights at EXEC (Redis 7.0), and would silently drop every transaction of
+#: the file otherwise. Connections that were logged in as it before are closed (:func:`lock_out_default`).
+DEFAULT_OFF = ["off", "resetpass", "~*", "&*", "+@all"]
 
 
 def hello_key(p: int, q: int) -> str:
@@ -116,8 +130,25 @@ def set_user(admin: redis.Redis, name: str, rules: list[str], *, password: str |
 
 
 def disable_default(admin: redis.Redis) -> None:
-    admin.execute_command("ACL", "SETUSER", "default", "off", "resetpass", "nopass", "-@all", "resetkeys",
-                          "resetchannels")
+    admin.execute_command("ACL", "SETUSER", "default", *DEFAULT_OFF)
+
+
+def lock_out_default(orch: redis.Redis) -> None:
+    """Close every connection still logged in as the default user (made while it was on: a user off keeps
+    the connections it has)."""
+    orch.execute_command("CLIENT", "KILL", "USER", "default")
+
+
+def bootstrap_users(admin_password: str) -> dict[str, str]:
+    """The users a peer's database starts with, as ACL file lines by user name (for
+    :func:`spirt.servers.start_server`): the default user disabled, and ``admin`` with all rights and
+    ``admin_password``, which the peer installs its users with."""
+    return {"default": " ".join(["user", "default", *DEFAULT_OFF]),
+            ADMIN_USER: f"user {ADMIN_USER} on #{password_hash(admin_password)} ~* &* +@all"}
+
+
+def users(client: redis.Redis) -> list[str]:
+    return sorted(u.decode() if isinstance(u, bytes) else u for u in client.execute_command("ACL", "USERS"))
 
 
 def save(client: redis.Redis) -> None:
@@ -142,8 +173,12 @@ class DatabaseUsers:
     """Fresh random passwords for the local roles of peer ``p``, created in its database by
     :meth:`install` through a client with full rights (the one the database was started with)."""
 
-    def __init__(self, p: int, functions: int = 1):
+    def __init__(self, p: int, functions: int = 1, value_limit: int | None = None):
         self.p = p
+        self.launcher_sha256: str | None = None
+        #: proto-max-bulk-len: the largest value any client may send, in force before any other user
+        #: exists (a server's setting: not in its files, set again when it comes back)
+        self.value_limit = value_limit
         self.orchestrator_password = secrets.token_urlsafe(32)
         #: one user per gradient function, each with its own password
         self.function_passwords = [secrets.token_urlsafe(32) for _ in range(functions)]
@@ -151,21 +186,52 @@ class DatabaseUsers:
     def __repr__(self) -> str:  # passwords never in reprs, logs or tracebacks
         return f"DatabaseUsers(p={self.p})"
 
-    def install(self, admin: redis.Redis, launcher_sha256: str | None = None) -> None:
+    def install(self, admin: redis.Redis, launcher_sha256: str | None = None) -> list[str]:
+        """Create this peer's users through ``admin`` (the server's ``admin`` user, or the default user of
+        a server started without one), remove every other user, the ``admin`` one last, and save.
+        Returns the names of the users removed that were not ours (a backdoor, a stale member)."""
+        self.launcher_sha256 = launcher_sha256
+        removed = self._apply(admin, {})
+        orch = _as_user(admin, orchestrator_user(self.p), self.orchestrator_password)
+        try:  # through our own user: the admin loses its rights (and connections) with this
+            orch.execute_command("ACL", "DELUSER", ADMIN_USER)  # (none on a server started without one)
+            lock_out_default(orch)
+            save(orch)
+        finally:
+            orch.close()
+        return removed
+
+    def check(self, orch: redis.Redis, admitted: dict[int, str]) -> list[str]:
+        """After our database came back from its files: every user as we defined it (the members in
+        ``admitted``, peer -> password hash, with theirs), none other; saved. Returns the names of the
+        users removed."""
+        removed = self._apply(orch, admitted)
+        lock_out_default(orch)
+        save(orch)
+        return removed
+
+    def _apply(self, admin: redis.Redis, admitted: dict[int, str]) -> list[str]:
         p = self.p
+        if self.value_limit is not None:
+            admin.config_set("proto-max-bulk-len", self.value_limit)
         set_user(admin, orchestrator_user(p), orchestrator_rules(p), password=self.orchestrator_password)
         for k, password in enumerate(self.function_passwords):
             set_user(admin, function_user(p, k), function_rules(p, k), password=password)
         set_user(admin, HELLO_USER, hello_rules(p), nopass=True)
-        if launcher_sha256 is not None:
-            set_user(admin, LAUNCHER_USER, launcher_rules(p), password_sha256=launcher_sha256)
-        disable_default(admin)
-        # saved by the orchestrator: the default user can no longer run anything
-        orch = _as_user(admin, orchestrator_user(p), self.orchestrator_password)
-        try:
-            save(orch)
-        finally:
-            orch.close()
+        launcher = self.launcher_sha256
+        if launcher is not None:
+            set_user(admin, LAUNCHER_USER, launcher_rules(p), password_sha256=launcher)
+        for q, sha in admitted.items():
+            set_user(admin, remote_user(q), remote_rules(p, q), password_sha256=sha)
+        ours = {"default", ADMIN_USER, orchestrator_user(p), HELLO_USER, *(remote_user(q) for q in admitted),
+                *(function_user(p, k) for k in range(len(self.function_passwords)))}
+        if launcher is not None:
+            ours.add(LAUNCHER_USER)
+        removed = [u for u in users(admin) if u not in ours]
+        for u in removed:
+            admin.execute_command("ACL", "DELUSER", u)
+        disable_default(admin)  # last: ``admin`` may be the default user (a server started without users)
+        return removed
 
     @staticmethod
     def admit(orch: redis.Redis, p: int, q: int, password_sha256: str) -> None:

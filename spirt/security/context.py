@@ -45,17 +45,23 @@ log = logging.getLogger("spirt.security")
 MIN_BULK_LIMIT = 1024 * 1024  # the smallest proto-max-bulk-len the servers accept
 
 
+def value_limit(width: int) -> int:
+    """The largest value a client may send a secured peer's database: a parameter vector, with room."""
+    return max(MIN_BULK_LIMIT, 2 * width + 4096)
+
+
 class PeerSecurity(Guard):
     """The guard of a secured peer (see :mod:`spirt.guard` for when the round calls what).
 
     ``admin`` is a client of the peer's freshly started database with full rights; the users are
-    installed through it, and it is closed. ``checks_in_database``: the backend can check a vector's
+    installed through it, and it is closed. ``width``: bytes of a parameter vector (the value-size
+    limit is set before the users are created). ``checks_in_database``: the backend can check a vector's
     finiteness inside the database (nothing crosses the wire for unsigned vectors then)."""
 
     active = True
 
     def __init__(self, cfg: SecuritySection, index: int, url: str, admin: redis.Redis, *,
-                 checks_in_database: Any = None, functions: int = 1):
+                 checks_in_database: Any = None, functions: int = 1, width: int | None = None):
         self.cfg, self.index, self.url = cfg, index, url
         self.keys = Keys(index)
         #: queues a finiteness check on a pipeline and says whether it did (a backend's finite_check)
@@ -65,12 +71,12 @@ class PeerSecurity(Guard):
         self._check_transport(url)
         self.identity = Identity.load(cfg.keys_dir, index)
         self.trust = TrustStore.load(cfg.keys_dir, cfg.group)
-        self.users = acl.DatabaseUsers(index, functions)
+        self.users = acl.DatabaseUsers(index, functions, None if width is None else value_limit(width))
         admin.close()  # made without our TLS options: the one below replaces it
         pool = admin.connection_pool.connection_kwargs
         admin = make_client(url=url, username=pool.get("username"), password=pool.get("password"),
                             **self.transport(url))
-        self.users.install(admin, cfg.launcher_password_sha256)
+        self._removed: list[str] | None = self.users.install(admin, cfg.launcher_password_sha256)  # see check_users
         admin.close()
         self.orch = make_client(url=url, **self.own_credentials())
         self.desk = Desk(index, self.orch, Verifier(self.trust, index, max_skew_s=cfg.max_clock_skew_s))
@@ -104,6 +110,14 @@ class PeerSecurity(Guard):
         self._check_transport(url)
         return {"username": acl.remote_user(self.index),
                 "password": self.identity.database_password(q, self.group), **self.transport(url)}
+
+    def check_users(self, events, r: int) -> None:
+        if self._removed is not None:  # the first call, right after install: what it removed
+            removed, self._removed = self._removed, None
+        else:
+            removed = self.users.check(self.orch, dict(self.desk.admitted))
+        for name in removed:
+            events(r, "user_removed", self.index, f"user {name!r} in our database was not one of ours: removed")
 
     # -- admission ---------------------------------------------------------------------------------
     def _applicant(self, q: int, url: str) -> Applicant:
@@ -180,7 +194,7 @@ class PeerSecurity(Guard):
     def limit_value_size(self, width: int) -> None:
         """No single value a client sends may be much larger than a parameter vector: a peer cannot
         make our server buffer an arbitrarily large tensor."""
-        self.orch.config_set("proto-max-bulk-len", max(MIN_BULK_LIMIT, 2 * width + 4096))
+        self.orch.config_set("proto-max-bulk-len", value_limit(width))
 
     # -- updates -----------------------------------------------------------------------------------
     def sign_outgoing(self, r: int, outgoing: dict[int, bytes]) -> dict[int, bytes]:
