@@ -246,6 +246,8 @@ class SecuritySection(_Section):
     max_clock_skew_s: float = Field(30.0, gt=0, description="accepted clock difference in admission responses")
     admission_timeout_s: float = Field(60.0, gt=0, description="how long a peer waits to admit and be admitted")
     require_tls: bool = Field(False, description="refuse to start a database server without TLS support")
+    inbox_guard: bool = Field(True, description="other peers write into our inbox only through TENSOR.PUSH, "
+                              "which bounds what each can keep there (needs the tensor module in every database)")
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     tls_ca_file: str | None = None

@@ -10,6 +10,7 @@ sizes from it; the aggregate phase checks sizes (and the guard screens contents)
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 
@@ -19,6 +20,8 @@ from .guard import Guard
 from .keys import Keys
 from .membership import Membership
 from .servers import pipelines_at_once
+
+log = logging.getLogger("spirt.exchange")
 
 #: safety net: round keys expire even if a peer dies before its cleanup
 ROUND_KEY_TTL_MS = 10 * 60 * 1000
@@ -63,14 +66,8 @@ class Exchange:
         for q, data in outgoing.items():
             if self.membership[q].banned or (self.membership[q].stalled and not self.membership.answers(q)):
                 continue
-            K = Keys(q)
-            cmds = []
-            if envelopes is not None:  # before the vector: the barrier only looks for the vector
-                cmds.append(("SET", K.envelope(self.index, r), envelopes[q], "PX", ROUND_KEY_TTL_MS))
-            cmds += [("SET", K.incoming(self.index, r), data, "PX", ROUND_KEY_TTL_MS),
-                     ("RPUSH", K.notify(self.index), r),
-                     ("LTRIM", K.notify(self.index), -NOTIFY_KEEP, -1)]
-            jobs[q] = (self.membership[q].client, cmds)
+            jobs[q] = (self.membership[q].client, self._push_commands(Keys(q), r, data,
+                                                                     None if envelopes is None else envelopes[q]))
         replies = pipelines_at_once(jobs)
         # a connection that broke (a server restarted, a link that came back closing what it had
         # swallowed) is retried once on a fresh one: the vector would be lost for the round otherwise
@@ -80,6 +77,28 @@ class Exchange:
         for q, reply in replies.items():
             if isinstance(reply, redis.TimeoutError):
                 self.membership[q].stalled = True
+
+    def _push_commands(self, K: Keys, r: int, data: bytes, envelope: bytes | None) -> list[tuple]:
+        """Our round-r vector into the inbox whose keys are ``K``: through TENSOR.PUSH where inboxes are
+        guarded (it checks the round and sizes, bounds what we keep there, announces the round), else
+        as plain writes."""
+        if self.guard.inbox_guarded:
+            return [("TENSOR.PUSH", K.inbox(self.index), K.notify(self.index), r, data,
+                     *(() if envelope is None else (envelope,)))]
+        cmds = []
+        if envelope is not None:  # before the vector: the barrier only looks for the vector
+            cmds.append(("SET", K.envelope(self.index, r), envelope, "PX", ROUND_KEY_TTL_MS))
+        return [*cmds, ("SET", K.incoming(self.index, r), data, "PX", ROUND_KEY_TTL_MS),
+                ("RPUSH", K.notify(self.index), r), ("LTRIM", K.notify(self.index), -NOTIFY_KEEP, -1)]
+
+    def _drop_broken_wake_keys(self, wake: list[str]) -> None:
+        """A wake-up list that is not a list (its sender wrote a string there, say) would fail every
+        blocking pop on all of them: it goes, and its sender is only woken for by the polling."""
+        for key in wake:
+            kind = self.db.type(key)
+            if kind not in (b"list", b"none", "list", "none"):
+                log.warning("peer %s: wake-up key %s held a %s, not a list: deleted", self.index, key, kind)
+                self.db.delete(key)
 
     def inbox(self, r: int, peers: list[int]) -> dict[int, int]:
         """Which of ``peers``' round-r vectors are in our inbox, with their byte sizes (one round trip,
@@ -153,7 +172,10 @@ class Exchange:
             if not waiting or left <= 0:
                 break
             self.guard.during_barrier(self.membership.members, r, ready, width)
-            self.db.blpop(wake, timeout=min(left, 0.05))
+            try:
+                self.db.blpop(wake, timeout=min(left, 0.05))
+            except redis.ResponseError:  # a member turned its wake-up list into something else
+                self._drop_broken_wake_keys(wake)
         t_deadline = time.time()
         missing = {**dead, **{q: (f"missed the {self.barrier_timeout_s:g} s deadline", t_deadline)
                               for q in waiting}}

@@ -13,6 +13,7 @@ The calls, in the order a round makes them:
 =======================  =======================================================================
 ``own_credentials``      how the orchestrator logs in to its own database
 ``check_users``          at start and when our database came back from its files: only our users
+``open_inbox``           before each round: the rounds and sizes our inbox takes
 ``function_credentials`` how each gradient function logs in (passed with its task)
 ``member_credentials``   how it logs in to another member's database
 ``admit``                before the first round: be admitted by every member, admit them
@@ -56,6 +57,13 @@ class Guard:
 
     def may_join(self, q: int) -> bool:
         return True
+
+    #: other peers push into our inbox only through TENSOR.PUSH (and so into theirs, we do too)
+    inbox_guarded = False
+
+    def open_inbox(self, r: int, width: int) -> None:
+        """Before round r: which rounds (and vector sizes: ``width`` bytes, 0 for a parameter vector's) our
+        inbox takes from now on."""
 
     def check_users(self, events, r: int) -> None:
         """Our database's users are ours and as we defined them, none other (after its start, and when it

@@ -158,7 +158,11 @@ class Keys:
 
     def incoming(self, q: int, r: int) -> str:
         """Peer q's round-r vector in our inbox (q pushes it)."""
-        return self._k("in", q, r)
+        return f"{self.inbox(q)}:{r}"
+
+    def inbox(self, q: int) -> str:
+        """Peer q's part of our inbox: its vectors are ``<this>:<round>`` (TENSOR.PUSH derives them)."""
+        return self._k("in", q)
 
     def envelope(self, q: int, r: int) -> str:
         """The signed envelope of peer q's round-r vector (q pushes it beside the vector)."""

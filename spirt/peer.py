@@ -267,6 +267,7 @@ class Peer:
                     # another run's digests on the same database would read as this run's
                     *self.transfer.matching(K.digest_pattern), *self.transfer.matching(K.aggset_pattern))
         pipe.execute()
+        self.guard.open_inbox(0, self.width)  # before any peer can push round 0
         self.membership.start_heartbeat()
         return numel
 
@@ -281,6 +282,7 @@ class Peer:
         self.start_round = self.completed + 1
         self.width, self._version = len(params), None
         self.db.delete(K.done)
+        self.guard.open_inbox(self.start_round, self.width)
         self.events(self.start_round, "resumed", self.index, f"after round {self.completed}, from our "
                     "database's files")
         self.membership.start_heartbeat()
@@ -326,6 +328,7 @@ class Peer:
         self.guard.limit_value_size(self.width)
         while r < total:
             try:
+                self.guard.open_inbox(r, self.width)
                 verdict = self.agreement.check(r)
                 if verdict.kind == "resync":
                     r = self._resync(r, total, verdict.why)

@@ -167,7 +167,9 @@ def run_training(cfg: Config, *, progress: bool = True, timeout_s: float | None 
                 workdir = None if state_dir is None else Path(state_dir) / f"peer-{i}"
                 if workdir is not None:
                     workdir.mkdir(exist_ok=True)
-                srv = start_server(cfg.peers.server, module=needs_module(cfg.aggregation.backend),
+                # a secured database needs the module for its inbox guard (TENSOR.PUSH) in any case
+                module = needs_module(cfg.aggregation.backend) or (cfg.security.enabled and cfg.security.inbox_guard)
+                srv = start_server(cfg.peers.server, module=module,
                                    unix_socket=cfg.peers.unix_socket,
                                    persistence=cfg.peers.persistence or state_dir is not None,
                                    fsync="always", workdir=workdir, **_tls_args(cfg), **admins.server_args(i))

@@ -229,6 +229,7 @@ class StateTransfer:
         first = min(attested + JOIN_AHEAD, total - 1)
         # members sitting out for a state transfer of their own are asked too (they admit us when they
         # are back), but they hand over nothing
+        self.guard.open_inbox(first, 0)  # before they can push our first round
         asked = self._ask({**live, **dict.fromkeys(self._joining, -1)}, first)
         live = {q: mark for q, mark in live.items() if q in asked}
         self.events(first, "join_request", self.index, f"asked peers {sorted(asked)} to admit us from round {first}")

@@ -118,6 +118,9 @@ def admitted(request, tmp_path_factory):
         "run.rounds": 1, "data.limit_train": 100, "data.limit_test": 50, "peers.count": 2, "peers.functions": 1,
         "model.name": "mlp", "peers.mode": "thread", "executor.kind": "inline", "security.enabled": True,
         "security.keys_dir": str(d), "security.group": "g", "security.sign_updates": request.param,
+        # the screen behind an unguarded inbox, where a member can leave anything (TENSOR.PUSH refuses
+        # wrong sizes before they land: tests/test_security_quotas.py)
+        "security.inbox_guard": False,
     })
     servers = [start_server("valkey") for _ in range(2)]
     peers = [Peer(cfg, i, [s.url for s in servers]) for i in range(2)]

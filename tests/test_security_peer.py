@@ -128,18 +128,28 @@ def test_outsider_not_admitted(tmp_path, two_servers):
         impostor.close()
 
 
-def _publish(peer_from: Peer, to: int, r: int, vec: bytes, env: bytes | None):
-    c = peer_from.members[to].client
-    key = Keys(to).incoming(peer_from.index, r)
-    if env is not None:
-        c.set(key + ":sig", env)
-    c.set(key, vec)
-    return key
+def _publish(peer_from: Peer, to: Peer, r: int, vec: bytes, env: bytes | None):
+    """Peer ``peer_from`` writes a round-r vector (and envelope) into ``to``'s inbox, as a member can: with
+    TENSOR.PUSH into a guarded inbox (open for round r: raises if it refuses), else with plain SETs."""
+    c = peer_from.members[to.index].client
+    K = Keys(to.index)
+    if to.guard.inbox_guarded:
+        to.guard.open_inbox(r, to.width)
+        c.execute_command("TENSOR.PUSH", K.inbox(peer_from.index), K.notify(peer_from.index), r, vec,
+                          *(() if env is None else (env,)))
+    else:
+        if env is not None:
+            c.set(K.envelope(peer_from.index, r), env)
+        c.set(K.incoming(peer_from.index, r), vec)
+    return K.incoming(peer_from.index, r)
 
 
-def test_updates_checked_before_aggregation(tmp_path, two_servers):
+@pytest.mark.parametrize("guarded", [True, False], ids=["guarded", "raw"])
+def test_updates_checked_before_aggregation(tmp_path, two_servers, guarded):
+    """Every received vector is checked before it is aggregated. Behind a guarded inbox, TENSOR.PUSH
+    refuses the wrong sizes already; the rest is for the check. Behind a raw one, all is for the check."""
     make_group(tmp_path, 2, "g")
-    peers = _admitted_peers(_cfg(tmp_path), two_servers)
+    peers = _admitted_peers(_cfg(tmp_path, **{"security.inbox_guard": guarded}), two_servers)
     p0, p1 = peers
     try:
         ident1, outsider = p1.guard.identity, Identity.generate(1)
@@ -160,7 +170,11 @@ def test_updates_checked_before_aggregation(tmp_path, two_servers):
             "truncated": (14, good[:-2], sign_update(ident1, "g", 14, good[:-2]), "size"),
         }
         for what, (r, vec, env, expect) in cases.items():
-            key = _publish(p1, 0, r, vec, env)
+            try:
+                key = _publish(p1, p0, r, vec, env)
+            except redis.ResponseError as exc:
+                assert guarded and expect in ("malformed", "size"), (what, exc)
+                continue
             inputs = {0: "unused", 1: key}
             rejected = p0.guard.screen(r, inputs, p0.width)
             if expect is None:
@@ -198,9 +212,11 @@ def test_forging_peer_rejected_and_counted(tmp_path, two_servers):
 
 
 def test_garbage_in_remote_writable_keys(tmp_path, two_servers):
-    """Everything peer 1 may write at peer 0 filled with garbage: peer 0 keeps working and drops it."""
+    """Everything peer 1 may write at peer 0 filled with garbage: peer 0 keeps working and drops it.
+    Behind an unguarded inbox, where a member can write anything into its keys (a guarded one takes
+    TENSOR.PUSH only: tests/test_security_quotas.py)."""
     make_group(tmp_path, 2, "g")
-    peers = _admitted_peers(_cfg(tmp_path), two_servers)
+    peers = _admitted_peers(_cfg(tmp_path, **{"security.inbox_guard": False}), two_servers)
     p0, p1 = peers
     c = p1.members[0].client
     K = Keys(0)
@@ -338,19 +354,21 @@ def test_newcomer_admitted_by_challenge_response(tmp_path):
             s.stop()
 
 
-def test_checked_copy_is_what_is_aggregated(tmp_path, two_servers):
+@pytest.mark.parametrize("guarded", [True, False], ids=["guarded", "raw"])
+def test_checked_copy_is_what_is_aggregated(tmp_path, two_servers, guarded):
     """A vector checked while the barrier waits is copied out of the sender's slot: overwriting the slot
     afterwards (with NaN) changes nothing that is aggregated, and the copy is out of the sender's reach."""
     make_group(tmp_path, 2, "g")
-    peers = _admitted_peers(_cfg(tmp_path), two_servers)
+    peers = _admitted_peers(_cfg(tmp_path, **{"security.inbox_guard": guarded}), two_servers)
     p0, p1 = peers
     try:
         n, r = p0.width // 4, 4
         good = np.ones(n, dtype="<f4").tobytes()
-        key = _publish(p1, 0, r, good, sign_update(p1.guard.identity, "g", r, good))
+        key = _publish(p1, p0, r, good, sign_update(p1.guard.identity, "g", r, good))
         p0.guard.during_barrier(p0.members, r, [1], p0.width)
         assert p0.guard._checked[(r, 1)] is None
-        p1.members[0].client.set(key, np.full(n, np.nan, dtype="<f4").tobytes())
+        nan = np.full(n, np.nan, dtype="<f4").tobytes()
+        _publish(p1, p0, r, nan, sign_update(p1.guard.identity, "g", r, nan))  # the slot overwritten
         inputs = {0: Keys(0).avg(r), 1: key}
         assert p0.guard.screen(r, inputs, p0.width) == []
         assert inputs[1] != key and p0.db.get(inputs[1]) == good

@@ -41,9 +41,14 @@
 #define REDISMODULE_KEYTYPE_MODULE 6
 #define REDISMODULE_KEYTYPE_STREAM 7
 
+/* ---- ListPush / ListPop ends ------------------------------------------------------------------ */
+#define REDISMODULE_LIST_HEAD 0
+#define REDISMODULE_LIST_TAIL 1
+
 /* ---- keyspace notification classes ------------------------------------------------------------- */
 #define REDISMODULE_NOTIFY_GENERIC (1 << 2)
 #define REDISMODULE_NOTIFY_STRING (1 << 3)
+#define REDISMODULE_NOTIFY_LIST (1 << 4)
 
 /* ---- opaque handles --------------------------------------------------------------------------- */
 typedef struct RedisModuleCtx RedisModuleCtx;
@@ -79,6 +84,13 @@ typedef int (*RedisModuleCmdFunc)(RedisModuleCtx *ctx, RedisModuleString **argv,
     X(void, KeyAtPos, (RedisModuleCtx *, int))                                                        \
     X(int, NotifyKeyspaceEvent, (RedisModuleCtx *, int, const char *, RedisModuleString *))           \
     X(void *, Alloc, (size_t))                                                                        \
+    X(int, StringSet, (RedisModuleKey *, RedisModuleString *))                                        \
+    X(int, SetExpire, (RedisModuleKey *, long long))                                                  \
+    X(RedisModuleString *, CreateString, (RedisModuleCtx *, const char *, size_t))                    \
+    X(void, FreeString, (RedisModuleCtx *, RedisModuleString *))                                      \
+    X(int, ListPush, (RedisModuleKey *, int, RedisModuleString *))                                    \
+    X(RedisModuleString *, ListPop, (RedisModuleKey *, int))                                          \
+    X(int, StringToLongLong, (const RedisModuleString *, long long *))                                \
     X(void, Free, (void *))                                                                           \
     X(void, Log, (RedisModuleCtx *, const char *, const char *, ...))
 

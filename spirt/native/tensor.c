@@ -1190,6 +1190,154 @@ static int cmd_digest(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
 }
 
 /* =============================================================================================== */
+/* TENSOR.INBOX and TENSOR.PUSH: a per-sender budget on what other peers write into this database     */
+/* =============================================================================================== */
+
+/* The inbox's settings, set by the database's owner with TENSOR.INBOX (not persisted: a restarted
+ * server starts closed, and its owner opens it again). Until then TENSOR.PUSH refuses everything. */
+static struct {
+    int open;
+    long long width;    /* bytes of a vector */
+    long long envelope; /* bytes of its envelope; 0: none */
+    long long lo, hi;   /* the rounds accepted */
+    long long ttl_ms;   /* time to live of every key written */
+    long long keep;     /* announcements kept per sender */
+} g_inbox;
+
+#define INBOX_MAX_ROUNDS 64       /* hi - lo + 1 */
+#define INBOX_MAX_KEEP 1024       /* announcements kept per sender */
+#define ROUND_DIGITS 20           /* a long long in decimal, with its sign */
+
+static int parse_nonneg(RedisModuleString *s, long long *out) {
+    return RedisModule_StringToLongLong(s, out) == REDISMODULE_OK && *out >= 0 ? 0 : -1;
+}
+
+static int cmd_inbox(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    static const char *usage = "TENSOR.INBOX WIDTH w ENVELOPE e ROUNDS lo hi TTL ms KEEP n";
+    if (argc == 1) { /* the settings in force */
+        RedisModule_ReplyWithArray(ctx, 14);
+        RedisModule_ReplyWithSimpleString(ctx, "open");
+        RedisModule_ReplyWithLongLong(ctx, g_inbox.open);
+        const char *names[] = {"width", "envelope", "lo", "hi", "ttl", "keep"};
+        long long vals[] = {g_inbox.width, g_inbox.envelope, g_inbox.lo, g_inbox.hi, g_inbox.ttl_ms, g_inbox.keep};
+        for (int i = 0; i < 6; i++) {
+            RedisModule_ReplyWithSimpleString(ctx, names[i]);
+            RedisModule_ReplyWithLongLong(ctx, vals[i]);
+        }
+        return REDISMODULE_OK;
+    }
+    if (argc != 12) return reply_arity(ctx, "TENSOR.INBOX", usage);
+    /* argv: 1 WIDTH 2 w 3 ENVELOPE 4 e 5 ROUNDS 6 lo 7 hi 8 TTL 9 ms 10 KEEP 11 n */
+    static const char *words[] = {"WIDTH", "ENVELOPE", "ROUNDS", "TTL", "KEEP"};
+    static const int word_at[] = {1, 3, 5, 8, 10};
+    for (int i = 0; i < 5; i++)
+        if (!arg_is(argv[word_at[i]], words[i]))
+            return reply_err(ctx, "ERR TENSOR.INBOX: expected %s; usage: %s", words[i], usage);
+    long long v[6];
+    static const int at[6] = {2, 4, 6, 7, 9, 11};
+    for (int i = 0; i < 6; i++) {
+        shown_t sh;
+        if (parse_nonneg(argv[at[i]], &v[i]) != 0)
+            return reply_err(ctx, "ERR TENSOR.INBOX: '%s' is not a non-negative integer", show(&sh, argv[at[i]]));
+    }
+    if (v[0] == 0 || v[0] % 4 != 0 || (size_t)v[0] > MAX_BYTES)
+        return reply_err(ctx, "ERR TENSOR.INBOX: WIDTH %lld is not a float32 tensor size", v[0]);
+    if (v[1] > 65536) return reply_err(ctx, "ERR TENSOR.INBOX: ENVELOPE %lld is over 65536 bytes", v[1]);
+    if (v[3] < v[2] || v[3] - v[2] >= INBOX_MAX_ROUNDS)
+        return reply_err(ctx, "ERR TENSOR.INBOX: ROUNDS %lld %lld: need lo <= hi, at most %d rounds", v[2], v[3],
+                         INBOX_MAX_ROUNDS);
+    if (v[4] == 0) return reply_err(ctx, "ERR TENSOR.INBOX: TTL must be positive");
+    if (v[5] == 0 || v[5] > INBOX_MAX_KEEP)
+        return reply_err(ctx, "ERR TENSOR.INBOX: KEEP %lld is not in 1..%d", v[5], INBOX_MAX_KEEP);
+    g_inbox.width = v[0];
+    g_inbox.envelope = v[1];
+    g_inbox.lo = v[2];
+    g_inbox.hi = v[3];
+    g_inbox.ttl_ms = v[4];
+    g_inbox.keep = v[5];
+    g_inbox.open = 1;
+    return RedisModule_ReplyWithSimpleString(ctx, "OK");
+}
+
+/* Set key `name` (must be missing or a string) to `value`, expiring in the inbox's TTL. */
+static int inbox_set(RedisModuleCtx *ctx, RedisModuleString *name, RedisModuleString *value) {
+    RedisModuleKey *k = RedisModule_OpenKey(ctx, name, REDISMODULE_READ | REDISMODULE_WRITE);
+    if (k == NULL) return -1;
+    int t = RedisModule_KeyType(k);
+    int ok = (t == REDISMODULE_KEYTYPE_EMPTY || t == REDISMODULE_KEYTYPE_STRING) &&
+             RedisModule_StringSet(k, value) == REDISMODULE_OK &&
+             RedisModule_SetExpire(k, g_inbox.ttl_ms) == REDISMODULE_OK;
+    RedisModule_CloseKey(k);
+    if (ok) RedisModule_NotifyKeyspaceEvent(ctx, REDISMODULE_NOTIFY_STRING, "tensor.push", name);
+    return ok ? 0 : -1;
+}
+
+/* TENSOR.PUSH inbox notify round vector [envelope]
+ * The sender's vector of `round` into "<inbox>:<round>" (its envelope into "<inbox>:<round>:sig"),
+ * and the round announced on the list `notify`, trimmed to the last KEEP entries; every key expires in
+ * TTL. Only rounds lo..hi, only vectors of WIDTH bytes, envelopes of exactly ENVELOPE bytes (none when
+ * 0). So what one sender can keep here is bounded: (hi - lo + 1) vectors and envelopes, KEEP short
+ * entries. ACL confines a sender to its own `inbox` and `notify` names; the keys derived from them carry
+ * the same hash tag. Checked in full before anything is written. */
+static int cmd_push(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    static const char *usage = "TENSOR.PUSH inbox notify round vector [envelope]";
+    if (argc != 5 && argc != 6) return reply_arity(ctx, "TENSOR.PUSH", usage);
+    if (!g_inbox.open) return reply_err(ctx, "ERR TENSOR.PUSH: the inbox is closed (no TENSOR.INBOX yet)");
+    shown_t sh;
+    long long r;
+    size_t rlen;
+    const char *rtext = RedisModule_StringPtrLen(argv[3], &rlen);
+    if (rlen == 0 || rlen > ROUND_DIGITS || RedisModule_StringToLongLong(argv[3], &r) != REDISMODULE_OK || r < 0 ||
+        rtext[0] == '+' || (rlen > 1 && rtext[0] == '0'))
+        return reply_err(ctx, "ERR TENSOR.PUSH: round '%s' is not a round number", show(&sh, argv[3]));
+    if (r < g_inbox.lo || r > g_inbox.hi)
+        return reply_err(ctx, "ERR TENSOR.PUSH: round %lld is not open (rounds %lld..%lld are)", r, g_inbox.lo,
+                         g_inbox.hi);
+    size_t vlen, elen = 0;
+    RedisModule_StringPtrLen(argv[4], &vlen);
+    if ((long long)vlen != g_inbox.width)
+        return reply_err(ctx, "ERR TENSOR.PUSH: vector of %zu bytes, expected %lld", vlen, g_inbox.width);
+    if (argc == 6) RedisModule_StringPtrLen(argv[5], &elen);
+    if ((argc == 6) != (g_inbox.envelope > 0) || (long long)elen != g_inbox.envelope)
+        return reply_err(ctx, "ERR TENSOR.PUSH: envelope of %zu bytes, expected %lld", elen, g_inbox.envelope);
+    RedisModuleKey *nk = RedisModule_OpenKey(ctx, argv[2], REDISMODULE_READ | REDISMODULE_WRITE);
+    int nt = nk ? RedisModule_KeyType(nk) : REDISMODULE_KEYTYPE_EMPTY;
+    if (nk == NULL || (nt != REDISMODULE_KEYTYPE_EMPTY && nt != REDISMODULE_KEYTYPE_LIST)) {
+        if (nk) RedisModule_CloseKey(nk);
+        return reply_err(ctx, "WRONGTYPE TENSOR.PUSH: notify key '%s' is not a list", show(&sh, argv[2]));
+    }
+    size_t plen;
+    const char *prefix = RedisModule_StringPtrLen(argv[1], &plen);
+    size_t cap = plen + 1 + ROUND_DIGITS + 8;
+    char *name = RedisModule_Alloc(cap);
+    memcpy(name, prefix, plen);
+    int n = snprintf(name + plen, cap - plen, ":%lld", r);
+    RedisModuleString *vkey = RedisModule_CreateString(ctx, name, plen + (size_t)n);
+    memcpy(name + plen + n, ":sig", 4);
+    RedisModuleString *ekey = RedisModule_CreateString(ctx, name, plen + (size_t)n + 4);
+    RedisModule_Free(name);
+    /* the envelope first: a reader that finds the vector finds its envelope */
+    int failed = (argc == 6 && inbox_set(ctx, ekey, argv[5]) != 0) || inbox_set(ctx, vkey, argv[4]) != 0;
+    RedisModule_FreeString(ctx, vkey);
+    RedisModule_FreeString(ctx, ekey);
+    if (failed) {
+        RedisModule_CloseKey(nk);
+        return reply_err(ctx, "WRONGTYPE TENSOR.PUSH: an inbox key of '%s' is not a string", show(&sh, argv[1]));
+    }
+    RedisModule_ListPush(nk, REDISMODULE_LIST_TAIL, argv[3]);
+    while ((long long)RedisModule_ValueLength(nk) > g_inbox.keep) {
+        RedisModuleString *old = RedisModule_ListPop(nk, REDISMODULE_LIST_HEAD);
+        if (old == NULL) break;
+        RedisModule_FreeString(ctx, old);
+    }
+    RedisModule_SetExpire(nk, g_inbox.ttl_ms);
+    RedisModule_CloseKey(nk);
+    RedisModule_NotifyKeyspaceEvent(ctx, REDISMODULE_NOTIFY_LIST, "rpush", argv[2]);
+    RedisModule_ReplicateVerbatim(ctx);
+    return RedisModule_ReplyWithSimpleString(ctx, "OK");
+}
+
+/* =============================================================================================== */
 /* TENSOR.INFO and registration                                                                     */
 /* =============================================================================================== */
 
@@ -1214,6 +1362,8 @@ static const command_def_t COMMANDS[] = {
     {"tensor.norm", cmd_norm, "readonly", 1, 1, 1, "TENSOR.NORM src"},
     {"tensor.finite", cmd_finite, "readonly", 1, 1, 1, "TENSOR.FINITE src"},
     {"tensor.digest", cmd_digest, "readonly", 1, 1, 1, "TENSOR.DIGEST src"},
+    {"tensor.inbox", cmd_inbox, "fast", 0, 0, 0, "TENSOR.INBOX WIDTH w ENVELOPE e ROUNDS lo hi TTL ms KEEP n"},
+    {"tensor.push", cmd_push, "write deny-oom", 1, 2, 1, "TENSOR.PUSH inbox notify round vector [envelope]"},
     {"tensor.info", cmd_info, "readonly fast", 0, 0, 0, "TENSOR.INFO"},
 };
 

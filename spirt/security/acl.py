@@ -12,7 +12,10 @@ fn-p-k     read ``params`` and ``version``; write only its own slot ``grad:*:k``
            one cannot overwrite another's gradient)
 peer-q     read what p publishes (``alive``, ``joining``, ``ready``, ``done``, ``state``, ``aggset:*``,
            ``digest:*``, ``heard:*``, ``snap:*``); write only keys of its own: its inbox ``in:q:*``,
-           its wake-up list ``notify:q`` and its join request ``join:q``
+           its wake-up list ``notify:q`` and its join request ``join:q``. With the inbox guard (the
+           default; the database has the tensor module), the inbox and the wake-up list only through
+           TENSOR.PUSH (open rounds, exact sizes, a time to live, a trimmed list: a bounded budget per
+           member), and SET only on ``join:q``
 hello      before admission: write ``hello:*``, read ``challenge:*`` (nothing else)
 admin      the server starts with it (see :func:`bootstrap_users`); the peer installs the others
            through it, then deletes it
@@ -44,6 +47,7 @@ FUNCTION_COMMANDS = ["-@all", "+get", "+set", "+multi", "+exec", "+ping"]
 REMOTE_COMMANDS = ["-@all", "+get", "+getrange", "+set", "+exists", "+strlen", "+rpush", "+ltrim", "+multi", "+exec",
                    "+ping"]
 HELLO_COMMANDS = ["-@all", "+get", "+set", "+ping"]
+GUARDED_READ_COMMANDS = ["-@all", "+get", "+getrange", "+exists", "+strlen", "+multi", "+exec", "+ping"]
 
 
 def orchestrator_user(p: int) -> str:
@@ -56,6 +60,10 @@ def function_user(p: int, k: int) -> str:
 
 def remote_user(q: int) -> str:
     return f"peer-{q}"
+
+
+def is_remote_user(name: str) -> bool:
+    return name.startswith("peer-") and name[5:].isdigit()
 
 
 HELLO_USER = "hello"
@@ -90,13 +98,20 @@ def function_rules(p: int, k: int) -> list[str]:
             *FUNCTION_COMMANDS]
 
 
-def remote_rules(p: int, q: int) -> list[str]:
+def remote_rules(p: int, q: int, guarded: bool = False) -> list[str]:
+    """Peer q at peer p's database. ``guarded`` (the database has the tensor module): q writes into
+    its inbox and wake-up list only through TENSOR.PUSH, which bounds what it keeps there, and SETs
+    nothing but its join request (ACL selectors: each command with its own keys)."""
     K = Keys(p)
     reads = [K.alive, K.joining, K.ready, K.done, K.state, K.aggset_pattern, K.digest_pattern,
              K.heard_pattern, K.snapshot_pattern]
+    read_rules = ["resetkeys", *[f"%R~{k}" for k in reads], "resetchannels"]
+    if guarded:
+        return [*read_rules, *GUARDED_READ_COMMANDS,
+                f"(~{K.inbox(q)} ~{K.notify(q)} resetchannels -@all +tensor.push)",
+                f"(%W~{K.join(q)} resetchannels -@all +set)"]
     writes = [K.inbox_pattern(q), K.notify(q), K.join(q)]
-    return ["resetkeys", *[f"%R~{k}" for k in reads], *[f"%W~{k}" for k in writes], "resetchannels",
-            *REMOTE_COMMANDS]
+    return [*read_rules, *[f"%W~{k}" for k in writes], *REMOTE_COMMANDS]
 
 
 def launcher_rules(p: int) -> list[str]:
@@ -173,8 +188,10 @@ class DatabaseUsers:
     """Fresh random passwords for the local roles of peer ``p``, created in its database by
     :meth:`install` through a client with full rights (the one the database was started with)."""
 
-    def __init__(self, p: int, functions: int = 1, value_limit: int | None = None):
+    def __init__(self, p: int, functions: int = 1, value_limit: int | None = None, guarded: bool = False):
         self.p = p
+        #: remote peers push through TENSOR.PUSH only (see :func:`remote_rules`)
+        self.guarded = guarded
         self.launcher_sha256: str | None = None
         #: proto-max-bulk-len: the largest value any client may send, in force before any other user
         #: exists (a server's setting: not in its files, set again when it comes back)
@@ -222,7 +239,7 @@ class DatabaseUsers:
         if launcher is not None:
             set_user(admin, LAUNCHER_USER, launcher_rules(p), password_sha256=launcher)
         for q, sha in admitted.items():
-            set_user(admin, remote_user(q), remote_rules(p, q), password_sha256=sha)
+            set_user(admin, remote_user(q), remote_rules(p, q, self.guarded), password_sha256=sha)
         ours = {"default", ADMIN_USER, orchestrator_user(p), HELLO_USER, *(remote_user(q) for q in admitted),
                 *(function_user(p, k) for k in range(len(self.function_passwords)))}
         if launcher is not None:
@@ -234,8 +251,8 @@ class DatabaseUsers:
         return removed
 
     @staticmethod
-    def admit(orch: redis.Redis, p: int, q: int, password_sha256: str) -> None:
-        set_user(orch, remote_user(q), remote_rules(p, q), password_sha256=password_sha256)
+    def admit(orch: redis.Redis, p: int, q: int, password_sha256: str, guarded: bool = False) -> None:
+        set_user(orch, remote_user(q), remote_rules(p, q, guarded), password_sha256=password_sha256)
         save(orch)
 
     @staticmethod

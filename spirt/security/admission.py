@@ -50,6 +50,7 @@ class Desk:
     admitted: dict[int, str] = field(default_factory=dict)  # peer -> password hash granted
     refused: list[Outcome] = field(default_factory=list)
     keys: dict = field(default_factory=dict)  # peer -> the public key it proved to hold
+    guarded: bool = False  # the database's inbox takes TENSOR.PUSH only (see acl.remote_rules)
 
     def serve(self) -> list[Outcome]:
         """One pass over the pending requests and responses."""
@@ -98,7 +99,7 @@ class Desk:
             key = self.verifier.verify(resp)
         except (MalformedInput, AdmissionError) as exc:
             return Outcome(q, False, str(exc))
-        DatabaseUsers.admit(self.orch, self.p, q, resp.binding)
+        DatabaseUsers.admit(self.orch, self.p, q, resp.binding, self.guarded)
         self.admitted[q] = resp.binding
         self.keys[q] = key
         log.info("peer %s: admitted peer %s", self.p, q)

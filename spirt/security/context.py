@@ -20,13 +20,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import redis
 
+from ..exchange import NOTIFY_KEEP, ROUND_KEY_TTL_MS
 from ..guard import Guard
-from ..keys import Keys
-from ..servers import make_client
+from ..keys import SIG_SUFFIX, Keys
+from ..servers import has_command, make_client
 from . import acl
 from .admission import Applicant, Desk
 from .identity import AdmissionError, Identity, MalformedInput, TrustStore, Verifier
 from .signing import (
+    ENVELOPE_BYTES,
     UpdateRejected,
     sign_snapshot,
     sign_update,
@@ -43,11 +45,22 @@ if TYPE_CHECKING:
 log = logging.getLogger("spirt.security")
 
 MIN_BULK_LIMIT = 1024 * 1024  # the smallest proto-max-bulk-len the servers accept
+#: how many rounds ahead of ours the inbox takes vectors for: a faster peer is at most a round or two ahead
+#: while it still waits for us; further ahead, we are the one behind and take its state instead
+INBOX_AHEAD = 2
 
 
 def value_limit(width: int) -> int:
     """The largest value a client may send a secured peer's database: a parameter vector, with room."""
     return max(MIN_BULK_LIMIT, 2 * width + 4096)
+
+
+def member_budget(width: int, signed: bool) -> int:
+    """The most one admitted member can keep in a guarded database, in bytes of values: its vectors (and
+    envelopes) for the open rounds, its announcements (a few bytes each), and its join request (one
+    value, at most :func:`value_limit`). The server adds its own per-key overhead (about 100 bytes)."""
+    per_round = width + (ENVELOPE_BYTES if signed else 0)
+    return (INBOX_AHEAD + 1) * per_round + NOTIFY_KEEP * 24 + value_limit(width)
 
 
 class PeerSecurity(Guard):
@@ -71,15 +84,23 @@ class PeerSecurity(Guard):
         self._check_transport(url)
         self.identity = Identity.load(cfg.keys_dir, index)
         self.trust = TrustStore.load(cfg.keys_dir, cfg.group)
-        self.users = acl.DatabaseUsers(index, functions, None if width is None else value_limit(width))
         admin.close()  # made without our TLS options: the one below replaces it
         pool = admin.connection_pool.connection_kwargs
         admin = make_client(url=url, username=pool.get("username"), password=pool.get("password"),
                             **self.transport(url))
+        if cfg.inbox_guard and not has_command(admin, "tensor.push"):
+            admin.close()
+            raise AdmissionError(f"peer {index}: security.inbox_guard needs the spirt tensor module in our "
+                                 f"database at {_host(url)} (TENSOR.PUSH); load it, or set inbox_guard = false")
+        self.users = acl.DatabaseUsers(index, functions, None if width is None else value_limit(width),
+                                       guarded=cfg.inbox_guard)
         self._removed: list[str] | None = self.users.install(admin, cfg.launcher_password_sha256)  # see check_users
         admin.close()
         self.orch = make_client(url=url, **self.own_credentials())
-        self.desk = Desk(index, self.orch, Verifier(self.trust, index, max_skew_s=cfg.max_clock_skew_s))
+        self.desk = Desk(index, self.orch, Verifier(self.trust, index, max_skew_s=cfg.max_clock_skew_s),
+                         guarded=cfg.inbox_guard)
+        self._inbox_from: int | None = None  # the first round our inbox takes (see open_inbox)
+        self._width = width or 0
         self._applicants: dict[int, Applicant] = {}
         self.admitted_at: set[int] = set()  # members whose databases let us in
         self.unreachable: set[int] = set()  # members whose databases did not answer at all
@@ -117,7 +138,40 @@ class PeerSecurity(Guard):
         else:
             removed = self.users.check(self.orch, dict(self.desk.admitted))
         for name in removed:
-            events(r, "user_removed", self.index, f"user {name!r} in our database was not one of ours: removed")
+            why = ("a member's user we did not admit since our start (a member is admitted again by "
+                   "challenge-response)" if acl.is_remote_user(name) else "not one of ours")
+            events(r, "user_removed", self.index, f"user {name!r} in our database: {why}; removed")
+
+    # -- the inbox ---------------------------------------------------------------------------------
+    @property
+    def inbox_guarded(self) -> bool:
+        return self.cfg.inbox_guard
+
+    def open_inbox(self, r: int, width: int) -> None:
+        """Before round r: our inbox takes TENSOR.PUSH for rounds r .. r + INBOX_AHEAD only, vectors of
+        ``width`` bytes (0: a parameter vector's) and (signed updates) envelopes of their size. Set every time: a restarted
+        server starts closed. After a jump (a state transfer), what the others pushed for the rounds we
+        skipped is deleted: those keys would otherwise stay until they expire."""
+        width = width or self._width
+        if not self.cfg.inbox_guard or not width:
+            return
+        envelope = ENVELOPE_BYTES if self.cfg.sign_updates else 0
+        self.orch.execute_command("TENSOR.INBOX", "WIDTH", width, "ENVELOPE", envelope, "ROUNDS", r,
+                                  r + INBOX_AHEAD, "TTL", ROUND_KEY_TTL_MS, "KEEP", NOTIFY_KEEP)
+        if self._inbox_from is not None and r > self._inbox_from + 1:
+            self._purge_inbox(before=r)
+        self._inbox_from = r
+
+    def _purge_inbox(self, before: int) -> None:
+        stale = []
+        for key in self.orch.scan_iter(match=self.keys.inbox_pattern("*"), count=1000):
+            name = key.decode(errors="replace") if isinstance(key, bytes) else key
+            parts = name.split(":")
+            rnd = parts[-2] if name.endswith(SIG_SUFFIX) else parts[-1]
+            if rnd.isdigit() and int(rnd) < before:
+                stale.append(key)
+        for i in range(0, len(stale), 512):
+            self.orch.delete(*stale[i:i + 512])
 
     # -- admission ---------------------------------------------------------------------------------
     def _applicant(self, q: int, url: str) -> Applicant:
