@@ -180,7 +180,8 @@ def make_guard(cfg: Config, index: int, url: str, backend, admin: str | None = N
 
     login = {"username": ADMIN_USER, "password": admin} if admin is not None else {}
     return PeerSecurity(cfg.security, index, url, make_client(url=url, socket_timeout=120, **login),
-                        checks_in_database=backend.finite_check, functions=cfg.peers.functions, width=width())
+                        checks_in_database=backend.finite_check, functions=cfg.peers.functions, width=width(),
+                        peers=cfg.peers.count)
 
 
 class Peer:

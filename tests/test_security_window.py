@@ -131,7 +131,8 @@ def test_a_user_planted_in_the_persisted_acl_file_is_removed_when_the_database_c
 def test_values_are_capped_before_any_other_user_exists_and_again_after_a_restart(server_flavor, tmp_path):
     """The attack: as the pre-admission ``hello`` user (no password), SET a value of hundreds of MB
     before the peer lowers the server's limit. The limit is set before any user is created, and set
-    again when the database comes back (it is a setting, not in the server's files)."""
+    again when the database comes back (it is a setting, not in the server's files); so is the memory
+    limit, with no eviction."""
     make_group(tmp_path / "keys", 2, "g")
     password = secrets.token_urlsafe(16)
     with start_server(server_flavor, users=acl.bootstrap_users(password), persistence=True,
@@ -148,6 +149,8 @@ def test_values_are_capped_before_any_other_user_exists_and_again_after_a_restar
             srv.restart()
             p._recover_own_db(0, redis.ConnectionError("killed"))
             assert int(p.db.config_get("proto-max-bulk-len")["proto-max-bulk-len"]) == limit
+            memory = p.db.config_get("maxmemory*")  # a memory limit too, with no eviction: both set again
+            assert int(memory["maxmemory"]) > 0 and memory["maxmemory-policy"] == "noeviction"
             hello.close()
         finally:
             p.close()

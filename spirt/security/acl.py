@@ -188,14 +188,14 @@ class DatabaseUsers:
     """Fresh random passwords for the local roles of peer ``p``, created in its database by
     :meth:`install` through a client with full rights (the one the database was started with)."""
 
-    def __init__(self, p: int, functions: int = 1, value_limit: int | None = None, guarded: bool = False):
+    def __init__(self, p: int, functions: int = 1, settings: dict | None = None, guarded: bool = False):
         self.p = p
         #: remote peers push through TENSOR.PUSH only (see :func:`remote_rules`)
         self.guarded = guarded
         self.launcher_sha256: str | None = None
-        #: proto-max-bulk-len: the largest value any client may send, in force before any other user
-        #: exists (a server's setting: not in its files, set again when it comes back)
-        self.value_limit = value_limit
+        #: server settings in force before any other user exists (proto-max-bulk-len: the largest value
+        #: a client may send; maxmemory): not in the server's files, so set again when it comes back
+        self.settings = dict(settings or {})
         self.orchestrator_password = secrets.token_urlsafe(32)
         #: one user per gradient function, each with its own password
         self.function_passwords = [secrets.token_urlsafe(32) for _ in range(functions)]
@@ -229,8 +229,8 @@ class DatabaseUsers:
 
     def _apply(self, admin: redis.Redis, admitted: dict[int, str]) -> list[str]:
         p = self.p
-        if self.value_limit is not None:
-            admin.config_set("proto-max-bulk-len", self.value_limit)
+        for name, value in self.settings.items():
+            admin.config_set(name, value)
         set_user(admin, orchestrator_user(p), orchestrator_rules(p), password=self.orchestrator_password)
         for k, password in enumerate(self.function_passwords):
             set_user(admin, function_user(p, k), function_rules(p, k), password=password)

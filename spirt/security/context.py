@@ -63,18 +63,30 @@ def member_budget(width: int, signed: bool) -> int:
     return (INBOX_AHEAD + 1) * per_round + NOTIFY_KEEP * 24 + value_limit(width)
 
 
+def server_limits(width: int, functions: int, peers: int) -> dict:
+    """Settings of a secured peer's database, in force before any other user exists: the value limit,
+    and a memory limit with no eviction (a write past it fails, naming the cause; nothing is silently
+    dropped). The limit leaves twice the room of a round's own vectors (parameters, momenta, the K
+    gradients and their average, a snapshot to hand over, a checked copy per member) on top of what the
+    members can keep (:func:`member_budget`, with room for two newcomers), and 64 MiB for the rest."""
+    members = peers + 2
+    own = (functions + 8 + members) * width
+    return {"proto-max-bulk-len": value_limit(width), "maxmemory-policy": "noeviction",
+            "maxmemory": (64 << 20) + 2 * own + members * member_budget(width, signed=True)}
+
+
 class PeerSecurity(Guard):
     """The guard of a secured peer (see :mod:`spirt.guard` for when the round calls what).
 
     ``admin`` is a client of the peer's freshly started database with full rights; the users are
-    installed through it, and it is closed. ``width``: bytes of a parameter vector (the value-size
-    limit is set before the users are created). ``checks_in_database``: the backend can check a vector's
+    installed through it, and it is closed. ``width``: bytes of a parameter vector, and ``peers`` the
+    group's size (the value and memory limits are set before the users are created). ``checks_in_database``: the backend can check a vector's
     finiteness inside the database (nothing crosses the wire for unsigned vectors then)."""
 
     active = True
 
     def __init__(self, cfg: SecuritySection, index: int, url: str, admin: redis.Redis, *,
-                 checks_in_database: Any = None, functions: int = 1, width: int | None = None):
+                 checks_in_database: Any = None, functions: int = 1, width: int | None = None, peers: int = 2):
         self.cfg, self.index, self.url = cfg, index, url
         self.keys = Keys(index)
         #: queues a finiteness check on a pipeline and says whether it did (a backend's finite_check)
@@ -92,8 +104,8 @@ class PeerSecurity(Guard):
             admin.close()
             raise AdmissionError(f"peer {index}: security.inbox_guard needs the spirt tensor module in our "
                                  f"database at {_host(url)} (TENSOR.PUSH); load it, or set inbox_guard = false")
-        self.users = acl.DatabaseUsers(index, functions, None if width is None else value_limit(width),
-                                       guarded=cfg.inbox_guard)
+        limits = None if width is None else server_limits(width, functions, peers)
+        self.users = acl.DatabaseUsers(index, functions, limits, guarded=cfg.inbox_guard)
         self._removed: list[str] | None = self.users.install(admin, cfg.launcher_password_sha256)  # see check_users
         admin.close()
         self.orch = make_client(url=url, **self.own_credentials())
@@ -149,9 +161,9 @@ class PeerSecurity(Guard):
 
     def open_inbox(self, r: int, width: int) -> None:
         """Before round r: our inbox takes TENSOR.PUSH for rounds r .. r + INBOX_AHEAD only, vectors of
-        ``width`` bytes (0: a parameter vector's) and (signed updates) envelopes of their size. Set every time: a restarted
-        server starts closed. After a jump (a state transfer), what the others pushed for the rounds we
-        skipped is deleted: those keys would otherwise stay until they expire."""
+        ``width`` bytes (0: a parameter vector's) and (signed updates) envelopes of their size. Set every
+        time: a restarted server starts closed. After a jump (a state transfer), what the others pushed
+        for the rounds we skipped is deleted: those keys would otherwise stay until they expire."""
         width = width or self._width
         if not self.cfg.inbox_guard or not width:
             return
