@@ -51,6 +51,16 @@
  * TENSOR.FINITE src
  *     Reply: integer 1 if no element is NaN or +-inf, else 0. Read-only.
  *
+ * TENSOR.INBOX WIDTH w ENVELOPE e ROUNDS lo hi TTL ms KEEP n
+ *     The database owner's settings for TENSOR.PUSH (module globals, not persisted: a restarted server
+ *     refuses every push until its owner sets them again). Without arguments: the settings in force.
+ *
+ * TENSOR.PUSH inbox notify round vector [envelope]
+ *     A peer's vector of `round` into "<inbox>:<round>" (its envelope into "<inbox>:<round>:sig"), the
+ *     round announced on the list `notify` (trimmed to the last KEEP entries), every key with the TTL.
+ *     Only rounds lo..hi, vectors of exactly WIDTH bytes, envelopes of exactly ENVELOPE bytes (none when
+ *     0): what one sender can keep is bounded. ACL grants a sender this command on its own two names.
+ *
  * TENSOR.INFO
  *     Reply: ["version", "<x.y.z>", "commands", [<syntax of each command>...],
  *             "threads", <n>, "parallel-threshold", <m>].
