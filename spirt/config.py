@@ -248,6 +248,8 @@ class SecuritySection(_Section):
     require_tls: bool = Field(False, description="refuse to start a database server without TLS support")
     inbox_guard: bool = Field(True, description="other peers write into our inbox only through TENSOR.PUSH, "
                               "which bounds what each can keep there (needs the tensor module in every database)")
+    max_peers: int = Field(64, ge=1, le=4096, description="in a group with a CA: the pre-admission area is open "
+                           "for peer indices below this (with an allow-list: for the indices on it)")
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     tls_ca_file: str | None = None

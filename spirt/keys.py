@@ -31,8 +31,8 @@ key (in p's database)  what it holds, who writes it
 ``notify:q``           q's wake-up list: the rounds q published (remote-writable by q only)
 ``join:q``             q's request to join, ``url|first round`` (remote-writable by q only)
 ``snap:r:what``        state p hands to peers joining at round r (params, momentum, meta; sig: signed updates)
-``hello:q``            q's admission request (pre-admission ``hello`` user)
-``hello:q:resp``       q's signed response to p's challenge (``hello`` user)
+``hello:q``            q's pre-admission area: a short list of q's requests and signed responses
+                       (written by the ``hello`` user through TENSOR.HELLO, taken by p)
 ``challenge:q``        p's challenge to q (read by the ``hello`` user)
 =====================  ==================================================================================
 
@@ -48,7 +48,6 @@ from dataclasses import dataclass
 START_KEY = "spirt:start"
 
 SIG_SUFFIX = ":sig"
-RESPONSE_SUFFIX = ":resp"
 
 
 def scratch(of: str) -> str:
@@ -192,10 +191,8 @@ class Keys:
 
     # -- admission (security) ---------------------------------------------------------------------
     def hello(self, q: int) -> str:
+        """Peer q's pre-admission area (a list of messages to this peer's admission desk)."""
         return self._k("hello", q)
-
-    def hello_response(self, q: int) -> str:
-        return self.hello(q) + RESPONSE_SUFFIX
 
     def challenge(self, q: int) -> str:
         return self._k("challenge", q)

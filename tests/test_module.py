@@ -105,7 +105,7 @@ def test_module_loaded(db):
     assert names == {
         b"TENSOR.AVG", b"TENSOR.AXPY", b"TENSOR.SGD", b"TENSOR.MEDIAN", b"TENSOR.TRIMMEAN",
         b"TENSOR.DIST", b"TENSOR.NORM", b"TENSOR.FINITE", b"TENSOR.DIGEST", b"TENSOR.INFO",
-        b"TENSOR.INBOX", b"TENSOR.PUSH",
+        b"TENSOR.INBOX", b"TENSOR.PUSH", b"TENSOR.DESK", b"TENSOR.HELLO",
     }  # fmt: skip
     mods = db.execute_command("MODULE", "LIST")
     assert any(b"spirt_tensor" in (m[1] if isinstance(m, list) else m[b"name"]) for m in mods)
@@ -129,6 +129,7 @@ def test_key_positions(db):
     assert gk("TENSOR.NORM", "a") == ["a"]
     assert gk("TENSOR.DIGEST", "a") == ["a"]
     assert gk("TENSOR.PUSH", "{p}:in:1", "{p}:notify:1", "3", "v") == ["{p}:in:1", "{p}:notify:1"]
+    assert gk("TENSOR.HELLO", "{p}:hello:1", "m") == ["{p}:hello:1"]
 
 
 def test_command_flags(db):
@@ -963,7 +964,7 @@ def threaded(server):
 
 def info_threads(client):
     info = client.execute_command("TENSOR.INFO")
-    assert info[0] == b"version" and info[2] == b"commands" and len(info[3]) == 12  # unchanged prefix
+    assert info[0] == b"version" and info[2] == b"commands" and len(info[3]) == 14  # unchanged prefix
     assert info[4] == b"threads" and info[6] == b"parallel-threshold" and len(info) == 8
     return int(info[5]), int(info[7])
 

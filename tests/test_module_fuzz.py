@@ -528,7 +528,7 @@ def run_case(server_db, raw, cmd, args, state):
     if up in WRITERS or up == "TENSOR.FINITE":
         assert reply == ref_reply
     elif up == "TENSOR.INFO":
-        assert reply[0] == b"version" and len(reply[3]) == 12
+        assert reply[0] == b"version" and len(reply[3]) == 14
     elif up == "TENSOR.DIGEST":
         assert isinstance(reply, bytes) and len(reply) == 40
     else:

@@ -312,7 +312,9 @@ def test_remote_peer_least_privilege(secured):
 def test_hello_user_confined(secured):
     srv, users, orch, fn, remote, hello = secured
     K = Keys(0)
-    assert hello.set(acl.hello_key(0, 5), b"{}")
+    admin = _client(srv, acl.orchestrator_user(0), users.orchestrator_password)
+    acl.set_user(admin, acl.HELLO_USER, acl.hello_rules(0, [1, 5]), nopass=True)
+    assert hello.rpush(acl.hello_key(0, 5), b"{}")
     orch.set(acl.challenge_key(0, 5), b"c")
     assert hello.get(acl.challenge_key(0, 5)) == b"c"
     forbidden = {
@@ -321,11 +323,15 @@ def test_hello_user_confined(secured):
         "notify": lambda: hello.rpush(K.notify(5), "x"),
         "join": lambda: hello.set(K.join(5), "redis://x|5"),
         "write a challenge": lambda: hello.set(acl.challenge_key(0, 5), b"mine"),
-        "read hello": lambda: hello.get(acl.hello_key(0, 5)),
+        "read an area": lambda: hello.lrange(acl.hello_key(0, 5), 0, -1),
+        "set an area": lambda: hello.set(acl.hello_key(0, 5), b"x"),
+        "an index that cannot be admitted": lambda: hello.rpush(acl.hello_key(0, 7), b"{}"),
+        "a key beside an area": lambda: hello.rpush(acl.hello_key(0, 5) + ":resp", b"{}"),
         "ready": lambda: hello.get(K.ready),
     }
     for what, op in forbidden.items():
         assert _denied(op), what
+    admin.close()
 
 
 def test_launcher_user_read_only(secured):
@@ -360,11 +366,11 @@ def test_revoked_peer_loses_access(secured):
 
 def _desk(srv, trust, p=0):
     admin = srv.client()
-    users = acl.DatabaseUsers(p)
+    users = acl.DatabaseUsers(p, admissible=trust.allow)
     users.install(admin)
     admin.close()
     orch = _client(srv, acl.orchestrator_user(p), users.orchestrator_password)
-    return Desk(p, orch, Verifier(trust, p)), orch
+    return Desk(p, orch, Verifier(trust, p), tuple(trust.allow)), orch
 
 
 def test_admission_over_database(fresh_server, group):
@@ -403,10 +409,10 @@ def test_admission_refuses_impostor_and_replay(fresh_server, group):
     assert Response.decode(recorded).prover == 1
     acl.DatabaseUsers.revoke(orch, 1)
     desk.admitted.clear()
-    hello.set(acl.hello_key(0, 1), b"{}")
-    desk.serve()  # issues a fresh challenge
-    hello.set(acl.response_key(0, 1), recorded)
-    outcomes = desk.serve()
+    hello.rpush(acl.hello_key(0, 1), b'{"peer": 1}')
+    desk.serve(now=1e9)  # issues a fresh challenge
+    hello.rpush(acl.hello_key(0, 1), recorded)
+    outcomes = desk.serve(now=2e9)
     assert [o.admitted for o in outcomes] == [False]
     assert "replayed" in outcomes[0].reason
     assert desk.admitted == {}
@@ -418,13 +424,12 @@ def test_admission_garbage_in_hello_area(fresh_server, group):
     ids, trust = group
     desk, orch = _desk(fresh_server, trust)
     hello = _client(fresh_server, acl.HELLO_USER, "x")
-    for k, v in [(acl.hello_key(0, 1) + ":resp", b"\x00garbage"), (acl.response_key(0, 2), b'{"v": 1}'),
-                 ("{p0}:hello:notanumber", b"x"), ("{p0}:hello:-1", b"x"), ("{p0}:hello:", b""),
-                 (acl.response_key(0, 1), b"[" * 3000)]:
-        hello.set(k, v)
+    for q, v in [(1, b"\x00garbage"), (2, b'{"v": 1}'), (1, b'{"peer": 2}'), (2, b'{"peer": -1}'),
+                 (1, b'{"peer": 1, "x": 1}'), (2, b"[" * 3000), (1, b'{"nonce": "00"}'), (2, b"x" * 5000)]:
+        hello.rpush(acl.hello_key(0, q), v)
     outcomes = desk.serve()
-    assert outcomes and not any(o.admitted for o in outcomes)
-    assert desk.admitted == {}
+    assert len(outcomes) == 8 and not any(o.admitted for o in outcomes)
+    assert desk.admitted == {} and desk.refusals == 8
     # the desk still works afterwards
     app = Applicant(ids[2], 0, GROUP, hello)
     member = _client(fresh_server, acl.remote_user(2), app.password)

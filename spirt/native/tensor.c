@@ -61,6 +61,16 @@
  *     Only rounds lo..hi, vectors of exactly WIDTH bytes, envelopes of exactly ENVELOPE bytes (none when
  *     0): what one sender can keep is bounded. ACL grants a sender this command on its own two names.
  *
+ * TENSOR.DESK MAXLEN n SLOTS s TTL ms
+ *     The database owner's settings for TENSOR.HELLO (module globals, not persisted, like TENSOR.INBOX).
+ *     Without arguments: the settings in force.
+ *
+ * TENSOR.HELLO area message
+ *     Appends `message` (at most MAXLEN bytes) to the list `area`, which expires in TTL; refused while the
+ *     list already holds SLOTS messages (nothing is overwritten or evicted). ACL grants the unauthenticated
+ *     pre-admission user this command on one area per peer index that could be admitted, so what can wait
+ *     in a database before admission is bounded: areas x SLOTS x MAXLEN bytes.
+ *
  * TENSOR.INFO
  *     Reply: ["version", "<x.y.z>", "commands", [<syntax of each command>...],
  *             "threads", <n>, "parallel-threshold", <m>].
@@ -1348,6 +1358,84 @@ static int cmd_push(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
 }
 
 /* =============================================================================================== */
+/* TENSOR.DESK and TENSOR.HELLO: a bounded pre-admission area                                       */
+/* =============================================================================================== */
+
+/* Set by the database's owner with TENSOR.DESK (not persisted: a restarted server refuses every hello
+ * until its owner sets them again). */
+static struct {
+    int open;
+    long long maxlen; /* bytes of one message */
+    long long slots;  /* messages waiting per area */
+    long long ttl_ms; /* time to live of an area */
+} g_desk;
+
+#define DESK_MAX_LEN 65536
+#define DESK_MAX_SLOTS 1024
+
+static int cmd_desk(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    static const char *usage = "TENSOR.DESK MAXLEN n SLOTS s TTL ms";
+    if (argc == 1) { /* the settings in force */
+        RedisModule_ReplyWithArray(ctx, 8);
+        const char *names[] = {"open", "maxlen", "slots", "ttl"};
+        long long vals[] = {g_desk.open, g_desk.maxlen, g_desk.slots, g_desk.ttl_ms};
+        for (int i = 0; i < 4; i++) {
+            RedisModule_ReplyWithSimpleString(ctx, names[i]);
+            RedisModule_ReplyWithLongLong(ctx, vals[i]);
+        }
+        return REDISMODULE_OK;
+    }
+    if (argc != 7) return reply_arity(ctx, "TENSOR.DESK", usage);
+    static const char *words[] = {"MAXLEN", "SLOTS", "TTL"};
+    long long v[3];
+    for (int i = 0; i < 3; i++) {
+        shown_t sh;
+        if (!arg_is(argv[1 + 2 * i], words[i]))
+            return reply_err(ctx, "ERR TENSOR.DESK: expected %s; usage: %s", words[i], usage);
+        if (parse_nonneg(argv[2 + 2 * i], &v[i]) != 0 || v[i] == 0)
+            return reply_err(ctx, "ERR TENSOR.DESK: '%s' is not a positive integer", show(&sh, argv[2 + 2 * i]));
+    }
+    if (v[0] > DESK_MAX_LEN) return reply_err(ctx, "ERR TENSOR.DESK: MAXLEN %lld is over %d bytes", v[0], DESK_MAX_LEN);
+    if (v[1] > DESK_MAX_SLOTS) return reply_err(ctx, "ERR TENSOR.DESK: SLOTS %lld is over %d", v[1], DESK_MAX_SLOTS);
+    g_desk.maxlen = v[0];
+    g_desk.slots = v[1];
+    g_desk.ttl_ms = v[2];
+    g_desk.open = 1;
+    return RedisModule_ReplyWithSimpleString(ctx, "OK");
+}
+
+/* TENSOR.HELLO area message
+ * Appends `message` to the list `area` unless that would make it longer than SLOTS or the message is
+ * over MAXLEN bytes; the area expires in TTL. A full area refuses (the writer tries again once the
+ * owner has taken the waiting messages): a message that is in stays until its owner reads it. */
+static int cmd_hello(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    if (argc != 3) return reply_arity(ctx, "TENSOR.HELLO", "TENSOR.HELLO area message");
+    if (!g_desk.open) return reply_err(ctx, "ERR TENSOR.HELLO: the desk is closed (no TENSOR.DESK yet)");
+    size_t len;
+    RedisModule_StringPtrLen(argv[2], &len);
+    if (len == 0 || (long long)len > g_desk.maxlen)
+        return reply_err(ctx, "ERR TENSOR.HELLO: message of %zu bytes, 1..%lld accepted", len, g_desk.maxlen);
+    shown_t sh;
+    RedisModuleKey *k = RedisModule_OpenKey(ctx, argv[1], REDISMODULE_READ | REDISMODULE_WRITE);
+    int t = k ? RedisModule_KeyType(k) : REDISMODULE_KEYTYPE_EMPTY;
+    if (k == NULL || (t != REDISMODULE_KEYTYPE_EMPTY && t != REDISMODULE_KEYTYPE_LIST)) {
+        if (k) RedisModule_CloseKey(k);
+        return reply_err(ctx, "WRONGTYPE TENSOR.HELLO: area '%s' is not a list", show(&sh, argv[1]));
+    }
+    if (t == REDISMODULE_KEYTYPE_LIST && (long long)RedisModule_ValueLength(k) >= g_desk.slots) {
+        RedisModule_CloseKey(k);
+        return reply_err(ctx, "ERR TENSOR.HELLO: area '%s' is full (%lld messages wait); try again later",
+                         show(&sh, argv[1]), g_desk.slots);
+    }
+    RedisModule_ListPush(k, REDISMODULE_LIST_TAIL, argv[2]);
+    RedisModule_SetExpire(k, g_desk.ttl_ms);
+    RedisModule_CloseKey(k);
+    RedisModule_NotifyKeyspaceEvent(ctx, REDISMODULE_NOTIFY_LIST, "rpush", argv[1]);
+    RedisModule_ReplicateVerbatim(ctx);
+    return RedisModule_ReplyWithSimpleString(ctx, "OK");
+}
+
+/* =============================================================================================== */
 /* TENSOR.INFO and registration                                                                     */
 /* =============================================================================================== */
 
@@ -1374,6 +1462,8 @@ static const command_def_t COMMANDS[] = {
     {"tensor.digest", cmd_digest, "readonly", 1, 1, 1, "TENSOR.DIGEST src"},
     {"tensor.inbox", cmd_inbox, "fast", 0, 0, 0, "TENSOR.INBOX WIDTH w ENVELOPE e ROUNDS lo hi TTL ms KEEP n"},
     {"tensor.push", cmd_push, "write deny-oom", 1, 2, 1, "TENSOR.PUSH inbox notify round vector [envelope]"},
+    {"tensor.desk", cmd_desk, "fast", 0, 0, 0, "TENSOR.DESK MAXLEN n SLOTS s TTL ms"},
+    {"tensor.hello", cmd_hello, "write deny-oom fast", 1, 1, 1, "TENSOR.HELLO area message"},
     {"tensor.info", cmd_info, "readonly fast", 0, 0, 0, "TENSOR.INFO"},
 };
 

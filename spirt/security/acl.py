@@ -16,7 +16,10 @@ peer-q     read what p publishes (``alive``, ``joining``, ``ready``, ``done``, `
            default; the database has the tensor module), the inbox and the wake-up list only through
            TENSOR.PUSH (open rounds, exact sizes, a time to live, a trimmed list: a bounded budget per
            member), and SET only on ``join:q``
-hello      before admission: write ``hello:*``, read ``challenge:*`` (nothing else)
+hello      before admission, no password: read ``challenge:*``; append to ``hello:q`` only for an
+           index q that could be admitted (on the allow-list, or below ``security.max_peers`` in a CA
+           group), and with the tensor module only through TENSOR.HELLO (short messages, a few per
+           index, a time to live): what can wait in the database before admission is bounded
 admin      the server starts with it (see :func:`bootstrap_users`); the peer installs the others
            through it, then deletes it
 default    disabled, from the server's start on
@@ -46,7 +49,12 @@ ORCHESTRATOR_COMMANDS = ["+@all", "-@dangerous", "+info", "+acl|setuser", "+acl|
 FUNCTION_COMMANDS = ["-@all", "+get", "+set", "+multi", "+exec", "+ping"]
 REMOTE_COMMANDS = ["-@all", "+get", "+getrange", "+set", "+exists", "+strlen", "+rpush", "+ltrim", "+multi", "+exec",
                    "+ping"]
-HELLO_COMMANDS = ["-@all", "+get", "+set", "+ping"]
+HELLO_COMMANDS = ["-@all", "+get", "+ping"]
+#: the pre-admission area (TENSOR.DESK): the longest message (a response with its CA certificate takes
+#: about 700 bytes), messages waiting per index, and how long an area lives after its last message
+HELLO_MAX_BYTES = 2048
+HELLO_SLOTS = 8
+HELLO_TTL_MS = 60_000
 GUARDED_READ_COMMANDS = ["-@all", "+get", "+getrange", "+exists", "+strlen", "+multi", "+exec", "+ping"]
 
 
@@ -78,10 +86,6 @@ DEFAULT_OFF = ["off", "resetpass", "~*", "&*", "+@all"]
 
 def hello_key(p: int, q: int) -> str:
     return Keys(p).hello(q)
-
-
-def response_key(p: int, q: int) -> str:
-    return Keys(p).hello_response(q)
 
 
 def challenge_key(p: int, q: int) -> str:
@@ -123,9 +127,25 @@ def launcher_rules(p: int) -> list[str]:
             "-@all", "+get", "+set", "+del", "+exists", "+llen", "+lindex", "+lrange", "+ping"]
 
 
-def hello_rules(p: int) -> list[str]:
+def hello_rules(p: int, admissible=(), guarded: bool = False) -> list[str]:
+    """The pre-admission user at peer p: it reads its challenges, and appends to the areas of the peer
+    indices that could be admitted (``admissible``) and no other. ``guarded`` (the database has the tensor
+    module): only through TENSOR.HELLO, which bounds every area (:data:`HELLO_SLOTS` messages of at most
+    :data:`HELLO_MAX_BYTES`); else with RPUSH, unbounded."""
     K = Keys(p)
-    return ["resetkeys", f"%W~{K.hello_pattern}", f"%R~{K.challenge_pattern}", "resetchannels", *HELLO_COMMANDS]
+    rules = ["resetkeys", f"%R~{K.challenge_pattern}", "resetchannels", *HELLO_COMMANDS]
+    areas = [K.hello(q) for q in sorted(set(admissible)) if q != p]
+    if not areas:
+        return rules
+    if guarded:
+        return [*rules, f"({' '.join('~' + a for a in areas)} resetchannels -@all +tensor.hello)"]
+    return [*rules, *[f"%W~{a}" for a in areas], "+rpush"]
+
+
+def open_desk(client: redis.Redis) -> None:
+    """The bounds of the pre-admission area, in the tensor module (not in the server's files: set at
+    install and again when the database comes back from them; until then TENSOR.HELLO refuses)."""
+    client.execute_command("TENSOR.DESK", "MAXLEN", HELLO_MAX_BYTES, "SLOTS", HELLO_SLOTS, "TTL", HELLO_TTL_MS)
 
 
 def password_hash(password: str) -> str:
@@ -188,10 +208,13 @@ class DatabaseUsers:
     """Fresh random passwords for the local roles of peer ``p``, created in its database by
     :meth:`install` through a client with full rights (the one the database was started with)."""
 
-    def __init__(self, p: int, functions: int = 1, settings: dict | None = None, guarded: bool = False):
+    def __init__(self, p: int, functions: int = 1, settings: dict | None = None, guarded: bool = False,
+                 admissible=()):
         self.p = p
-        #: remote peers push through TENSOR.PUSH only (see :func:`remote_rules`)
+        #: remote peers push through TENSOR.PUSH and TENSOR.HELLO only (see :func:`remote_rules`)
         self.guarded = guarded
+        #: the peer indices whose pre-admission areas are open (see :func:`hello_rules`)
+        self.admissible = tuple(sorted(set(admissible)))
         self.launcher_sha256: str | None = None
         #: server settings in force before any other user exists (proto-max-bulk-len: the largest value
         #: a client may send; maxmemory): not in the server's files, so set again when it comes back
@@ -234,7 +257,9 @@ class DatabaseUsers:
         set_user(admin, orchestrator_user(p), orchestrator_rules(p), password=self.orchestrator_password)
         for k, password in enumerate(self.function_passwords):
             set_user(admin, function_user(p, k), function_rules(p, k), password=password)
-        set_user(admin, HELLO_USER, hello_rules(p), nopass=True)
+        if self.guarded:
+            open_desk(admin)
+        set_user(admin, HELLO_USER, hello_rules(p, self.admissible, self.guarded), nopass=True)
         launcher = self.launcher_sha256
         if launcher is not None:
             set_user(admin, LAUNCHER_USER, launcher_rules(p), password_sha256=launcher)

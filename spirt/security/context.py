@@ -105,12 +105,13 @@ class PeerSecurity(Guard):
             raise AdmissionError(f"peer {index}: security.inbox_guard needs the spirt tensor module in our "
                                  f"database at {_host(url)} (TENSOR.PUSH); load it, or set inbox_guard = false")
         limits = None if width is None else server_limits(width, functions, peers)
-        self.users = acl.DatabaseUsers(index, functions, limits, guarded=cfg.inbox_guard)
+        admissible = admissible_indices(self.trust, max(cfg.max_peers, peers))
+        self.users = acl.DatabaseUsers(index, functions, limits, guarded=cfg.inbox_guard, admissible=admissible)
         self._removed: list[str] | None = self.users.install(admin, cfg.launcher_password_sha256)  # see check_users
         admin.close()
         self.orch = make_client(url=url, **self.own_credentials())
         self.desk = Desk(index, self.orch, Verifier(self.trust, index, max_skew_s=cfg.max_clock_skew_s),
-                         guarded=cfg.inbox_guard)
+                         admissible, guarded=cfg.inbox_guard)
         self._inbox_from: int | None = None  # the first round our inbox takes (see open_inbox)
         self._width = width or 0
         self._applicants: dict[int, Applicant] = {}
@@ -191,7 +192,7 @@ class PeerSecurity(Guard):
         if app is None:
             hello = make_client(url=url, username=acl.HELLO_USER, password="-", socket_timeout=5, connect_timeout=2,
                                 **self.transport(url))
-            app = self._applicants[q] = Applicant(self.identity, q, self.group, hello)
+            app = self._applicants[q] = Applicant(self.identity, q, self.group, hello, self.cfg.inbox_guard)
         return app
 
     def admit(self, members: Mapping[int, Any], wait_for: set[int] | None = None) -> None:
@@ -408,6 +409,12 @@ class PeerSecurity(Guard):
                 rejected.append((q, *res))
                 del inputs[q]
         return rejected
+
+
+def admissible_indices(trust: TrustStore, max_peers: int) -> tuple[int, ...]:
+    """The peer indices that could be admitted: those on the allow-list, and with a CA every index below
+    ``max_peers`` (the CA may certify any of them)."""
+    return tuple(sorted(set(trust.allow) | (set(range(max_peers)) if trust.ca is not None else set())))
 
 
 def _host(url: str) -> str:

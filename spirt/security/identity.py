@@ -291,28 +291,38 @@ def respond(identity: Identity, challenge: Challenge, group: str, binding: str, 
 class Verifier:
     """Issues challenges for peer ``index`` and checks the responses.
 
-    Outstanding nonces live ``nonce_ttl_s``; a nonce is consumed by the first response that names it,
-    valid or not, and remembered (replay cache) until it could no longer pass the clock-skew check."""
+    One nonce per prover is outstanding at a time (and the one before it, for a response already under
+    way): asking again while it is fresh gets the same challenge, so requests in a prover's name (anyone
+    can send them before admission) neither grow what we keep nor replace the nonce its holder is
+    answering. A nonce lives ``nonce_ttl_s``. Only a valid response consumes it: a forged one naming it
+    is refused and the nonce stays open for its holder. Used nonces are remembered (replay cache) until
+    they could no longer pass the clock-skew check."""
 
     def __init__(self, trust: TrustStore, index: int, *, max_skew_s: float = 30.0, nonce_ttl_s: float = 60.0):
         self.trust, self.index = trust, index
         self.max_skew_s, self.nonce_ttl_s = max_skew_s, nonce_ttl_s
-        self._outstanding: dict[tuple[int, bytes], float] = {}
+        self._outstanding: dict[int, list[Challenge]] = {}  # prover -> its open challenges, newest last
         self._used: dict[bytes, float] = {}
         self._lock = threading.Lock()
 
     def challenge(self, prover: int, now: float | None = None) -> Challenge:
+        """Prover's open challenge while it has more than half its life left, else a fresh one."""
         now = time.time() if now is None else now
-        ch = Challenge(self.index, prover, secrets.token_bytes(NONCE_BYTES), now)
         with self._lock:
             self._expire(now)
-            self._outstanding[(prover, ch.nonce)] = now
-        return ch
+            open_ = self._outstanding.setdefault(prover, [])
+            if open_ and now - open_[-1].issued < self.nonce_ttl_s / 2:
+                return open_[-1]
+            ch = Challenge(self.index, prover, secrets.token_bytes(NONCE_BYTES), now)
+            open_.append(ch)
+            del open_[:-2]
+            return ch
 
     def _expire(self, now: float) -> None:
-        for k, t in list(self._outstanding.items()):
-            if now - t > self.nonce_ttl_s:
-                del self._outstanding[k]
+        for prover, open_ in list(self._outstanding.items()):
+            open_[:] = [ch for ch in open_ if now - ch.issued <= self.nonce_ttl_s]
+            if not open_:
+                del self._outstanding[prover]
         horizon = self.nonce_ttl_s + 2 * self.max_skew_s
         for n, t in list(self._used.items()):
             if now - t > horizon:
@@ -325,11 +335,9 @@ class Verifier:
             self._expire(now)
             if resp.nonce in self._used:
                 raise AdmissionError(f"peer {resp.prover}: replayed response (nonce already used)")
-            issued = self._outstanding.pop((resp.prover, resp.nonce), None)
-            if issued is None:
+            if not any(ch.nonce == resp.nonce for ch in self._outstanding.get(resp.prover, ())):
                 raise AdmissionError(f"peer {resp.prover}: response to a nonce we did not issue to it "
                                      "(or that expired)")
-            self._used[resp.nonce] = now
         if resp.verifier != self.index:
             raise AdmissionError(f"peer {resp.prover}: response addressed to peer {resp.verifier}, not us")
         if abs(now - resp.timestamp) > self.max_skew_s:
@@ -341,7 +349,18 @@ class Verifier:
         except InvalidSignature:
             raise AdmissionError(f"peer {resp.prover}: bad signature (not made with the key we trust "
                                  "for this peer)") from None
+        with self._lock:  # valid: the nonce is spent (a second copy of this response is a replay)
+            if resp.nonce in self._used:
+                raise AdmissionError(f"peer {resp.prover}: replayed response (nonce already used)")
+            self._used[resp.nonce] = now
+            open_ = self._outstanding.get(resp.prover, [])
+            open_[:] = [ch for ch in open_ if ch.nonce != resp.nonce]
         return key
+
+    def open_challenges(self) -> int:
+        """How many challenges are outstanding (bounded by two per admissible prover)."""
+        with self._lock:
+            return sum(len(v) for v in self._outstanding.values())
 
 
 def make_group(directory: str | os.PathLike, n: int, group: str, *, ca: bool = False) -> list[Identity]:
