@@ -270,6 +270,46 @@ def _cmd_bench_faults(args) -> int:
     return faults_main(_passthrough(args.rest))
 
 
+def _print_files(paths) -> None:
+    """Mode and path of every file in ``paths`` (files, or folders walked), never their content: some are
+    private keys."""
+    for top in map(Path, paths):
+        for path in [top] if top.is_file() else sorted(f for f in top.rglob("*") if f.is_file()):
+            print(f"{path.stat().st_mode & 0o777:04o}  {path}")
+
+
+def _cmd_keys(args) -> int:
+    from .security import provision
+    from .security.identity import AdmissionError
+
+    root = Path(args.dir)
+    if args.add is None and args.peers is None:
+        print("spirt keys: --peers N to provision a group, or --add INDEX to add a peer to it", file=sys.stderr)
+        return 2
+    if args.add is not None and (args.peers is not None or args.ca or args.tls):
+        print("spirt keys --add: the group's folder decides CA and TLS; no --peers, --ca or --tls", file=sys.stderr)
+        return 2
+    try:
+        if args.add is None:
+            provision.provision_group(root, args.peers, args.group, ca=args.ca, tls=args.tls)
+        else:
+            folder = provision.add_peer(root, args.add, args.group)
+    except (OSError, ValueError, AdmissionError) as exc:
+        print(f"spirt keys: {exc}", file=sys.stderr)
+        return 2
+    if args.add is None:
+        print(f"group {args.group!r}: {args.peers} peer folders in {root}; hand each party its own folder only")
+        _print_files(p for p in [root / provision.CA_DIR, root / provision.LAUNCHER_DIR,
+                                 *provision.peer_folders(root)] if p.is_dir())
+        return 0
+    print(f"peer {args.add} added to group {args.group!r}: {folder}")
+    _print_files([folder])
+    if not provision.is_ca_group(root):
+        print("its public key is now on the allow-list of the other peers:")
+        _print_files(f / "allow-list.json" for f in provision.peer_folders(root) if f != folder)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spirt", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -305,6 +345,18 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="registered defenses, attacks, models, data sets, partitions, aggregation "
                         "backends, executors and fault scenarios")
     ls.set_defaults(func=_cmd_list)
+
+    keys = sub.add_parser("keys", help="key folders of a group: one per peer (its own private keys only), "
+                          "the CA keys apart")
+    keys.add_argument("dir", metavar="DIR", help="keys directory (a group already there is replaced)")
+    keys.add_argument("--peers", type=int, metavar="N", help="number of peers")
+    keys.add_argument("--group", default="spirt", help="group name (default: spirt)")
+    keys.add_argument("--ca", action="store_true", help="peers trust a group CA (key in DIR/ca) instead of an "
+                      "allow-list, so that peers can be added without touching the others' folders")
+    keys.add_argument("--tls", action="store_true", help="TLS certificates too: per peer a server and a client "
+                      "certificate naming it, and the launcher's client certificate")
+    keys.add_argument("--add", type=int, metavar="INDEX", help="add peer INDEX to the group in DIR instead")
+    keys.set_defaults(func=_cmd_keys)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench_command", required=True)

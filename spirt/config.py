@@ -245,7 +245,9 @@ class SecuritySection(_Section):
     sign_updates: bool = Field(True, description="sign published averages; verify them before aggregation")
     max_clock_skew_s: float = Field(30.0, gt=0, description="accepted clock difference in admission responses")
     admission_timeout_s: float = Field(60.0, gt=0, description="how long a peer waits to admit and be admitted")
-    require_tls: bool = Field(False, description="refuse to start a database server without TLS support")
+    require_tls: bool | None = Field(None, description="refuse plain connections and servers without TLS support; "
+                                     "default: on whenever TLS certificates are configured (tls_*_file, or "
+                                     "tls/ in the peers' key folders)")
     inbox_guard: bool = Field(True, description="other peers write into our inbox only through TENSOR.PUSH, "
                               "which bounds what each can keep there (needs the tensor module in every database)")
     max_peers: int = Field(64, ge=1, le=4096, description="in a group with a CA: the pre-admission area is open "
@@ -253,8 +255,13 @@ class SecuritySection(_Section):
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     tls_ca_file: str | None = None
+    session: str | None = Field(None, pattern=r"^[0-9a-f]{32}$", description="set by the launcher, fresh per "
+                                "run: bound into the passwords peers derive for each other's databases")
     launcher_password_sha256: str | None = Field(
         None, pattern=r"^[0-9a-f]{64}$", description="set by the launcher: its read-only user in every database")
+
+    def _tls_in_key_folders(self) -> bool:
+        return bool(self.keys_dir) and any(Path(self.keys_dir).glob("peer-*/tls/client.crt"))
 
     @model_validator(mode="after")
     def _checks(self) -> SecuritySection:
@@ -263,8 +270,9 @@ class SecuritySection(_Section):
         tls = [self.tls_cert_file, self.tls_key_file, self.tls_ca_file]
         if any(tls) and not all(tls):
             raise ValueError("security.tls_cert_file, tls_key_file and tls_ca_file go together")
-        if self.require_tls and not all(tls):
-            raise ValueError("security.require_tls needs security.tls_cert_file, tls_key_file and tls_ca_file")
+        if self.require_tls and not all(tls) and not self._tls_in_key_folders():
+            raise ValueError("security.require_tls needs TLS certificates: security.tls_cert_file, tls_key_file "
+                             "and tls_ca_file, or key folders with tls/ (spirt keys DIR --tls)")
         return self
 
 

@@ -40,12 +40,15 @@ def _launcher_access(cfg: Config):
     if not cfg.security.enabled:
         return cfg, _plain_client
     from .security.acl import LAUNCHER_USER, password_hash
-    from .security.tls import TlsFiles
+    from .security.provision import tls_for
 
     password = secrets.token_urlsafe(32)
     sec = cfg.security
-    cfg = cfg.model_copy(update={"security": sec.model_copy(update={"launcher_password_sha256": password_hash(password)})})
-    tls = TlsFiles(sec.tls_cert_file, sec.tls_key_file, sec.tls_ca_file).client_kwargs() if sec.tls_cert_file else {}
+    # a fresh session per run: the passwords peers derive for each other's databases rotate with it
+    sec_update = {"launcher_password_sha256": password_hash(password), "session": secrets.token_hex(16)}
+    cfg = cfg.model_copy(update={"security": sec.model_copy(update=sec_update)})
+    files, _ = tls_for(sec, None)  # the launcher's client certificate (or the group's one set)
+    tls = files.client.client_kwargs() if files is not None else {}
 
     def client(url: str, **kwargs) -> redis.Redis:
         return make_client(url=url, username=LAUNCHER_USER, password=password,
@@ -83,6 +86,13 @@ def _up(c: redis.Redis, i: int, secured: bool) -> bool:
         if not secured:
             raise
         return False  # the peer has not created the launcher's user yet
+    except redis.ConnectionError:
+        if not secured:
+            raise
+        # while a peer installs its users it closes every connection not yet logged in (CLIENT KILL
+        # USER default), ours among them; the caller's deadline and its check of the peers' exit codes
+        # bound the wait
+        return False
 
 
 def _collect(urls: list[str], client=_plain_client) -> pd.DataFrame:
@@ -172,7 +182,7 @@ def run_training(cfg: Config, *, progress: bool = True, timeout_s: float | None 
                 srv = start_server(cfg.peers.server, module=module,
                                    unix_socket=cfg.peers.unix_socket,
                                    persistence=cfg.peers.persistence or state_dir is not None,
-                                   fsync="always", workdir=workdir, **_tls_args(cfg), **admins.server_args(i))
+                                   fsync="always", workdir=workdir, **_tls_args(cfg, i), **admins.server_args(i))
                 stack.callback(srv.stop)
                 servers.append(srv)
             urls = [s.url for s in servers]
@@ -266,13 +276,19 @@ def final_states(cfg: Config, urls: list[str], client=_plain_client) -> int:
     return len(states)
 
 
-def _tls_args(cfg: Config) -> dict:
+def _tls_args(cfg: Config, i: int) -> dict:
+    """How peer i's database server is started: its own server certificate where the group has a key
+    folder per peer, else the group's one set; TLS required (the default whenever there are certificates)
+    refuses a server binary without TLS."""
     sec = cfg.security
-    if not sec.enabled or not sec.tls_cert_file:  # (require_tls without certificates is a config error)
+    if not sec.enabled:
         return {}
-    from .security.tls import TlsFiles
+    from .security.provision import tls_for, tls_required
 
-    return {"tls": TlsFiles(sec.tls_cert_file, sec.tls_key_file, sec.tls_ca_file), "require_tls": sec.require_tls}
+    files, _ = tls_for(sec, i)
+    if files is None or files.server is None:
+        return {}
+    return {"tls": files.server, "require_tls": tls_required(sec, files)}
 
 
 def _run_processes(cfg, urls, c0, stack, shower, timeout_s, client=_plain_client, resume=False, observer=None,

@@ -469,3 +469,23 @@ def test_users_survive_a_database_restart(server_flavor, tmp_path):
             c.close()
     finally:
         srv.stop()
+
+
+def test_database_passwords_rotate_per_session(group):
+    """A peer's password at another's database is derived from its key, the group, the verifier and the
+    run's session: the same within a run (after a restart too), another one in the next run."""
+    ids, _ = group
+    a = ids[1].database_password(0, GROUP, "aa" * 16)
+    assert a == ids[1].database_password(0, GROUP, "aa" * 16)
+    others = {ids[1].database_password(0, GROUP, "bb" * 16), ids[1].database_password(2, GROUP, "aa" * 16),
+              ids[2].database_password(0, GROUP, "aa" * 16), ids[1].database_password(0, "other", "aa" * 16)}
+    assert a not in others and len(others) == 4
+
+
+def test_the_launcher_draws_a_session_per_run():
+    from spirt.config import load_config
+    from spirt.runner import _launcher_access
+
+    cfg = load_config(None, {"security.enabled": True, "security.keys_dir": "/nonexistent"})
+    sessions = {_launcher_access(cfg)[0].security.session for _ in range(3)}
+    assert len(sessions) == 3 and all(s and len(s) == 32 for s in sessions)

@@ -159,6 +159,7 @@ class Applicant:
     group: str
     hello: redis.Redis  # client of p's database as the hello user
     guarded: bool = False
+    session: str = ""  # the run's session: bound into the password (see Identity.database_password)
     requested: bool = False
     requested_at: float = 0.0
     answered: bytes | None = None  # nonce answered last
@@ -166,7 +167,7 @@ class Applicant:
 
     @property
     def password(self) -> str:
-        return self.identity.database_password(self.p, self.group)
+        return self.identity.database_password(self.p, self.group, self.session)
 
     def _send(self, message: bytes | str) -> bool:
         """Append to our area at p; False when it is full (someone filled it: try again next step)."""

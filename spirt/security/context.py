@@ -27,6 +27,7 @@ from ..servers import has_command, make_client
 from . import acl
 from .admission import Applicant, Desk
 from .identity import AdmissionError, Identity, MalformedInput, TrustStore, Verifier
+from .provision import peer_folder, tls_for, tls_required
 from .signing import (
     ENVELOPE_BYTES,
     UpdateRejected,
@@ -37,7 +38,7 @@ from .signing import (
     verify_snapshot,
     verify_update,
 )
-from .tls import TlsFiles
+from .tls import TlsFiles, peer_uri
 
 if TYPE_CHECKING:
     from ..config import SecuritySection
@@ -92,14 +93,17 @@ class PeerSecurity(Guard):
         #: queues a finiteness check on a pipeline and says whether it did (a backend's finite_check)
         self._finite_check = checks_in_database
         self.group = cfg.group
-        self.tls = TlsFiles(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_ca_file) if cfg.tls_cert_file else None
+        files, self._named = tls_for(cfg, index)  # named: clients pin the peer whose database they mean
+        self.tls: TlsFiles | None = None if files is None else files.client
+        self._tls_required = tls_required(cfg, files)
         self._check_transport(url)
-        self.identity = Identity.load(cfg.keys_dir, index)
-        self.trust = TrustStore.load(cfg.keys_dir, cfg.group)
+        folder = peer_folder(cfg.keys_dir, index)  # our own keys only, where the group has a folder per peer
+        self.identity = Identity.load(folder, index)
+        self.trust = TrustStore.load(folder, cfg.group)
         admin.close()  # made without our TLS options: the one below replaces it
         pool = admin.connection_pool.connection_kwargs
         admin = make_client(url=url, username=pool.get("username"), password=pool.get("password"),
-                            **self.transport(url))
+                            **self.transport(url, index))
         if cfg.inbox_guard and not has_command(admin, "tensor.push"):
             admin.close()
             raise AdmissionError(f"peer {index}: security.inbox_guard needs the spirt tensor module in our "
@@ -125,25 +129,30 @@ class PeerSecurity(Guard):
 
     # -- transport and credentials -----------------------------------------------------------------
     def _check_transport(self, url: str) -> None:
-        if self.cfg.require_tls and not url.startswith("rediss://"):
+        if self._tls_required and not url.startswith("rediss://"):
             raise AdmissionError(f"security.require_tls: the database at {_host(url)} is not reached over "
-                                 "TLS (rediss:// URL)")
+                                 "TLS (rediss:// URL); TLS is required whenever certificates are configured")
 
-    def transport(self, url: str) -> dict:
-        return self.tls.client_kwargs() if self.tls is not None and url.startswith("rediss://") else {}
+    def transport(self, url: str, peer: int) -> dict:
+        """Client options for peer ``peer``'s database at ``url``: our client certificate, and where the
+        group's certificates name their peers, the pin on ``peer``'s (no other member's server passes)."""
+        if self.tls is None or not url.startswith("rediss://"):
+            return {}
+        return self.tls.client_kwargs(pin=peer_uri(self.group, peer) if self._named else None)
 
     def own_credentials(self) -> dict:
         return {"username": acl.orchestrator_user(self.index), "password": self.users.orchestrator_password,
-                **self.transport(self.url)}
+                **self.transport(self.url, self.index)}
 
     def function_credentials(self, k: int) -> dict:
         return {"db_username": acl.function_user(self.index, k), "db_password": self.users.function_passwords[k],
-                "db_options": self.transport(self.url) or None}
+                "db_options": self.transport(self.url, self.index) or None}
 
     def member_credentials(self, q: int, url: str) -> dict:
         self._check_transport(url)
         return {"username": acl.remote_user(self.index),
-                "password": self.identity.database_password(q, self.group), **self.transport(url)}
+                "password": self.identity.database_password(q, self.group, cfg_session(self.cfg)),
+                **self.transport(url, q)}
 
     def check_users(self, events, r: int) -> None:
         if self._removed is not None:  # the first call, right after install: what it removed
@@ -191,8 +200,9 @@ class PeerSecurity(Guard):
         app = self._applicants.get(q)
         if app is None:
             hello = make_client(url=url, username=acl.HELLO_USER, password="-", socket_timeout=5, connect_timeout=2,
-                                **self.transport(url))
-            app = self._applicants[q] = Applicant(self.identity, q, self.group, hello, self.cfg.inbox_guard)
+                                **self.transport(url, q))
+            app = self._applicants[q] = Applicant(self.identity, q, self.group, hello, self.cfg.inbox_guard,
+                                                  cfg_session(self.cfg))
         return app
 
     def admit(self, members: Mapping[int, Any], wait_for: set[int] | None = None) -> None:
@@ -409,6 +419,10 @@ class PeerSecurity(Guard):
                 rejected.append((q, *res))
                 del inputs[q]
         return rejected
+
+
+def cfg_session(cfg: SecuritySection) -> str:
+    return cfg.session or ""
 
 
 def admissible_indices(trust: TrustStore, max_peers: int) -> tuple[int, ...]:

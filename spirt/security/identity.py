@@ -92,11 +92,13 @@ class Identity:
     def sign(self, message: bytes) -> bytes:
         return self.key.sign(message)
 
-    def database_password(self, verifier: int, group: str) -> str:
-        """The password this peer uses at peer ``verifier``'s database. Ed25519 signatures are
-        deterministic, so only the holder of the private key can compute it, at any time, and the
-        verifier stores only its SHA-256 (bound into the signed admission response)."""
-        sig = self.sign(canonical(b"spirt-db-password-v1", group, verifier, self.index))
+    def database_password(self, verifier: int, group: str, session: str = "") -> str:
+        """The password this peer uses at peer ``verifier``'s database in run ``session`` (the launcher
+        draws a fresh one per run, so passwords rotate with every run). Ed25519 signatures are
+        deterministic, so only the holder of the private key can compute it, at any time during the run
+        (after a restart too), and the verifier stores only its SHA-256 (bound into the signed admission
+        response)."""
+        sig = self.sign(canonical(b"spirt-db-password-v2", group, session, verifier, self.index))
         return hashlib.sha256(sig).hexdigest()
 
     def save(self, directory: str | os.PathLike) -> None:
