@@ -476,7 +476,8 @@ class Peer:
             if fan and (failed := failure_report(fan)):
                 self.events(r, "function_failed", self.index, failed[1] + then, t=failed[0])
         if not ok:
-            if not self._own_db_ok():
+            # fan_out ran them once only if our database did not answer then: its fault, even if it is back
+            if failed_first is None or not self._own_db_ok():
                 raise OwnDatabaseDown(f"every gradient function failed: {invocations[0].error}")
             raise RuntimeError(f"peer {self.index} round {r}: every gradient function failed, twice: "
                                f"{invocations[0].error}")
