@@ -23,3 +23,21 @@ def in_threads(fn: Callable, items: Iterable, timeout_s: float = 300) -> list[Ba
     for t in threads:
         t.join(timeout_s)
     return errors
+
+
+def train(peer, errors: list[BaseException], join: bool = False) -> threading.Thread:
+    """Start ``peer`` training in a thread of its own (a newcomer, with ``join``: it asks the running
+    peers to admit it and takes their state first); what it raises goes to ``errors``."""
+
+    def body():
+        try:
+            if join:
+                peer.init_eval_state()
+                peer.join()
+            peer.run()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            errors.append(exc)
+
+    t = threading.Thread(target=body)
+    t.start()
+    return t

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 import redis
-from peer_threads import in_threads
+from peer_threads import in_threads, train
 
 from spirt.config import ConfigError, load_config
 from spirt.keys import Keys
@@ -316,27 +316,15 @@ def test_newcomer_admitted_by_challenge_response(tmp_path):
     newcomer = None
     errors = []
 
-    def body(p, join=False):
-        try:
-            if join:
-                p.init_eval_state()
-                p.join()
-            p.run()
-        except BaseException as exc:  # noqa: BLE001 - asserted below
-            errors.append(exc)
-
     try:
         for p in peers:
             p.init_params()
-        threads = [threading.Thread(target=body, args=(p,)) for p in peers]
-        for t in threads:
-            t.start()
+        threads = [train(p, errors) for p in peers]
         deadline = time.monotonic() + 60
         while peers[0].db.llen(peers[0].keys.metrics) < 2 and time.monotonic() < deadline:
             time.sleep(0.02)
         newcomer = Peer(cfg, 2, urls)
-        t2 = threading.Thread(target=body, args=(newcomer, True))
-        t2.start()
+        t2 = train(newcomer, errors, join=True)
         for t in [*threads, t2]:
             t.join(300)
         assert not errors, errors

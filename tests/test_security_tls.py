@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import threading
 import time
 import warnings
 from pathlib import Path
 
 import pytest
 import redis
-from peer_threads import in_threads
+from peer_threads import in_threads, train
 
 from spirt.config import load_config
 from spirt.peer import Peer
@@ -158,15 +157,6 @@ def test_secure_training_over_tls_with_per_peer_certificates(tmp_path):
     assert all(u.startswith("rediss://") for u in urls)
     peers, newcomer, errors = [], None, []
 
-    def body(p, join=False):
-        try:
-            if join:
-                p.init_eval_state()
-                p.join()
-            p.run()
-        except BaseException as exc:  # noqa: BLE001 - asserted below
-            errors.append(exc)
-
     def wait_round(p, r):
         deadline = time.monotonic() + 120
         while p.db.llen(p.keys.metrics) < r and time.monotonic() < deadline and not errors:
@@ -177,13 +167,10 @@ def test_secure_training_over_tls_with_per_peer_certificates(tmp_path):
         peers = [Peer(cfg, i, [urls[0], urls[1], None], admin=admins[i]) for i in range(2)]
         for p in peers:
             p.init_params()
-        threads = [threading.Thread(target=body, args=(p,)) for p in peers]
-        for t in threads:
-            t.start()
+        threads = [train(p, errors) for p in peers]
         wait_round(peers[0], 3)
         newcomer = Peer(cfg, 2, urls, admin=admins[2])
-        threads.append(threading.Thread(target=body, args=(newcomer, True)))
-        threads[-1].start()
+        threads.append(train(newcomer, errors, join=True))
         wait_round(newcomer, 3)
         servers[1].kill()  # SIGKILL: every acknowledged write is on disk (fsync always)
         time.sleep(1.0)
