@@ -81,6 +81,9 @@ class Membership:
         self.keys = Keys(index)
         self._stop = threading.Event()
         self._paused = threading.Event()
+        #: held while the heartbeat decides which key to keep and writes it, and while sit_out switches:
+        #: a beat that decided "alive" just before sit_out must not write it back after sit_out's switch
+        self._switch = threading.Lock()
         self._thread: threading.Thread | None = None
 
     # -- the member table ---------------------------------------------------------------------------
@@ -224,12 +227,13 @@ class Membership:
     def sit_out(self, db: redis.Redis) -> None:
         """Stop advertising liveness (state transfer): the others stop waiting for us at once; our
         ``joining`` key (kept by the heartbeat thread, so it expires if we die) tells them why."""
-        self._paused.set()
-        try:
-            db.pipeline(transaction=True).delete(self.keys.alive).set(
-                self.keys.joining, self.index, px=self._ttl_ms).execute()
-        except redis.RedisError:
-            pass
+        with self._switch:
+            self._paused.set()
+            try:
+                db.pipeline(transaction=True).delete(self.keys.alive).set(
+                    self.keys.joining, self.index, px=self._ttl_ms).execute()
+            except redis.RedisError:
+                pass
 
     @property
     def _ttl_ms(self) -> int:
@@ -242,12 +246,12 @@ class Membership:
         ttl_ms = self._ttl_ms
         K = self.keys
         while not self._stop.is_set():
-            # one of the two keys at a time, switched in one transaction
-            live, gone = (K.joining, K.alive) if self._paused.is_set() else (K.alive, K.joining)
-            try:
-                client.pipeline(transaction=True).delete(gone).set(live, self.index, px=ttl_ms).execute()
-            except redis.RedisError:
-                pass  # our database is down; the orchestrator notices on its own
+            with self._switch:  # one of the two keys at a time, switched in one transaction
+                live, gone = (K.joining, K.alive) if self._paused.is_set() else (K.alive, K.joining)
+                try:
+                    client.pipeline(transaction=True).delete(gone).set(live, self.index, px=ttl_ms).execute()
+                except redis.RedisError:
+                    pass  # our database is down; the orchestrator notices on its own
             self._stop.wait(hb / 2)
         try:
             client.delete(K.alive, K.joining)
