@@ -37,6 +37,10 @@ override ``outgoing``: it receives the recipients' peer indices and returns a ve
             v = self(honest=honest, own=own)
             return {q: v if q % 2 == 0 else -v for q in recipients}
 
+An adaptive attack, tuned against the defense the honest peers run (``optimal_alie``, ``optimal_ipm``,
+``adaptive_equivocation``), also derives from :class:`attacks._adaptive.Adaptive`: the Byzantine peer
+hands it that rule as ``defense=`` (see :mod:`attacks._adaptive`).
+
 Give the class docstring a one-line summary (``spirt list`` shows it), the formula, parameters, the
 reference, and an ``Examples`` section with a small numpy example and its exact output: the test suite
 runs every example as a doctest.

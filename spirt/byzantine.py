@@ -23,8 +23,21 @@ def is_byzantine(cfg: Config, index: int) -> bool:
     return b > 0 and cfg.peers.count - b <= index < cfg.peers.count
 
 
+def configured_defense(cfg: Config):
+    """The aggregation rule as every peer builds it (a fresh object: the attack may keep its own state)."""
+    import defenses
+
+    return defenses.get(cfg.aggregation.defense, pre=cfg.aggregation.pre or None, **cfg.aggregation.params)
+
+
 class Byzantine:
-    """The attack of a Byzantine peer ``index``."""
+    """The attack of a Byzantine peer ``index``.
+
+    An attack whose class sets ``needs_defense = True`` (the adaptive ones, see :mod:`attacks._adaptive`)
+    is tuned against the rule the honest peers run: it receives ``defense=``, that rule built exactly as
+    the peers build it (``aggregation.defense`` with ``aggregation.params`` and ``aggregation.pre``, ``f``
+    included), and ``f = attack.byzantine`` when it takes ``f`` and ``attack.params`` does not set it.
+    """
 
     def __init__(self, cfg: Config, index: int):
         import attacks
@@ -34,6 +47,10 @@ class Byzantine:
         info = attacks.info(name)
         if "seed" in info.params and "seed" not in params:
             params["seed"] = cfg.run.seed * 1000 + index  # each Byzantine peer its own noise
+        if getattr(attacks.registry.cls(name), "needs_defense", False):
+            params["defense"] = configured_defense(cfg)
+            if "f" in info.params and "f" not in params:
+                params["f"] = cfg.attack.byzantine
         self.attack = attacks.get(name, **params)
         self.omniscient = info.omniscient
         #: the honest peers: the first ones

@@ -231,6 +231,10 @@ class AttackSection(_Section):
             return self
         import attacks
 
+        if "defense" in self.params and getattr(attacks.registry.cls(self.name), "needs_defense", False):
+            # the peers hand such an attack the rule they run; a second one here would contradict it
+            raise _field_error("params", f"{self.name} is tuned against the rule the peers run: set it with "
+                               "aggregation.defense, .params and .pre, not attack.params.defense")
         try:
             attacks.get(self.name, **self.params)
         except (TypeError, ValueError) as exc:

@@ -68,7 +68,7 @@ def test_byzantine_attack_registry():
 
 
 def test_byzantine_attack_unknown_name_and_bad_parameters():
-    with pytest.raises(ValueError, match="unknown attack 'nope'; allowed: alie, gaussian"):
+    with pytest.raises(ValueError, match="unknown attack 'nope'; allowed: adaptive_equivocation, alie, gaussian"):
         attacks.get("nope")
     with pytest.raises(ValueError, match="kind"):
         attacks.names(kind="other")
