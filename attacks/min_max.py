@@ -51,6 +51,24 @@ def max_gamma(honest: np.ndarray, p: np.ndarray) -> float:
     return float(max(gam.min(), 0.0))
 
 
+def bisect_gamma(feasible, gamma_init: float, tol: float) -> float:
+    """The paper's search for the largest feasible gamma: grow it from ``gamma_init`` until infeasible,
+    then bisect until the bracket is below ``tol``, keeping the feasible end (gamma = 0 is feasible, and
+    the feasible gammas form an interval)."""
+    lo, hi = 0.0, gamma_init
+    for _ in range(200):  # expand until infeasible (the feasible set is bounded when p != 0)
+        if not feasible(hi):
+            break
+        lo, hi = hi, 2 * hi
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        if feasible(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 def feasible(honest: np.ndarray, p: np.ndarray, gamma: float, dmax: float) -> bool:
     x = honest.astype(np.float64, copy=False)
     v = x.mean(axis=0) + gamma * p
@@ -124,18 +142,7 @@ class MinMax(ModelAttack):
         if not np.any(p):
             return 0.0
         dmax = float(np.sqrt(pairwise_sq_dists(honest).max()))
-        lo, hi = 0.0, self.gamma_init
-        for _ in range(200):  # expand until infeasible (the feasible set is bounded when p != 0)
-            if not feasible(honest, p, hi, dmax):
-                break
-            lo, hi = hi, 2 * hi
-        while hi - lo > self.tol:
-            mid = (lo + hi) / 2
-            if feasible(honest, p, mid, dmax):
-                lo = mid
-            else:
-                hi = mid
-        return lo
+        return bisect_gamma(lambda g: feasible(honest, p, g, dmax), self.gamma_init, self.tol)
 
     def forge(self, honest: np.ndarray | None, own: np.ndarray | None) -> np.ndarray:
         p = perturbation(honest, self.perturbation)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from defenses._arrays import pairwise_sq_dists
-from defenses._registry import choice_param, float_param
 
-from ._base import ModelAttack, register
-from .min_max import perturbation
+from ._base import register
+from .min_max import MinMax, bisect_gamma, perturbation
 
 
 def sum_sq_dists(honest: np.ndarray, v: np.ndarray) -> float:
@@ -41,7 +40,7 @@ def max_gamma(honest: np.ndarray, p: np.ndarray) -> float:
 
 
 @register("min_sum", aliases=("minsum",))
-class MinSum(ModelAttack):
+class MinSum(MinMax):
     r"""Min-sum: move the honest mean along a perturbation as far as possible while the sum of squared
     distances to the honest vectors stays within that of the most outlying honest vector.
 
@@ -95,17 +94,7 @@ class MinSum(ModelAttack):
     array([-1.])
     """
 
-    omniscient = True
-    needs_honest = True
-    reference = "Shejwalkar, Houmansadr, NDSS 2021"
-
-    def __init__(
-        self, perturbation: str = "std", method: str = "exact", gamma_init: float = 10.0, tol: float = 1e-5
-    ):
-        self.perturbation = choice_param(self.name, "perturbation", perturbation, ("std", "unit", "sign"))
-        self.method = choice_param(self.name, "method", method, ("exact", "bisect"))
-        self.gamma_init = float_param(self.name, "gamma_init", gamma_init, minimum=0.0, strict_min=True)
-        self.tol = float_param(self.name, "tol", tol, minimum=0.0, strict_min=True)
+    # parameters, their checks and ``omniscient``/``needs_honest``/``reference``: min_max's (MinMax)
 
     def direction(self, honest: np.ndarray) -> np.ndarray:
         """The perturbation p for these honest vectors (numpy)."""
@@ -127,22 +116,7 @@ class MinSum(ModelAttack):
             return 0.0
         x = honest.astype(np.float64, copy=False)
         mu, limit = x.mean(axis=0), bound(x)
-
-        def feasible(g: float) -> bool:
-            return sum_sq_dists(x, mu + g * p) <= limit
-
-        lo, hi = 0.0, self.gamma_init
-        for _ in range(200):  # expand until infeasible (the feasible set is bounded when p != 0)
-            if not feasible(hi):
-                break
-            lo, hi = hi, 2 * hi
-        while hi - lo > self.tol:
-            mid = (lo + hi) / 2
-            if feasible(mid):
-                lo = mid
-            else:
-                hi = mid
-        return lo
+        return bisect_gamma(lambda g: sum_sq_dists(x, mu + g * p) <= limit, self.gamma_init, self.tol)
 
     def forge(self, honest: np.ndarray | None, own: np.ndarray | None) -> np.ndarray:
         p = self.direction(honest)
