@@ -425,11 +425,12 @@ def test_admission_garbage_in_hello_area(fresh_server, group):
     desk, orch = _desk(fresh_server, trust)
     hello = _client(fresh_server, acl.HELLO_USER, "x")
     for q, v in [(1, b"\x00garbage"), (2, b'{"v": 1}'), (1, b'{"peer": 2}'), (2, b'{"peer": -1}'),
-                 (1, b'{"peer": 1, "x": 1}'), (2, b"[" * 3000), (1, b'{"nonce": "00"}'), (2, b"x" * 5000)]:
+                 (1, b'{"peer": 1, "x": 1}'), (2, b"[" * 3000), (1, b'{"nonce": "00"}'), (2, b"x" * 5000),
+                 (1, b"[" * 2000), (2, b'{"peer": ' * 600)]:  # nested deeper than the parser goes, in size
         hello.rpush(acl.hello_key(0, q), v)
     outcomes = desk.serve()
-    assert len(outcomes) == 8 and not any(o.admitted for o in outcomes)
-    assert desk.admitted == {} and desk.refusals == 8
+    assert len(outcomes) == 10 and not any(o.admitted for o in outcomes)
+    assert desk.admitted == {} and desk.refusals == 10
     # the desk still works afterwards
     app = Applicant(ids[2], 0, GROUP, hello)
     member = _client(fresh_server, acl.remote_user(2), app.password)

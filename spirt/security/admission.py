@@ -29,7 +29,16 @@ import redis
 
 from ..keys import Keys
 from .acl import HELLO_MAX_BYTES, HELLO_SLOTS, DatabaseUsers, challenge_key, hello_key, password_hash
-from .identity import AdmissionError, Challenge, Identity, MalformedInput, Response, Verifier, respond
+from .identity import (
+    AdmissionError,
+    Challenge,
+    Identity,
+    MalformedInput,
+    Response,
+    Verifier,
+    _json_object,
+    respond,
+)
 
 log = logging.getLogger("spirt.security")
 
@@ -139,12 +148,9 @@ class Desk:
 
 
 def _request(raw: bytes) -> int:
-    """The index a request names: exactly ``{"peer": <index>}``."""
-    try:
-        d = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise MalformedInput(f"request is not JSON ({type(exc).__name__})") from None
-    if not isinstance(d, dict) or set(d) != {"peer"} or type(d["peer"]) is not int or d["peer"] < 0:
+    """The index a request names: exactly ``{"peer": <index>}`` (parsed like every admission message)."""
+    d = _json_object(raw, "request")
+    if set(d) != {"peer"} or type(d["peer"]) is not int or d["peer"] < 0:
         raise MalformedInput("request is not {\"peer\": <index>}")
     return d["peer"]
 
