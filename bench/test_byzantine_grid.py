@@ -1,10 +1,12 @@
-"""The Byzantine benchmark grid (attack x defense x Byzantine fraction x partition) on real P2P training.
+"""The Byzantine benchmark grid (attack x defense x Byzantine fraction x partition x seed) on real P2P training.
 
-Runs the profile named by ``SPIRT_BYZ_PROFILE`` (default ``reduced``: a few attacks and defenses at 30%
-Byzantine, IID, < 15 minutes on 2 cores; ``full``: the whole grid, < 2 hours) through
+Runs the profile named by ``SPIRT_BYZ_PROFILE`` (default ``reduced``: four attacks and six defenses at
+30% Byzantine, IID, one seed, about 8 minutes on 2 cores; ``full``: the whole grid with three seeds, many
+hours, see ``spirt bench byzantine -- --profile full --estimate``) through
 :func:`spirt.benchmarks.byzantine.run_grid`, cached under ``reports/cache/byzantine`` so a rerun only
-computes what is missing, and writes ``reports/byzantine.{csv,md}``, ``byzantine_heatmap.png`` and
-``byzantine_curves.png``. Then checks the outputs and the qualitative results.
+computes what is missing, and writes ``reports/<stem>.{csv,md}``, ``<stem>_seeds.csv``,
+``<stem>_worstcase.{csv,png}``, ``<stem>_heatmap.png`` and ``<stem>_curves.png``. Then checks the outputs
+and the qualitative results (on the mean over seeds).
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ import pytest
 
 from spirt.benchmarks import byzantine as bz
 
-pytestmark = pytest.mark.byzantine
+# No pytest time limit: the grid bounds each cell itself (CELL_TIMEOUT_S, stall detection of the pool), and
+# its length depends on the profile and on what the cache already holds (``--estimate`` prints it).
+pytestmark = [pytest.mark.byzantine, pytest.mark.timeout(0)]
 
 PROFILE = bz.selected_profile()
+STEM = bz.PROFILES[PROFILE].report
 OUT = bz.DEFAULT_OUT
 CACHE = os.environ.get("SPIRT_BYZ_CACHE", str(bz.DEFAULT_CACHE))
 
@@ -29,14 +34,16 @@ def grid() -> pd.DataFrame:
 
 
 def test_byzantine_grid_outputs(grid):
-    for name in ("byzantine.csv", "byzantine.md", "byzantine_heatmap.png", "byzantine_curves.png"):
-        assert (OUT / name).stat().st_size > 0, name
-    csv = pd.read_csv(OUT / "byzantine.csv")
-    for col in ("attack", "defense", "n_peers", "n_byzantine", "partition", "accuracy", "clean_accuracy",
-                "status", "error", "seconds"):
+    for suffix in (".csv", ".md", "_seeds.csv", "_worstcase.csv", "_heatmap.png", "_worstcase.png", "_curves.png"):
+        assert (OUT / f"{STEM}{suffix}").stat().st_size > 0, suffix
+    csv = pd.read_csv(OUT / f"{STEM}.csv")
+    for col in ("attack", "strength", "defense", "n_peers", "n_byzantine", "partition", "accuracy",
+                "clean_accuracy", "status", "error", "seconds", "seeds", "mean", "std", "ci95_low", "ci95_high",
+                "per_seed"):
         assert col in csv.columns, col
-    failed = grid[grid.status == "error"].drop_duplicates("key")
+    failed = grid[grid.status == "error"]
     assert failed.empty, f"failed cells: {failed[['attack', 'defense', 'n_byzantine', 'partition', 'error']]}"
+    assert (grid[grid.status == "ok"].seeds == bz.PROFILES[PROFILE].seeds).all()
 
 
 def test_byzantine_grid_clean_run_learns(grid):
@@ -59,3 +66,11 @@ def test_byzantine_grid_robust_rules_survive_sign_flip(grid):
     assert len(rows) >= 3
     for r in rows.itertuples():
         assert r.accuracy > r.clean_accuracy - 0.10, f"{r.defense} under sign_flip at 30%: {r.accuracy:.3f}"
+
+
+def test_byzantine_grid_worst_case_table(grid):
+    """Every defense that ran has a worst case over the attacks, and each column a max-min choice."""
+    wc = bz.worst_case_frame(grid)
+    ok = wc[wc.status == "ok"]
+    assert len(ok) and ok.worst_attack.astype(bool).all()
+    assert (ok.groupby(["partition", "n_byzantine"]).maxmin.apply(lambda s: (s == "best").sum()) == 1).all()

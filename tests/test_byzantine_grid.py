@@ -7,6 +7,7 @@ fraction-0 reuse, failure and report logic is exercised end to end in a few seco
 from __future__ import annotations
 
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -20,26 +21,32 @@ pytestmark = pytest.mark.byzantine
 TINY = bz.Training(n_peers=3, rounds=2, eval_every=1, eval_samples=50, limit_train=300, limit_test=100)
 # 3 peers, 1/3 -> 1 Byzantine peer: Krum (n > 2f + 2) refuses it, the mean runs.
 GRID = {"attacks": ["sign_flip", "gaussian"], "defenses": ["mean", "krum"], "fractions": [0.0, 1 / 3],
-        "partitions": ["iid"], "training": TINY}
-REQUIRED = ["attack", "defense", "n_peers", "n_byzantine", "partition", "accuracy", "clean_accuracy", "status",
-            "error", "seconds"]
+        "partitions": ["iid"], "training": TINY, "seeds": 1}
+REQUIRED = ["attack", "strength", "defense", "n_peers", "n_byzantine", "partition", "accuracy", "clean_accuracy",
+            "status", "error", "seconds", "seeds", "mean", "std", "ci95_low", "ci95_high", "per_seed"]
 
 
 def test_byzantine_grid_lists_come_from_the_registries():
     t, rows, runs = bz.plan("full")
     labels = [d.label for d in bz.defense_configs()]
-    assert sorted({r[0] for r in rows}) == attacks.names()
+    atk = bz.attack_names()
+    registered = attacks.names(kind="data") + attacks.names(kind="model")
+    assert set(registered) < set(atk) and {"alie(z=1.5)", "ipm(eps=2)"} <= set(atk)
+    assert {r[0] for r in rows} == set(atk)
     assert set(defenses.names("aggregator")) <= set(labels)
     assert "nnm+trimmed_mean" in labels and "bucketing+median" in labels
     assert len(attacks.names()) >= 8 and len(labels) >= 9
     fractions = sorted({b / t.n_peers for _, _, b, _ in rows})
     assert fractions == pytest.approx(list(bz.FRACTIONS))
-    assert len(rows) == len(attacks.names()) * len(labels) * len(bz.FRACTIONS) * len(bz.PARTITIONS)
-    # fraction 0: one attack-free run per defense x partition, shared by every attack's row
+    assert len(rows) == len(atk) * len(labels) * len(bz.FRACTIONS) * len(bz.PARTITIONS)
+    # every run once per seed; fraction 0: one attack-free run per defense x partition x seed, shared by
+    # every attack's row
+    seeds = bz.PROFILES["full"].seeds
+    assert seeds == 3 and bz.grid_seeds(runs) == [0, 1, 2]
     clean = [c for c in runs if c.n_byzantine == 0]
     assert all(c.attack is None for c in clean)
-    assert len(clean) == len(labels) * len(bz.PARTITIONS)
-    assert len(runs) == len(clean) + len(attacks.names()) * len(labels) * (len(bz.FRACTIONS) - 1) * 2
+    assert len(clean) == len(labels) * len(bz.PARTITIONS) * seeds
+    assert len(runs) == len(clean) + len(atk) * len(labels) * (len(bz.FRACTIONS) - 1) * 2 * seeds
 
 
 def test_byzantine_grid_reduced_profile_is_a_subset_of_full():
@@ -47,13 +54,14 @@ def test_byzantine_grid_reduced_profile_is_a_subset_of_full():
     _, full_rows, full_runs = bz.plan("full")
     assert set(red_runs) <= set(full_runs)
     assert {r[0] for r in red_rows} >= {"sign_flip", "alie"}
+    assert 1 <= bz.PROFILES["reduced"].seeds <= bz.PROFILES["full"].seeds
     assert bz.PROFILES["reduced"].training == bz.PROFILES["full"].training  # shared cache
 
 
 def test_byzantine_grid_target_profile_is_the_headline_slice_with_its_own_reports(tmp_path):
     t, rows, runs = bz.plan("target")
     labels = [d.label for d in bz.defense_configs()]
-    assert {(a, d) for a, d, b, p in rows if b == 3 and p == "iid"} == {(a, d) for a in attacks.names() for d in labels}
+    assert {(a, d) for a, d, b, p in rows if b == 3 and p == "iid"} == {(a, d) for a in bz.attack_names() for d in labels}
     assert {b for _, _, b, _ in rows} == {3} and {p for *_, p in rows} == {"iid"} and t.n_peers == 10
     assert bz.Cell(None, "mean", 0, "iid") in runs  # the clean reference
     assert t.peer_momentum > 0 and t.rounds > bz.PROFILES["full"].training.rounds
@@ -63,6 +71,7 @@ def test_byzantine_grid_target_profile_is_the_headline_slice_with_its_own_report
     df = bz.run_grid("target", tmp_path, tmp_path / "cache", workers=1, progress=False, compute=False)
     assert set(df.status) <= {"missing", "refused"}
     assert (tmp_path / "byzantine_target.csv").exists() and not (tmp_path / "byzantine.csv").exists()
+    assert (tmp_path / "byzantine_target_worstcase.png").exists() and (tmp_path / "byzantine_target_seeds.csv").exists()
     md = (tmp_path / "byzantine_target.md").read_text()
     assert "peer momentum 0.9" in md and "byzantine_target.csv" in md
 
@@ -120,14 +129,18 @@ def test_byzantine_grid_cache_reuse_refusal_and_reports(tmp_path):
     # fraction 0: the same run in every attack's row
     zero = df[df.n_byzantine == 0]
     for _d, g in zero.groupby("defense"):
-        assert g.key.nunique() == 1 and g.accuracy.nunique() == 1 and set(g.attack) == {"sign_flip", "gaussian"}
+        assert g["keys"].nunique() == 1 and g.accuracy.nunique() == 1 and set(g.attack) == {"sign_flip", "gaussian"}
     clean = zero[zero.defense == "mean"].accuracy.iloc[0]
     assert (df.clean_accuracy == clean).all()
     curve = json.loads(ok.curve.iloc[0])
     assert [r for r, _ in curve] == [1, 2]
+    assert (ok.seeds == 1).all() and ok["std"].isna().all()  # one seed: no spread, no interval
+    rec = bz.cache_read(cache, json.loads(ok["keys"].iloc[0])[0])
+    assert rec["distinct_models"] >= 1 and set(rec["phases"]) == {"startup", "training", "final_eval", "teardown"}
 
     # reports
-    for name in ("byzantine.csv", "byzantine.md", "byzantine_heatmap.png", "byzantine_curves.png"):
+    for name in ("byzantine.csv", "byzantine.md", "byzantine_heatmap.png", "byzantine_curves.png",
+                 "byzantine_seeds.csv", "byzantine_worstcase.csv", "byzantine_worstcase.png"):
         assert (out / name).stat().st_size > 0, name
     csv = pd.read_csv(out / "byzantine.csv")
     assert set(REQUIRED) <= set(csv.columns) and len(csv) == 8
@@ -140,7 +153,7 @@ def test_byzantine_grid_cache_reuse_refusal_and_reports(tmp_path):
     pd.testing.assert_series_equal(again.accuracy, df.accuracy)
 
     # a missing entry is recomputed, and only that one
-    victim = df[(df.attack == "gaussian") & (df.n_byzantine == 1) & (df.defense == "mean")].key.iloc[0]
+    victim = json.loads(df[(df.attack == "gaussian") & (df.n_byzantine == 1) & (df.defense == "mean")]["keys"].iloc[0])[0]
     (cache / f"{victim}.json").unlink()
     third = bz.run_grid("reduced", None, cache, workers=1, progress=False, **GRID)
     assert third.attrs["computed"] == 1
@@ -175,7 +188,7 @@ def test_byzantine_grid_process_pool(tmp_path):
     grid = {**GRID, "attacks": ["sign_flip"], "defenses": ["mean"], "fractions": [0.0]}
     df = bz.run_grid("reduced", None, tmp_path / "cache", workers=2, progress=False, **grid)
     assert df.attrs["computed"] == 1 and (df.status == "ok").all()
-    assert bz.cache_read(tmp_path / "cache", df.key.iloc[0])["cpu_seconds"] > 0
+    assert bz.cache_read(tmp_path / "cache", json.loads(df["keys"].iloc[0])[0])["cpu_seconds"] > 0
 
 
 def test_byzantine_grid_profile_selection(monkeypatch):
@@ -193,3 +206,208 @@ def test_byzantine_grid_cli_list(capsys, tmp_path):
     out = capsys.readouterr().out
     assert rc == 0
     assert "refused" in out and "to run" in out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Seeds, statistics, worst case: on synthetic results (no training)
+# ---------------------------------------------------------------------------------------------------
+
+#: synthetic final accuracy of a run: a defense's level, minus what the attack costs it, plus the seed
+LEVEL = {"mean": 0.80, "median": 0.70, "krum": 0.60, "trimmed_mean": 0.78}
+COST = {"sign_flip": {"mean": 0.70, "median": 0.05, "krum": 0.0, "trimmed_mean": 0.06},
+        "alie": {"mean": 0.02, "median": 0.20, "krum": 0.30, "trimmed_mean": 0.15}}
+
+
+def fake_accuracy(cell: bz.Cell) -> float:
+    cost = COST[cell.attack][cell.defense] if cell.attack else 0.0
+    return round(LEVEL[cell.defense] - cost + 0.01 * cell.seed, 6)
+
+
+@pytest.fixture
+def fake_training(monkeypatch):
+    """Replace the training of a cell (not the grid's cache and bookkeeping) by :func:`fake_accuracy`;
+    returns the list of cells trained."""
+    calls: list[bz.Cell] = []
+
+    def train(cell, t, data_dir):
+        calls.append(cell)
+        acc = fake_accuracy(cell)
+        return {"accuracy": acc, "accuracy_min": acc, "test_loss": 1.0, "train_loss": 1.0, "distinct_models": 1,
+                "curve": [[1, acc - 0.1], [2, acc]], "functions_failed": 0,
+                "phases": {"startup": 1.0, "training": 10.0, "final_eval": 3.0, "teardown": 1.0}}
+
+    monkeypatch.setattr(bz, "_train", train)
+    monkeypatch.setattr(bz, "prepare_data", lambda t: None)
+    return calls
+
+
+SYN = {"attacks": ["sign_flip", "alie"], "defenses": ["mean", "median", "krum", "trimmed_mean"],
+       "fractions": [0.0, 0.3], "partitions": ["iid"]}
+
+
+def test_byzantine_grid_t_quantiles():
+    assert bz.t975(1) == pytest.approx(12.706, abs=1e-3)
+    assert bz.t975(2) == pytest.approx(4.303, abs=1e-3)
+    assert bz.t975(30) == pytest.approx(2.042, abs=1e-3)
+    assert bz.t975(1000) == pytest.approx(1.962, abs=1e-3)
+    with pytest.raises(ValueError):
+        bz.t975(0)
+    try:
+        from scipy import stats
+    except ImportError:
+        return
+    for dof in range(1, 80):
+        assert bz.t975(dof) == pytest.approx(stats.t.ppf(0.975, dof), abs=2e-4), dof
+
+
+def test_byzantine_grid_seed_stats_known_values():
+    s = bz.seed_stats([0.70, 0.72, 0.74])
+    hw = 4.3027 * 0.02 / 3 ** 0.5
+    assert s["seeds"] == 3 and s["mean"] == pytest.approx(0.72) and s["std"] == pytest.approx(0.02)
+    assert s["ci95_low"] == pytest.approx(0.72 - hw) and s["ci95_high"] == pytest.approx(0.72 + hw)
+    # a missing seed (None / NaN) is left out; one value has no spread and no interval
+    assert bz.seed_stats([0.5, None, float("nan"), 0.7])["seeds"] == 2
+    one = bz.seed_stats([0.6, None])
+    assert one["seeds"] == 1 and one["mean"] == 0.6 and math.isnan(one["std"]) and math.isnan(one["ci95_low"])
+    assert bz.seed_stats([])["seeds"] == 0
+    assert bz.fmt_ci(0.72, 0.70, 0.74) == "0.720 ± 0.020" and bz.fmt_ci(0.72, float("nan"), float("nan")) == "0.720"
+
+
+def test_byzantine_grid_seed_is_part_of_the_cell():
+    t = bz.Training()
+    c0, c2 = bz.Cell("alie", "median", 3, "iid"), bz.Cell("alie", "median", 3, "iid", seed=2)
+    assert "seed" not in bz.cell_spec(c0, t) and bz.cell_spec(c2, t)["seed"] == 2
+    assert bz.cell_key(c0, t) != bz.cell_key(c2, t)
+    cfg = bz.make_config(c2, bz.Training(seed=5))
+    assert cfg.run.seed == 7  # the run seed draws the partition, the initial model and the minibatches
+    # the final evaluation uses the whole test set, the curve a few images
+    assert t.limit_test is None and t.eval_samples < 10000
+    assert bz.VERSION != "byz-2"
+
+
+def test_byzantine_grid_adding_a_seed_runs_only_the_new_seed(tmp_path, fake_training):
+    cache = tmp_path / "cache"
+    one = bz.run_grid("reduced", None, cache, workers=1, progress=False, seeds=1, **SYN)
+    n1 = len(fake_training)
+    assert n1 == one.attrs["computed"] == 4 + 8  # 4 clean runs, 2 attacks x 4 defenses at 30%
+    assert {c.seed for c in fake_training} == {0}
+    two = bz.run_grid("reduced", None, cache, workers=1, progress=False, seeds=2, **SYN)
+    assert len(fake_training) == 2 * n1 and two.attrs["computed"] == n1
+    assert {c.seed for c in fake_training[n1:]} == {1}
+    again = bz.run_grid("reduced", None, cache, workers=1, progress=False, seeds=2, **SYN)
+    assert again.attrs["computed"] == 0 and len(fake_training) == 2 * n1
+    row = two[(two.attack == "alie") & (two.defense == "median") & (two.n_byzantine == 3)].iloc[0]
+    assert json.loads(row.per_seed) == pytest.approx([0.50, 0.51]) and row.seeds == 2
+    assert json.loads(row["keys"])[0] == json.loads(one[(one.attack == "alie") & (one.defense == "median")
+                                                        & (one.n_byzantine == 3)]["keys"].iloc[0])[0]
+
+
+def test_byzantine_grid_statistics_columns_and_reports(tmp_path, fake_training):
+    df = bz.run_grid("reduced", tmp_path, tmp_path / "cache", workers=1, progress=False, seeds=3, **SYN)
+    row = df[(df.attack == "sign_flip") & (df.defense == "krum") & (df.n_byzantine == 3)].iloc[0]
+    assert row.seeds == 3 and row["mean"] == pytest.approx(0.61) and row["std"] == pytest.approx(0.01)
+    assert row.ci95_high - row["mean"] == pytest.approx(4.3027 * 0.01 / 3 ** 0.5)
+    assert row.clean_accuracy == pytest.approx(0.81) and row.gap == pytest.approx(0.20)
+    assert json.loads(row.curve) == [[1, pytest.approx(0.51)], [2, pytest.approx(0.61)]]
+    assert json.loads(row.curve_band)[1] == pytest.approx([2, 0.60, 0.62])
+
+    csv = pd.read_csv(tmp_path / "byzantine.csv")
+    assert set(REQUIRED) <= set(csv.columns) and len(csv) == 16
+    seeds = pd.read_csv(tmp_path / "byzantine_seeds.csv")
+    assert len(seeds) == 3 * len(csv) and set(seeds.seed) == {0, 1, 2}
+    s = seeds[(seeds.attack == "alie") & (seeds.defense == "mean") & (seeds.n_byzantine == 3)]
+    assert list(s.accuracy) == pytest.approx([0.78, 0.79, 0.80])
+    assert "z=0.52 from (n=10, f=3)" in set(csv[(csv.attack == "alie") & (csv.n_byzantine == 3)].strength)
+    wc = pd.read_csv(tmp_path / "byzantine_worstcase.csv")
+    assert set(wc.columns) >= {"defense", "worst_attack", "mean", "ci95_low", "ci95_high", "maxmin"}
+    assert (tmp_path / "byzantine_worstcase.png").stat().st_size > 0
+
+    md = (tmp_path / "byzantine.md").read_text()
+    assert "3 seeds per cell" in md and "Student-t 95% interval" in md
+    assert "0.610 ± 0.025" in md  # krum under sign flip: mean ± half-width
+    assert "not distinguishable" in md and "## Worst case per defense" in md and "### Max-min choice" in md
+    assert "- `alie`: z=0.52 from (n=10, f=3)" in md
+    assert "within the noise of a single run" not in md
+
+
+def _synthetic(accuracies: dict[tuple[str, str], list[float]], clean: list[float]) -> pd.DataFrame:
+    """A grid frame from given per-seed accuracies of (attack, defense) at 3 of 10 Byzantine, iid."""
+    t = bz.Training()
+    seeds = range(len(clean))
+    rows, results = [], {}
+    for (a, d), accs in accuracies.items():
+        rows.append((a, d, 3, "iid"))
+        for s, acc in zip(seeds, accs, strict=True):
+            c = bz.Cell(a, d, 3, "iid", s)
+            results[c] = {**bz._base_record(c, t, bz.cell_key(c, t)), "status": "ok", "accuracy": acc}
+    for s, acc in zip(seeds, clean, strict=True):
+        c = bz.Cell(None, "mean", 0, "iid", s)
+        results[c] = {**bz._base_record(c, t, bz.cell_key(c, t)), "status": "ok", "accuracy": acc}
+    return bz.assemble(rows, results, t, list(seeds))
+
+
+def test_byzantine_grid_best_defense_lists_the_indistinguishable():
+    df = _synthetic({("alie", "median"): [0.70, 0.72, 0.74],      # 0.72 ± 0.050
+                     ("alie", "krum"): [0.69, 0.70, 0.71],        # 0.70 ± 0.025: overlaps median's
+                     ("alie", "mean"): [0.50, 0.51, 0.52]},       # 0.51: apart
+                    clean=[0.75, 0.76, 0.77])
+    best = bz.best_defenses(df).iloc[0]
+    assert best.best_defense == "median" and best.indistinguishable == "krum" and best.distinguishable
+    assert best.accuracy == pytest.approx(0.72) and best.mean_accuracy == pytest.approx(0.51)
+    assert best.gap == pytest.approx(0.04) and not best.within_target
+    # one seed: no interval, nothing can be told apart
+    one = bz.best_defenses(_synthetic({("alie", "median"): [0.72], ("alie", "krum"): [0.70]}, clean=[0.76])).iloc[0]
+    assert one.indistinguishable == "" and not one.distinguishable
+
+
+def test_byzantine_grid_worst_case_and_max_min():
+    df = _synthetic({("sign_flip", "median"): [0.70, 0.71, 0.72],
+                     ("alie", "median"): [0.50, 0.52, 0.54],       # median's worst: 0.52
+                     ("sign_flip", "krum"): [0.60, 0.61, 0.62],
+                     ("alie", "krum"): [0.40, 0.40, 0.40],         # krum's worst: 0.40 ± 0, apart
+                     ("sign_flip", "trimmed_mean"): [0.49, 0.50, 0.51],  # trimmed mean's worst: 0.50,
+                     ("alie", "trimmed_mean"): [0.55, 0.56, 0.57]},      # overlaps median's worst
+                    clean=[0.75, 0.76, 0.77])
+    wc = bz.worst_case_frame(df).set_index("defense")
+    assert wc.loc["median", "worst_attack"] == "alie" and wc.loc["median", "mean"] == pytest.approx(0.52)
+    assert wc.loc["median", "ci95_high"] == pytest.approx(0.52 + 4.3027 * 0.02 / 3 ** 0.5)
+    assert wc.loc["krum", "worst_attack"] == "alie" and wc.loc["trimmed_mean", "worst_attack"] == "sign_flip"
+    assert wc.loc["median", "maxmin"] == "best" and wc.loc["trimmed_mean", "maxmin"] == "indistinguishable"
+    assert wc.loc["krum", "maxmin"] == ""
+    mm = bz.max_min(df).iloc[0]
+    assert mm.defense == "median" and mm.indistinguishable == "trimmed_mean" and mm.worst_attack == "alie"
+    wide = bz.worst_case(df).set_index("defense")
+    assert wide.loc["median", "iid 30%"] == "**0.520 ± 0.050** (alie)"
+    assert wide.loc["trimmed_mean", "iid 30%"].startswith("*0.500")
+
+
+def test_byzantine_grid_literature_strengths():
+    t = bz.Training()
+    names = bz.attack_names()
+    assert "alie(z=1.5)" in names and "ipm(eps=2)" in names
+    assert bz.PROFILES["reduced"].attacks is not None and "alie(z=1.5)" not in bz.PROFILES["reduced"].attacks
+    spec = bz.cell_spec(bz.Cell("alie(z=1.5)", "median", 3, "iid"), t)
+    assert spec["attack"] == "alie" and spec["attack_params"] == {"z": 1.5}
+    assert bz.cell_key(bz.Cell("alie(z=1.5)", "median", 3, "iid"), t) != bz.cell_key(bz.Cell("alie", "median", 3, "iid"), t)
+    assert bz.refusal(bz.Cell("ipm(eps=2)", "krum", 3, "iid"), t) is None
+    cfg = bz.make_config(bz.Cell("ipm(eps=2)", "krum", 3, "iid"), t)
+    assert cfg.attack.name == "ipm" and cfg.attack.params == {"epsilon": 2.0}
+    assert bz.strength("alie", 3, 10) == "z=0.52 from (n=10, f=3)"
+    assert bz.strength("alie(z=1.5)", 3, 10) == "z=1.5"
+    assert bz.strength("ipm", 3, 10) == "epsilon=0.1" and bz.strength("ipm(eps=2)", 3, 10) == "epsilon=2"
+    assert bz.strength("alie", 0, 10) == ""
+
+
+def test_byzantine_grid_estimate_and_eta(capsys, tmp_path):
+    est = bz.estimate("full", tmp_path, workers=2)
+    assert est["runs"] == est["refused"] + est["cached"] + est["to_run"] and est["cached"] == 0
+    assert est["seconds"] == pytest.approx(est["to_run"] * est["cell_seconds"] / 2)
+    assert bz.estimate("full", tmp_path, workers=2, seeds=1)["to_run"] * 3 == est["to_run"]
+    assert bz.main(["--estimate", "--profile", "full", "--seeds", "1", "--cache", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "to run" in out and "worker(s): about" in out
+    log = bz._Log(False, todo=10, known=0, workers=2, prior_s=20.0)
+    assert log.eta() == pytest.approx(20.0 * 10 / 2)
+    for s in (10.0, 30.0, 12.0):
+        log.cell(bz.Cell(None, "mean", 0, "iid"), {"status": "ok", "seconds": s, "accuracy": 0.5}, 10)
+    assert log.eta() == pytest.approx(12.0 * 7 / 2)  # median cell time x cells left / workers

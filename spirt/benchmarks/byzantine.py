@@ -1,37 +1,51 @@
-"""The Byzantine benchmark grid: attack x defense x Byzantine fraction x data partition, on real training.
+"""The Byzantine benchmark grid: attack x defense x Byzantine fraction x data partition x seed, on real training.
 
-Every cell is a real short peer-to-peer training run (:func:`spirt.runner.run_training`): ``n_peers`` peers
+Every run is a real short peer-to-peer training (:func:`spirt.runner.run_training`): ``n_peers`` peers
 as threads of one process, each with its own database server, inline gradient functions, a small CNN on
 Fashion-MNIST. The last ``n_byzantine`` peers run the attack; every peer aggregates with the defense. A
-cell records the final honest accuracy (mean over the honest peers after the last round, on the whole
-``limit_test`` test slice) and the honest accuracy curve (every ``eval_every`` rounds, on ``eval_samples``
-test images).
+run records the final honest accuracy (mean over the honest peers after the last round, on the whole
+test set: 10,000 images unless ``limit_test`` says otherwise) and the honest accuracy curve (every
+``eval_every`` rounds, on the first ``eval_samples`` test images, which keeps the curve cheap).
 
 What the grid contains
 ----------------------
-- attacks: every registered attack (``attacks.names()``), with the registry's defaults, except that an
-  attack taking ``f`` (ALIE derives its z from (n, f)) receives the cell's number of Byzantine peers;
+- attacks: every registered data and model attack (``attacks.names(kind=...)``; the attacks on the
+  protocol have a benchmark of their own), with the registry's defaults, except that an attack taking
+  ``f`` (ALIE derives its z from (n, f)) receives the cell's number of Byzantine peers;
+  plus the fixed literature strengths of :data:`LITERATURE_ATTACKS` (e.g. ``alie(z=1.5)``), because
+  the defaults differ between libraries and a rule's ranking can change with the strength;
 - defenses: every registered aggregator (``defenses.names("aggregator")``) on its own, plus the composed
   configurations of :data:`COMPOSED` (a pre-aggregator chain in front of an aggregator) whose parts are
   registered. Each defense gets ``f`` = the cell's number of Byzantine peers (``f = 0`` at fraction 0:
   every rule accepts it, Krum then needs n > 2 and Bulyan n >= 3);
 - fractions of Byzantine peers :data:`FRACTIONS` (``n_byzantine = round(fraction * n_peers)``);
-- partitions ``iid`` and ``dirichlet`` (alpha from the training settings).
+- partitions ``iid`` and ``dirichlet`` (alpha from the training settings);
+- seeds ``0 .. S-1`` (``Profile.seeds``, ``--seeds``): seed s trains with run seed ``training.seed + s``,
+  which draws the data partition, the initial model and the minibatches. Every grid row reports the
+  mean over its seeds, the sample standard deviation and a Student-t 95% interval of the mean
+  (:func:`seed_stats`); a single run cannot tell apart defenses a point or two apart.
 
 A cell whose defense refuses (n, f) — ``rule.check(n_peers, f)`` raises, e.g. Krum needs n > 2f + 2,
 Bulyan n >= 4f + 3, bucketing (s = 2) + median needs ceil(n/2) > 2f — is recorded with status
 ``"refused"`` and the rule's message, and not run. At fraction 0 the attack plays no part: each defense x
-partition is trained once (attack ``None``) and that run is reported in every attack's 0 % row. A run
-that fails is recorded with status ``"error"`` and its message; the grid carries on.
+partition x seed is trained once (attack ``None``) and that run is reported in every attack's 0 % row.
+A run that fails is recorded with status ``"error"`` and its message; the grid carries on.
 
-Cache: each finished run is a JSON file in ``cache_dir`` named by a hash of the cell, the training
-settings and :data:`VERSION`, so a rerun computes only what is missing (failures are not cached).
-Cells run in a spawn process pool (one torch thread per worker).
+Reports (:func:`write_reports`): ``<stem>.csv`` (one row per attack x defense x fraction x partition,
+with the statistics over seeds), ``<stem>_seeds.csv`` (one row per seed), ``<stem>_worstcase.csv``
+(per defense, the attack that hurts it most: :func:`worst_case_frame`), ``<stem>.md``, and the figures
+``<stem>_heatmap.png``, ``<stem>_worstcase.png``, ``<stem>_curves.png``.
 
-Entry points: :func:`run_grid` and :func:`main` (``spirt bench byzantine``); profiles :data:`PROFILES`
-(``reduced`` for ``tox -e bench``, ``full`` for the whole grid, ``target`` for the 30%-IID headline slice
-trained 60 rounds with peer momentum, reported as ``byzantine_target.*``), chosen by ``--profile`` or the
-environment variable ``SPIRT_BYZ_PROFILE``.
+Cache: each finished run is a JSON file in ``cache_dir`` named by a hash of the cell (seed included),
+the training settings and :data:`VERSION`, so a rerun computes only what is missing (failures are not
+cached): adding seeds computes only the new seeds. Cells run in a spawn process pool (one torch thread
+per worker).
+
+Entry points: :func:`run_grid` and :func:`main` (``spirt bench byzantine``; ``--estimate`` prints the
+number of runs and the expected time); profiles :data:`PROFILES` (``reduced`` for ``tox -e bench``,
+``full`` for the whole grid, ``target`` for the 30%-IID headline slice trained 60 rounds with peer
+momentum, reported as ``byzantine_target.*``), chosen by ``--profile`` or the environment variable
+``SPIRT_BYZ_PROFILE``.
 """
 
 from __future__ import annotations
@@ -39,7 +53,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -55,7 +71,9 @@ import pandas as pd
 #: Part of every cache key: bump it when a change makes cached results stale (the key does not cover
 #: the code of the peers, functions and rules). byz-2: results after the warm-worker parameter-cache fix
 #: (5d2d544; before it, peers sharing the inline worker could compute gradients on another peer's model).
-VERSION = "byz-2"
+#: byz-3: the final accuracy is measured on the whole 10,000-image test set (1,000 before) and a cell
+#: has a seed.
+VERSION = "byz-3"
 
 FRACTIONS: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4)
 PARTITIONS: tuple[str, ...] = ("iid", "dirichlet")
@@ -126,7 +144,11 @@ KNOWN_WEAKNESSES: dict[str, str] = {
 
 @dataclass(frozen=True)
 class Training:
-    """Training settings shared by every cell of a grid (part of the cache key)."""
+    """Training settings shared by every cell of a grid (part of the cache key).
+
+    ``limit_test`` None: the final accuracy is measured on the whole test set (10,000 images), while the
+    evaluations during training (the curves) use the first ``eval_samples`` images only.
+    """
 
     n_peers: int = 10
     rounds: int = 20
@@ -135,7 +157,7 @@ class Training:
     batch_size: int = 32
     functions: int = 1
     limit_train: int | None = 12000
-    limit_test: int | None = 1000
+    limit_test: int | None = None
     lr: float = 0.1
     momentum: float = 0.5
     peer_momentum: float = 0.0
@@ -147,9 +169,13 @@ class Training:
     server: str = "valkey"
 
 
+#: Seeds per grid row unless the profile or ``--seeds`` says otherwise.
+DEFAULT_SEEDS = 3
+
+
 @dataclass(frozen=True)
 class Profile:
-    """What a profile runs; ``None`` means everything the registries offer."""
+    """What a profile runs; ``None`` means everything the registries offer (and :data:`LITERATURE_ATTACKS`)."""
 
     name: str
     attacks: tuple[str, ...] | None
@@ -159,23 +185,28 @@ class Profile:
     training: Training = field(default_factory=Training)
     #: file name stem of the reports (``<report>.csv``, ``.md``, ``_heatmap.png``, ``_curves.png``)
     report: str = "byzantine"
+    #: seeds per grid row (run seeds ``training.seed + 0 .. seeds - 1``)
+    seeds: int = DEFAULT_SEEDS
 
 
 #: Both profiles share the training settings, so the reduced grid's cells are cached cells of the full one.
 PROFILES: dict[str, Profile] = {
+    # one seed: 30 runs, about 8 minutes on two cores (``tox -e bench`` allows 15; two seeds took about
+    # 16); its runs are seed 0 of the full grid's cells
     "reduced": Profile(
         "reduced",
         attacks=("sign_flip", "alie", "gaussian", "ipm"),
         defenses=("mean", "median", "trimmed_mean", "krum", "centered_clipping", "nnm+trimmed_mean"),
         fractions=(0.0, 0.3),
         partitions=("iid",),
+        seeds=1,
     ),
     "full": Profile("full", attacks=None, defenses=None, fractions=FRACTIONS, partitions=PARTITIONS),
     # The headline slice (10 peers, 3 Byzantine, IID) trained long enough to compare accuracies near
     # convergence, with peer momentum, which the robust-aggregation literature pairs with its rules (it
     # shrinks the honest spread that ALIE and min-max hide in; see the README). Measured here: ALIE
     # against nnm+trimmed_mean is 1.1 points below clean after 60 rounds with peer momentum 0.9, 6.1
-    # without it, and 4.3 after the grid's 20 rounds even with it.
+    # without it, and 4.3 after the grid's 20 rounds even with it (one seed, 1,000 test images).
     "target": Profile(
         "target", attacks=None, defenses=None, fractions=(0.3,), partitions=("iid",),
         training=Training(rounds=60, eval_every=10, lr=0.2, momentum=0.0, peer_momentum=0.9),
@@ -215,10 +246,51 @@ def defense_configs() -> list[DefenseConfig]:
     return out
 
 
-def attack_names() -> list[str]:
+@dataclass(frozen=True)
+class AttackConfig:
+    """One attack configuration of the grid: a registered attack with the registry's defaults (``fixed``
+    empty; ``label`` is then the attack's name) or with a fixed strength (``label`` like ``alie(z=1.5)``)."""
+
+    label: str
+    name: str
+    fixed: tuple[tuple[str, Any], ...] = ()
+    #: where the fixed strength comes from (shown in the reports)
+    source: str = ""
+
+    def params(self, n_byzantine: int) -> dict[str, Any]:
+        """What the attack is built with in a cell with ``n_byzantine`` Byzantine peers."""
+        return dict(self.fixed) if self.fixed else attack_params(self.name, n_byzantine)
+
+
+#: Strengths the literature's reference implementations use, run besides the registry's defaults:
+#: ALIE's default here derives z from (n, f) as Baruch et al. do (z = 0.52 at n = 10, f = 3), ByzFL's
+#: ``ALittleIsEnough`` uses a fixed 1.5 (with the opposite sign convention: mean + 1.5 std); IPM's default
+#: here is Xie et al.'s small epsilon 0.1, ByzFL's ``InnerProductManipulation`` uses 2 (a reversed mean
+#: twice as long as the honest one).
+LITERATURE_ATTACKS: tuple[AttackConfig, ...] = (
+    AttackConfig("alie(z=1.5)", "alie", (("z", 1.5),),
+                 "the strength of ByzFL's ALittleIsEnough default tau = 1.5, which adds the shift"),
+    AttackConfig("ipm(eps=2)", "ipm", (("epsilon", 2.0),), "ByzFL's InnerProductManipulation default tau = 2"),
+)
+
+
+def attack_configs() -> list[AttackConfig]:
+    """Every registered attack with its defaults, then the :data:`LITERATURE_ATTACKS` whose attack is
+    registered."""
     import attacks
 
-    return attacks.names()
+    # the attacks on the protocol have a benchmark of their own (spirt.benchmarks.protocol)
+    names = sorted(attacks.names(kind="data") + attacks.names(kind="model"))
+    return [AttackConfig(a, a) for a in names] + [c for c in LITERATURE_ATTACKS if c.name in names]
+
+
+def attack_names() -> list[str]:
+    """The labels of :func:`attack_configs` (what ``--attack`` and the tables use)."""
+    return [c.label for c in attack_configs()]
+
+
+def _attack_by_label() -> dict[str, AttackConfig]:
+    return {c.label: c for c in attack_configs()}
 
 
 def attack_params(name: str, n_byzantine: int) -> dict[str, Any]:
@@ -231,18 +303,51 @@ def attack_params(name: str, n_byzantine: int) -> dict[str, Any]:
     return {}
 
 
+#: Parameters that are not a strength: not shown in the ``strength`` column.
+_NOT_STRENGTH = {"f", "n", "seed", "defense", "index", "remember", "num_classes", "ddof"}
+
+
+def strength(label: str | None, n_byzantine: int, n_peers: int) -> str:
+    """The strength an attack configuration runs with in a cell, as the reports show it: its fixed
+    parameters, or the registry's defaults (ALIE's derived z spelt out)."""
+    if not label or not n_byzantine:
+        return ""
+    import attacks
+
+    cfg = _attack_by_label()[label]
+    params = cfg.params(n_byzantine)
+    if cfg.fixed:
+        return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    if cfg.name == "alie" and "f" in params:
+        from attacks.alie import alie_z
+
+        try:
+            return f"z={alie_z(n_peers, params['f']):.2f} from (n={n_peers}, f={params['f']})"
+        except ValueError:
+            return f"z from (n={n_peers}, f={params['f']})"
+    shown = {k: v for k, v in attacks.info(cfg.name).params.items()
+             if k not in _NOT_STRENGTH and isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    text = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
+    return text or "defaults"
+
+
 @dataclass(frozen=True)
 class Cell:
-    """One training run of the grid (``attack`` is None for the attack-free runs at fraction 0)."""
+    """One training run of the grid (``attack`` is None for the attack-free runs at fraction 0).
+
+    ``attack`` is an :class:`AttackConfig` label, ``defense`` a :class:`DefenseConfig` label, ``seed``
+    the offset of the run seed from ``Training.seed``."""
 
     attack: str | None
     defense: str  # DefenseConfig.label
     n_byzantine: int
     partition: str
+    seed: int = 0
 
     def describe(self, n_peers: int) -> str:
         pct = 100 * self.n_byzantine / n_peers
-        return f"{self.attack or 'no attack'} x {self.defense}, {self.n_byzantine}/{n_peers} ({pct:.0f}%), {self.partition}"
+        return (f"{self.attack or 'no attack'} x {self.defense}, {self.n_byzantine}/{n_peers} ({pct:.0f}%), "
+                f"{self.partition}, seed {self.seed}")
 
 
 def _defense_by_label() -> dict[str, DefenseConfig]:
@@ -250,12 +355,14 @@ def _defense_by_label() -> dict[str, DefenseConfig]:
 
 
 def cell_spec(cell: Cell, training: Training) -> dict[str, Any]:
-    """Everything that determines the run's result (hashed into the cache key)."""
+    """Everything that determines the run's result (hashed into the cache key). Seed 0 adds no entry, so
+    its key is what the key of the cell was before cells had seeds."""
     d = _defense_by_label()[cell.defense]
-    return {
+    a = _attack_by_label()[cell.attack] if cell.attack else None
+    spec = {
         "version": VERSION,
-        "attack": cell.attack,
-        "attack_params": attack_params(cell.attack, cell.n_byzantine) if cell.attack else {},
+        "attack": a.name if a else None,
+        "attack_params": a.params(cell.n_byzantine) if a else {},
         "defense": d.name,
         "pre": list(d.pre),
         "defense_params": d.params(cell.n_byzantine),
@@ -263,6 +370,9 @@ def cell_spec(cell: Cell, training: Training) -> dict[str, Any]:
         "partition": cell.partition,
         "training": asdict(training),
     }
+    if cell.seed:
+        spec["seed"] = cell.seed
+    return spec
 
 
 def cell_key(cell: Cell, training: Training) -> str:
@@ -280,21 +390,24 @@ def refusal(cell: Cell, training: Training) -> str | None:
     if cell.attack:
         import attacks
 
+        a = _attack_by_label()[cell.attack]
         try:
-            attacks.get(cell.attack, **attack_params(cell.attack, cell.n_byzantine))
+            attacks.get(a.name, **a.params(cell.n_byzantine))
         except ValueError as exc:
             return str(exc)
     return None
 
 
-def make_config(cell: Cell, training: Training, data_dir: str | None = None):
+def make_config(cell: Cell, training: Training, data_dir: str | None = None, **overrides: Any):
+    """The run's configuration. The run seed ``training.seed + cell.seed`` draws the data partition, the
+    initial model and the minibatches. ``overrides``: more dotted settings (``{"peers.urls": [...]}``)."""
     from ..config import load_config
 
     d = _defense_by_label()[cell.defense]
     t = training
     over: dict[str, Any] = {
-        "run.name": f"byz-{cell.attack or 'clean'}-{cell.defense}-{cell.n_byzantine}-{cell.partition}",
-        "run.seed": t.seed, "run.rounds": t.rounds, "run.eval_every": t.eval_every,
+        "run.name": f"byz-{cell.attack or 'clean'}-{cell.defense}-{cell.n_byzantine}-{cell.partition}-s{cell.seed}",
+        "run.seed": t.seed + cell.seed, "run.rounds": t.rounds, "run.eval_every": t.eval_every,
         "run.eval_samples": t.eval_samples,
         "model.name": t.model,
         "data.dataset": t.dataset, "data.data_dir": data_dir, "data.partition": cell.partition, "data.alpha": t.alpha,
@@ -307,8 +420,10 @@ def make_config(cell: Cell, training: Training, data_dir: str | None = None):
         "aggregation.params": d.params(cell.n_byzantine), "aggregation.pre": list(d.pre),
     }
     if cell.attack and cell.n_byzantine:
-        over.update({"attack.name": cell.attack, "attack.byzantine": cell.n_byzantine,
-                     "attack.params": attack_params(cell.attack, cell.n_byzantine)})
+        a = _attack_by_label()[cell.attack]
+        over.update({"attack.name": a.name, "attack.byzantine": cell.n_byzantine,
+                     "attack.params": a.params(cell.n_byzantine)})
+    over.update(overrides)
     return load_config(None, over)
 
 
@@ -325,7 +440,7 @@ def _worker_init() -> None:
 
 def _base_record(cell: Cell, training: Training, key: str) -> dict[str, Any]:
     return {"key": key, "attack": cell.attack, "defense": cell.defense, "n_peers": training.n_peers,
-            "n_byzantine": cell.n_byzantine, "partition": cell.partition, "status": "", "error": "",
+            "n_byzantine": cell.n_byzantine, "partition": cell.partition, "seed": cell.seed, "status": "", "error": "",
             "accuracy": float("nan"), "accuracy_min": float("nan"), "test_loss": float("nan"),
             "train_loss": float("nan"), "curve": [], "seconds": 0.0, "cpu_seconds": 0.0, "version": VERSION,
             "spec": cell_spec(cell, training)}
@@ -373,7 +488,12 @@ def prepare_data(training: Training) -> str | None:
 
 def run_cell(cell: Cell, training: Training, cache_dir: str | None = None,
              data_dir: str | None = None) -> dict[str, Any]:
-    """Train one cell; never raises. With ``cache_dir``, a successful result is written there."""
+    """Train one cell; never raises. With ``cache_dir``, a successful result is written there.
+
+    The record's ``phases`` splits the wall time: ``startup`` (the database servers), ``training`` (the
+    rounds, with the cheap evaluations of the curve), ``final_eval`` (:func:`final_accuracy`) and
+    ``teardown``.
+    """
     import resource
 
     key = cell_key(cell, training)
@@ -381,22 +501,8 @@ def run_cell(cell: Cell, training: Training, cache_dir: str | None = None,
     t0 = time.perf_counter()
     cpu0 = _cpu(resource)
     try:
-        from ..runner import run_training
-
-        df = run_training(make_config(cell, training, data_dir), progress=False, timeout_s=CELL_TIMEOUT_S)
-        honest = df[~df["byzantine"].astype(bool)]
-        evals = honest.dropna(subset=["accuracy"])
-        last = honest[honest["round"] == honest["round"].max()]
-        curve = evals.groupby("round")["accuracy"].mean()
-        rec.update({
-            "status": "ok",
-            "accuracy": float(last["accuracy"].mean()),
-            "accuracy_min": float(last["accuracy"].min()),
-            "test_loss": float(last["test_loss"].mean()),
-            "train_loss": float(last["loss"].mean()),
-            "curve": [[int(r) + 1, float(a)] for r, a in curve.items()],
-            "functions_failed": int(df["functions_failed"].sum()),
-        })
+        rec.update(_train(cell, training, data_dir))
+        rec["status"] = "ok"
     except Exception as exc:  # noqa: BLE001 - a failed cell is a result, never the end of the grid
         rec.update({"status": "error", "error": f"{type(exc).__name__}: {exc}"[:2000],
                     "traceback": traceback.format_exc()[-4000:]})
@@ -405,6 +511,123 @@ def run_cell(cell: Cell, training: Training, cache_dir: str | None = None,
     if cache_dir and rec["status"] == "ok":
         _cache_write(Path(cache_dir), key, rec)
     return rec
+
+
+def _train(cell: Cell, t: Training, data_dir: str | None) -> dict[str, Any]:
+    """One run on servers this function starts (so that the final models can be read after the
+    rounds); the result fields of the record."""
+    from contextlib import ExitStack
+
+    from ..byzantine import is_byzantine
+    from ..runner import TrainingError, run_training
+
+    phases: dict[str, float] = {}
+    mark = time.perf_counter()
+    base = make_config(cell, t, data_dir)
+    with ExitStack() as stack:
+        servers = _start_servers(t, base.peers.unix_socket)
+        stack.callback(_stop_servers, servers)
+        urls = [s.url for s in servers]
+        # the peers evaluate on the curve's images only, the last round included: the final accuracy
+        # on the whole test set is measured below, once per distinct model
+        peer_test = {}
+        if t.eval_samples:
+            peer_test["data.limit_test"] = min(t.eval_samples, t.limit_test or t.eval_samples)
+        cfg = make_config(cell, t, data_dir, **{"peers.urls": urls, **peer_test})
+        now = time.perf_counter()
+        phases["startup"], mark = now - mark, now
+        try:
+            df = run_training(cfg, progress=False, timeout_s=CELL_TIMEOUT_S)
+        except TrainingError as exc:
+            dead = [f"the database of peer {i} exited: {s.diagnose() or s.logfile}"
+                    for i, s in enumerate(servers) if not s.alive()]
+            if dead:
+                raise TrainingError(f"{exc}; {'; '.join(dead)}") from exc
+            raise
+        now = time.perf_counter()
+        phases["training"], mark = now - mark, now
+        honest_peers = [i for i in range(t.n_peers) if not is_byzantine(cfg, i)]
+        final = final_accuracy(base, urls, honest_peers)
+        now = time.perf_counter()
+        phases["final_eval"], mark = now - mark, now
+    phases["teardown"] = time.perf_counter() - mark
+    honest = df[~df["byzantine"].astype(bool)]
+    evals = honest.dropna(subset=["accuracy"])
+    last = honest[honest["round"] == honest["round"].max()]
+    curve = evals.groupby("round")["accuracy"].mean()
+    accs = [a for _, a in final["per_peer"].values()]
+    return {
+        "accuracy": float(sum(accs) / len(accs)),
+        "accuracy_min": float(min(accs)),
+        "test_loss": float(sum(loss for loss, _ in final["per_peer"].values()) / len(accs)),
+        "train_loss": float(last["loss"].mean()),
+        "distinct_models": final["distinct"],
+        "curve": [[int(r) + 1, float(a)] for r, a in curve.items()],
+        "functions_failed": int(df["functions_failed"].sum()),
+        "phases": phases,
+    }
+
+
+def _start_servers(t: Training, unix_socket: bool) -> list:
+    """One database server per peer, as the launcher starts them (the module if the backend needs it, unix
+    sockets unless configured otherwise). One after the other, from this thread: a server is bound to
+    die with the thread that started it, so a helper thread's servers would die with the helper."""
+    from ..backends import needs_module
+    from ..servers import start_server
+
+    servers = []
+    try:
+        for _ in range(t.n_peers):
+            servers.append(start_server(t.server, module=needs_module(t.backend), unix_socket=unix_socket))
+    except BaseException:
+        _stop_servers(servers)
+        raise
+    return servers
+
+
+def _stop_servers(servers: list) -> None:
+    """Stop the servers side by side (each stop waits for its process to exit)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if servers:
+        with ThreadPoolExecutor(len(servers)) as pool:
+            list(pool.map(lambda srv: srv.stop(), servers))
+
+
+def final_accuracy(cfg, urls: list[str], peers: list[int]) -> dict[str, Any]:
+    """(test loss, accuracy) of each of ``peers``' final models on the test set of ``cfg``, evaluated
+    once per distinct model.
+
+    Honest peers that received the same vectors hold bit-identical models (the run's ``final_states``
+    counts them; 1 in most cells), so one evaluation on the 10,000 test images serves all of them, where
+    each peer evaluating its own copy cost ten times as much: ~3 CPU-s per evaluation, about as much as
+    the 20 rounds of training. Returns ``per_peer`` (peer -> (loss, accuracy)) and ``distinct``.
+    """
+    import hashlib
+
+    from ..evaluation import Evaluator
+    from ..keys import Keys
+    from ..servers import make_client
+
+    params: dict[int, bytes] = {}
+    for i in peers:
+        c = make_client(url=urls[i], socket_timeout=30)
+        try:
+            blob = c.get(Keys(i).params)
+        finally:
+            c.close()
+        if blob is None:
+            raise RuntimeError(f"peer {i} holds no final parameters")
+        params[i] = blob
+    evaluator = Evaluator(cfg)
+    by_digest: dict[bytes, tuple[float, float]] = {}
+    per_peer = {}
+    for i, blob in params.items():
+        d = hashlib.blake2b(blob, digest_size=16).digest()
+        if d not in by_digest:
+            by_digest[d] = evaluator.evaluate(blob, full=True)
+        per_peer[i] = by_digest[d]
+    return {"per_peer": per_peer, "distinct": len(by_digest)}
 
 
 def _cpu(resource) -> float:
@@ -449,14 +672,18 @@ def _pick(what: str, wanted: Iterable[Any] | None, default: Sequence[Any], allow
 
 def plan(profile: str | Profile = "reduced", *, attacks: Iterable[str] | None = None,
          defenses: Iterable[str] | None = None, fractions: Iterable[float] | None = None,
-         partitions: Iterable[str] | None = None, training: Training | None = None
+         partitions: Iterable[str] | None = None, training: Training | None = None, seeds: int | None = None
          ) -> tuple[Training, list[tuple[str, str, int, str]], list[Cell]]:
-    """Rows of the grid (attack, defense, n_byzantine, partition) and the distinct runs they need.
+    """Rows of the grid (attack, defense, n_byzantine, partition) and the distinct runs they need (one
+    per seed ``0 .. seeds - 1``; ``seeds`` None: the profile's).
 
     Filters replace the profile's list for their dimension (validated against the registries).
     """
     prof = PROFILES[profile] if isinstance(profile, str) else profile
     t = training or prof.training
+    n_seeds = prof.seeds if seeds is None else int(seeds)
+    if n_seeds < 1:
+        raise ValueError(f"seeds must be at least 1 (got {n_seeds})")
     all_attacks = attack_names()
     all_defs = [d.label for d in defense_configs()]
     atk = _pick("attack", attacks, prof.attacks or all_attacks, all_attacks)
@@ -470,16 +697,23 @@ def plan(profile: str | Profile = "reduced", *, attacks: Iterable[str] | None = 
     if any(b >= t.n_peers for b in nbyz):
         raise ValueError(f"a fraction gives every one of the {t.n_peers} peers Byzantine")
     rows = [(a, d, b, p) for p in parts for b in nbyz for a in atk for d in dfs]
-    runs = list(dict.fromkeys(Cell(a if b else None, d, b, p) for a, d, b, p in rows))
-    for p in parts:  # the reference every target compares to: plain mean, no Byzantine peer
-        ref = Cell(None, "mean", 0, p)
-        if ref not in runs:
-            runs.append(ref)
-    # run order: the references and the headline slice (30% Byzantine) first, so that a partial grid
-    # already answers the main question
+    runs = list(dict.fromkeys(Cell(a if b else None, d, b, p, s) for s in range(n_seeds) for a, d, b, p in rows))
+    for s in range(n_seeds):
+        for p in parts:  # the reference every target compares to: plain mean, no Byzantine peer
+            ref = Cell(None, "mean", 0, p, s)
+            if ref not in runs:
+                runs.append(ref)
+    # run order: the references and the headline slice (30% Byzantine) first, seed by seed, so that a
+    # partial grid already answers the main question, with intervals
     head = int(round(0.3 * t.n_peers))
-    runs.sort(key=lambda c: (c.n_byzantine != 0, c.n_byzantine != head, parts.index(c.partition), c.n_byzantine))
+    runs.sort(key=lambda c: (c.n_byzantine != 0, c.n_byzantine != head, c.seed, parts.index(c.partition),
+                             c.n_byzantine))
     return t, rows, runs
+
+
+def grid_seeds(runs: Iterable[Cell]) -> list[int]:
+    """The seeds a plan's runs cover, in order."""
+    return sorted({c.seed for c in runs})
 
 
 def run_grid(profile: str | Profile = "reduced", out_dir: str | Path | None = DEFAULT_OUT,
@@ -487,18 +721,43 @@ def run_grid(profile: str | Profile = "reduced", out_dir: str | Path | None = DE
              attacks: Iterable[str] | None = None, defenses: Iterable[str] | None = None,
              fractions: Iterable[float] | None = None, partitions: Iterable[str] | None = None,
              use_cache: bool = True, training: Training | None = None, progress: bool = True,
-             compute: bool = True) -> pd.DataFrame:
+             compute: bool = True, seeds: int | None = None) -> pd.DataFrame:
     """Run (or read from the cache) the grid of ``profile``; write the reports to ``out_dir`` (if given).
 
     Returns one row per (attack, defense, n_byzantine, partition) with the columns of
-    :data:`CSV_COLUMNS`. ``workers`` <= 1 runs the cells in this process (no pool). ``use_cache=False``
-    ignores cached results (new results are still stored); ``cache_dir=None`` disables the cache.
-    ``compute=False`` runs nothing: cells not in the cache are reported with status ``"missing"``.
+    :data:`CSV_COLUMNS` (statistics over the seeds). ``workers`` <= 1 runs the cells in this process (no
+    pool). ``use_cache=False`` ignores cached results (new results are still stored); ``cache_dir=None``
+    disables the cache. ``compute=False`` runs nothing: cells not in the cache are reported with status
+    ``"missing"``. ``seeds``: seeds per row (default: the profile's).
     """
     t, rows, runs = plan(profile, attacks=attacks, defenses=defenses, fractions=fractions,
-                         partitions=partitions, training=training)
+                         partitions=partitions, training=training, seeds=seeds)
     stem = (PROFILES[profile] if isinstance(profile, str) else profile).report
     cache = Path(cache_dir) if cache_dir else None
+    results, todo = _known(runs, t, cache if use_cache else None)
+    if not compute:
+        for c in todo:
+            results[c] = {**_base_record(c, t, cell_key(c, t)), "status": "missing", "error": "not computed yet"}
+        todo = []
+    log = _Log(progress, len(todo), len(runs) - len(todo), workers, _prior_cell_seconds(results.values(), t))
+    t_grid = time.perf_counter()
+    data_dir = prepare_data(t) if todo else None
+    for c, rec in _execute(todo, t, str(cache) if cache else None, workers, log, data_dir):
+        rec["cached"] = False
+        results[c] = rec
+    df = assemble(rows, results, t, grid_seeds(runs))
+    df.attrs["wall_s"] = time.perf_counter() - t_grid
+    df.attrs["computed"] = len(todo)
+    df.attrs["training"] = asdict(t)
+    df.attrs["seeds"] = len(grid_seeds(runs))
+    if out_dir is not None:
+        write_reports(df, out_dir, t, stem)
+    log.done(df.attrs["wall_s"])
+    return df
+
+
+def _known(runs: list[Cell], t: Training, cache: Path | None) -> tuple[dict[Cell, dict], list[Cell]]:
+    """The records already known without training (refused cells, cached runs) and the cells to run."""
     results: dict[Cell, dict] = {}
     todo: list[Cell] = []
     for c in runs:
@@ -509,51 +768,87 @@ def run_grid(profile: str | Profile = "reduced", out_dir: str | Path | None = DE
             rec.update({"status": "refused", "error": msg})
             results[c] = rec
             continue
-        rec = cache_read(cache, key) if (cache and use_cache) else None
+        rec = cache_read(cache, key) if cache else None
         if rec is not None:
             rec["cached"] = True
             results[c] = rec
         else:
             todo.append(c)
-    if not compute:
-        for c in todo:
-            results[c] = {**_base_record(c, t, cell_key(c, t)), "status": "missing", "error": "not computed yet"}
-        todo = []
-    log = _Log(progress, len(todo), len(runs) - len(todo))
-    t_grid = time.perf_counter()
-    data_dir = prepare_data(t) if todo else None
-    for c, rec in _execute(todo, t, str(cache) if cache else None, workers, log, data_dir):
-        rec["cached"] = False
-        results[c] = rec
-    df = assemble(rows, results, t)
-    df.attrs["wall_s"] = time.perf_counter() - t_grid
-    df.attrs["computed"] = len(todo)
-    df.attrs["training"] = asdict(t)
-    if out_dir is not None:
-        write_reports(df, out_dir, t, stem)
-    log.done(df.attrs["wall_s"])
-    return df
+    return results, todo
+
+
+#: Wall seconds of one 20-round cell, two cells running side by side on two cores (measured: median 29 s,
+#: 25-48 s; startup 1.2 s, training 22 s with four evaluations on 250 images, final evaluation on the
+#: 10,000 test images 4.6 s, teardown 0.8 s; 18 CPU-s per cell), used for estimates until cells of the
+#: grid have been timed.
+CELL_S_20_ROUNDS = 30.0
+#: Of which the part that does not grow with the number of rounds (server start-up, the peers' set-up,
+#: the final evaluation, teardown).
+CELL_S_FIXED = 10.0
+
+
+def estimate_cell_seconds(t: Training) -> float:
+    """A cell's expected wall time (two cells side by side) from the measured 20-round cell."""
+    return CELL_S_FIXED + (CELL_S_20_ROUNDS - CELL_S_FIXED) * t.rounds / 20
+
+
+def _prior_cell_seconds(records: Iterable[dict], t: Training) -> float:
+    """The median wall time of the computed cells among ``records`` (cached ones), else the estimate."""
+    secs = sorted(r["seconds"] for r in records if r.get("status") == "ok" and r.get("seconds"))
+    return secs[len(secs) // 2] if len(secs) >= 3 else estimate_cell_seconds(t)
+
+
+def estimate(profile: str | Profile = "reduced", cache_dir: str | Path | None = DEFAULT_CACHE,
+             workers: int = 2, **filters: Any) -> dict[str, Any]:
+    """How many runs the grid needs and how long the missing ones should take: ``runs``, ``refused``,
+    ``cached``, ``to_run``, ``cell_seconds`` (median of the cached cells, else
+    :func:`estimate_cell_seconds`) and ``seconds`` = to_run x cell_seconds / workers."""
+    t, rows, runs = plan(profile, **filters)
+    results, todo = _known(runs, t, Path(cache_dir) if cache_dir else None)
+    refused = sum(r["status"] == "refused" for r in results.values())
+    cell_s = _prior_cell_seconds(results.values(), t)
+    return {"rows": len(rows), "runs": len(runs), "seeds": len(grid_seeds(runs)), "refused": refused,
+            "cached": len(results) - refused, "to_run": len(todo), "cell_seconds": cell_s,
+            "workers": max(1, workers), "seconds": len(todo) * cell_s / max(1, workers), "todo": todo,
+            "training": t}
 
 
 class _Log:
-    def __init__(self, enabled: bool, todo: int, known: int):
+    """One line per finished cell: done/total, the result, and the time left (median cell time x cells
+    left / workers)."""
+
+    def __init__(self, enabled: bool, todo: int, known: int, workers: int = 1, prior_s: float = 0.0):
         self.enabled, self.todo, self.n, self.t0 = enabled, todo, 0, time.perf_counter()
+        self.workers, self.prior_s, self.times = max(1, workers), prior_s, []
         if enabled:
-            print(f"byzantine grid: {known} cells cached or refused, {todo} to run", file=sys.stderr, flush=True)
+            print(f"byzantine grid: {known} cells cached or refused, {todo} to run; about "
+                  f"{_hours(todo * prior_s / self.workers)} with {self.workers} worker(s)", file=sys.stderr,
+                  flush=True)
+
+    def eta(self) -> float:
+        times = sorted(self.times)
+        cell = times[len(times) // 2] if times else self.prior_s
+        return cell * (self.todo - self.n) / self.workers
 
     def cell(self, c: Cell, rec: dict, n_peers: int) -> None:
         self.n += 1
+        if rec["status"] == "ok":
+            self.times.append(rec["seconds"])
         if not self.enabled:
             return
         el = time.perf_counter() - self.t0
-        eta = el / self.n * (self.todo - self.n)
         res = f"{rec['accuracy']:.3f}" if rec["status"] == "ok" else f"{rec['status']}: {rec['error'][:120]}"
         print(f"[{self.n}/{self.todo}] {c.describe(n_peers)}: {res} ({rec['seconds']:.1f} s; "
-              f"elapsed {el / 60:.1f} min, left ~{eta / 60:.1f} min)", file=sys.stderr, flush=True)
+              f"elapsed {_hours(el)}, left ~{_hours(self.eta())})", file=sys.stderr, flush=True)
 
     def done(self, wall: float) -> None:
         if self.enabled:
-            print(f"byzantine grid: done in {wall / 60:.1f} min", file=sys.stderr, flush=True)
+            print(f"byzantine grid: done in {_hours(wall)}", file=sys.stderr, flush=True)
+
+
+def _hours(seconds: float) -> str:
+    m = seconds / 60
+    return f"{m:.1f} min" if m < 90 else f"{m / 60:.1f} h"
 
 
 #: One thread per math library in the workers: the client-side rules (geometric median, centered
@@ -666,31 +961,173 @@ def _shutdown(pool: ProcessPoolExecutor) -> None:
             p.join(5)
 
 
-CSV_COLUMNS = ["attack", "defense", "n_peers", "n_byzantine", "fraction", "partition", "accuracy",
-               "clean_accuracy", "gap", "status", "error", "seconds", "accuracy_min", "test_loss",
-               "train_loss", "curve", "shared_run", "cached", "key"]
+# ----------------------------------------------------------------------------------------------------
+# Statistics over seeds
+# ----------------------------------------------------------------------------------------------------
+
+#: Student-t 0.975 quantiles for 1..30 degrees of freedom: the half-width of a two-sided 95% interval of
+#: a mean of n seeds is T975[n - 2] x std / sqrt(n). (A table, not scipy, which is not a dependency.)
+T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
+        2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
+        2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423)
 
 
-def assemble(rows: list[tuple[str, str, int, str]], results: dict[Cell, dict], t: Training) -> pd.DataFrame:
-    """One row per grid row; fraction-0 rows point at their shared attack-free run."""
-    clean = {p: results.get(Cell(None, "mean", 0, p), {}) for p in {r[3] for r in rows}}
+def t975(dof: int) -> float:
+    """The Student-t 0.975 quantile with ``dof`` degrees of freedom (table up to 30, then the
+    Cornish-Fisher expansion around the normal quantile, within 1e-4)."""
+    if dof < 1:
+        raise ValueError(f"degrees of freedom must be >= 1 (got {dof})")
+    if dof <= len(T975):
+        return T975[dof - 1]
+    z = 1.959963984540054
+    return z + (z ** 3 + z) / (4 * dof) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * dof ** 2)
+
+
+def seed_stats(values: Iterable[float | None]) -> dict[str, float]:
+    """``seeds`` (number of values), ``mean``, ``std`` (sample, ddof 1) and the Student-t 95% interval
+    of the mean ``ci95_low``, ``ci95_high`` of the finite ``values`` (None/NaN: a seed without a result).
+    With fewer than two values std and the interval are NaN: one run says nothing about its spread."""
+    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    n = len(xs)
+    mean = sum(xs) / n if n else float("nan")
+    if n >= 2:
+        std = statistics.stdev(xs)
+        hw = t975(n - 1) * std / math.sqrt(n)
+    else:
+        std = hw = float("nan")
+    return {"seeds": n, "mean": mean, "std": std, "ci95_low": mean - hw, "ci95_high": mean + hw}
+
+
+def half_width(row) -> float:
+    return (row["ci95_high"] - row["ci95_low"]) / 2
+
+
+def overlaps(lo: float, hi: float, best_lo: float, best_hi: float) -> bool:
+    """Whether the interval [lo, hi] overlaps [best_lo, best_hi] (False when either is undefined).
+
+    Two 95% intervals that overlap do not show a difference; intervals that do not overlap show one at
+    well below the 5% level (a conservative test: differences paired by seed would be sharper)."""
+    if any(math.isnan(x) for x in (lo, hi, best_lo, best_hi)):
+        return False
+    return hi >= best_lo and lo <= best_hi
+
+
+def fmt_ci(mean: float, lo: float, hi: float, digits: int = 3) -> str:
+    """``mean ± half-width`` (just the mean when the interval is undefined, '-' without a mean)."""
+    if math.isnan(mean):
+        return "-"
+    if math.isnan(lo) or math.isnan(hi):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {(hi - lo) / 2:.{digits}f}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Assembling the rows
+# ----------------------------------------------------------------------------------------------------
+
+CSV_COLUMNS = ["attack", "strength", "defense", "n_peers", "n_byzantine", "fraction", "partition", "status",
+               "seeds", "mean", "std", "ci95_low", "ci95_high", "accuracy", "per_seed", "clean_accuracy",
+               "clean_std", "clean_ci95_low", "clean_ci95_high", "clean_per_seed", "gap", "error", "seconds",
+               "accuracy_min", "test_loss", "train_loss", "curve", "curve_band", "seed_status", "shared_run",
+               "cached", "keys"]
+
+SEEDS_COLUMNS = ["attack", "strength", "defense", "n_peers", "n_byzantine", "fraction", "partition", "seed",
+                 "status", "accuracy", "clean_accuracy", "key"]
+
+
+def _row_status(statuses: list[str]) -> str:
+    """A row is ``ok`` when at least one seed ran (``seeds`` says how many), ``refused`` when its rule
+    refuses (every seed alike), else ``error`` when a seed failed, else ``missing``."""
+    if statuses and all(s == "refused" for s in statuses):
+        return "refused"
+    for s in ("ok", "error", "missing"):
+        if s in statuses:
+            return s
+    return statuses[0] if statuses else "missing"
+
+
+def _acc(rec: dict) -> float | None:
+    return round(float(rec["accuracy"]), 6) if rec.get("status") == "ok" else None
+
+
+def _mean_curve(curves: list[list]) -> tuple[list, list]:
+    """The mean curve over seeds ([round, accuracy]) and its band ([round, lowest, highest])."""
+    by_round: dict[int, list[float]] = {}
+    for curve in curves:
+        for r, a in curve:
+            by_round.setdefault(int(r), []).append(float(a))
+    mean = [[r, sum(v) / len(v)] for r, v in sorted(by_round.items())]
+    band = [[r, min(v), max(v)] for r, v in sorted(by_round.items())]
+    return mean, band
+
+
+def assemble(rows: list[tuple[str, str, int, str]], results: dict[Cell, dict], t: Training,
+             seeds: Sequence[int] = (0,)) -> pd.DataFrame:
+    """One row per grid row with the statistics over ``seeds``; fraction-0 rows share their attack-free
+    runs; ``clean_*`` are the statistics of the plain mean without Byzantine peers on the same seeds."""
+    clean = {(p, s): results.get(Cell(None, "mean", 0, p, s), {}) for p in {r[3] for r in rows} for s in seeds}
     out = []
     for a, d, b, p in rows:
-        run = Cell(a if b else None, d, b, p)
-        rec = results[run]
-        ref = clean.get(p, {})
-        ref_acc = ref.get("accuracy", float("nan")) if ref.get("status") == "ok" else float("nan")
-        acc = rec["accuracy"] if rec["status"] == "ok" else float("nan")
+        recs = [results[Cell(a if b else None, d, b, p, s)] for s in seeds]
+        ok = [r for r in recs if r["status"] == "ok"]
+        per_seed = [_acc(r) for r in recs]
+        clean_seed = [_acc(clean[(p, s)]) for s in seeds]
+        st, cs = seed_stats(per_seed), seed_stats(clean_seed)
+        curve, band = _mean_curve([r.get("curve", []) for r in ok])
+        errors = dict.fromkeys(r.get("error", "") for r in recs if r["status"] != "ok" and r.get("error"))
+
+        def med(k: str, recs=ok) -> float:
+            vals = sorted(float(r[k]) for r in recs if k in r)
+            return vals[len(vals) // 2] if vals else float("nan")
+
         out.append({
-            "attack": a, "defense": d, "n_peers": t.n_peers, "n_byzantine": b, "fraction": b / t.n_peers,
-            "partition": p, "accuracy": acc, "clean_accuracy": ref_acc, "gap": ref_acc - acc,
-            "status": rec["status"], "error": rec.get("error", ""), "seconds": rec.get("seconds", 0.0),
-            "accuracy_min": rec.get("accuracy_min", float("nan")), "test_loss": rec.get("test_loss", float("nan")),
-            "train_loss": rec.get("train_loss", float("nan")),
-            "curve": json.dumps(rec.get("curve", [])), "shared_run": b == 0, "cached": rec.get("cached", False),
-            "key": rec["key"],
+            "attack": a, "strength": strength(a, b, t.n_peers) if a in _attack_by_label() else "",
+            "defense": d, "n_peers": t.n_peers, "n_byzantine": b, "fraction": b / t.n_peers, "partition": p,
+            "status": _row_status([r["status"] for r in recs]), **st, "accuracy": st["mean"],
+            "per_seed": json.dumps(per_seed), "clean_accuracy": cs["mean"], "clean_std": cs["std"],
+            "clean_ci95_low": cs["ci95_low"], "clean_ci95_high": cs["ci95_high"],
+            "clean_per_seed": json.dumps(clean_seed), "gap": cs["mean"] - st["mean"],
+            "error": "; ".join(errors), "seconds": med("seconds"),
+            "accuracy_min": min((float(r["accuracy_min"]) for r in ok), default=float("nan")),
+            "test_loss": sum(float(r["test_loss"]) for r in ok) / len(ok) if ok else float("nan"),
+            "train_loss": sum(float(r["train_loss"]) for r in ok) / len(ok) if ok else float("nan"),
+            "curve": json.dumps(curve), "curve_band": json.dumps(band),
+            "seed_status": json.dumps([r["status"] for r in recs]), "shared_run": b == 0,
+            "cached": bool(ok) and all(r.get("cached", False) for r in ok),
+            "keys": json.dumps([r["key"] for r in recs]),
         })
-    return pd.DataFrame(out, columns=CSV_COLUMNS)
+    df = pd.DataFrame(out, columns=CSV_COLUMNS)
+    df.attrs["phases"] = _phase_medians(results.values())
+    return df
+
+
+def _phase_medians(records: Iterable[dict]) -> dict[str, float]:
+    """Median seconds per phase of a run (:func:`run_cell`) over the records that have them."""
+    by: dict[str, list[float]] = {}
+    for r in records:
+        if r.get("status") == "ok":
+            for k, v in (r.get("phases") or {}).items():
+                by.setdefault(k, []).append(float(v))
+    return {k: sorted(v)[len(v) // 2] for k, v in by.items()}
+
+
+def seeds_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per grid row and seed (the long form of ``per_seed``), for ``<stem>_seeds.csv``."""
+    out = []
+    for r in df.to_dict("records"):
+        per, clean = json.loads(r["per_seed"]), json.loads(r["clean_per_seed"])
+        status, keys = json.loads(r["seed_status"]), json.loads(r["keys"])
+        for s, (acc, cl, st, key) in enumerate(zip(per, clean, status, keys, strict=True)):
+            out.append({**{k: r[k] for k in SEEDS_COLUMNS if k in r}, "seed": s, "status": st,
+                        "accuracy": float("nan") if acc is None else acc,
+                        "clean_accuracy": float("nan") if cl is None else cl, "key": key})
+    return pd.DataFrame(out, columns=SEEDS_COLUMNS)
+
+
+def distinct_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """The distinct trainings behind the rows (fraction-0 rows share theirs): key, status."""
+    s = seeds_frame(df)
+    return s.drop_duplicates("key")[["key", "status"]]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -698,40 +1135,141 @@ def assemble(rows: list[tuple[str, str, int, str]], results: dict[Cell, dict], t
 # ----------------------------------------------------------------------------------------------------
 
 
+def _attack_name(label: str) -> str:
+    cfg = _attack_by_label().get(label)
+    return cfg.name if cfg else label.split("(")[0]
+
+
 def best_defenses(df: pd.DataFrame, n_byzantine: int | None = None, partition: str = "iid") -> pd.DataFrame:
-    """Per attack, the defense with the highest accuracy in the (n_byzantine, partition) slice (default:
-    3 Byzantine of 10 if present, else the largest fraction run), with its gap to the clean accuracy."""
+    """Per attack, the defense with the highest mean accuracy in the (n_byzantine, partition) slice
+    (default: 3 Byzantine of 10 if present, else the largest fraction run), the defenses whose 95%
+    interval overlaps its own (``indistinguishable``: the grid does not rank them), and its gap to the
+    clean accuracy. ``distinguishable`` is False when the best has no interval (one seed)."""
+    cols = ["attack", "strength", "n_byzantine", "seeds", "best_defense", "accuracy", "ci95_low", "ci95_high",
+            "indistinguishable", "distinguishable", "clean_accuracy", "gap", "within_target", "runner_up",
+            "mean_accuracy"]
     sub = df[(df["partition"] == partition) & (df["n_byzantine"] > 0)]
     if sub.empty:
-        return pd.DataFrame(columns=["attack", "n_byzantine", "best_defense", "accuracy", "clean_accuracy",
-                                     "gap", "within_target", "runner_up", "mean_accuracy"])
+        return pd.DataFrame(columns=cols)
     if n_byzantine is None:
         have = set(sub["n_byzantine"])
         n_byzantine = 3 if 3 in have else max(have)
     sub = sub[sub["n_byzantine"] == n_byzantine]
     rows = []
     for atk, g in sub.groupby("attack", sort=True):
-        ok = g[g["status"] == "ok"].sort_values("accuracy", ascending=False)
-        mean_acc = g.loc[g["defense"] == "mean", "accuracy"]
+        ok = g[g["status"] == "ok"].sort_values("mean", ascending=False)
+        mean_acc = g.loc[(g["defense"] == "mean") & (g["status"] == "ok"), "mean"]
+        base = {"attack": atk, "strength": g["strength"].iloc[0], "n_byzantine": n_byzantine,
+                "clean_accuracy": float(g["clean_accuracy"].iloc[0]),
+                "mean_accuracy": float(mean_acc.iloc[0]) if len(mean_acc) else float("nan")}
         if ok.empty:
-            rows.append({"attack": atk, "n_byzantine": n_byzantine, "best_defense": "(none ran)",
-                         "accuracy": float("nan"), "clean_accuracy": float(g["clean_accuracy"].iloc[0]),
-                         "gap": float("nan"), "within_target": False, "runner_up": "",
-                         "mean_accuracy": float(mean_acc.iloc[0]) if len(mean_acc) else float("nan")})
+            rows.append({**base, "seeds": 0, "best_defense": "(none ran)", "accuracy": float("nan"),
+                         "ci95_low": float("nan"), "ci95_high": float("nan"), "indistinguishable": "",
+                         "distinguishable": False, "gap": float("nan"), "within_target": False, "runner_up": ""})
             continue
         best = ok.iloc[0]
-        runner = f"{ok.iloc[1]['defense']} ({ok.iloc[1]['accuracy']:.3f})" if len(ok) > 1 else ""
-        rows.append({"attack": atk, "n_byzantine": n_byzantine, "best_defense": best["defense"],
-                     "accuracy": float(best["accuracy"]), "clean_accuracy": float(best["clean_accuracy"]),
+        ties = [r["defense"] for _, r in ok.iloc[1:].iterrows()
+                if overlaps(r["ci95_low"], r["ci95_high"], best["ci95_low"], best["ci95_high"])]
+        runner = f"{ok.iloc[1]['defense']} ({ok.iloc[1]['mean']:.3f})" if len(ok) > 1 else ""
+        rows.append({**base, "seeds": int(best["seeds"]), "best_defense": best["defense"],
+                     "accuracy": float(best["mean"]), "ci95_low": float(best["ci95_low"]),
+                     "ci95_high": float(best["ci95_high"]), "indistinguishable": ", ".join(ties),
+                     "distinguishable": not math.isnan(best["ci95_low"]),
                      "gap": float(best["gap"]), "within_target": bool(best["gap"] <= TARGET_GAP + 1e-12),
-                     "runner_up": runner,
-                     "mean_accuracy": float(mean_acc.iloc[0]) if len(mean_acc) else float("nan")})
-    return pd.DataFrame(rows)
+                     "runner_up": runner})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def worst_case_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (partition, n_byzantine, defense): the attack with the lowest mean accuracy (``worst_attack``,
+    its ``strength`` and statistics over seeds), the attacks whose interval overlaps it (``also_worst``:
+    which of them is worst is not settled), and ``maxmin``: ``"best"`` for the defense whose worst case
+    is highest in its (partition, n_byzantine), ``"indistinguishable"`` for those whose worst-case interval
+    overlaps the best one's, else ``""``. The minimum over many attacks' means is biased low (it picks the
+    unluckiest seeds too); the intervals are those of the worst attack's own seeds."""
+    cols = ["partition", "n_byzantine", "fraction", "defense", "status", "worst_attack", "strength", "seeds",
+            "mean", "std", "ci95_low", "ci95_high", "clean_accuracy", "attacks_ok", "attacks", "also_worst",
+            "maxmin"]
+    sub = df[df["n_byzantine"] > 0]
+    rows = []
+    for (p, b, d), g in sub.groupby(["partition", "n_byzantine", "defense"], sort=False):
+        ok = g[g["status"] == "ok"]
+        base = {"partition": p, "n_byzantine": int(b), "fraction": float(g["fraction"].iloc[0]), "defense": d,
+                "attacks_ok": len(ok), "attacks": len(g), "clean_accuracy": float(g["clean_accuracy"].iloc[0]),
+                "maxmin": ""}
+        if ok.empty:
+            status = "refused" if (g["status"] == "refused").all() else _row_status(list(g["status"]))
+            rows.append({**base, "status": status, "worst_attack": "", "strength": "", "seeds": 0,
+                         "mean": float("nan"), "std": float("nan"), "ci95_low": float("nan"),
+                         "ci95_high": float("nan"), "also_worst": ""})
+            continue
+        w = ok.loc[ok["mean"].idxmin()]
+        also = [r["attack"] for _, r in ok.sort_values("mean").iterrows() if r["attack"] != w["attack"]
+                and overlaps(r["ci95_low"], r["ci95_high"], w["ci95_low"], w["ci95_high"])]
+        rows.append({**base, "status": "ok", "worst_attack": w["attack"], "strength": w["strength"],
+                     "seeds": int(w["seeds"]), "mean": float(w["mean"]), "std": float(w["std"]),
+                     "ci95_low": float(w["ci95_low"]), "ci95_high": float(w["ci95_high"]),
+                     "also_worst": ", ".join(also)})
+    wc = pd.DataFrame(rows, columns=cols)
+    for _, g in wc[wc["status"] == "ok"].groupby(["partition", "n_byzantine"], sort=False):
+        best = g.loc[g["mean"].idxmax()]
+        wc.loc[best.name, "maxmin"] = "best"
+        for i, r in g.iterrows():
+            if i != best.name and overlaps(r["ci95_low"], r["ci95_high"], best["ci95_low"], best["ci95_high"]):
+                wc.loc[i, "maxmin"] = "indistinguishable"
+    return wc
+
+
+def _column_name(p: str, b: int, n: int) -> str:
+    return f"{p} {100 * b / n:.0f}%"
+
+
+def worst_case(df: pd.DataFrame) -> pd.DataFrame:
+    """The worst case per defense (rows) and (partition, Byzantine fraction) column, formatted: mean ±
+    95% half-width (worst attack); the max-min choice of each column in bold, the defenses not
+    distinguishable from it in italics."""
+    wc = worst_case_frame(df)
+    if wc.empty:
+        return pd.DataFrame()
+    n = int(df["n_peers"].iloc[0])
+    cols: dict[str, dict[str, str]] = {}
+    for r in wc.to_dict("records"):
+        name = _column_name(r["partition"], r["n_byzantine"], n)
+        if r["status"] != "ok":
+            text = "refused" if r["status"] == "refused" else "-"
+        else:
+            part = "" if r["attacks_ok"] == r["attacks"] else f", {r['attacks_ok']} of {r['attacks']} attacks"
+            num = fmt_ci(r["mean"], r["ci95_low"], r["ci95_high"])
+            num = {"best": f"**{num}**", "indistinguishable": f"*{num}*"}.get(r["maxmin"], num)
+            text = f"{num} ({r['worst_attack']}{part})"
+        cols.setdefault(name, {})[r["defense"]] = text
+    out = pd.DataFrame(cols)
+    out = out.reindex([d for d in dict.fromkeys(df["defense"]) if d in out.index])
+    out = out[sorted(out.columns, key=lambda c: (c.split()[0] != "iid", c.split()[0], float(c.split()[1][:-1])))]
+    return out.rename_axis("defense").reset_index()
+
+
+def max_min(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (partition, n_byzantine): the defense whose worst case over the attacks is highest, its worst
+    case, and the defenses whose worst-case interval overlaps it (not distinguishable from it)."""
+    wc = worst_case_frame(df)
+    rows = []
+    for (p, b), g in wc.groupby(["partition", "n_byzantine"], sort=False):
+        best = g[g["maxmin"] == "best"]
+        if best.empty:
+            continue
+        r = best.iloc[0]
+        rows.append({"partition": p, "n_byzantine": int(b), "fraction": float(r["fraction"]),
+                     "defense": r["defense"], "worst_attack": r["worst_attack"], "seeds": int(r["seeds"]),
+                     "mean": float(r["mean"]), "ci95_low": float(r["ci95_low"]), "ci95_high": float(r["ci95_high"]),
+                     "indistinguishable": ", ".join(g.loc[g["maxmin"] == "indistinguishable", "defense"])})
+    return pd.DataFrame(rows, columns=["partition", "n_byzantine", "fraction", "defense", "worst_attack", "seeds",
+                                       "mean", "ci95_low", "ci95_high", "indistinguishable"])
 
 
 def _fmt_cell(row) -> str:
     if row["status"] == "ok":
-        return f"{row['accuracy']:.3f}"
+        return fmt_ci(row["mean"], row["ci95_low"], row["ci95_high"])
     return {"refused": "refused", "error": "error", "missing": "-"}.get(row["status"], row["status"])
 
 
@@ -748,133 +1286,194 @@ def _grid_tables(df: pd.DataFrame) -> str:
             if b == 0:
                 first = sub.drop_duplicates("defense")
                 tab = pd.DataFrame([{d: _fmt_cell(first[first["defense"] == d].iloc[0]) for d in defs}])
-                tab.insert(0, "attack", "(none: one run per defense, shared by every attack)")
+                tab.insert(0, "attack", "(none: one run per defense and seed, shared by every attack)")
             else:
                 tab = sub.assign(v=sub.apply(_fmt_cell, axis=1)).pivot(index="attack", columns="defense",
                                                                         values="v")
                 tab = tab[[d for d in defs if d in tab.columns]].reset_index()
-            parts.append(f"{head}\n\n{tab.to_markdown(index=False)}\n")
+            parts.append(f"{head}\n\n{tab.to_markdown(index=False, disable_numparse=True)}\n")
     return "\n".join(parts)
 
 
-def worst_case(df: pd.DataFrame) -> pd.DataFrame:
-    """Per defense, the lowest accuracy over the attacks, for each (partition, Byzantine count) column."""
-    sub = df[df["n_byzantine"] > 0]
-    if sub.empty:
-        return pd.DataFrame()
+def _strength_lines(df: pd.DataFrame) -> list[str]:
+    """One line per attack label: the strength it runs with (per Byzantine count where it depends on it)."""
+    lines = []
+    by_label = _attack_by_label()
     n = int(df["n_peers"].iloc[0])
-    cols = {}
-    for (p, b), g in sub.groupby(["partition", "n_byzantine"], sort=False):
-        name = f"{p} {100 * b / n:.0f}%"
-        vals = {}
-        for d, gd in g.groupby("defense", sort=False):
-            ok = gd[gd["status"] == "ok"]
-            if (gd["status"] == "refused").all():
-                vals[d] = "refused"
-            elif ok.empty:
-                vals[d] = "-"
-            else:
-                worst = ok.loc[ok["accuracy"].idxmin()]
-                part = "" if len(ok) == len(gd) else f", {len(ok)} of {len(gd)} attacks"
-                vals[d] = f"{worst['accuracy']:.3f} ({worst['attack']}{part})"
-        cols[name] = vals
-    out = pd.DataFrame(cols)
-    out = out.reindex([d for d in dict.fromkeys(df["defense"]) if d in out.index])
-    out = out[sorted(out.columns, key=lambda c: (c.split()[0] != "iid", float(c.split()[1][:-1])))]
-    return out.rename_axis("defense").reset_index()
+    sub = df[df["n_byzantine"] > 0]
+    for atk, g in sub.groupby("attack", sort=False):
+        per_b = dict(g.drop_duplicates("n_byzantine")[["n_byzantine", "strength"]].itertuples(index=False))
+        texts = set(per_b.values())
+        text = next(iter(texts)) if len(texts) == 1 else "; ".join(
+            f"{b}/{n} Byzantine: {s}" for b, s in sorted(per_b.items()))
+        cfg = by_label.get(atk)
+        src = f" ({cfg.source})" if cfg is not None and cfg.source else (
+            " (registry defaults)" if cfg is not None else "")
+        lines.append(f"- `{atk}`: {text or 'defaults'}{src}")
+    return lines
 
 
 def write_markdown(df: pd.DataFrame, path: str | Path, t: Training, csv_name: str = "byzantine.csv") -> Path:
     best = best_defenses(df)
     pct = f"{100 * TARGET_GAP:.0f}"
-    runs = df.drop_duplicates("key")
-    ok = runs[runs["status"] == "ok"]
-    missing = runs[runs["status"] == "missing"]
-    lines = ["# Byzantine benchmark grid" + ("" if csv_name == "byzantine.csv" else f" ({Path(csv_name).stem})"), ""]
+    runs = distinct_runs(df)
+    n_ok = int((runs["status"] == "ok").sum())
+    n_missing = int((runs["status"] == "missing").sum())
+    n_seeds = int(df.attrs.get("seeds") or len(json.loads(df["per_seed"].iloc[0]))) if len(df) else 0
+    stem = Path(csv_name).stem
+    test = "all 10,000" if t.limit_test is None else f"the first {t.limit_test}"
+    lines = ["# Byzantine benchmark grid" + ("" if csv_name == "byzantine.csv" else f" ({stem})"), ""]
     lines += [
-        f"Real P2P training per cell: {t.n_peers} peers (threads, each with its own database server, "
+        f"Real P2P training per run: {t.n_peers} peers (threads, each with its own database server, "
         f"`{t.backend}` aggregation backend), {t.model.upper()} on {t.dataset} "
-        f"(first {t.limit_train} training / {t.limit_test} test images), {t.rounds} rounds, "
+        f"(first {t.limit_train} training images), {t.rounds} rounds, "
         f"{t.functions} gradient function(s) x batch {t.batch_size} per peer per round, SGD lr {t.lr} "
         f"momentum {t.momentum}" + (f", peer momentum {t.peer_momentum}" if t.peer_momentum else "")
-        + f", seed {t.seed}; dirichlet partition alpha = {t.alpha}. Honest accuracy is "
-        f"evaluated every {t.eval_every} rounds on {t.eval_samples} test images (curves) and after the last "
-        f"round on all {t.limit_test}.",
+        + f"; dirichlet partition alpha = {t.alpha}. **{n_seeds} seed{'s' if n_seeds != 1 else ''} per "
+        f"cell** (run seed{'s' if n_seeds != 1 else ''} {t.seed}"
+        + (f"..{t.seed + n_seeds - 1}" if n_seeds > 1 else "") + "; a seed draws the data partition, the "
+        f"initial model and the minibatches). Final accuracy on {test} test images; curves every "
+        f"{t.eval_every} rounds on the first {t.eval_samples}.",
         "",
-        "Accuracy = mean over the honest peers after the last round; `clean_accuracy` = plain mean with no "
-        "Byzantine peer on the same partition; `gap` (CSV) = clean_accuracy - accuracy. Each defense runs "
-        "with f = the number of Byzantine peers (f = 0 at 0%, which every rule accepts). A cell whose "
-        f"defense refuses (n, f) is `refused` (the rule's message is below and in `{csv_name}`); `error` "
-        "= the run failed. At 0% the attack plays no part: one run per defense and partition serves every "
-        "attack's row. Grid-specific hyperparameters: " + ", ".join(
+        "Accuracy = mean over the honest peers after the last round, then mean over the seeds; `±` is the "
+        "half-width of the Student-t 95% interval of that mean (`ci95_low`, `ci95_high` in the CSV; none "
+        "with one seed). `clean_accuracy` = plain mean with no Byzantine peer on the same partition and "
+        "seeds; `gap` (CSV) = clean_accuracy - accuracy. Per-seed accuracies: `per_seed` in "
+        f"`{csv_name}` and `{stem}_seeds.csv`. Each defense runs with f = the number of Byzantine peers "
+        "(f = 0 at 0%, which every rule accepts). A cell whose defense refuses (n, f) is `refused` (the "
+        f"rule's message is below and in `{csv_name}`); `error` = the run failed. At 0% the attack plays no "
+        "part: one run per defense, partition and seed serves every attack's row. Grid-specific "
+        "hyperparameters: " + ", ".join(
             f"{d} {', '.join(f'{k}={v}' for k, v in ps.items())}" for d, ps in GRID_PARAMS.items()) + " (see "
-        "`GRID_PARAMS` in `spirt/benchmarks/byzantine.py` for why); everything else is the registries' "
-        "defaults, except ALIE's f = the number of Byzantine peers.",
+        "`GRID_PARAMS` in `spirt/benchmarks/byzantine.py` for why).",
         "",
-        f"Runs: {len(ok)} distinct trainings, median {ok['seconds'].median():.1f} s wall each "
-        f"(server start-up included, two cells running side by side)." if len(ok) else "No run finished.",
+        "Attack strengths (registry defaults unless stated; ALIE's default derives z from (n, f) as Baruch "
+        "et al. do; this library's ALIE publishes mean - z std, ByzFL's mean + tau std):",
+        "",
+        *_strength_lines(df),
+        "",
     ]
-    if len(missing):
-        lines += [f"**Partial grid: {len(missing)} of {len(runs)} runs not computed yet** (status `missing`)."]
+    if n_ok:
+        secs = df.drop_duplicates("keys")
+        secs = secs[secs["status"] == "ok"]["seconds"]
+        ph = df.attrs.get("phases") or {}
+        split = (" (median phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in ph.items()) + ")") if ph else ""
+        lines.append(f"Runs: {n_ok} distinct trainings, median {secs.median():.1f} s wall each{split}, two "
+                     "running side by side on two cores.")
+    else:
+        lines.append("No run finished.")
+    if n_missing:
+        lines += [f"**Partial grid: {n_missing} of {len(runs)} runs not computed yet** (rows with fewer "
+                  "seeds than the others, or `missing`)."]
     lines.append("")
     if not best.empty:
         b = int(best["n_byzantine"].iloc[0])
         n = int(df["n_peers"].iloc[0])
+        clean_row = df[(df["partition"] == "iid") & (df["n_byzantine"] == b)].iloc[0]
+        clean_txt = fmt_ci(clean_row["clean_accuracy"], clean_row["clean_ci95_low"], clean_row["clean_ci95_high"])
         lines += [f"## Best defense per attack ({n} peers, {b} Byzantine, iid)", "",
-                  f"Target: the best defense within {pct} points of the clean accuracy "
-                  f"({best['clean_accuracy'].iloc[0]:.3f}). One seed, final accuracy on {t.limit_test} test "
-                  "images: differences of 1-2 points are within the noise of a single run.", ""]
-        show = best.copy()
-        for c in ("accuracy", "clean_accuracy", "mean_accuracy"):
-            show[c] = show[c].map(lambda v: f"{v:.3f}")
-        show["gap"] = best["gap"].map(lambda v: f"{100 * v:.1f}")
-        show["within_target"] = best["within_target"].map({True: "yes", False: "**no**"})
-        show = show.rename(columns={"mean_accuracy": "plain mean under attack", "gap": "points below clean",
-                                    "within_target": f"within {pct} points"}).drop(columns="n_byzantine")
-        lines += [show.to_markdown(index=False), ""]
+                  f"Clean accuracy (plain mean, no Byzantine peer): {clean_txt}. The defense with the highest "
+                  "mean comes first; **every defense whose 95% interval overlaps its interval is listed as not "
+                  "distinguishable from it: the grid does not rank those.** Target: the best mean within "
+                  f"{pct} points of the clean accuracy.", ""]
+        if not best["distinguishable"].any():
+            lines += ["One seed per cell: no interval, so no defense can be told apart from another here; "
+                      "differences of a point or two are within the noise of a single run.", ""]
+        show = pd.DataFrame({
+            "attack": best["attack"],
+            "seeds": best["seeds"],
+            "highest mean": best["best_defense"],
+            "accuracy": [fmt_ci(r.accuracy, r.ci95_low, r.ci95_high) for r in best.itertuples()],
+            "not distinguishable (intervals overlap)": [
+                r.indistinguishable or ("none" if r.distinguishable else "n/a (one seed)") for r in best.itertuples()],
+            "plain mean under attack": best["mean_accuracy"].map(lambda v: f"{v:.3f}"),
+            "points below clean": best["gap"].map(lambda v: f"{100 * v:.1f}"),
+            f"within {pct} points": best["within_target"].map({True: "yes", False: "**no**"}),
+        })
+        lines += [show.to_markdown(index=False, disable_numparse=True), ""]
         miss = best[~best["within_target"]]
         if miss.empty:
-            lines += [f"Every attack has a defense within {pct} points of the clean accuracy.", ""]
+            lines += [f"Every attack has a defense whose mean is within {pct} points of the clean accuracy.", ""]
         else:
-            lines += [f"**Attacks where no defense stays within {pct} points:** "
-                      + ", ".join(f"{r.attack} (best: {r.best_defense}, {100 * r.gap:.1f} points below)"
+            lines += [f"**Attacks where no defense's mean stays within {pct} points:** "
+                      + ", ".join(f"{r.attack} (highest: {r.best_defense}, {100 * r.gap:.1f} points below)"
                                   for r in miss.itertuples()) + ".", ""]
-        mean_best = best[best["best_defense"] == "mean"]["attack"].tolist()
-        if mean_best:
-            lines += [f"Plain mean is the best rule under {', '.join(mean_best)}: the attack stays inside the "
-                      "honest spread, so it moves the mean little, while the robust rules both discard honest "
-                      "information and are steered by the attackers' coordinated vectors.", ""]
+        mean_top = [r.attack for r in best.itertuples()
+                    if "mean" in [r.best_defense, *r.indistinguishable.split(", ")]]
+        if mean_top:
+            lines += [f"Plain mean is the highest or not distinguishable from it under {', '.join(mean_top)}: "
+                      "such an attack stays inside the honest spread, so it moves the mean little, while the "
+                      "robust rules both discard honest information and are steered by the attackers' "
+                      "coordinated vectors.", ""]
         notes = []
         sl = df[(df["partition"] == "iid") & (df["n_byzantine"] == b) & (df["status"] == "ok")
                 & (df["defense"] != "mean")]
         for atk, text in KNOWN_WEAKNESSES.items():
-            g = sl[sl["attack"] == atk]
+            g = sl[sl["attack"].map(_attack_name) == atk]
             broken = g[g["gap"] > TARGET_GAP]
             if len(broken):
-                lost = ", ".join(f"{r.defense} {r.accuracy:.3f}" for r in broken.itertuples())
-                notes.append(f"- **{atk}** — robust rules more than {pct} points below clean: {lost}. {text}")
+                lost = ", ".join(f"{r.defense} {r.accuracy:.3f}" + (f" ({r.attack})" if r.attack != atk else "")
+                                 for r in broken.itertuples())
+                notes.append(f"- **{atk}** — robust rules' means more than {pct} points below clean: {lost}. {text}")
         if notes:
             lines += ["Known weaknesses seen in this slice (properties of the rules against attacks built "
                       "to defeat them, not failures of the harness):", "", *notes, ""]
     wc = worst_case(df)
     if not wc.empty:
-        lines += ["## Worst case over attacks", "",
-                  "Per defense and column: the lowest final accuracy over the attacks (and which attack).", "",
-                  wc.to_markdown(index=False), ""]
+        mm = max_min(df)
+        lines += ["## Worst case per defense", "",
+                  "Per defense and (partition, Byzantine fraction): the lowest mean accuracy over the attacks, "
+                  "± its 95% half-width, and the attack achieving it (the minimum of many means is biased low, "
+                  f"and attacks within each other's intervals are listed in `{stem}_worstcase.csv`, column "
+                  "`also_worst`). **Bold**: the max-min choice, the defense whose worst case is highest; "
+                  "*italics*: defenses whose worst-case interval overlaps it, not distinguishable from it.", "",
+                  wc.to_markdown(index=False, disable_numparse=True), ""]
+        if not mm.empty:
+            n = int(df["n_peers"].iloc[0])
+            tab = pd.DataFrame({
+                "column": [_column_name(r.partition, r.n_byzantine, n) for r in mm.itertuples()],
+                "max-min defense": mm["defense"],
+                "worst case": [fmt_ci(r.mean, r.ci95_low, r.ci95_high) + f" ({r.worst_attack})"
+                               for r in mm.itertuples()],
+                "not distinguishable from it": [r.indistinguishable or (
+                    "none" if not math.isnan(r.ci95_low) else "n/a (one seed)") for r in mm.itertuples()],
+            })
+            lines += ["### Max-min choice", "", tab.to_markdown(index=False, disable_numparse=True), ""]
     refused = df[df["status"] == "refused"].drop_duplicates(["defense", "n_byzantine"])
     if len(refused):
         lines += ["## Refused cells", "", "Not run: the defense's (n, f) condition does not hold.", ""]
         lines += [f"- {r.defense} at {r.n_byzantine} Byzantine of {r.n_peers}: {r.error}" for r in refused.itertuples()]
         lines.append("")
-    errors = df[df["status"] == "error"].drop_duplicates("key")
+    errors = df[df["error"].astype(bool) & (df["status"] != "refused")
+                & ~df["error"].eq("not computed yet")].drop_duplicates("keys")
     if len(errors):
-        lines += ["## Failed cells", ""]
+        lines += ["## Failed runs", ""]
         lines += [f"- {r.attack} x {r.defense}, {r.n_byzantine} Byzantine, {r.partition}: {r.error}"
                   for r in errors.itertuples()]
         lines.append("")
-    lines += ["## Accuracy per cell", "", _grid_tables(df)]
+    lines += ["## Accuracy per cell (mean ± 95% half-width over seeds)", "", _grid_tables(df)]
     Path(path).write_text("\n".join(lines))
     return Path(path)
+
+
+def _heat(ax, mat, text, xlabels, ylabels, cmap):
+    import numpy as np
+
+    im = ax.imshow(np.ma.masked_invalid(mat), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+    for (y, x), txt in text.items():
+        val = mat[y, x]
+        ax.text(x, y, txt, ha="center", va="center", fontsize=5.5,
+                color="white" if (val == val and val < 0.6) else "black")
+    ax.set_xticks(range(len(xlabels)), xlabels, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(ylabels)), ylabels, fontsize=7)
+    return im
+
+
+def _ci_text(r) -> str:
+    """``mean`` over ``±half-width`` in percent, for a heatmap cell."""
+    if math.isnan(r["ci95_low"]):
+        return f"{100 * r['mean']:.0f}"
+    return f"{100 * r['mean']:.0f}\n±{100 * half_width(r):.0f}"
 
 
 def plot_heatmap(df: pd.DataFrame, path: str | Path) -> Path:
@@ -889,8 +1488,8 @@ def plot_heatmap(df: pd.DataFrame, path: str | Path) -> Path:
     fr = sorted(sub["n_byzantine"].unique()) or [0]
     attacks = sorted(sub["attack"].unique())
     defs = list(dict.fromkeys(sub["defense"]))
-    w = max(4.0, 0.55 * len(defs) + 1.8)
-    h = max(2.5, 0.4 * len(attacks) + 1.6)
+    w = max(4.0, 0.6 * len(defs) + 1.8)
+    h = max(2.5, 0.5 * len(attacks) + 1.6)
     fig, axes = plt.subplots(len(parts), len(fr), figsize=(w * len(fr) + 1.2, h * len(parts) + 0.6),
                              squeeze=False, layout="constrained")
     cmap = plt.get_cmap("viridis").with_extremes(bad="#d9d9d9")
@@ -901,24 +1500,63 @@ def plot_heatmap(df: pd.DataFrame, path: str | Path) -> Path:
             ax = axes[i][j]
             g = sub[(sub["partition"] == p) & (sub["n_byzantine"] == b)]
             mat = np.full((len(attacks), len(defs)), np.nan)
-            for r in g.itertuples():
-                if r.status == "ok":
-                    mat[attacks.index(r.attack), defs.index(r.defense)] = r.accuracy
-            im = ax.imshow(np.ma.masked_invalid(mat), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
-            for r in g.itertuples():
-                y, x = attacks.index(r.attack), defs.index(r.defense)
-                txt = f"{100 * r.accuracy:.0f}" if r.status == "ok" else marks.get(r.status, "?")
-                val = r.accuracy if r.status == "ok" else 1.0
-                ax.text(x, y, txt, ha="center", va="center", fontsize=7, color="white" if val < 0.6 else "black")
-            ax.set_xticks(range(len(defs)), defs, rotation=60, ha="right", fontsize=7)
-            ax.set_yticks(range(len(attacks)), attacks, fontsize=7)
+            text = {}
+            for r in g.to_dict("records"):
+                y, x = attacks.index(r["attack"]), defs.index(r["defense"])
+                if r["status"] == "ok":
+                    mat[y, x] = r["mean"]
+                    text[(y, x)] = _ci_text(r)
+                else:
+                    text[(y, x)] = marks.get(r["status"], "?")
+            im = _heat(ax, mat, text, defs, attacks, cmap)
             n = int(g["n_peers"].iloc[0]) if len(g) else 0
-            clean = g["clean_accuracy"].iloc[0] if len(g) else float("nan")
-            ax.set_title(f"{p}, {b}/{n} Byzantine ({100 * b / max(n, 1):.0f}%); clean {clean:.3f}", fontsize=8)
+            clean = fmt_ci(*g[["clean_accuracy", "clean_ci95_low", "clean_ci95_high"]].iloc[0]) if len(g) else "-"
+            ax.set_title(f"{p}, {b}/{n} Byzantine ({100 * b / max(n, 1):.0f}%); clean {clean}", fontsize=8)
     if im is not None:
-        fig.colorbar(im, ax=axes, shrink=0.6, label="final honest accuracy")
-    fig.suptitle("Byzantine grid: final honest accuracy (%), attack x defense; R = refused by the rule's "
-                 "(n, f) condition, E = run failed, blank = not computed", fontsize=9)
+        fig.colorbar(im, ax=axes, shrink=0.6, label="final honest accuracy (mean over seeds)")
+    fig.suptitle("Byzantine grid: final honest accuracy (%), mean over seeds ± 95% half-width, attack x "
+                 "defense; R = refused by the rule's (n, f) condition, E = run failed, blank = not computed",
+                 fontsize=9)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_worst_case(df: pd.DataFrame, path: str | Path) -> Path:
+    """Heatmap of the worst case over the attacks per (partition, Byzantine fraction) x defense, annotated
+    with mean ± 95% half-width and the worst attack; the max-min choice of each row is boxed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    wc = worst_case_frame(df)
+    n = int(df["n_peers"].iloc[0]) if len(df) else 1
+    keys = sorted({(p, int(b)) for p, b in zip(wc["partition"], wc["n_byzantine"], strict=True)},
+                  key=lambda k: (k[0] != "iid", k[0], k[1]))
+    ylabels = [_column_name(p, b, n) for p, b in keys] or ["(none)"]
+    defs = [d for d in dict.fromkeys(df["defense"]) if d in set(wc["defense"])]
+    mat = np.full((max(1, len(keys)), max(1, len(defs))), np.nan)
+    text = {}
+    for r in wc.to_dict("records"):
+        y, x = keys.index((r["partition"], r["n_byzantine"])), defs.index(r["defense"])
+        if r["status"] == "ok":
+            mat[y, x] = r["mean"]
+            text[(y, x)] = f"{_ci_text(r)}\n{r['worst_attack']}"
+        else:
+            text[(y, x)] = {"refused": "R", "error": "E"}.get(r["status"], "")
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.0 * len(defs) + 2.5), max(2.5, 0.75 * len(keys) + 1.8)),
+                           layout="constrained")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#d9d9d9")
+    im = _heat(ax, mat, text, defs, ylabels, cmap)
+    for r in wc[wc["maxmin"] == "best"].to_dict("records"):
+        y, x = keys.index((r["partition"], r["n_byzantine"])), defs.index(r["defense"])
+        ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
+    fig.colorbar(im, ax=ax, shrink=0.8, label="worst-case accuracy over the attacks")
+    ax.set_title("Worst case per defense: lowest mean accuracy over the attacks (%) ± 95% half-width, and "
+                 "that attack;\nred box = max-min choice of the row; R = refused by the rule", fontsize=8)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
@@ -943,19 +1581,24 @@ def plot_curves(df: pd.DataFrame, path: str | Path, max_attacks: int = 4) -> Pat
                              squeeze=False, sharey=True)
     defs = list(dict.fromkeys(df["defense"]))
     colors = {d: plt.get_cmap("tab10")(i % 10) for i, d in enumerate(defs)}
+
+    def draw(ax, row, **kw):
+        pts, band = json.loads(row["curve"]), json.loads(row["curve_band"])
+        if pts:
+            ax.plot(*zip(*pts, strict=True), **kw)
+        if band and row["seeds"] > 1:
+            r, lo, hi = zip(*band, strict=True)
+            ax.fill_between(r, lo, hi, color=kw.get("color"), alpha=0.15, lw=0)
+
     for i, p in enumerate(parts):
         clean = df[(df["partition"] == p) & (df["n_byzantine"] == 0) & (df["defense"] == "mean")
                    & (df["status"] == "ok")]
         for j, a in enumerate(attacks):
             ax = axes[i][j]
-            for r in sub[(sub["partition"] == p) & (sub["attack"] == a)].itertuples():
-                pts = json.loads(r.curve)
-                if pts:
-                    ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=r.defense, color=colors[r.defense])
+            for r in sub[(sub["partition"] == p) & (sub["attack"] == a)].to_dict("records"):
+                draw(ax, r, marker="o", ms=3, label=r["defense"], color=colors[r["defense"]])
             if len(clean):
-                pts = json.loads(clean["curve"].iloc[0])
-                if pts:
-                    ax.plot(*zip(*pts, strict=True), color="black", ls="--", lw=1, label="mean, no attack")
+                draw(ax, clean.iloc[0].to_dict(), color="black", ls="--", lw=1, label="mean, no attack")
             n = int(df["n_peers"].iloc[0]) if len(df) else 0
             ax.set_title(f"{a}, {nb}/{n} Byzantine, {p}", fontsize=9)
             ax.set_xlabel("round")
@@ -966,7 +1609,8 @@ def plot_curves(df: pd.DataFrame, path: str | Path, max_attacks: int = 4) -> Pat
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=7,
                    bbox_to_anchor=(0.5, -0.02 - 0.03 * (len(labels) // 6)))
-    fig.suptitle("Honest accuracy during training under attack", fontsize=10)
+    fig.suptitle("Honest accuracy during training under attack: mean over seeds, band = lowest to highest "
+                 "seed", fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -976,11 +1620,16 @@ def plot_curves(df: pd.DataFrame, path: str | Path, max_attacks: int = 4) -> Pat
 def write_reports(df: pd.DataFrame, out_dir: str | Path, t: Training, stem: str = "byzantine") -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": out / f"{stem}.csv", "md": out / f"{stem}.md",
-             "heatmap": out / f"{stem}_heatmap.png", "curves": out / f"{stem}_curves.png"}
+    paths = {"csv": out / f"{stem}.csv", "seeds": out / f"{stem}_seeds.csv",
+             "worstcase_csv": out / f"{stem}_worstcase.csv", "md": out / f"{stem}.md",
+             "heatmap": out / f"{stem}_heatmap.png", "worstcase": out / f"{stem}_worstcase.png",
+             "curves": out / f"{stem}_curves.png"}
     df.to_csv(paths["csv"], index=False)
+    seeds_frame(df).to_csv(paths["seeds"], index=False)
+    worst_case_frame(df).to_csv(paths["worstcase_csv"], index=False)
     write_markdown(df, paths["md"], t, csv_name=paths["csv"].name)
     plot_heatmap(df, paths["heatmap"])
+    plot_worst_case(df, paths["worstcase"])
     plot_curves(df, paths["curves"])
     return paths
 
@@ -997,12 +1646,17 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--out", default=str(DEFAULT_OUT), help=f"report directory (default: {DEFAULT_OUT})")
     p.add_argument("--cache", default=str(DEFAULT_CACHE), help=f"cache directory (default: {DEFAULT_CACHE})")
     p.add_argument("--workers", type=int, default=2, help="parallel cells (process pool; <= 1: in-process)")
-    p.add_argument("--attack", action="append", help="only this attack (repeatable)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="seeds per cell (default: the profile's; adding seeds computes only the new ones)")
+    p.add_argument("--attack", action="append", help="only this attack label, e.g. 'alie(z=1.5)' (repeatable)")
     p.add_argument("--defense", action="append", help="only this defense configuration (repeatable)")
     p.add_argument("--fraction", action="append", type=float, help="only this Byzantine fraction (repeatable)")
     p.add_argument("--partition", action="append", choices=PARTITIONS, help="only this partition (repeatable)")
     p.add_argument("--no-cache", action="store_true", help="recompute every cell (results are still cached)")
-    p.add_argument("--list", action="store_true", help="print the grid's cells and their status, run nothing")
+    p.add_argument("--list", action="store_true",
+                   help="print the grid's runs and their status, and the estimate; run nothing")
+    p.add_argument("--estimate", action="store_true",
+                   help="print the number of runs (refused, cached, to run) and the expected time; run nothing")
     p.add_argument("--report-only", action="store_true",
                    help="write the reports from the cached cells only (the others are 'missing'), run nothing")
     return p
@@ -1015,28 +1669,39 @@ def selected_profile(name: str | None = None) -> str:
     return name
 
 
+def describe_estimate(est: dict[str, Any], profile: str) -> str:
+    t = est["training"]
+    return (f"{profile}: {est['rows']} rows x {est['seeds']} seed(s) -> {est['runs']} runs: {est['refused']} "
+            f"refused, {est['cached']} cached, {est['to_run']} to run; ~{est['cell_seconds']:.0f} s per run "
+            f"({t.rounds} rounds) with {est['workers']} worker(s): about {_hours(est['seconds'])}")
+
+
 def run_args(args: argparse.Namespace) -> int:
+    filters = {"attacks": args.attack, "defenses": args.defense, "fractions": args.fraction,
+               "partitions": args.partition, "seeds": args.seeds}
     try:
         profile = selected_profile(args.profile)
-        if args.list:
-            t, rows, runs = plan(profile, attacks=args.attack, defenses=args.defense, fractions=args.fraction,
-                                 partitions=args.partition)
-            for c in runs:
-                msg = refusal(c, t)
-                state = "refused" if msg else ("cached" if cache_read(args.cache, cell_key(c, t)) else "to run")
-                print(f"{state:8s} {c.describe(t.n_peers)}")
+        if args.list or args.estimate:
+            est = estimate(profile, None if args.no_cache else args.cache, args.workers, **filters)
+            if args.list:
+                t, _, runs = plan(profile, **filters)
+                todo = set(est["todo"])
+                for c in runs:
+                    state = "to run" if c in todo else ("refused" if refusal(c, t) else "cached")
+                    print(f"{state:8s} {c.describe(t.n_peers)}")
+            print(describe_estimate(est, profile))
             return 0
-        df = run_grid(profile, args.out, args.cache, args.workers, attacks=args.attack, defenses=args.defense,
-                      fractions=args.fraction, partitions=args.partition, use_cache=not args.no_cache,
-                      compute=not args.report_only)
+        df = run_grid(profile, args.out, args.cache, args.workers, use_cache=not args.no_cache,
+                      compute=not args.report_only, **filters)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     best = best_defenses(df)
     if not best.empty:
-        print(best.to_string(index=False))
-    n_err = int((df.drop_duplicates("key")["status"] == "error").sum())
-    print(f"{len(df)} rows, {df.attrs['computed']} runs computed in {df.attrs['wall_s'] / 60:.1f} min, "
+        print(best[["attack", "seeds", "best_defense", "accuracy", "ci95_low", "ci95_high", "indistinguishable",
+                    "gap"]].to_string(index=False))
+    n_err = int((distinct_runs(df)["status"] == "error").sum())
+    print(f"{len(df)} rows, {df.attrs['computed']} runs computed in {_hours(df.attrs['wall_s'])}, "
           f"{n_err} failed; reports in {args.out}")
     return 1 if n_err else 0
 
@@ -1049,5 +1714,7 @@ if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
 
 
-__all__ = ["run_grid", "main", "plan", "run_cell", "Training", "Profile", "PROFILES", "Cell", "DefenseConfig",
-           "defense_configs", "best_defenses", "write_reports", "cell_key", "refusal", "VERSION"]
+__all__ = ["run_grid", "main", "plan", "estimate", "run_cell", "final_accuracy", "Training", "Profile", "PROFILES",
+           "Cell", "DefenseConfig", "AttackConfig", "LITERATURE_ATTACKS", "defense_configs", "attack_configs",
+           "seed_stats", "t975", "best_defenses", "worst_case", "worst_case_frame", "max_min", "seeds_frame",
+           "write_reports", "cell_key", "refusal", "strength", "VERSION"]
