@@ -37,6 +37,12 @@ override ``outgoing``: it receives the recipients' peer indices and returns a ve
             v = self(honest=honest, own=own)
             return {q: v if q % 2 == 0 else -v for q in recipients}
 
+An attack on the peer-to-peer protocol itself (kind "protocol": equivocation, dissensus, omission,
+rushing, round-mark inflation, state poisoning, framing, stale replay) derives from
+:class:`attacks._protocol.ProtocolAttack`, whose hooks say what the Byzantine peer does besides choosing
+its vector: whom it sends to, when, the round mark it advertises, the state it serves joiners, whom it
+frames, which earlier messages it replays.
+
 An adaptive attack, tuned against the defense the honest peers run (``optimal_alie``, ``optimal_ipm``,
 ``adaptive_equivocation``), also derives from :class:`attacks._adaptive.Adaptive`: the Byzantine peer
 hands it that rule as ``defense=`` (see :mod:`attacks._adaptive`).
@@ -51,6 +57,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._base import Attack, AttackInfo, DataAttack, ModelAttack, register, registry
+from ._protocol import ProtocolAttack
 
 registry.load_package(__name__, __path__)
 
@@ -61,9 +68,10 @@ def get(name: str, **params: Any) -> Attack:
 
 
 def names(kind: str | None = None, omniscient: bool | None = None) -> list[str]:
-    """Sorted registered names, optionally filtered by ``kind`` ("data"/"model") and ``omniscient``."""
-    if kind not in (None, "data", "model"):
-        raise ValueError(f"kind must be None, 'data' or 'model' (got {kind!r})")
+    """Sorted registered names, optionally filtered by ``kind`` ("data"/"model"/"protocol") and
+    ``omniscient``."""
+    if kind not in (None, "data", "model", "protocol"):
+        raise ValueError(f"kind must be None, 'data', 'model' or 'protocol' (got {kind!r})")
     out = []
     for n in registry.names():
         cls = registry.cls(n)
@@ -77,4 +85,5 @@ def info(name: str) -> AttackInfo:
     return registry.info(name)
 
 
-__all__ = ["get", "names", "info", "register", "Attack", "ModelAttack", "DataAttack", "AttackInfo"]
+__all__ = ["get", "names", "info", "register", "Attack", "ModelAttack", "DataAttack", "ProtocolAttack",
+           "AttackInfo"]

@@ -17,7 +17,9 @@ class AttackInfo:
     """Metadata of a registered attack, as returned by :func:`attacks.info`."""
 
     name: str
-    kind: str  # "data" (poisons the training data) | "model" (forges the published vector)
+    #: "data" (poisons the training data) | "model" (forges the published vector) | "protocol" (also
+    #: attacks the exchange: whom it sends to and when, marks, states, evidence, replays)
+    kind: str
     omniscient: bool  # True if it reads the honest peers' published vectors of the round
     summary: str
     reference: str
@@ -54,6 +56,15 @@ registry = Registry("attack", _describe)
 def register(name: str, aliases: tuple[str, ...] = ()):
     """Class decorator: register an attack under ``name`` (``aliases`` are also accepted by ``get``)."""
     return registry.register(name, aliases)
+
+
+def honest_input(owner: str, honest: Any) -> tuple[np.ndarray, Any]:
+    """The honest vectors an omniscient attack's ``outgoing`` was given, as an (h, d) float64 matrix, and
+    the function restoring a (d,) result to their kind; an error naming ``owner`` when there are none."""
+    if honest is None:
+        raise ValueError(f"{owner} is omniscient: it needs the honest vectors (h, d) of the round")
+    x, restore = as_matrix(honest, "honest")
+    return x.astype(np.float64), restore
 
 
 class Attack:

@@ -7,11 +7,11 @@ from typing import Any
 
 import numpy as np
 
-from defenses._arrays import as_matrix, as_vector
+from defenses._arrays import as_vector
 from defenses._registry import choice_param, int_param
 
 from ._adaptive import Adaptive, Search, interval, scale_interval, search_strength
-from ._base import ModelAttack, register
+from ._base import ModelAttack, honest_input, register
 
 
 def _views(owner: str, views: Any) -> dict[int, tuple[int, ...]] | None:
@@ -164,16 +164,13 @@ class AdaptiveEquivocation(Adaptive, ModelAttack):
         peers = [int(q) for q in recipients]
         if not peers:
             return {}
-        if honest is None:
-            raise ValueError(f"{self.name} is omniscient: it needs the honest vectors (h, d) of the round")
-        x, restore = as_matrix(honest, "honest")
+        x, restore = honest_input(self.name, honest)
         if own is not None:  # the output follows `own` when given, as the attack's __call__ does
             v, restore = as_vector(own, "own")
             if v.shape[0] != x.shape[1]:
                 raise ValueError(
                     f"{self.name}: honest vectors have length {x.shape[1]} but own has length {v.shape[0]}"
                 )
-        x = x.astype(np.float64)
         family = self.family(x)
         searches: dict[tuple[int, ...] | None, Search] = {}
         vectors: dict[float, Any] = {}

@@ -92,3 +92,26 @@ class AggregationPath:
 def choose_path(backend: Backend, defense) -> AggregationPath:
     """The aggregation path of a peer with ``backend`` aggregating with ``defense``."""
     return AggregationPath(defense, backend, runs_in_database(backend, defense))
+
+
+class Rule:
+    """A peer's aggregation rule as configured (``aggregation.defense``, ``.params``, ``.pre``), with its
+    ``f`` lowered by the members proven Byzantine (banned for equivocating): they send nothing we count
+    any more, and the others hold at most the rest of the f. Without that, a group of 5 tolerating 2
+    that banned both would be left with 3 vectors, too few for a trimmed mean tolerating 2. One path is
+    chosen per number of proven members (:func:`choose_path`)."""
+
+    def __init__(self, cfg, backend: Backend):
+        self.cfg, self.backend = cfg, backend
+        self._paths: dict[int, AggregationPath] = {}
+
+    def path(self, proven: int = 0) -> AggregationPath:
+        if proven not in self._paths:
+            import defenses
+
+            a = self.cfg.aggregation
+            params = dict(a.params)
+            if "f" in params:
+                params["f"] = max(0, int(params["f"]) - proven)
+            self._paths[proven] = choose_path(self.backend, defenses.get(a.defense, pre=a.pre or None, **params))
+        return self._paths[proven]

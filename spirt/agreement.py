@@ -22,9 +22,12 @@ interval) and decides, from what it read alone, one of three verdicts (:func:`de
   our heartbeat, serve joins, and probe again. The same holds within a round: when the vectors that
   reached our barrier (ours included) are no strict majority of the group, the round's update is not
   applied (:class:`NoQuorum`) and we wait.
-- **train** otherwise.
+- **train** otherwise. When the last round's models differ and none is held by f + 1 peers (an
+  equivocation without signed updates to prove it), nothing can be trusted over our own: we train on,
+  and log a ``split`` event.
 
-f is the number of Byzantine members the group tolerates (the defense's ``f``). f members that agree
+f is the number of Byzantine members the group tolerates (the defense's ``f``), less the members proven
+to have equivocated (banned: they are Byzantine, so the others hold at most the rest). f members that agree
 among themselves are never f + 1, so they can neither win a comparison nor make an honest peer lag; a
 digest they copy from an honest group only lets that honest state win. Every value read here is
 parsed by :mod:`spirt.wire`; a bad one is the sender's fault (dropped, said once) and counts as no
@@ -176,6 +179,12 @@ def decide(me: int, r: int, probes: dict[int, Probe], removed: set[int], f: int,
             how = f"; they aggregated peers {' or '.join(sorted(sets))}" if sets else ""
             return Verdict("resync", f"diverged: round {r - 1} ended with digest {best[:12]} at peers "
                                      f"{groups[best]}, {my_digest[:12]} here (peers {groups[my_digest]}){how}")
+        if best is None and len(groups) > 1 and not pending:
+            # the models parted and no state has f + 1 holders: none can be trusted over ours, so we
+            # train on, and say so (equivocation nobody can prove, without signed updates)
+            held = "; ".join(f"{d[:12]} at peers {qs}" for d, qs in sorted(groups.items(), key=lambda g: g[1]))
+            return Verdict("train", f"split: round {r - 1} ended with {len(groups)} different models "
+                                    f"({held}), none held by f + 1 = {need} peers")
     return TRAIN
 
 
@@ -184,8 +193,9 @@ class Agreement:
 
     def __init__(self, index: int, db: redis.Redis, membership: Membership, f: int, rounds: int,
                  bad_value: Callable[[int, int, BadValue], None], guard: Guard | None = None, *,
-                 check_state: bool = True):
+                 check_state: bool = True, events: Callable[..., None] | None = None):
         self.index, self.db, self.membership = index, db, membership
+        self.events = events
         self.guard = guard or Guard()
         self.f, self.rounds, self.bad_value = f, rounds, bad_value
         self.check_state = check_state
@@ -267,5 +277,12 @@ class Agreement:
         probes = {q: p for q, p in probes.items() if not self.membership[q].banned}
         digest, state = self.mine(r)
         removed = {q for q, m in self.membership.members.items() if m.removed}
-        return decide(self.index, r, probes, removed, self.f, my_digest=digest, my_state=state,
-                      check_state=self.check_state)
+        # a member proven to equivocate (banned) is one of the f Byzantine members the group tolerates:
+        # among the others there are at most f - banned, so fewer holders make a state trustworthy (after
+        # a split the equivocator caused, the honest peers can then agree again)
+        proven = sum(m.banned for m in self.membership.members.values())
+        verdict = decide(self.index, r, probes, removed, max(0, self.f - proven), my_digest=digest, my_state=state,
+                         check_state=self.check_state)
+        if verdict.train and verdict.why and self.events is not None:
+            self.events(r, "split", self.index, verdict.why)
+        return verdict

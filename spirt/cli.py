@@ -264,6 +264,12 @@ def _cmd_bench_byzantine(args) -> int:
     return byz_main(_passthrough(args.rest))
 
 
+def _cmd_bench_protocol(args) -> int:
+    from .benchmarks.protocol import main as protocol_main
+
+    return protocol_main(_passthrough(args.rest))
+
+
 def _cmd_bench_faults(args) -> int:
     from .faults import main as faults_main
 
@@ -375,6 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "options: spirt bench byzantine -- --help", add_help=False)
     bb.add_argument("rest", nargs=argparse.REMAINDER)
     bb.set_defaults(func=_cmd_bench_byzantine)
+    bp = bsub.add_parser("protocol", help="attacks on the peer-to-peer protocol, f = 1, 2 of n = 5, 10 -> "
+                         "reports/byzantine_protocol.*; options: spirt bench protocol -- --help", add_help=False)
+    bp.add_argument("rest", nargs=argparse.REMAINDER)
+    bp.set_defaults(func=_cmd_bench_protocol)
     bf = bsub.add_parser("faults", help="fault-injection scenarios -> reports/faults.{md,csv}; "
                          "options: spirt bench faults -- --help", add_help=False)
     bf.add_argument("rest", nargs=argparse.REMAINDER)

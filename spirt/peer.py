@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import redis
 
-from .aggregate import choose_path
+from .aggregate import Rule
 from .agreement import Agreement, NoQuorum, Verdict, queue_digest, quorate
 from .backends import SGDConfig, get_backend
 from .byzantine import Byzantine, is_byzantine
@@ -218,14 +218,13 @@ class Peer:
         self.spec = function_spec(cfg)
         self.byzantine = is_byzantine(cfg, index)
         self.attack = Byzantine(cfg, index) if self.byzantine else None
+        if self.attack is not None:  # the state it hands to joiners is the attack's
+            self.transfer.served_state = self.attack.served_state
         # a simulated attacker does not mind diverging from the honest peers: it never resyncs for it
         self.agreement = Agreement(index, self.db, self.membership, cfg.byzantine_bound, cfg.run.rounds,
-                                   self.transfer.bad_value, self.guard, check_state=not self.byzantine)
-        import defenses
-
-        self.defense = defenses.get(cfg.aggregation.defense, pre=cfg.aggregation.pre or None,
-                                    **cfg.aggregation.params)
-        self.aggregate_path = choose_path(self.backend, self.defense)
+                                   self.transfer.bad_value, self.guard, check_state=not self.byzantine,
+                                   events=self.events)
+        self.rule = Rule(cfg, self.backend)
         self._executor = executor
         self.phase = Phase.COMPUTE
         self.start_round = 0
@@ -382,6 +381,9 @@ class Peer:
                            f"before round {r}: {verdict.why}")
 
     def _resync(self, r: int, total: int, why: str = "") -> int:
+        if self.byzantine:  # a simulated attacker left behind (the honest peers shut it out) stops there
+            self.events(r, "attacker_stopped", self.index, why or "behind the live peers")
+            return total
         self.events(r, "resync", self.index, f"{why or 'behind the live peers'}; state transfer")
         return self.join(None, total=total)
 
@@ -515,18 +517,11 @@ class Peer:
         return own
 
     def publish(self, r: int, own: bytes) -> None:
-        """PUBLISH our vector (or what our attack sends each peer) into every other peer's inbox."""
-        recipients = list(self.members)
-        outgoing = {q: own for q in recipients}
+        """PUBLISH our vector into every other peer's inbox (a Byzantine peer: what its attack says)."""
         if self.attack is not None:
-            outgoing = self.attack.outgoing(own, recipients, lambda: self._honest_vectors(r))
+            return self.attack.publish(self, r, own)
+        outgoing = {q: own for q in self.members}
         self.exchange.push(r, outgoing, self.guard.sign_outgoing(r, outgoing))
-
-    def _honest_vectors(self, r: int) -> list[bytes]:
-        """An omniscient attacker's read: the honest peers' round-r vectors, pushed to us too."""
-        honest = [q for q in self.members if q in self.attack.honest and not self.members[q].removed]
-        ready, _ = self.exchange.barrier(r, honest, self.width)
-        return list(self.exchange.read(r, ready, self.width).values())
 
     def aggregate(self, r: int, ready: list[int], excluded: list[str], m: RoundMetrics) -> str:
         """AGGREGATE our average and every vector that arrived (checked first), in peer order so that
@@ -555,7 +550,7 @@ class Peer:
         m.peers_excluded = " ".join(excluded)
         m.peers_aggregated = len(in_keys)
         m.members = self.membership.size()
-        self.aggregate_path(self.db, in_keys, K.agg(r), ttl_ms=ROUND_KEY_TTL_MS)
+        self.rule.path(len(self.membership.banned()))(self.db, in_keys, K.agg(r), ttl_ms=ROUND_KEY_TTL_MS)
         return arrived
 
     def update(self, r: int, arrived: str, m: RoundMetrics) -> tuple[int, list]:

@@ -11,6 +11,7 @@ import multiprocessing as mp
 import secrets
 import threading
 import time
+from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -148,7 +149,8 @@ def state_config(state_dir: str | Path) -> Config:
 
 
 def run_training(cfg: Config, *, progress: bool = True, timeout_s: float | None = None,
-                 state_dir: str | Path | None = None, resume: bool = False) -> pd.DataFrame:
+                 state_dir: str | Path | None = None, resume: bool = False,
+                 joiners: Mapping[int, int] | None = None, peer_failures: str = "raise") -> pd.DataFrame:
     """Train; returns the per-round, per-peer metrics (also left in the peers' databases until stop).
 
     ``state_dir``: the databases keep their files there (persistence on, every write on disk before
@@ -157,9 +159,21 @@ def run_training(cfg: Config, *, progress: bool = True, timeout_s: float | None 
     their files and every peer goes on after the last round its database completed.
 
     ``df.attrs["final_states"]`` is the number of distinct final models among the honest peers: a run
-    that ended with more than one did not end right."""
+    that ended with more than one did not end right. ``df.attrs["events"]`` holds every peer's events.
+
+    ``joiners`` (peers as threads only): ``{peer: round}``, peers that are not part of the group at the
+    start and ask to join it once peer 0 completed that round (they take the state of the others by
+    state transfer, as a newcomer does).
+
+    ``peer_failures`` (peers as threads only): "raise" (a peer that fails fails the run) or "report" (the
+    run goes on with the others, and ``df.attrs["peer_failures"]`` maps each failed peer to its error: an
+    attack's effect to measure, such as honest peers giving up without a quorum)."""
     if resume and state_dir is None:
         raise TrainingError("resume needs the state directory of the run")
+    if joiners and (cfg.peers.mode == "process" or resume or cfg.peers.urls):
+        raise TrainingError("joiners are peers started as threads of a new run on servers it starts")
+    if peer_failures not in ("raise", "report") or (peer_failures == "report" and cfg.peers.mode == "process"):
+        raise TrainingError("peer_failures is 'raise', or 'report' with peers as threads")
     cfg, client = _launcher_access(cfg)
     admins = _Admins(cfg)
     with ExitStack() as stack:
@@ -199,13 +213,15 @@ def run_training(cfg: Config, *, progress: bool = True, timeout_s: float | None 
         observer = _observer(cfg, urls, client)
         stack.callback(observer.stop)
         t0 = time.perf_counter()
+        failures: dict[int, str] = {}
         try:
             if cfg.peers.mode == "process":
                 _run_processes(cfg, urls, c0, stack, shower, timeout_s, client, resume, observer, admins)
             else:
                 shower.start()
                 observer.__enter__()
-                _run_threads(cfg, urls, timeout_s, resume, admins)
+                failures = _run_threads(cfg, urls, timeout_s, resume, admins, dict(joiners or {}), c0,
+                                        raise_failures=peer_failures == "raise")
         except TrainingError as exc:
             causes = _server_causes(servers if not cfg.peers.urls else [])
             if causes:
@@ -216,9 +232,26 @@ def run_training(cfg: Config, *, progress: bool = True, timeout_s: float | None 
             shower.join(5)
         observer.stop()
         df = _with_disagreement(_collect(urls, client), cfg, observer)
+        df.attrs["events"] = collect_events(urls, client)
+        df.attrs["peer_failures"] = failures
         df.attrs["wall_s"] = time.perf_counter() - t0
         df.attrs["final_states"] = final_states(cfg, urls, client)
         return df
+
+
+def collect_events(urls: list[str], client=_plain_client) -> pd.DataFrame:
+    """Every peer's events (``t``, ``round``, ``peer``: who logged it, ``event``, ``about``: whom it is
+    about, ``detail``), in time order; a database that does not answer gives none."""
+    rows = []
+    for i, url in enumerate(urls):
+        try:
+            c = client(url, socket_timeout=10)
+            rows += [json.loads(x) for x in c.lrange(Keys(i).events, 0, -1)]
+            c.close()
+        except redis.RedisError:
+            continue
+    df = pd.DataFrame(rows, columns=["t", "round", "peer", "event", "about", "detail"])
+    return df.sort_values("t", ignore_index=True)
 
 
 def _server_causes(servers: list) -> str:
@@ -331,18 +364,35 @@ def _run_processes(cfg, urls, c0, stack, shower, timeout_s, client=_plain_client
         raise TrainingError(f"peer orchestrator(s) failed: {', '.join(failed)}")
 
 
-def _run_threads(cfg, urls, timeout_s, resume=False, admins=lambda i: None):
-    peers = [Peer(cfg, i, urls, admin=admins(i)) for i in range(len(urls))]
+def _run_threads(cfg, urls, timeout_s, resume=False, admins=lambda i: None, joiners: dict[int, int] | None = None,
+                 c0: redis.Redis | None = None, raise_failures: bool = True) -> dict[int, str]:
+    """Peers as threads of this process; ``joiners`` wait until peer 0 (read through ``c0``, the
+    launcher's client of its database) completed their round, then join. Returns the peers that failed
+    with their errors (when not ``raise_failures``)."""
+    joiners = joiners or {}
+    # the group at the start does not know the joiners; a joiner knows everyone (it asks them to admit it)
+    start_urls = [None if i in joiners else u for i, u in enumerate(urls)]
+    peers = [Peer(cfg, i, urls if i in joiners else start_urls, admin=admins(i)) for i in range(len(urls))]
     errors: list[BaseException] = []
+    failed: dict[int, str] = {}
+    done = threading.Event()
 
     def body(p: Peer):
         try:
+            if p.index in joiners:
+                p.init_eval_state()
+                while not done.is_set() and completed(c0) < joiners[p.index]:
+                    time.sleep(0.05)
+                p.join()
             p.run()
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
+            failed[p.index] = f"{type(exc).__name__}: {exc}"[:500]
 
     try:
         for p in peers:
+            if p.index in joiners:
+                continue
             if resume:
                 p.resume()
             else:
@@ -352,13 +402,25 @@ def _run_threads(cfg, urls, timeout_s, resume=False, admins=lambda i: None):
             t.start()
         for t in threads:
             t.join(timeout_s)
+        done.set()
         if any(t.is_alive() for t in threads):
             raise TrainingError(f"training did not finish within {timeout_s} s")
-        if errors:
+        if errors and raise_failures:
             raise TrainingError(f"peer failed: {errors[0]!r}") from errors[0]
+        return failed
     finally:
+        done.set()
         for p in peers:
             p.close()
+
+
+def completed(c0: redis.Redis) -> int:
+    """The last round peer 0 completed, from its state (``round|digest``, which the launcher of a secured
+    run may read); -1 before its first, or when it does not answer."""
+    try:
+        return int(c0.get(Keys(0).state).partition(b"|")[0])
+    except (AttributeError, TypeError, ValueError, redis.RedisError):
+        return -1
 
 
 # -- reports -----------------------------------------------------------------------------------------

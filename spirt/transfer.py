@@ -32,6 +32,7 @@ import json
 import secrets
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import redis
 
@@ -70,6 +71,9 @@ class StateTransfer:
         self._bad: set[tuple[int, str]] = set()  # the bad values said, by sender and reason
         self._finished: set[int] = set()  # members found done by the last liveness read
         self._joining: set[int] = set()  # members found sitting out for a state transfer of their own
+        #: (params, momentum) -> the state we hand to joiners; None: our own (a Byzantine peer's attack
+        #: may change it, see spirt.byzantine)
+        self.served_state: Callable[[bytes, bytes | None], tuple[bytes, bytes | None]] | None = None
 
     # -- serving joiners ----------------------------------------------------------------------------
     def requests(self, r: int, scanned: tuple[int, list] | None = None) -> list[tuple[bytes, int, str, int]]:
@@ -153,14 +157,18 @@ class StateTransfer:
         meta = {"round": first - 1, "from": self.index,
                 "members": {str(q): m.url for q, m in self.membership.current().items()},
                 "self_url": self.url}
-        if self.guard.signs:  # signed: the state is read (atomically), signed, and written back with it
+        if self.guard.signs or self.served_state is not None:
+            # the state is read (atomically), maybe changed, signed, and written back with its signature
             params, momentum = self.db.pipeline(transaction=True).get(K.params).get(K.momentum).execute()
+            if self.served_state is not None:
+                params, momentum = self.served_state(params, momentum)
             pipe = self.db.pipeline(transaction=True)
             pipe.set(K.snapshot(first, "params"), params, px=ROUND_KEY_TTL_MS)
             if momentum is not None:
                 pipe.set(K.snapshot(first, "momentum"), momentum, px=ROUND_KEY_TTL_MS)
-            pipe.set(K.snapshot(first, "sig"), self.guard.sign_snapshot(first - 1, params, momentum),
-                     px=ROUND_KEY_TTL_MS)
+            sig = self.guard.sign_snapshot(first - 1, params, momentum)
+            if sig is not None:
+                pipe.set(K.snapshot(first, "sig"), sig, px=ROUND_KEY_TTL_MS)
         else:  # nothing crosses the wire
             pipe = self.db.pipeline(transaction=True)
             pipe.execute_command("COPY", K.params, K.snapshot(first, "params"), "REPLACE")
@@ -173,8 +181,10 @@ class StateTransfer:
     # -- catching up --------------------------------------------------------------------------------
     @property
     def f(self) -> int:
-        """How many Byzantine members the group tolerates: the defense's ``f``."""
-        return self.cfg.byzantine_bound
+        """How many Byzantine members the group tolerates: the defense's ``f``, less the members proven to
+        be Byzantine (banned for equivocating: among the others there are at most that many)."""
+        proven = sum(m.banned for m in self.membership.members.values())
+        return max(0, self.cfg.byzantine_bound - proven)
 
     def bad_value(self, r: int, q: int, exc: BadValue) -> None:
         """A value peer q wrote does not parse: it is dropped, and said once per sender and reason (the

@@ -348,7 +348,7 @@ def test_byzantine_peer_sends_the_tuned_vector_encoded_once():
     honest = honest_set(1).astype(np.float32)
     raw = [as_f32_bytes(v).tobytes() for v in honest]
     peer = Byzantine(_config(**{"attack.name": "adaptive_equivocation"}), N - 1)
-    out = peer.outgoing(raw[0], list(range(N)), lambda: raw)
+    out = peer.outgoing(raw[0], list(range(N)), lambda: dict(enumerate(raw)))
     assert len({id(b) for b in out.values()}) == 1  # every recipient in the same situation
     expected = attacks.get("optimal_alie", defense="trimmed_mean", f=F)(honest.astype(np.float64))
     np.testing.assert_allclose(from_f32_bytes(out[0]), expected, rtol=1e-5, atol=1e-5)

@@ -29,6 +29,7 @@ PROPS = settings(max_examples=40, deadline=None, database=None, derandomize=True
 # every registered attack gets the generic tests below: a new attack needs no edit here
 MODEL_ATTACKS = attacks.names(kind="model")
 DATA_ATTACKS = attacks.names(kind="data")
+PROTOCOL_ATTACKS = attacks.names(kind="protocol")  # their own tests: tests/test_protocol_attacks.py
 OMNISCIENT = attacks.names(omniscient=True)
 
 
@@ -54,10 +55,10 @@ def test_byzantine_attack_registry():
     assert {"label_flip"} <= set(DATA_ATTACKS)
     assert {"alie", "ipm", "mimic", "min_max"} <= set(OMNISCIENT)
     assert {"gaussian", "scaling", "sign_flip"} <= set(attacks.names(kind="model", omniscient=False))
-    assert attacks.names() == sorted(MODEL_ATTACKS + DATA_ATTACKS)
+    assert attacks.names() == sorted(MODEL_ATTACKS + DATA_ATTACKS + PROTOCOL_ATTACKS)
     for name in attacks.names():
         meta = attacks.info(name)
-        assert meta.name == name and meta.kind in ("data", "model") and isinstance(meta.omniscient, bool)
+        assert meta.name == name and meta.kind in ("data", "model", "protocol") and isinstance(meta.omniscient, bool)
         assert meta.summary and meta.reference
         assert meta.as_dict()["omniscient"] == meta.omniscient
         obj = make(name)
@@ -68,7 +69,7 @@ def test_byzantine_attack_registry():
 
 
 def test_byzantine_attack_unknown_name_and_bad_parameters():
-    with pytest.raises(ValueError, match="unknown attack 'nope'; allowed: adaptive_equivocation, alie, gaussian"):
+    with pytest.raises(ValueError, match="unknown attack 'nope'; allowed: adaptive_equivocation, alie, dissensus, equivocation"):
         attacks.get("nope")
     with pytest.raises(ValueError, match="kind"):
         attacks.names(kind="other")
