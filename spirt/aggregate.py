@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import redis
 
+from .agreement import NoQuorum
 from .backends import Backend, ModuleBackend
 from .tensors import as_f32_bytes, from_f32_bytes
 
@@ -115,3 +116,17 @@ class Rule:
                 params["f"] = max(0, int(params["f"]) - proven)
             self._paths[proven] = choose_path(self.backend, defenses.get(a.defense, pre=a.pre or None, **params))
         return self._paths[proven]
+
+    def __call__(self, client: redis.Redis, keys: list[str], out_key: str, proven: int = 0,
+                 ttl_ms: int | None = None) -> None:
+        """Aggregate ``keys`` into ``out_key`` with ``proven`` members known Byzantine (banned, or whose
+        vector this round failed its signature check: only the sender writes its slot). Too few vectors
+        for the rule (f Byzantine among the rest could outweigh them) is :class:`NoQuorum`: the round's
+        update is not applied, and the peer waits, as without a majority."""
+        path = self.path(proven)
+        try:
+            path.defense.check(len(keys))
+        except ValueError as exc:
+            raise NoQuorum(f"{len(keys)} vectors, too few for the rule: {exc}; the round's update is not "
+                           "applied") from None
+        path(client, keys, out_key, ttl_ms=ttl_ms)

@@ -124,9 +124,12 @@ class Exchange:
         peers that already missed a barrier): a heartbeat lives 1.5 intervals after its last refresh, so
         a crashed peer ends the wait within 1.75 intervals instead of at the deadline.
 
-        A peer that already published a later round but whose round-r vector is not here will not send
-        it (it was lost, e.g. while our database restarted): it is missing. If most awaited peers are in
-        that state, we are the one behind: :class:`Behind` is raised and the peer resynchronises.
+        A peer that already published a later round but whose round-r vector is not here may not send it
+        (it was lost, e.g. while our database restarted). If most awaited peers are in that state, we are
+        the one behind: :class:`Behind` is raised and the peer resynchronises. One such peer alone is
+        still waited for until the deadline: its round mark is a value it controls, and excluding it on
+        that mark at some peers and not at others (its vector arriving in between) would make honest
+        peers aggregate different vectors.
         """
         # the deadline counts from our push: a push that hung on a peer's database used up part of it
         start = time.monotonic() if self.pushed_at is None else self.pushed_at
@@ -137,7 +140,7 @@ class Exchange:
         waiting = sorted(peers)
         ready: list[int] = []
         dead: dict[int, tuple[str, float]] = {}
-        ahead: list[int] = []
+        ahead: set[int] = set()
         # announcements only wake us up (old ones were dropped when we announced the round): the keys
         # below are the truth
         wake = self.wake_keys()
@@ -158,13 +161,10 @@ class Exchange:
                         passed.append(q)
                 if passed:  # re-check: the vector may have landed just before the mark moved on
                     late = self.inbox(r, passed)
-                    for q in passed:
+                    for q in late:
                         waiting.remove(q)
-                        if q in late:
-                            ready.append(q)
-                        else:
-                            ahead.append(q)
-                            dead[q] = (f"ahead (published a later round), its round {r} vector lost", time.time())
+                        ready.append(q)
+                    ahead = {q for q in passed if q not in late}
                     if len(ahead) * 2 > len(peers):
                         raise Behind(f"round {r}: peers {sorted(ahead)} of {sorted(peers)} finished it without "
                                      "our inbox receiving their vectors")

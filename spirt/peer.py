@@ -550,7 +550,8 @@ class Peer:
         m.peers_excluded = " ".join(excluded)
         m.peers_aggregated = len(in_keys)
         m.members = self.membership.size()
-        self.rule.path(len(self.membership.banned()))(self.db, in_keys, K.agg(r), ttl_ms=ROUND_KEY_TTL_MS)
+        proven = len(self.membership.banned()) + m.updates_rejected  # their own signatures convict them
+        self.rule(self.db, in_keys, K.agg(r), proven, ttl_ms=ROUND_KEY_TTL_MS)
         return arrived
 
     def update(self, r: int, arrived: str, m: RoundMetrics) -> tuple[int, list]:
