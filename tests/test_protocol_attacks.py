@@ -96,9 +96,9 @@ def test_byzantine_protocol_plan_and_refusals():
 # -- mounted in real training ------------------------------------------------------------------------
 
 
-def _mount(attack: str, mode: str = "open", joiner: bool = False, **params):
-    run = Run(attack, 5, 1, mode, joiner)
-    df = train(run, T, params)
+def _mount(attack: str, mode: str = "open", joiner: bool = False, n: int = 5, t: Training = T, **params):
+    run = Run(attack, n, 1, mode, joiner)
+    df = train(run, t, params)
     return df, df.attrs["events"], measure(df, run)
 
 
@@ -154,6 +154,50 @@ def test_byzantine_inflated_marks_make_no_honest_peer_resync():
     df, events, m = _mount("mark_inflation", "open", ahead=3)
     assert m["honest_resyncs"] == 0 and m["rounds_done"] == T.rounds
     assert m["final_states"] == 1 and m["honest_excluded"] == []
+
+
+def test_byzantine_a_mark_ahead_does_not_drop_a_vector_on_its_way():
+    # the defense: the barrier does not drop a vector on its sender's mark alone (Exchange.barrier).
+    # When it did, an attacker advertising a later round was excluded at the peers whose barrier looked
+    # before its vector landed and aggregated at the others: 10 signed peers under mark_inflation ended
+    # the training with 4 different models. Here peer 1 says it published round 5 while its round-0
+    # vector is still on its way (0.8 s, within the 3 s deadline): it must be waited for (peer 2, in
+    # its round, makes the one peer ahead a minority: a majority ahead means that we are behind).
+    import threading
+    import time
+
+    from spirt.config import load_config
+    from spirt.keys import Keys
+    from spirt.peer import Peer
+    from spirt.servers import start_server
+
+    cfg = load_config(None, {"peers.count": 3, "run.rounds": 10, "model.name": "mlp",
+                             "barrier.timeout_s": 3.0, "membership.heartbeat_s": 1.0})
+    servers = [start_server("valkey", unix_socket=True) for _ in range(3)]
+    peer = None
+    try:
+        c0 = servers[0].client()
+        for q, mark in ((1, 5), (2, 0)):
+            servers[q].client().set(Keys(q).alive, 1, px=60_000)
+            servers[q].client().set(Keys(q).ready, mark)
+        peer = Peer(cfg, 0, [s.url for s in servers])
+        peer.init_params()
+        c0.set(Keys(0).incoming(2, 0), b"\0" * peer.width)
+
+        def lands_late():
+            time.sleep(0.8)
+            c0.set(Keys(0).incoming(1, 0), b"\0" * peer.width)
+
+        later = threading.Thread(target=lands_late)
+        later.start()
+        ready, missing = peer.exchange.barrier(0, [1, 2], peer.width)
+        later.join()
+        assert ready == [1, 2], f"a vector on its way was dropped on its sender's mark: {missing}"
+    finally:
+        if peer is not None:
+            peer.close()
+        for s in servers:
+            s.stop()
 
 
 def test_byzantine_poisoned_state_is_not_adopted_by_a_joiner():
