@@ -5,7 +5,7 @@ Every completed round leaves, in the update's own transaction, a digest of the p
 Lua) and ``state`` = ``r|digest``. Peers that aggregated the
 same vectors in the same order hold bit-identical parameters, so equal digests mean equal models.
 
-Before each round every peer probes all the members it knows, removed ones included (liveness, round
+Before each round (and once more after the last: :meth:`Agreement.close`) every peer probes all the members it knows, removed ones included (liveness, round
 mark, the digest of the last round, the latest state; one pipeline each, bounded by the heartbeat
 interval) and decides, from what it read alone, one of three verdicts (:func:`decide`):
 
@@ -36,6 +36,7 @@ answer.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -286,3 +287,15 @@ class Agreement:
         if verdict.train and verdict.why and self.events is not None:
             self.events(r, "split", self.index, verdict.why)
         return verdict
+
+    def close(self, rounds: int, wait_s: float) -> Verdict:
+        """The comparison after the last round (``rounds``), as before every other round: models that
+        parted in the last round would otherwise end the training apart. We first wait, at most
+        ``wait_s``, for the reachable members still finishing that round (their mark says they published
+        it, their digest is not there yet), so that the first peers to finish do not decide alone."""
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and any(
+                p.reachable and p.digest is None and p.mark == rounds - 1 and not self.membership[q].banned
+                for q, p in self.probe(rounds).items()):
+            time.sleep(0.05)
+        return self.check(rounds)

@@ -6,7 +6,19 @@ parameters (the same on every peer, from the run's seed) and to evaluate the par
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future
+
 from .config import Config
+
+#: evaluations shared by the peers of one process (peers as threads hold bit-identical models most of
+#: the time: one evaluation serves them all); the most recent ones, keyed by the test set, the model
+#: and a digest of the parameters
+_SHARED: OrderedDict[tuple, Future] = OrderedDict()
+_SHARED_KEEP = 64
+_SHARED_LOCK = threading.Lock()
 
 
 class Evaluator:
@@ -39,8 +51,29 @@ class Evaluator:
         return flat.params_bytes(), flat.numel
 
     def evaluate(self, params: bytes, full: bool = False) -> tuple[float, float]:
-        """(test loss, test accuracy) of ``params``: on ``run.eval_samples`` test images, or all of them."""
+        """(test loss, test accuracy) of ``params``: on ``run.eval_samples`` test images, or all of them.
+        A peer of this process that evaluated the same parameters on the same test images already (or
+        is evaluating them now) gives its result: evaluation is deterministic."""
         from .functions import evaluate
 
-        model, flat, ds = self._build()
-        return evaluate(model, flat, ds, params, samples=0 if full else self.cfg.run.eval_samples)
+        c, samples = self.cfg, 0 if full else self.cfg.run.eval_samples
+        key = (c.data.dataset, c.data.data_dir, c.data.limit_test, c.model.name, c.model.norm, samples,
+               hashlib.blake2b(params, digest_size=16).digest())
+        with _SHARED_LOCK:
+            shared = _SHARED.get(key)
+            if shared is None:
+                mine = _SHARED[key] = Future()
+                while len(_SHARED) > _SHARED_KEEP:
+                    _SHARED.popitem(last=False)
+        if shared is not None:
+            return shared.result()
+        try:
+            model, flat, ds = self._build()
+            result = evaluate(model, flat, ds, params, samples=samples)
+        except BaseException as exc:
+            with _SHARED_LOCK:
+                _SHARED.pop(key, None)  # a failure is not shared: the next peer tries for itself
+            mine.set_exception(exc)
+            raise
+        mine.set_result(result)
+        return result

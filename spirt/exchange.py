@@ -77,6 +77,9 @@ class Exchange:
         for q, reply in replies.items():
             if isinstance(reply, redis.TimeoutError):
                 self.membership[q].stalled = True
+            refused = [x for x in (reply if isinstance(reply, list) else [reply]) if isinstance(x, redis.ResponseError)]
+            if refused:  # its inbox is not open to the round (it is behind, or re-forming): it misses our vector
+                log.warning("peer %s: round %s: peer %s refused our vector: %s", self.index, r, q, refused[0])
 
     def _push_commands(self, K: Keys, r: int, data: bytes, envelope: bytes | None) -> list[tuple]:
         """Our round-r vector into the inbox whose keys are ``K``: through TENSOR.PUSH where inboxes are

@@ -66,6 +66,10 @@ __all__ = ["Peer", "Phase", "RoundMetrics", "OwnDatabaseDown", "Behind", "functi
 
 log = logging.getLogger("spirt.peer")
 
+#: state transfers in a row before one round after which a peer gives up: each landed it where it must
+#: resynchronise again (no progress; a livelock otherwise)
+MAX_RESYNCS = 5
+
 
 class Phase(enum.Enum):
     COMPUTE = "compute"
@@ -228,6 +232,7 @@ class Peer:
         self._executor = executor
         self.phase = Phase.COMPUTE
         self.start_round = 0
+        self._resyncs: dict[int, int] = {}  # state transfers before each round
         self.width = 0  # bytes of a parameter vector
         # our parameters' version counter, known from our own updates (None: read it from the database)
         self._version: int | None = None
@@ -318,16 +323,20 @@ class Peer:
 
     # -- main loop ---------------------------------------------------------------------------------
     def run(self, rounds: int | None = None, progress=None) -> list[RoundMetrics]:
-        """Train from ``start_round`` to the configured number of rounds, recovering from a restart of
-        our own database (resume after the last completed round) and from falling behind (state
-        transfer from the live peers, as for a joining peer)."""
-        total = rounds or self.cfg.run.rounds
-        out = []
-        r = self.start_round
+        """Train from ``start_round`` to the configured number of rounds, recovering from a restart of our own
+        database (resume after the last completed round) and from falling behind (state transfer)."""
+        total, out, r = rounds or self.cfg.run.rounds, [], self.start_round
         self.guard.admit(self.members, wait_for=set(self.membership.current()))
         self.guard.limit_value_size(self.width)
-        while r < total:
+        while True:
             try:
+                if r >= total:  # our final state for late joiners, then the comparison after the last round
+                    self.transfer.snapshot(total)
+                    verdict = self.agreement.close(total, self.cfg.barrier.timeout_s + self.cfg.membership.heartbeat_s)
+                    if verdict.kind != "resync":
+                        break
+                    r = self._resync(total, total, verdict.why)
+                    continue
                 self.guard.open_inbox(r, self.width)
                 verdict = self.agreement.check(r)
                 if verdict.kind == "resync":
@@ -353,8 +362,6 @@ class Peer:
             if progress:
                 progress(m)
             r += 1
-        # the final state, for a peer that must resynchronise after the last round it could join at
-        self.transfer.snapshot(total)
         self.db.set(self.keys.done, 1)
         return out
 
@@ -375,15 +382,19 @@ class Peer:
             if verdict.train:
                 self.events(r, "quorum", self.index, f"back after {time.monotonic() - t0:.1f} s")
                 return r
-        self.events(r, "gave_up", self.index, f"no quorum for {self.cfg.membership.quorum_timeout_s:g} s: "
-                    f"{verdict.why}")
-        raise RuntimeError(f"peer {self.index}: no quorum for {self.cfg.membership.quorum_timeout_s:g} s "
-                           f"before round {r}: {verdict.why}")
+        self._give_up(r, f"no quorum for {self.cfg.membership.quorum_timeout_s:g} s before round {r}: {verdict.why}")
+
+    def _give_up(self, r: int, why: str) -> None:
+        self.events(r, "gave_up", self.index, why)
+        raise RuntimeError(f"peer {self.index}: {why}")
 
     def _resync(self, r: int, total: int, why: str = "") -> int:
         if self.byzantine:  # a simulated attacker left behind (the honest peers shut it out) stops there
             self.events(r, "attacker_stopped", self.index, why or "behind the live peers")
             return total
+        self._resyncs[r] = self._resyncs.get(r, 0) + 1
+        if self._resyncs[r] > MAX_RESYNCS:
+            self._give_up(r, f"{MAX_RESYNCS} state transfers before round {r} made no progress: {why}")
         self.events(r, "resync", self.index, f"{why or 'behind the live peers'}; state transfer")
         return self.join(None, total=total)
 

@@ -388,6 +388,9 @@ def _run_threads(cfg, urls, timeout_s, resume=False, admins=lambda i: None, join
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
             failed[p.index] = f"{type(exc).__name__}: {exc}"[:500]
+            # a failed peer looks failed to the others, as a crashed process does: its heartbeat stops
+            # now, not when the run ends (the others would count it live, and take its snapshots)
+            p.membership.close()
 
     try:
         for p in peers:

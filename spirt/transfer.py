@@ -13,9 +13,9 @@ A new peer, or one that fell behind, joins through the live peers:
 A join that fails (no live peer, no f + 1 identical snapshots in time) is retried with backoff,
 re-reading liveness each time, until ``membership.join_timeout_s``. Members sitting out for a state
 transfer of their own are asked too (they admit the joiner when they are back) but hand over nothing.
-R is at most the last round; when the live peers are in the last round already, the joiner takes the
-state they end the training with (each leaves a snapshot of it, ``snap:<rounds>:*``, when it
-finishes). A peer waiting for a quorum (:mod:`spirt.agreement`) serves joins too: it moves its round counter to the round the joiners asked
+R is at most the last round; when the live peers went past it without serving the joiner, it asks
+again, and once they finished it takes the state they end the training with (each leaves a snapshot of
+it, ``snap:<rounds>:*``, when it finishes). A peer waiting for a quorum (:mod:`spirt.agreement`) serves joins too: it moves its round counter to the round the joiners asked
 for (the rounds in between are skipped by the whole re-forming group) and snapshots its state there.
 When a peer must resynchronise is decided in :mod:`spirt.agreement`; f members alone can neither make
 an honest peer resynchronise nor choose the round it joins at or the state it adopts.
@@ -138,6 +138,9 @@ class StateTransfer:
                 self.events(r, "skipped", self.index, f"rounds {r} to {target - 1}: the group re-forms at "
                             f"round {target}, as a joiner asked")
                 r = target
+                # before the joiners take our snapshot: they train round r as soon as they have it, and
+                # an inbox still closed to round r would refuse their vectors
+                self.guard.open_inbox(r, 0)
         self.serve_joins(r - 1)
         return r
 
@@ -231,12 +234,13 @@ class StateTransfer:
         live = self._live_marks()
         if not live and not self._finished:
             raise JoinFailed("no live peer to join")
-        attested = self.attested_round(live) if live else total - 1
-        if attested >= total - 1:  # they are in the last round, or done: we take the final state
-            return self._join_final(total, deadline, {**live, **dict.fromkeys(self._finished, total - 1)})
-        # near the end we ask for the last round: a source that passes it without serving us (our
-        # request came too late) makes us retry, and then take the final state
-        first = min(attested + JOIN_AHEAD, total - 1)
+        if not live:  # they are done: we take the state they ended the training with
+            return self._join_final(total, deadline, dict.fromkeys(self._finished, total - 1))
+        # near the end we ask for the last round, also when they are in it already: a source that passes
+        # it without serving us (our request came too late) makes us retry, and once it finished we take
+        # the final state. Taking the final state at once would wait for ever on sources that wait for a
+        # quorum in the last round (which needs us): a waiting source serves a join for its round.
+        first = min(self.attested_round(live) + JOIN_AHEAD, total - 1)
         # members sitting out for a state transfer of their own are asked too (they admit us when they
         # are back), but they hand over nothing
         self.guard.open_inbox(first, 0)  # before they can push our first round

@@ -389,6 +389,37 @@ def test_a_peer_that_must_resync_in_the_last_round_takes_the_final_state(group, 
     assert [e["detail"] for e in ev if e["event"] == "joined"] == [f"state of round {ROUNDS - 1} from peers [0, 1]"]
 
 
+def test_a_peer_that_must_resync_joins_the_last_round_when_the_others_wait_for_it_there(group, servers):
+    """The others published the last round but wait for a quorum in it, which needs us: they never
+    finish, so their final state never comes. A waiting peer serves a join for its round: the joiner
+    asks for the last round and trains it with them (taking the final state at once waited for ever)."""
+    t, dbs = group(3, me=2)
+    urls = [s.url for s in servers[:3]]
+    last = ROUNDS - 1
+    _marks(dbs, {0: last, 1: last})
+    state = b"\x06" * 16
+    stop = threading.Event()
+
+    def serve_waiting():  # what Transfer.serve_waiting does at a peer waiting before the last round
+        served = set()
+        while not stop.is_set() and len(served) < 2:
+            for q in {0, 1} - served:
+                if dbs[q].get(Keys(q).join(2)) == f"{urls[2]}|{last}".encode():
+                    _snapshot(dbs[q], q, last, state, {m: urls[m] for m in range(3)}, urls[q])
+                    served.add(q)
+            stop.wait(0.05)
+
+    server = threading.Thread(target=serve_waiting)
+    server.start()
+    try:
+        assert t.join(total=ROUNDS) == (last, len(state))
+    finally:
+        stop.set()
+        server.join()
+    assert dbs[2].get(Keys(2).params) == state
+    assert "join_final" not in [e["event"] for e in _events(dbs[2], 2)]
+
+
 @pytest.mark.parametrize("backend", ["client", "lua", "module"])
 def test_the_state_digest_after_an_update_is_the_databases_own(backend):
     """The client backend computes its digest on the client, from the bytes it stores: it must equal

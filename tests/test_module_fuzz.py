@@ -12,7 +12,7 @@ checks it against a reference model written here in Python/numpy:
 - on success the reply and every key equal the model's (float32 results bit for bit, NaN where NaN;
   double results to rtol 1e-10); on failure no key changed.
 
-About 4000 examples per server flavor (well under a minute each).
+About 2700 examples per server flavor (well under a minute each).
 """
 
 from __future__ import annotations
@@ -561,7 +561,7 @@ def clients(server):
         db.close()
 
 
-@settings(max_examples=3000, **COMMON)
+@settings(max_examples=2000, **COMMON)
 @given(scenario=structured_scenarios())
 def test_fuzz_structured(clients, scenario):
     db, raw, stats = clients
@@ -569,7 +569,7 @@ def test_fuzz_structured(clients, scenario):
     stats[run_case(db, raw, cmd, args, state)] += 1
 
 
-@settings(max_examples=1000, **COMMON)
+@settings(max_examples=700, **COMMON)
 @given(scenario=random_scenarios())
 def test_fuzz_random_tokens(clients, scenario):
     db, raw, stats = clients

@@ -102,6 +102,13 @@ def _mount(attack: str, mode: str = "open", joiner: bool = False, n: int = 5, t:
     return df, df.attrs["events"], measure(df, run)
 
 
+def _story(events, df=None) -> str:
+    """The run's events, one line each, and the peers that failed, for an assertion's message (a failure
+    says what happened)."""
+    failed = [f"peer {q} failed: {why}" for q, why in (df.attrs.get("peer_failures") or {}).items()] if df is not None else []
+    return "\n".join([f"r{e.round} peer {e.peer}: {e.event} {e.about} {e.detail}" for e in events.itertuples()] + failed)
+
+
 def _events(events, kind: str, about: int | None = None):
     hit = events[(events["event"] == kind) & (events["peer"] < 4)]
     return hit if about is None else hit[hit["about"] == about]
@@ -115,8 +122,8 @@ def test_byzantine_equivocating_peer_is_banned_when_updates_are_signed(attack):
     assert len(_events(events, "equivocation", about=4)), "the equivocating peer was not banned"
     # the round it equivocated in parted the honest models; with the equivocator proven Byzantine, one
     # holder fewer makes a state trustworthy, and they agree again (Agreement.check)
-    assert m["final_states"] == 1, "the honest models stayed apart after the equivocator was banned"
-    assert m["honest_accused"] == [] and m["rounds_done"] == T.rounds
+    assert m["final_states"] == 1, f"the honest models stayed apart after the equivocator was banned:\n{_story(events, df)}"
+    assert m["honest_accused"] == [] and m["rounds_done"] == T.rounds, _story(events, df)
 
 
 def test_byzantine_dissensus_without_signatures_is_a_split_that_is_said():
@@ -136,6 +143,8 @@ def test_byzantine_omission_is_excluded_and_parted_models_agree_again():
     assert all(curve.get(r + 1, 1) == 1 for r in apart), f"models stayed apart over rounds: {curve}"
     honest = df[df["peer"] < 4]
     assert honest["t_barrier"].max() < T.barrier_timeout_s + 2.0  # the wait is bounded by the deadline
+    # the last round parts them too: the comparison after it (Agreement.close) brings them together
+    assert m["final_states"] == 1, f"the training ended with the models apart:\n{_story(events, df)}"
 
 
 def test_byzantine_rushing_past_the_deadline_is_not_waited_for():

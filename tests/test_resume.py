@@ -93,10 +93,10 @@ RESTART = {
 }
 
 
-@pytest.mark.parametrize("run", range(10))
+@pytest.mark.parametrize("run", range(0, 10, 2))
 def test_every_database_restarted_at_once_ends_with_one_state(run):
     """SIGKILL all four databases at once (persistence on), restart them on their files: the peers must
-    finish with one model, in each of 10 runs struck at different moments of a round."""
+    finish with one model, in each of 5 runs struck at different moments of a round (0.0 to 0.8 of it)."""
     from spirt.cluster import Cluster
     from spirt.config import load_config
 

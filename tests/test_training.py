@@ -211,3 +211,22 @@ def test_cli_run_overrides_and_reports(tmp_path):
     res = subprocess.run([sys.executable, "-m", "spirt.cli", "run", "--model", "vgg"], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 2 and "model.name" in res.stderr
+
+
+def test_peers_of_one_process_share_an_evaluation_of_the_same_parameters(monkeypatch):
+    # peers as threads mostly hold bit-identical models: one evaluation serves them all (same test
+    # images, same model); other parameters, or the whole test set, are evaluated anew
+    from spirt import functions
+    from spirt.evaluation import Evaluator
+
+    cfg = load_config(None, {"model.name": "mlp", "data.limit_test": 123, "run.eval_samples": 50})
+    a, b = Evaluator(cfg), Evaluator(cfg)
+    params = bytes(a.initial()[0])
+    calls = []
+    real = functions.evaluate
+    monkeypatch.setattr(functions, "evaluate", lambda *args, **kw: calls.append(kw["samples"]) or real(*args, **kw))
+    assert a.evaluate(params) == b.evaluate(params) and calls == [50]
+    halved = (np.frombuffer(params, dtype=np.float32) * 0.5).tobytes()
+    assert b.evaluate(halved) != a.evaluate(params) and calls == [50, 50]
+    a.evaluate(params, full=True)
+    assert calls == [50, 50, 0]
