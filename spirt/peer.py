@@ -189,11 +189,9 @@ def make_guard(cfg: Config, index: int, url: str, backend, admin: str | None = N
 
 
 class Peer:
-    """One peer's orchestrator. ``urls[i]`` is peer i's database; this peer is ``index``.
-
-    ``urls`` may hold ``None`` for peers that are not running (yet): a peer joining later uses
-    :meth:`join` with the URLs of live peers, which then learn its URL from its join request.
-    """
+    """One peer's orchestrator. ``urls[i]`` is peer i's database; this peer is ``index``. ``urls`` may hold
+    ``None`` for peers that are not running (yet): a peer joining later uses :meth:`join` with the URLs of
+    live peers, which then learn its URL from its join request."""
 
     def __init__(self, cfg: Config, index: int, urls: list[str | None], *, executor=None, admin: str | None = None):
         self.cfg, self.index = cfg, index
@@ -233,6 +231,7 @@ class Peer:
         self.phase = Phase.COMPUTE
         self.start_round = 0
         self._resyncs: dict[int, int] = {}  # state transfers before each round
+        self._waiting_since: float | None = None  # monotonic time we first waited since our last round
         self.width = 0  # bytes of a parameter vector
         # our parameters' version counter, known from our own updates (None: read it from the database)
         self._version: int | None = None
@@ -323,8 +322,7 @@ class Peer:
 
     # -- main loop ---------------------------------------------------------------------------------
     def run(self, rounds: int | None = None, progress=None) -> list[RoundMetrics]:
-        """Train from ``start_round`` to the configured number of rounds, recovering from a restart of our own
-        database (resume after the last completed round) and from falling behind (state transfer)."""
+        """Train to the last round, recovering from a restart of our own database and from falling behind."""
         total, out, r = rounds or self.cfg.run.rounds, [], self.start_round
         self.guard.admit(self.members, wait_for=set(self.membership.current()))
         self.guard.limit_value_size(self.width)
@@ -359,6 +357,7 @@ class Peer:
                 r = self._recover_own_db(r, exc)
                 continue
             out.append(m)
+            self._waiting_since = None  # a round completed: the next wait for a quorum starts afresh
             if progress:
                 progress(m)
             r += 1
@@ -366,12 +365,13 @@ class Peer:
         return out
 
     def _wait(self, r: int, total: int, verdict: Verdict) -> int:
-        """No quorum before round r: train nothing, keep our heartbeat, serve joins (and admissions),
-        probe again every half heartbeat interval. Returns the round to go on from once a quorum is
-        back (or after a resync); gives up after ``membership.quorum_timeout_s``."""
+        """No quorum before round r: train nothing, keep our heartbeat, serve joins (and admissions), probe
+        again every half heartbeat interval. Returns the round to go on from once a quorum is back (or after
+        a resync); gives up after ``membership.quorum_timeout_s`` without a completed round (over every wait
+        since our last one: a quorum back for rounds that never complete is no progress)."""
         self.phase = Phase.WAIT
         self.events(r, "no_quorum", self.index, f"{verdict.why}; not training until a quorum is back")
-        t0 = time.monotonic()
+        t0 = self._waiting_since = self._waiting_since or time.monotonic()
         while time.monotonic() - t0 < self.cfg.membership.quorum_timeout_s:
             self.guard.serve(self.members)
             r = self.transfer.serve_waiting(r)
