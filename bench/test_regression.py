@@ -1,6 +1,6 @@
 """CI regression check of the update-time speedups (ratios, never absolute times).
 
-Measures the ``small`` profile side by side three times on one server and compares every backend's
+Measures the ``regression`` profile (the baseline's cells) side by side three times on one server and compares every backend's
 speedup over client-side with ``spirt/benchmarks/baseline_update.json`` (package data, the file that
 ``spirt bench update --check`` reads too); a drop of more than 25% fails.
 Refresh the baseline (after an intended change) with:  spirt bench update --write-baseline

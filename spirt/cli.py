@@ -49,6 +49,7 @@ def _cmd_bench_update(args) -> int:
     console = Console(stderr=True)
     out = Path(args.out) if args.out else ub.reports_dir()
     server, client = _bench_client(args)
+    args.profile = args.profile or ("regression" if args.check or args.write_baseline else "small")
     try:
         if args.check or args.write_baseline:
             console.print(f"[bold]update-time speedups[/] profile={args.profile}, {args.repeats} repeats")
@@ -367,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench_command", required=True)
     bu = bsub.add_parser("update", help="model-update time per backend; regression check against a baseline")
-    bu.add_argument("--profile", default="small", choices=["small", "full"])
+    bu.add_argument("--profile", default=None, choices=["small", "full", "regression"],
+                    help="cells to measure (default: small; regression with --check and --write-baseline)")
     bu.add_argument("--server", default="valkey", help="valkey (default), redis, or a server binary path")
     bu.add_argument("--url", help="use a running server instead of starting one (redis://, unix://)")
     bu.add_argument("--out", help="report directory (default: $SPIRT_REPORTS_DIR or reports)")

@@ -43,7 +43,9 @@ from typing import Any
 
 import pandas as pd
 
-VERSION = "proto-1"
+#: Part of every cache key. proto-2: after the comparison after the last round, and the re-forming
+#: group opening its inbox before joiners take its snapshot
+VERSION = "proto-2"
 SETTINGS: tuple[tuple[int, int], ...] = ((5, 1), (5, 2), (10, 1), (10, 2))
 MODES: tuple[str, ...] = ("open", "signed")
 #: the joiner of the state-poisoning runs asks to join once peer 0 completed this round

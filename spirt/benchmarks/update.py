@@ -275,6 +275,10 @@ PROFILES = {
     # CI-sized: quick, but large enough that the database paths are not dominated by round trips
     "small": dict(sizes=(100_000, 1_000_000), ks=(4, 8), backends=("client", "module", "lua", "numpy-inprocess"),
                   robust=((1_000_000, 16),)),
+    # the cells of the committed baseline's ratios only (the module against the client path at 1M
+    # floats): the CI regression check, a third of the small profile's time
+    "regression": dict(sizes=(1_000_000,), ks=(4, 8), backends=("client", "module", "numpy-inprocess"),
+                       robust=((1_000_000, 16),)),
     "full": dict(sizes=FULL_SIZES, ks=FULL_KS, backends=FULL_BACKENDS,
                  robust=((1_000_000, 8), (1_000_000, 16), (MOBILENET_V3_SMALL, 16))),
 }
