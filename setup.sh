@@ -42,7 +42,16 @@ fi
 if [ "$what" = run ]; then
   # results/ is git-ignored: the committed reference run in reports/ changes only with --out reports
   exec "$VENV/bin/spirt" demo --out results "$@"
-else
-  # everything, the fault-injection scenarios (real SIGKILL / SIGSTOP, marker "faults") included
+elif [ $# -gt 0 ]; then
+  # a selection (extra pytest arguments): one pytest run, in this process
   exec "$VENV/bin/python" -m pytest tests bench/test_regression.py "$@"
+else
+  # everything, the fault-injection scenarios (real SIGKILL / SIGSTOP, marker "faults") included: the
+  # tests on SPIRT_TEST_WORKERS (default 2) pytest-xdist workers, a test file per worker at a time (its
+  # servers and cached references stay in one process; most tests wait on deadlines and heartbeats more
+  # than they compute), then the speed-ratio check alone, on an otherwise quiet machine
+  rc=0
+  "$VENV/bin/python" -m pytest tests -n "${SPIRT_TEST_WORKERS:-2}" --dist loadfile || rc=1
+  "$VENV/bin/python" -m pytest bench/test_regression.py || rc=1
+  exit $rc
 fi

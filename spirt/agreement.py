@@ -297,5 +297,5 @@ class Agreement:
         while time.monotonic() < deadline and any(
                 p.reachable and p.digest is None and p.mark == rounds - 1 and not self.membership[q].banned
                 for q, p in self.probe(rounds).items()):
-            time.sleep(0.05)
+            time.sleep(self.membership.cfg.heartbeat_s / 4)  # each probe is a round trip to every member
         return self.check(rounds)

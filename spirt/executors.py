@@ -62,13 +62,22 @@ def cpu_share(slot: int, workers: int, slots: int, cpus: set[int] | None = None)
 
 
 def _worker_init(spec: FunctionSpec, cpus: set[int] | None = None) -> None:
+    # pinned first: the torch import and the data loading run on the worker's own share too
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     import torch
 
     threading.Thread(target=_watch_parent, args=(os.getppid(),), name="watch-parent", daemon=True).start()
-    if cpus:
-        os.sched_setaffinity(0, cpus)
     torch.set_num_threads(1)
     warm_up(spec)
+
+
+def _warm_pid(spec: FunctionSpec) -> int:
+    """A warm-up task that says which worker ran it (the short sleep lets a worker that is still starting
+    take the next one instead of the busy one)."""
+    warm_up(spec)
+    time.sleep(0.02)
+    return os.getpid()
 
 
 class Executor:
@@ -157,13 +166,25 @@ class ProcessExecutor(Executor):
         return [p.pid for p in list((self._pool._processes or {}).values()) if p.pid is not None]
 
     def warm(self, timeout_s: float | None = None) -> None:
-        """Block until the workers have started and built their cache."""
-        futs = [self._pool.submit(warm_up, self.spec) for _ in range(self.workers)]
-        done, not_done = wait(futs, timeout=timeout_s or self.warm_timeout_s)
-        if not_done:
-            raise TimeoutError(f"worker pool not warm after {timeout_s or self.warm_timeout_s:g} s")
-        for f in done:
-            f.result()
+        """Block until every worker has run its initializer and built its cache.
+
+        One task per worker is not enough: a worker that is done can take the next warm-up task while
+        another is still importing torch (and is not yet pinned). So the warm-up repeats until every
+        worker process has answered with its pid."""
+        limit = timeout_s or self.warm_timeout_s
+        deadline = time.monotonic() + limit
+        answered: set[int] = set()
+        while True:
+            futs = [self._pool.submit(_warm_pid, self.spec) for _ in range(self.workers)]
+            done, not_done = wait(futs, timeout=max(0.0, deadline - time.monotonic()))
+            if not_done:
+                raise TimeoutError(f"worker pool not warm after {limit:g} s")
+            answered |= {f.result() for f in done}
+            if len(answered) >= self.workers and set(self.worker_pids()) <= answered:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"worker pool not warm after {limit:g} s: {len(answered)} of "
+                                   f"{self.workers} workers answered")
 
     def _kill_pool(self) -> None:
         """Kill the pool's processes (a stopped or hung worker does not react to anything else) and

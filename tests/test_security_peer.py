@@ -144,6 +144,31 @@ def _publish(peer_from: Peer, to: Peer, r: int, vec: bytes, env: bytes | None):
     return K.incoming(peer_from.index, r)
 
 
+def test_a_waiting_peer_that_skips_to_a_joiners_round_opens_its_inbox_to_it_first(tmp_path, two_servers):
+    """A peer waiting for a quorum moves to the round a joiner asked for (StateTransfer.serve_waiting) and
+    snapshots there. The joiner trains that round as soon as it has the snapshot and pushes its vector:
+    the inbox must take that round already. Still open to the old rounds only, TENSOR.PUSH refused the
+    joiner's vector, the waiting peer never got it, and the group ended the training apart."""
+    make_group(tmp_path, 2, "g")
+    p0, p1 = _admitted_peers(_cfg(tmp_path, **{"run.rounds": 20}), two_servers)
+    try:
+        assert p0.guard.inbox_guarded
+        p0.guard.open_inbox(0, p0.width)  # as before round 0, where it waits
+        p0.db.set(p0.keys.state, "-1|" + "a" * 40)  # the state it holds (before any update)
+        target = 7  # the round the joiner asked to start at
+        c = p1.members[0].client
+        c.set(Keys(0).join(1), f"{two_servers[1].url}|{target}")
+        assert p0.transfer.serve_waiting(0) == target
+        assert int(p0.db.get(p0.keys.ready)) == target - 1
+        vec = np.zeros(p0.width // 4, dtype="<f4").tobytes()
+        c.execute_command("TENSOR.PUSH", Keys(0).inbox(1), Keys(0).notify(1), target, vec,
+                          sign_update(p1.guard.identity, "g", target, vec))  # raises if refused
+        assert p0.db.get(Keys(0).incoming(1, target)) == vec
+    finally:
+        p0.close()
+        p1.close()
+
+
 @pytest.mark.parametrize("guarded", [True, False], ids=["guarded", "raw"])
 def test_updates_checked_before_aggregation(tmp_path, two_servers, guarded):
     """Every received vector is checked before it is aggregated. Behind a guarded inbox, TENSOR.PUSH
