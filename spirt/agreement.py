@@ -11,7 +11,8 @@ interval) and decides, from what it read alone, one of three verdicts (:func:`de
 
 - **resync** (state transfer, :mod:`spirt.transfer`):
   - *lagging*: a strict majority of the other current members (or of all the others), and at least
-    f + 1 of them, already published a later round;
+    f + 1 of them, already published a later round, or finished the training (``done``) while we are
+    before one of its rounds;
   - *diverged*: the digest of the last round that the most reachable peers hold (at least f + 1 of
     them; ties go to the group with the lowest peer index) is not ours, and it stays ahead even if
     every peer still finishing that round ends with ours;
@@ -135,20 +136,26 @@ def _group(values: dict[int, object]) -> dict[object, list[int]]:
 
 
 def decide(me: int, r: int, probes: dict[int, Probe], removed: set[int], f: int, *,
-           my_digest: str | None, my_state: tuple[int, str] | None, check_state: bool = True) -> Verdict:
+           my_digest: str | None, my_state: tuple[int, str] | None, check_state: bool = True,
+           rounds: int | None = None) -> Verdict:
     """The verdict of peer ``me`` before round r from one probe of each member (see the module's text).
     ``removed``: the members we removed; ``my_digest``: ours after round r - 1; ``check_state``: False
-    for a peer that does not mind diverging (a simulated attacker)."""
+    for a peer that does not mind diverging (a simulated attacker); ``rounds``: the training's rounds."""
     others = set(probes)
     current = others - removed
     n_group = len(others) + 1
     need = f + 1
     answered = {q: p for q, p in probes.items() if p.answered}
-    ahead_all = [q for q, p in answered.items() if p.mark is not None and p.mark >= r + 1]
+    # a member that finished the training is past every round of it: before the last round its mark is
+    # no later than ours, and waiting for its vectors (it sends none any more) would wait for ever
+    finished = rounds is not None and r < rounds
+    ahead_all = [q for q, p in answered.items()
+                 if (p.mark is not None and p.mark >= r + 1) or (finished and p.done)]
     ahead = [q for q in ahead_all if q in current]
     if len(ahead) >= need and (2 * len(ahead) > len(current) or 2 * len(ahead_all) > len(others)):
         who = ahead if 2 * len(ahead) > len(current) else ahead_all
-        return Verdict("resync", f"lagging: peers {sorted(who)} of {sorted(current)} published a round after {r}")
+        return Verdict("resync", f"lagging: peers {sorted(who)} of {sorted(current)} published a round after {r} "
+                                 "or finished the training")
     reach = {q for q, p in answered.items() if p.reachable}
     with_us = 1 + len(reach & current)
     if not quorate(with_us, n_group):
@@ -283,7 +290,7 @@ class Agreement:
         # a split the equivocator caused, the honest peers can then agree again)
         proven = sum(m.banned for m in self.membership.members.values())
         verdict = decide(self.index, r, probes, removed, max(0, self.f - proven), my_digest=digest, my_state=state,
-                         check_state=self.check_state)
+                         check_state=self.check_state, rounds=self.rounds)
         if verdict.train and verdict.why and self.events is not None:
             self.events(r, "split", self.index, verdict.why)
         return verdict

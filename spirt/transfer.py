@@ -123,8 +123,11 @@ class StateTransfer:
         to the earliest round a joiner asked for (the state is unchanged; the rounds in between are
         skipped, an event) and snapshot there. Returns the round we train next."""
         # the earliest round asked for: later joiners are served as the group trains on, and one that
-        # asked for an earlier round than ours retries (its sources went past it)
-        target = min((first for _, _, _, first in self.requests(r - 1) if first >= r), default=r)
+        # asked for an earlier round than ours retries (its sources went past it). A request moves us
+        # JOIN_AHEAD rounds at most: an honest joiner asks for JOIN_AHEAD rounds after the marks it read
+        # (ours among them), and one member's request must not make us skip the rest of the training
+        target = min((first for _, _, _, first in self.requests(r - 1) if r <= first <= r + JOIN_AHEAD),
+                     default=r)
         if r < target < self.cfg.run.rounds:
             raw = self.db.get(self.keys.state)
             if raw is not None:
@@ -234,7 +237,11 @@ class StateTransfer:
         live = self._live_marks()
         if not live and not self._finished:
             raise JoinFailed("no live peer to join")
-        if not live:  # they are done: we take the state they ended the training with
+        # they are done, or half the group or more is (and at least f + 1: f Byzantine members claiming
+        # it cannot): the rest, us included, is no strict majority and completes no round any more, so
+        # there is no round left to join at, and we take the state they ended the training with
+        ended = len(self._finished) > self.f and 2 * len(self._finished) >= len(self.membership.members) + 1
+        if not live or ended:
             return self._join_final(total, deadline, dict.fromkeys(self._finished, total - 1))
         # near the end we ask for the last round, also when they are in it already: a source that passes
         # it without serving us (our request came too late) makes us retry, and once it finished we take

@@ -70,3 +70,15 @@ def valkey_server():
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture
+def valkey_pair():
+    """Two Valkey servers, for a group of two peers."""
+    servers = []
+    try:
+        servers += [start_server("valkey"), start_server("valkey")]
+        yield servers
+    finally:
+        for srv in servers:
+            srv.stop()

@@ -194,6 +194,28 @@ def test_the_first_peers_to_finish_a_round_do_not_decide_a_divergence_alone():
     assert verdict({0: probe(8, "c"), 1: probe(5, None), 2: probe(5, None), 3: probe(5, None)}).kind == "resync"
 
 
+def test_a_peer_before_the_last_round_follows_the_members_that_finished_the_training():
+    """Members that finished the training (``done``) published nothing after the last round, so their
+    marks do not say they are ahead, and they send no more vectors: a peer still before the last round
+    (its vectors did not reach it) waited for a quorum that never came, and gave up. Done members count
+    as ahead before any round of the training, under the same f + 1 and majority rule as marks."""
+    last = ROUNDS - 1
+
+    def probe(done, mark=last):
+        return Probe(True, not done, done, mark, "a" * 40, (last - 1, "a" * 40))
+
+    def verdict(others, r=last):
+        return decide(4, r, others, removed=set(), f=1, my_digest="a" * 40, my_state=(last - 1, "a" * 40),
+                      rounds=ROUNDS)
+
+    finished = {0: probe(True), 1: probe(True), 2: probe(True), 3: probe(False)}
+    assert verdict(finished).kind == "resync" and "finished the training" in verdict(finished).why
+    # f = 1 member claiming to be done cannot make us resync
+    assert verdict({0: probe(True), 1: probe(False), 2: probe(False), 3: probe(False)}).train
+    # after the last round (the closing comparison) being done is no lead
+    assert verdict(finished, r=ROUNDS).train
+
+
 def test_decide_breaks_ties_deterministically():
     # a 2|2 split that healed: both halves wait (2 of 4 is no quorum); the later state wins, then the
     # half with the lowest index; each side reaches the same verdict from its own probes
@@ -362,6 +384,22 @@ def test_a_joiner_asks_members_sitting_out_too_but_takes_state_from_live_ones(gr
         f"asked peers [0, 1, 2] to admit us from round {first}"]
 
 
+def test_byzantine_one_join_request_cannot_make_a_waiting_peer_skip_the_training(group, servers):
+    """A peer waiting for a quorum moves to the round a joiner asks for (the group is not training).
+    One member's request for a round far ahead made every waiting peer skip the rest of the training;
+    a request moves a waiting peer JOIN_AHEAD rounds at most, as far as an honest joiner ever asks."""
+    t, dbs = group(3)
+    urls = [s.url for s in servers[:3]]
+    r = 5
+    dbs[0].set(Keys(0).state, f"{r - 1}|" + "a" * 40)
+    dbs[0].set(Keys(0).join(2), f"{urls[2]}|{ROUNDS - 1}")  # the last round: skip everything
+    assert t.serve_waiting(r) == r
+    assert "skipped" not in [e["event"] for e in _events(dbs[0])]
+    dbs[0].set(Keys(0).join(2), f"{urls[2]}|{r + JOIN_AHEAD}")  # as an honest joiner asks
+    assert t.serve_waiting(r) == r + JOIN_AHEAD
+    assert int(dbs[0].get(Keys(0).ready)) == r + JOIN_AHEAD - 1
+
+
 def test_a_peer_that_must_resync_in_the_last_round_takes_the_final_state(group, servers):
     """The others are in the last round (or done): there is no round left to join at, so the joiner
     takes the state they end the training with (each leaves a snapshot of it when it finishes), once
@@ -387,6 +425,24 @@ def test_a_peer_that_must_resync_in_the_last_round_takes_the_final_state(group, 
     ev = _events(dbs[2], 2)
     assert [e["event"] for e in ev if e["event"] in ("join_final", "joined")] == ["join_final", "joined"]
     assert [e["detail"] for e in ev if e["event"] == "joined"] == [f"state of round {ROUNDS - 1} from peers [0, 1]"]
+
+
+def test_a_peer_takes_the_final_state_once_half_the_group_finished_though_some_are_live(group, servers):
+    """Half the group finished the training; the other members are live but behind, like us. Without
+    them no round can complete any more, so asking that member for the last round led to a
+    state that the next check showed behind again, and again, until the peer gave up. The joiner takes
+    the state the finished majority ended with instead."""
+    t, dbs = group(6, f=1, me=5)  # half the group finished: the other half is no quorum either
+    urls = [s.url for s in servers[:6]]
+    _marks(dbs, {0: ROUNDS - 1, 1: ROUNDS - 1, 2: ROUNDS - 1, 3: ROUNDS - 2, 4: ROUNDS - 2})
+    final = b"\x07" * 16
+    for q in (0, 1, 2):
+        _snapshot(dbs[q], q, ROUNDS, final, {m: urls[m] for m in range(6)}, urls[q])
+        dbs[q].set(Keys(q).done, 1)
+    assert t.join(total=ROUNDS) == (ROUNDS, len(final))
+    assert dbs[5].get(Keys(5).params) == final
+    assert "join_final" in [e["event"] for e in _events(dbs[5], 5)]
+    assert dbs[3].get(Keys(3).join(5)) is None and dbs[4].get(Keys(4).join(5)) is None  # not asked
 
 
 def test_a_peer_that_must_resync_joins_the_last_round_when_the_others_wait_for_it_there(group, servers):

@@ -76,24 +76,12 @@ TINY = {
 
 
 @pytest.fixture
-def two_servers():
-    from spirt.servers import start_server
-
-    servers = [start_server("valkey") for _ in range(2)]
-    try:
-        yield servers
-    finally:
-        for s in servers:
-            s.stop()
-
-
-@pytest.fixture
-def peer(two_servers):
+def peer(valkey_pair):
     """Peer 0 of a group of two, its model stored and its heartbeat on."""
     from spirt.config import load_config
     from spirt.peer import Peer
 
-    p = Peer(load_config(None, TINY), 0, [s.url for s in two_servers])
+    p = Peer(load_config(None, TINY), 0, [s.url for s in valkey_pair])
     p.init_params()
     try:
         yield p
@@ -139,7 +127,7 @@ def test_a_peer_gives_up_after_too_many_state_transfers_before_the_same_round(pe
     assert kinds.count("resync") == MAX_RESYNCS + 1 and kinds.count("gave_up") == 1
 
 
-def test_a_peer_thread_that_fails_stops_its_heartbeat_at_once(two_servers, monkeypatch):
+def test_a_peer_thread_that_fails_stops_its_heartbeat_at_once(valkey_pair, monkeypatch):
     """Peers as threads: one that fails must look failed to the others at once, as a crashed process
     does. With its heartbeat kept until the whole run ended, the others counted it live and took its
     snapshots (one resynchronised from it in a loop)."""
@@ -149,7 +137,7 @@ def test_a_peer_thread_that_fails_stops_its_heartbeat_at_once(two_servers, monke
 
     cfg = load_config(None, TINY)
     hb = cfg.membership.heartbeat_s
-    urls = [s.url for s in two_servers]
+    urls = [s.url for s in valkey_pair]
     failed_at, seen = threading.Event(), {}
 
     def run(self, rounds=None, progress=None):

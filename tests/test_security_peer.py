@@ -19,6 +19,7 @@ from spirt.security import acl
 from spirt.security.identity import Identity, make_group
 from spirt.security.signing import sign_update
 from spirt.servers import make_client, start_server
+from spirt.transfer import JOIN_AHEAD
 
 TINY = {
     "run.rounds": 2, "run.eval_every": 2, "run.eval_samples": 50, "data.limit_train": 300,
@@ -155,7 +156,7 @@ def test_a_waiting_peer_that_skips_to_a_joiners_round_opens_its_inbox_to_it_firs
         assert p0.guard.inbox_guarded
         p0.guard.open_inbox(0, p0.width)  # as before round 0, where it waits
         p0.db.set(p0.keys.state, "-1|" + "a" * 40)  # the state it holds (before any update)
-        target = 7  # the round the joiner asked to start at
+        target = JOIN_AHEAD  # the round the joiner asked to start at (as far as a request moves us)
         c = p1.members[0].client
         c.set(Keys(0).join(1), f"{two_servers[1].url}|{target}")
         assert p0.transfer.serve_waiting(0) == target

@@ -45,7 +45,7 @@ import pandas as pd
 
 #: Part of every cache key. proto-2: after the comparison after the last round, and the re-forming
 #: group opening its inbox before joiners take its snapshot
-VERSION = "proto-2"
+VERSION = "proto-6"
 SETTINGS: tuple[tuple[int, int], ...] = ((5, 1), (5, 2), (10, 1), (10, 2))
 MODES: tuple[str, ...] = ("open", "signed")
 #: the joiner of the state-poisoning runs asks to join once peer 0 completed this round
