@@ -43,8 +43,10 @@ from typing import Any
 
 import pandas as pd
 
-#: Part of every cache key. proto-2: after the comparison after the last round, and the re-forming
-#: group opening its inbox before joiners take its snapshot
+#: Part of every cache key, changed whenever the protocol's behaviour changes (a cached run would be
+#: another protocol's result). proto-6: members that finished the training count as ahead, a joiner takes
+#: their final state once half the group finished, and one join request moves a waiting peer
+#: JOIN_AHEAD rounds at most
 VERSION = "proto-6"
 SETTINGS: tuple[tuple[int, int], ...] = ((5, 1), (5, 2), (10, 1), (10, 2))
 MODES: tuple[str, ...] = ("open", "signed")
