@@ -128,6 +128,8 @@ def _cnn(in_channels: int, num_classes: int, image_size: int, norm: str) -> nn.M
     """
     from torch import nn
 
+    from .layers import MaxPool2x2
+
     c1, c2, fc = 16, 32, 128
 
     def norm2d(c: int) -> nn.Module:
@@ -140,11 +142,11 @@ def _cnn(in_channels: int, num_classes: int, image_size: int, norm: str) -> nn.M
         raise ValueError(f"image_size must be >= 4 for 'cnn', got {image_size}")
     return nn.Sequential(
         nn.Conv2d(in_channels, c1, 3, padding=1),
-        nn.MaxPool2d(2),
+        MaxPool2x2(),
         norm2d(c1),
         nn.ReLU(),
         nn.Conv2d(c1, c2, 3, padding=1),
-        nn.MaxPool2d(2),
+        MaxPool2x2(),
         norm2d(c2),
         nn.ReLU(),
         nn.Flatten(),

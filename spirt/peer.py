@@ -459,7 +459,8 @@ class Peer:
             self.guard.serve(self.members)
             self.transfer.serve_joins(r, join_scan)
         last = r == self.cfg.run.rounds - 1
-        if (r + 1) % self.cfg.run.eval_every == 0 or last:
+        # a simulated attacker's model is nobody's result (the reports read the honest peers' only)
+        if not self.byzantine and ((r + 1) % self.cfg.run.eval_every == 0 or last):
             with self._phase(Phase.EVALUATE, t):
                 m.test_loss, m.accuracy = self.evaluate(full=last)
         t["round"] = time.perf_counter() - t_start

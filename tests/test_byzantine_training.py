@@ -43,6 +43,11 @@ def _run(defense, attack, backend, params, attack_params) -> float:
     df = run_training(cfg, progress=False, timeout_s=900)
     last = df[(df["round"] == df["round"].max()) & (~df["byzantine"])]
     assert last["functions_failed"].eq(0).all()
+    # only the honest peers evaluate their models (a simulated attacker's accuracy is nobody's result)
+    assert last["accuracy"].notna().all()
+    byzantine = df[df["byzantine"].astype(bool)]
+    assert len(byzantine) == (3 * (df["round"].max() + 1) if attack else 0)
+    assert byzantine["accuracy"].isna().all()
     return float(last["accuracy"].mean())
 
 

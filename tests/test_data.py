@@ -174,6 +174,30 @@ def test_load_dataset_mismatched_counts(tmp_path):
         load_dataset("fashion-mnist", data_dir=str(tmp_path))
 
 
+def test_a_data_set_read_before_is_not_read_again_until_its_files_change(tmp_path, monkeypatch):
+    """Peers as threads each load the data set: the files are read once per process, each load gets
+    its own writable copy, and a changed file is read again."""
+    import spirt.data as data
+
+    _copy_fmnist(tmp_path)
+    reads = []
+    real = data.load_idx_split
+    monkeypatch.setattr(data, "load_idx_split", lambda d, split: reads.append(split) or real(d, split))
+    first = load_dataset("fashion-mnist", str(tmp_path), limit_train=5, limit_test=5)
+    first.x_train[0] = 0  # a caller's copy: the next load must not see this
+    second = load_dataset("fashion-mnist", str(tmp_path), limit_train=5, limit_test=5)
+    assert reads == ["train", "t10k"]
+    assert second.x_train.flatten().max() > 0 and not torch.equal(first.x_train, second.x_train)
+    assert torch.equal(first.x_test, second.x_test)
+    # the same test images, with their labels changed: a new reading
+    labels = read_idx(str(tmp_path / "t10k-labels-idx1-ubyte.gz"))
+    with gzip.open(tmp_path / "t10k-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(_idx_bytes((labels + 1) % 10, 0x08))
+    third = load_dataset("fashion-mnist", str(tmp_path), limit_train=5, limit_test=5)
+    assert reads == ["train", "t10k"] * 2
+    assert torch.equal(third.y_test, (second.y_test + 1) % 10)
+
+
 def test_load_dataset_as_mnist_from_idx_directory(tmp_path, fmnist):
     # Any MNIST-format directory serves "mnist"; the Fashion-MNIST files stand in for real MNIST here.
     _copy_fmnist(tmp_path)

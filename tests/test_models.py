@@ -183,3 +183,41 @@ def test_cnn_sgd_on_fashion_mnist_reduces_loss():
     loss1, acc1 = evaluate()
     assert loss0 > 2.0 and acc0 < 0.3, "an untrained model is near chance"
     assert loss1 < 0.5 * loss0 and acc1 > 0.65, (loss0, loss1, acc1)
+
+
+@pytest.mark.parametrize("shape", [(4, 16, 28, 28), (3, 32, 14, 14), (2, 5, 7, 9)], ids=str)
+def test_channels_last_pooling_is_max_pool_2d_bit_for_bit(shape):
+    """The cnn's pooling layer gives nn.MaxPool2d(2)'s values and gradients exactly, ties included (a
+    constant background makes whole windows of equal maxima: the gradient goes to the first one)."""
+    from spirt.layers import MaxPool2x2
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=g)
+    x[:, :, : shape[2] // 2] = 0.25  # ties
+    x[:, :, -2:, :3] = -1.0
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ref, out = nn.MaxPool2d(2)(a), MaxPool2x2()(b)
+    upstream = torch.randn(ref.shape, generator=g)
+    ref.backward(upstream)
+    out.backward(upstream)
+    assert out.is_contiguous() and torch.equal(out, ref)
+    assert torch.equal(b.grad, a.grad)
+    assert int((a.grad != 0).sum()) == ref.numel()  # one position per window took the gradient
+
+
+def test_cnn_trains_as_with_torch_pooling():
+    """The cnn with its pooling layer swapped for nn.MaxPool2d(2) has the same loss and gradients."""
+    from spirt.layers import MaxPool2x2
+
+    model = build_model("cnn", 1, 10, 28, seed=3)
+    plain = build_model("cnn", 1, 10, 28, seed=3)
+    for i, layer in enumerate(plain):
+        if isinstance(layer, MaxPool2x2):
+            plain[i] = nn.MaxPool2d(2)
+    assert sum(isinstance(m, MaxPool2x2) for m in model.modules()) == 2
+    x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    x[x < 0.6] = 0.0  # a background, as in Fashion-MNIST
+    y = torch.arange(16) % 10
+    loss, grads = _loss_and_grads(model, x, y)
+    loss_ref, grads_ref = _loss_and_grads(plain, x, y)
+    assert loss == loss_ref and all(torch.equal(a, b) for a, b in zip(grads, grads_ref, strict=True))
