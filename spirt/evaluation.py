@@ -7,18 +7,14 @@ parameters (the same on every peer, from the run's seed) and to evaluate the par
 from __future__ import annotations
 
 import hashlib
-import threading
-from collections import OrderedDict
-from concurrent.futures import Future
 
 from .config import Config
+from .shared import Shared
 
 #: evaluations shared by the peers of one process (peers as threads hold bit-identical models most of
-#: the time: one evaluation serves them all); the most recent ones, keyed by the test set, the model
-#: and a digest of the parameters
-_SHARED: OrderedDict[tuple, Future] = OrderedDict()
-_SHARED_KEEP = 64
-_SHARED_LOCK = threading.Lock()
+#: the time: one evaluation serves them all), keyed by the test set, the model and a digest of the
+#: parameters
+_SHARED = Shared(keep=64)
 
 
 class Evaluator:
@@ -59,21 +55,9 @@ class Evaluator:
         c, samples = self.cfg, 0 if full else self.cfg.run.eval_samples
         key = (c.data.dataset, c.data.data_dir, c.data.limit_test, c.model.name, c.model.norm, samples,
                hashlib.blake2b(params, digest_size=16).digest())
-        with _SHARED_LOCK:
-            shared = _SHARED.get(key)
-            if shared is None:
-                mine = _SHARED[key] = Future()
-                while len(_SHARED) > _SHARED_KEEP:
-                    _SHARED.popitem(last=False)
-        if shared is not None:
-            return shared.result()
-        try:
+
+        def compute() -> tuple[float, float]:
             model, flat, ds = self._build()
-            result = evaluate(model, flat, ds, params, samples=samples)
-        except BaseException as exc:
-            with _SHARED_LOCK:
-                _SHARED.pop(key, None)  # a failure is not shared: the next peer tries for itself
-            mine.set_exception(exc)
-            raise
-        mine.set_result(result)
-        return result
+            return evaluate(model, flat, ds, params, samples=samples)
+
+        return _SHARED.get(key, compute)

@@ -359,3 +359,33 @@ def test_config_refuses_a_second_defense_for_an_adaptive_attack():
         load_config(None, {"attack.name": "optimal_ipm", "attack.params": {"defense": "median"}})
     for name in ADAPTIVE:  # with the registry's defaults, as spirt checks every registered attack
         assert load_config(None, {"attack.name": name}).attack.name == name
+
+
+@pytest.mark.parametrize("name", ADAPTIVE)
+def test_colluding_byzantine_peers_of_one_process_search_once(name, monkeypatch):
+    """Three colluders as threads of one process, the same honest vectors: one search (one budget of
+    rule evaluations) serves all three, and they send the same vectors; other honest vectors, another
+    search."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import spirt.byzantine as byzantine
+    from spirt.shared import Shared
+
+    monkeypatch.setattr(byzantine, "_FORGED", Shared(keep=16))
+    cfg = _config(**{"attack.name": name})
+    peers = [Byzantine(cfg, i) for i in range(N - F, N)]
+    calls: list[int] = []
+    for p in peers:
+        p.attack.defense = Counting(p.attack.defense, calls)
+    budget = peers[0].attack.evaluations
+
+    def send(seed: int) -> list[dict[int, bytes]]:
+        raw = {q: as_f32_bytes(v).tobytes() for q, v in enumerate(honest_set(seed).astype(np.float32))}
+        with ThreadPoolExecutor(F) as pool:
+            return list(pool.map(lambda p: p.outgoing(raw[0], list(range(N)), lambda: raw), peers))
+
+    first = send(11)
+    assert len(calls) == budget
+    assert all(out == first[0] for out in first[1:]) and set(first[0]) == set(range(N))
+    again = send(12)
+    assert len(calls) == 2 * budget and again[0] != first[0]

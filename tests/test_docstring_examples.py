@@ -20,7 +20,7 @@ def _modules() -> list[str]:
     for pkg in (defenses, attacks):
         mods.append(pkg.__name__)
         mods += [f"{pkg.__name__}.{m.name}" for m in pkgutil.iter_modules(pkg.__path__)]
-    return [*mods, "spirt.registry", "spirt.wire", "spirt.servers"]
+    return [*mods, "spirt.registry", "spirt.wire", "spirt.servers", "spirt.shared"]
 
 
 @pytest.mark.parametrize("module", _modules())
