@@ -79,7 +79,7 @@ class Byzantine:
         #: the cost with three colluders (its searches were most of an adaptive run's time).
         from attacks._adaptive import Adaptive
 
-        self.shared = None
+        self.shared, self.n_peers = None, cfg.peers.count
         if isinstance(self.attack, Adaptive):
             own_params = {k: v for k, v in params.items() if k != "defense"}
             a = cfg.aggregation
@@ -116,9 +116,10 @@ class Byzantine:
         if self.protocol is not None:
             forged = self.protocol.outgoing(recipients, honest=honest, own=own, rows=rows)
         elif self.shared is not None and honest is not None:
-            key = (self.shared, tuple(recipients), tuple(rows or ()), own.dtype.str, honest.shape,
+            # for every peer of the run: each colluder leaves itself out of its recipients
+            key = (self.shared, tuple(rows or ()), own.dtype.str, honest.shape,
                    hashlib.blake2b(np.ascontiguousarray(honest), digest_size=16).digest())
-            forged = _FORGED.get(key, lambda: self.attack.outgoing(recipients, honest=honest, own=own))
+            forged = _FORGED.get(key, lambda: self.attack.outgoing(range(self.n_peers), honest=honest, own=own))
         else:
             forged = self.attack.outgoing(recipients, honest=honest, own=own)
         encoded: dict[int, bytes] = {}  # each distinct vector encoded (and later signed) once
