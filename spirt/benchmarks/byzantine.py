@@ -857,9 +857,9 @@ def _hours(seconds: float) -> str:
 SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-#: Cells per worker process: the pool is replaced after every ``WORKER_TASKS x workers`` cells. A cell
-#: peaks at 1-2 GB (ten peers each load the data set) and a fresh process returns that memory and anything
-#: a failed cell left behind. (Not ``max_tasks_per_child``: on Python 3.11 the pool hung for good when
+#: Cells per worker process: the pool is replaced after every ``WORKER_TASKS x workers`` cells. A fresh
+#: process returns the memory a cell's ten peers held (their copies of the data set, the vectors of a
+#: round) and anything a failed cell left behind. (Not ``max_tasks_per_child``: on Python 3.11 the pool hung for good when
 #: both workers reached the limit together.)
 WORKER_TASKS = 40
 #: If no cell finishes for this long, the pool is considered stuck: its workers are killed and the
