@@ -5,7 +5,8 @@ All backends do the same arithmetic on the same float32 strings:
     g = mean(grad_1 .. grad_K)
     torch.optim.SGD step: d = g + wd * p; buf = d (first step) or momentum * buf + d; p -= lr * buf
 
-- ``module``: the spirt tensor module's TENSOR.AVG and TENSOR.SGD, inside the database, in one round trip.
+- ``module``: the spirt tensor module's TENSOR.AVGSGD (TENSOR.AVG and TENSOR.SGD in one pass), inside the
+  database, in one round trip.
 - ``lua``: the same in a Redis Function (Lua), for servers that cannot load modules.
 - ``client``: pipelined fetch, in-place numpy accumulation, store back (what a peer does without help
   from its database).
@@ -27,7 +28,6 @@ from typing import ClassVar
 import numpy as np
 import redis
 
-from .keys import scratch
 from .registry import Registry
 from .tensors import F32, as_f32_bytes, from_f32_bytes
 
@@ -156,6 +156,11 @@ class ModuleBackend(Backend):
                 "the server does not have the spirt tensor module loaded (TENSOR.AVG is unknown); "
                 f"start it with --loadmodule {module_path()} or choose the 'lua' or 'client' backend"
             )
+        if not has_command(client, "TENSOR.AVGSGD"):
+            raise RuntimeError(
+                "the server's spirt tensor module predates TENSOR.AVGSGD (version 1.1.0); load the one this "
+                f"spirt builds ({module_path()})"
+            )
 
     def average(self, client, dst, srcs):
         return int(client.execute_command("TENSOR.AVG", dst, *srcs))
@@ -183,13 +188,18 @@ class ModuleBackend(Backend):
         pipe.execute_command("TENSOR.FINITE", key)
         return True
 
-    def sgd_args(self, param: str, grad: str, buf: str, sgd: SGDConfig) -> list:
-        args = ["TENSOR.SGD", param, grad, repr(float(sgd.lr))]
+    @staticmethod
+    def sgd_options(buf: str, sgd: SGDConfig) -> list:
+        """The learning rate and options of TENSOR.SGD and TENSOR.AVGSGD for ``sgd``."""
+        args = [repr(float(sgd.lr))]
         if sgd.momentum > 0:
             args += ["MOMENTUM", repr(float(sgd.momentum)), buf]
         if sgd.weight_decay > 0:
             args += ["WD", repr(float(sgd.weight_decay))]
         return args
+
+    def sgd_args(self, param: str, grad: str, buf: str, sgd: SGDConfig) -> list:
+        return ["TENSOR.SGD", param, grad, *self.sgd_options(buf, sgd)]
 
     def queue_update(self, pipe, client, param, buf, grad, sgd):
         pipe.execute_command(*self.sgd_args(param, grad, buf, sgd))
@@ -202,13 +212,9 @@ class ModuleBackend(Backend):
         pipe.execute()
 
     def update(self, client, param, buf, grads, sgd):
-        tmp = scratch(param)
-        pipe = client.pipeline(transaction=False)
-        pipe.execute_command("TENSOR.AVG", tmp, *grads)
-        pipe.execute_command(*self.sgd_args(param, tmp, buf, sgd))
-        pipe.delete(tmp)
-        n, _, _ = pipe.execute()
-        return int(n)
+        # TENSOR.AVGSGD: the average and the step in one pass, with no temporary key to allocate, write,
+        # read back and delete (the same bytes as TENSOR.AVG into a temporary, then TENSOR.SGD)
+        return int(client.execute_command("TENSOR.AVGSGD", param, len(grads), *grads, *self.sgd_options(buf, sgd)))
 
 
 @registry.register("lua")

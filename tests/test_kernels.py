@@ -123,6 +123,8 @@ SIGNATURES = {
     "tk_avg": (None, [C.c_void_p, C.c_void_p, C.c_size_t, C.c_size_t, C.c_size_t]),
     "tk_axpy": (None, [C.c_void_p, C.c_void_p, C.c_void_p, C.c_size_t, C.c_size_t, C.c_size_t]),
     "tk_sgd": (None, [C.c_void_p, C.c_void_p, C.c_void_p, C.c_size_t, C.POINTER(SgdParams)]),
+    "tk_avg_sgd": (None, [C.c_void_p, C.c_void_p, C.c_void_p, C.c_size_t, C.c_size_t, C.c_size_t,
+                          C.POINTER(SgdParams)]),
     "tk_rank_pairs_size": (C.c_size_t, [C.c_size_t]),
     "tk_rank_init": (None, [C.POINTER(RankPlan), C.c_int, C.c_size_t, C.c_size_t, C.c_void_p]),
     "tk_rank": (None, [C.POINTER(RankPlan), C.c_void_p, C.c_void_p, C.c_size_t, C.c_size_t,
@@ -387,6 +389,58 @@ def test_sgd_weight_decay_flag_is_separate_from_its_value(lib):
     assert np.isnan(p.get()[[0, 2]]).all() and p.get()[1] == F32(1.0) - F32(0.1) * F32(1.0)
 
 
+# ---- AVG + SGD in one pass -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", list(SGD_MODES))
+@pytest.mark.parametrize("K", [1, 2, 3, 4, 8, 9, 16, 17])
+def test_fused_avg_sgd_is_avg_then_sgd(lib, mode, K):
+    """tk_avg_sgd gives the bits of tk_avg into a temporary followed by tk_sgd with it, for every update
+    mode, special values included, with the parameters among the sources or not, in two sub-ranges."""
+    momentum, first, nesterov = SGD_MODES[mode]
+    rng = np.random.default_rng([K, list(SGD_MODES).index(mode)])
+    lr, mu, wd = 0.05, 0.9, 1e-2
+    params = SgdParams(F32(lr), F32(mu), F32(1.0), F32(wd), 1, TK[f"TK_SGD_{mode}"])
+    for n in LENGTHS:
+        for param_is_source in (False, True):
+            special = 0.02 if n % 2 else 0.0
+            p0, b0 = make(rng, n, special), make(rng, n, special)
+            xs = [make(rng, n, special) for _ in range(K)]
+            own = K // 2 if param_is_source else None
+            if own is not None:
+                xs[own] = p0
+            # the reference: the two kernels the module ran before, through a temporary
+            tmp = Tensor(np.zeros(n), 0)
+            ref_p, ref_b = Tensor(p0, 0), Tensor(b0, 0)
+            ref_srcs = [ref_p if k == own else Tensor(x, 0) for k, x in enumerate(xs)]
+            lib.tk_avg(tmp.ptr, ptrs(ref_srcs), K, 0, n)
+            lib.tk_sgd(ref_p.ptr, tmp.ptr, ref_b.ptr if momentum else None, n, C.byref(params))
+            p, b = Tensor(p0, n % 4), Tensor(b0, (n + 2) % 4)
+            srcs = [p if k == own else Tensor(x, (k + 1) % 4) for k, x in enumerate(xs)]
+            cut = n // 3  # [cut, n) first, then [0, cut): any split gives the same bits
+            lib.tk_avg_sgd(p.ptr, b.ptr if momentum else None, ptrs(srcs), K, cut, n - cut, C.byref(params))
+            lib.tk_avg_sgd(p.ptr, b.ptr if momentum else None, ptrs(srcs), K, 0, cut, C.byref(params))
+            what = f"{mode} K={K} n={n} param_is_source={param_is_source}"
+            assert_same_bits(p.get(), ref_p.get(), f"param {what}")
+            assert_same_bits(b.get(), ref_b.get() if momentum else b0, f"buffer {what}")
+            for k, x in enumerate(xs):
+                if k != own:
+                    assert_same_bits(srcs[k].get(), x, f"source {k} unchanged, {what}")
+
+
+def test_fused_avg_sgd_writes_only_its_range(lib):
+    rng = np.random.default_rng(5)
+    n, K = 9000, 5
+    srcs = [Tensor(make(rng, n), k % 4) for k in range(K)]
+    p, b = Tensor(np.full(n, 3.0), 1), Tensor(np.full(n, -2.0), 2)
+    params = SgdParams(F32(0.1), F32(0.9), F32(1.0), F32(0.0), 0, TK["TK_SGD_MOMENTUM"])
+    lib.tk_avg_sgd(p.ptr, b.ptr, ptrs(srcs), K, 4097, 300, C.byref(params))
+    inside = np.zeros(n, bool)
+    inside[4097:4397] = True
+    assert (p.get()[~inside] == 3.0).all() and (b.get()[~inside] == -2.0).all()
+    assert (p.get()[inside] != 3.0).all() and (b.get()[inside] != -2.0).all()
+
+
 # ---- MEDIAN, TRIMMEAN ------------------------------------------------------------------------------
 
 RANK_LENGTHS = [1, 2, 3, 15, 16, 17, 33, 100, 1025, 3000]
@@ -564,5 +618,25 @@ def test_hypothesis_sgd(lib, n, mode, use_wd, data):
     params = SgdParams(lr, mu, F32(1.0 - damp), wd, int(use_wd), TK[f"TK_SGD_{mode}"])
     lib.tk_sgd(p.ptr, g.ptr, b.ptr if momentum else None, n, C.byref(params))
     want_p, want_b = sgd_ref(p0, g0, b0, lr, mu, damp, wd, use_wd, momentum, first, nesterov)
+    assert_same_bits(p.get(), want_p, "param")
+    assert_same_bits(b.get(), want_b if momentum else b0, "buffer")
+
+
+@settings(**HYP)
+@given(stacks(max_k=12), st.sampled_from(list(SGD_MODES)), st.booleans(), st.data())
+def test_hypothesis_fused_avg_sgd(lib, stack, mode, use_wd, data):
+    xs, offs = stack
+    n = xs[0].size
+    momentum, first, nesterov = SGD_MODES[mode]
+    arr = hnp.arrays(F32, n, elements=FLOATS)
+    p0, b0 = data.draw(arr), data.draw(arr)
+    hyper = st.floats(0, 10, width=32)
+    lr, mu, wd = data.draw(hyper), data.draw(hyper), data.draw(hyper)
+    damp = 0.0 if nesterov else data.draw(st.floats(0, 1, width=32))
+    params = SgdParams(lr, mu, F32(1.0 - damp), wd, int(use_wd), TK[f"TK_SGD_{mode}"])
+    p, b = Tensor(p0, 1), Tensor(b0, 3)
+    srcs = [Tensor(x, o) for x, o in zip(xs, offs, strict=True)]
+    lib.tk_avg_sgd(p.ptr, b.ptr if momentum else None, ptrs(srcs), len(xs), 0, n, C.byref(params))
+    want_p, want_b = sgd_ref(p0, avg_ref(xs), b0, lr, mu, damp, wd, use_wd, momentum, first, nesterov)
     assert_same_bits(p.get(), want_p, "param")
     assert_same_bits(b.get(), want_b if momentum else b0, "buffer")

@@ -103,7 +103,7 @@ def test_module_loaded(db):
     assert info[0] == b"version" and info[2] == b"commands"
     names = {c.split()[0] for c in info[3]}
     assert names == {
-        b"TENSOR.AVG", b"TENSOR.AXPY", b"TENSOR.SGD", b"TENSOR.MEDIAN", b"TENSOR.TRIMMEAN",
+        b"TENSOR.AVG", b"TENSOR.AXPY", b"TENSOR.SGD", b"TENSOR.AVGSGD", b"TENSOR.MEDIAN", b"TENSOR.TRIMMEAN",
         b"TENSOR.DIST", b"TENSOR.NORM", b"TENSOR.FINITE", b"TENSOR.DIGEST", b"TENSOR.INFO",
         b"TENSOR.INBOX", b"TENSOR.PUSH", b"TENSOR.DESK", b"TENSOR.HELLO",
     }  # fmt: skip
@@ -123,6 +123,9 @@ def test_key_positions(db):
         "buf",
     ]
     assert gk("TENSOR.SGD", "p", "g", "0.1") == ["p", "g"]
+    assert gk("TENSOR.AVGSGD", "p", "3", "a", "b", "c", "0.1", "WD", "0", "MOMENTUM", "0.9", "buf") == [
+        "p", "a", "b", "c", "buf"]
+    assert gk("TENSOR.AVGSGD", "p", "1", "a", "0.1") == ["p", "a"]
     assert gk("TENSOR.TRIMMEAN", "d", "1", "a", "b", "c") == ["d", "a", "b", "c"]
     assert gk("TENSOR.MEDIAN", "d", "a", "b") == ["d", "a", "b"]
     assert gk("TENSOR.DIST", "a", "b") == ["a", "b"]
@@ -137,7 +140,7 @@ def test_command_flags(db):
         info = db.execute_command("COMMAND", "INFO", name)[name]  # parsed by redis-py
         return {f.decode() if isinstance(f, bytes) else f for f in info["flags"]}
 
-    for w in ("tensor.avg", "tensor.axpy", "tensor.sgd", "tensor.median", "tensor.trimmean"):
+    for w in ("tensor.avg", "tensor.axpy", "tensor.sgd", "tensor.avgsgd", "tensor.median", "tensor.trimmean"):
         assert {"write", "denyoom"} <= flags(w), w
     for r in ("tensor.dist", "tensor.norm", "tensor.finite", "tensor.digest"):
         assert "readonly" in flags(r), r
@@ -411,6 +414,59 @@ def test_sgd_param_is_grad(db):
 
 
 # --------------------------------------------------------------------------------------------------
+# AVGSGD: AVG into a temporary + SGD with it, in one command
+# --------------------------------------------------------------------------------------------------
+
+
+def avg_then_sgd(db, param, grads, *sgd):
+    """The two-command form TENSOR.AVGSGD replaces (a temporary key, deleted after)."""
+    db.execute_command("TENSOR.AVG", "tmp", *grads)
+    n = db.execute_command("TENSOR.SGD", param, "tmp", *sgd)
+    db.delete("tmp")
+    return n
+
+
+@pytest.mark.parametrize("cfg", SGD_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("K", [1, 3, 16])
+def test_avgsgd_is_avg_then_sgd(db, cfg, K):
+    """Bit for bit the state AVG into a temporary then SGD leaves, step after step (the first creates
+    the momentum buffer), and no other key: no temporary, the gradients untouched."""
+    rng = np.random.default_rng(K)
+    n = 10_007
+    p0 = rand(rng, n)
+    put(db, "p", p0)
+    put(db, "p2", p0)
+    for step in range(3):
+        grads = [rand(rng, n, scale=2.0 ** k) for k in range(K)]
+        for k, g in enumerate(grads):
+            put(db, f"g{k}", g)
+        keys = [f"g{k}" for k in range(K)]
+        args = sgd_args(cfg, "buf", step % 2)
+        assert db.execute_command("TENSOR.AVGSGD", "p", K, *keys, *args) == n
+        assert avg_then_sgd(db, "p2", keys, *sgd_args(cfg, "buf2", step % 2)) == n
+        same_bits(get(db, "p"), get(db, "p2"))
+        assert get(db, "p").tobytes() == get(db, "p2").tobytes()
+        if cfg.get("momentum", 0) > 0:
+            assert db.get("buf") == db.get("buf2")
+        for k, g in enumerate(grads):
+            assert get(db, f"g{k}").tobytes() == g.tobytes()
+    assert {k.decode() for k in db.keys()} == {"p", "p2", *keys} | (
+        {"buf", "buf2"} if cfg.get("momentum", 0) > 0 else set())
+
+
+def test_avgsgd_param_among_grads(db):
+    """A gradient key may be the parameters themselves: every block is read before it is written."""
+    rng = np.random.default_rng(9)
+    p, a = rand(rng, 9001), rand(rng, 9001)
+    put(db, "p", p)
+    put(db, "a", a)
+    db.execute_command("TENSOR.AVGSGD", "p", 3, "a", "p", "a", "0.5", "MOMENTUM", "0.9", "buf", "WD", "0.1")
+    want_p, want_b = sgd_ref(p, avg_ref([a, p, a]), None, 0.5, 0.9, 0.1)
+    same_bits(get(db, "p"), want_p)
+    same_bits(get(db, "buf"), want_b)
+
+
+# --------------------------------------------------------------------------------------------------
 # aliasing, repeated sources, encodings, transactions, scripts
 # --------------------------------------------------------------------------------------------------
 
@@ -638,6 +694,29 @@ def seeded(db):
             "momentum buffer key 'a' must differ from the param and grad keys",
         ),
         (["TENSOR.SGD", "a", "b", "0.1", "MOMENTUM", "0.9", "b"], "must differ from the param and grad keys"),
+        (["TENSOR.AVGSGD", "a", "1", "b"], "wrong number of arguments for 'TENSOR.AVGSGD'"),
+        (["TENSOR.AVGSGD", "a", "2", "b", "0.1"], "numgrads '2' must be an integer in 1..65536 followed by"),
+        (["TENSOR.AVGSGD", "a", "0", "b", "0.1"], "numgrads '0' must be an integer"),
+        (["TENSOR.AVGSGD", "a", "x", "b", "0.1"], "numgrads 'x' must be an integer"),
+        (["TENSOR.AVGSGD", "a", "-1", "b", "0.1"], "numgrads '-1' must be an integer"),
+        (["TENSOR.AVGSGD", "nokey", "1", "a", "0.1"], "TENSOR.AVGSGD: param key 'nokey' does not exist"),
+        (["TENSOR.AVGSGD", "a", "2", "b", "nokey", "0.1"], "TENSOR.AVGSGD: grad key 'nokey' does not exist"),
+        (["TENSOR.AVGSGD", "a", "2", "b", "list", "0.1"], "WRONGTYPE TENSOR.AVGSGD: grad key 'list' holds a list"),
+        (
+            ["TENSOR.AVGSGD", "a", "2", "b", "c4", "0.1"],
+            "TENSOR.AVGSGD: grad 'c4' has 16 bytes, expected 12 (must match param 'a')",
+        ),
+        (["TENSOR.AVGSGD", "a", "1", "b", "-0.1"], "TENSOR.AVGSGD: learning rate '-0.1' must be >= 0"),
+        (["TENSOR.AVGSGD", "a", "1", "b", "0.1", "LR", "1"], "TENSOR.AVGSGD: unknown option 'LR'"),
+        (["TENSOR.AVGSGD", "a", "1", "b", "0.1", "NESTEROV"], "NESTEROV requires MOMENTUM mu > 0"),
+        (
+            ["TENSOR.AVGSGD", "a", "2", "b", "c", "0.1", "MOMENTUM", "0.9", "c"],
+            "momentum buffer key 'c' must differ from the param and grad keys",
+        ),
+        (
+            ["TENSOR.AVGSGD", "a", "1", "b", "0.1", "MOMENTUM", "0.9", "c4"],
+            "momentum buffer 'c4' has 16 bytes, expected 12",
+        ),
         (["TENSOR.TRIMMEAN", "d", "-1", "a", "b", "c4"], "trim count b '-1' is not a non-negative integer"),
         (["TENSOR.TRIMMEAN", "d", "1.5", "a", "b", "c4"], "trim count b '1.5' is not a non-negative integer"),
         (["TENSOR.TRIMMEAN", "d", "1", "a", "b"], "trim count b=1 needs more than 2b=2 sources, got 2"),
@@ -697,6 +776,8 @@ def test_failed_command_creates_nothing_and_does_not_replicate_garbage(db):
     assert not db.exists("newdst")
     fails(db, "TENSOR.SGD", "a", "a", "0.1", "MOMENTUM", "0.9", "newbuf", "NESTEROV", "DAMPENING", "0.5")
     assert not db.exists("newbuf")
+    fails(db, "TENSOR.AVGSGD", "a", "2", "a", "missing", "0.1", "MOMENTUM", "0.9", "newbuf")
+    assert not db.exists("newbuf")
 
 
 def test_watch_sees_module_writes(db, server):
@@ -745,6 +826,7 @@ def test_replication(db, server):
             db.execute_command(
                 "TENSOR.SGD", "s4", "s3", "0.1", "MOMENTUM", "0.9", "buf", "NESTEROV", "WD", "0.01"
             )
+            db.execute_command("TENSOR.AVGSGD", "s1", 3, "s2", "s3", "s4", "0.1", "MOMENTUM", "0.9", "buf1")
         with pytest.raises(redis.ResponseError):
             db.execute_command("TENSOR.AVG", "never", "s0", "missing")
         assert db.execute_command("WAIT", 1, 10_000) >= 1
@@ -797,6 +879,7 @@ def test_cluster_slots(server):
             ("TENSOR.AVG", "{r1}:d", "{r1}:a", "{r1}:b"),
             ("TENSOR.AXPY", "{r1}:d", "1", "{r1}:a", "2", "{r1}:b"),
             ("TENSOR.SGD", "{r1}:a", "{r1}:b", "0.1", "MOMENTUM", "0.9", "{r1}:buf"),
+            ("TENSOR.AVGSGD", "{r1}:a", "2", "{r1}:b", "{r1}:c", "0.1", "MOMENTUM", "0.9", "{r1}:buf"),
             ("TENSOR.MEDIAN", "{r1}:d", "{r1}:a", "{r1}:b", "{r1}:c"),
             ("TENSOR.TRIMMEAN", "{r1}:d", "1", "{r1}:a", "{r1}:b", "{r1}:c"),
             ("TENSOR.DIST", "{r1}:a", "{r1}:b"),
@@ -811,6 +894,9 @@ def test_cluster_slots(server):
             ("TENSOR.AXPY", "{r1}:d", "1", "{r1}:a", "2", "{r2}:a"),
             ("TENSOR.SGD", "{r1}:a", "{r2}:a", "0.1"),
             ("TENSOR.SGD", "{r1}:a", "{r1}:b", "0.1", "MOMENTUM", "0.9", "{r2}:buf"),
+            ("TENSOR.AVGSGD", "{r1}:a", "2", "{r1}:b", "{r2}:a", "0.1"),
+            ("TENSOR.AVGSGD", "{r2}:a", "1", "{r1}:b", "0.1"),
+            ("TENSOR.AVGSGD", "{r1}:a", "1", "{r1}:b", "0.1", "MOMENTUM", "0.9", "{r2}:buf"),
             ("TENSOR.MEDIAN", "{r1}:d", "{r1}:a", "{r2}:a"),
             ("TENSOR.TRIMMEAN", "{r1}:d", "0", "{r1}:a", "{r2}:a"),
             ("TENSOR.TRIMMEAN", "{r2}:d", "0", "{r1}:a"),
@@ -838,6 +924,7 @@ def test_no_memory_growth_on_success_and_error_paths(db):
         ("TENSOR.AVG", "d", "a", "b"),
         ("TENSOR.AXPY", "d", "0.5", "a", "2", "b"),
         ("TENSOR.SGD", "a", "b", "0.001", "MOMENTUM", "0.9", "buf", "WD", "0.1"),
+        ("TENSOR.AVGSGD", "a", "2", "b", "a", "0.001", "MOMENTUM", "0.9", "buf", "WD", "0.1"),
         ("TENSOR.MEDIAN", "d", "a", "b", "a"),
         ("TENSOR.TRIMMEAN", "d", "1", "a", "b", "a"),
         ("TENSOR.DIST", "a", "b", "a"),
@@ -851,6 +938,9 @@ def test_no_memory_growth_on_success_and_error_paths(db):
         ("TENSOR.AXPY", "d", "1", "a", "1", "list"),
         ("TENSOR.SGD", "a", "b", "0.1", "MOMENTUM", "0.9", "list"),
         ("TENSOR.SGD", "a", "b", "0.1", "NESTEROV"),
+        ("TENSOR.AVGSGD", "a", "2", "b", "missing", "0.1", "MOMENTUM", "0.9", "buf"),
+        ("TENSOR.AVGSGD", "a", "2", "b", "odd", "0.1"),
+        ("TENSOR.AVGSGD", "a", "9", "b", "0.1"),
         ("TENSOR.MEDIAN", "d", "a", "b", "missing"),
         ("TENSOR.TRIMMEAN", "d", "5", "a", "b"),
         ("TENSOR.TRIMMEAN", "d", "0", "a", "b", "odd"),
@@ -904,6 +994,9 @@ def test_keyspace_notifications(db, server):
         db.execute_command("TENSOR.SGD", "a", "d", "0.1", "MOMENTUM", "0.9", "buf")
         got = {(sub.get_message(timeout=5) or {}).get("channel") for _ in range(2)}
         assert got == {b"__keyspace@0__:a", b"__keyspace@0__:buf"}
+        db.execute_command("TENSOR.AVGSGD", "a", 2, "d", "a", "0.1", "MOMENTUM", "0.9", "buf")
+        got = {(m := sub.get_message(timeout=5) or {}).get("channel"): m.get("data") for _ in range(2)}
+        assert got == {b"__keyspace@0__:a": b"tensor.avgsgd", b"__keyspace@0__:buf": b"tensor.avgsgd"}
     finally:
         sub.close()
         db.config_set("notify-keyspace-events", "")
@@ -964,7 +1057,7 @@ def threaded(server):
 
 def info_threads(client):
     info = client.execute_command("TENSOR.INFO")
-    assert info[0] == b"version" and info[2] == b"commands" and len(info[3]) == 14  # unchanged prefix
+    assert info[0] == b"version" and info[2] == b"commands" and len(info[3]) == 15  # unchanged prefix
     assert info[4] == b"threads" and info[6] == b"parallel-threshold" and len(info) == 8
     return int(info[5]), int(info[7])
 
@@ -1088,6 +1181,14 @@ def test_threads_bit_identical_large(db, threaded):
     same_bits(out["buf"], b3)
     _, out = run_everywhere(clients, {"p": p}, "TENSOR.SGD", "p", "p", "0.5", "WD", "0.25")  # grad is param
     same_bits(out["p"], sgd_ref(p, p, None, 0.5, 0.0, 0.25)[0])
+
+    # AVGSGD: the average of five, then a step with momentum (the buffer exists), the param a grad
+    fused = {**data, "buf": xs[2]}
+    _, out = run_everywhere(clients, fused, "TENSOR.AVGSGD", "s3", 5, *keys, "0.01", "MOMENTUM", "0.9", "buf",
+                            "WD", "5e-4")
+    p4, b4 = sgd_ref(xs[3], avg_ref(xs), xs[2], 0.01, 0.9, 5e-4)
+    same_bits(out["s3"], p4)
+    same_bits(out["buf"], b4)
 
 
 def test_threads_bit_identical_large_k(threaded):

@@ -31,7 +31,7 @@ FLT_MAX = float(np.finfo(F32).max)
 
 KEYS = [b"k0", b"k1", b"k2", b"k3", b"{t}k4", b"w\r\n'\x00"]
 NS = [1, 1, 2, 3, 4, 5, 8, 13, 64, 1000, 4097]
-WRITERS = {"TENSOR.AVG", "TENSOR.AXPY", "TENSOR.SGD", "TENSOR.MEDIAN", "TENSOR.TRIMMEAN"}
+WRITERS = {"TENSOR.AVG", "TENSOR.AXPY", "TENSOR.SGD", "TENSOR.AVGSGD", "TENSOR.MEDIAN", "TENSOR.TRIMMEAN"}
 COMMANDS = sorted(WRITERS | {"TENSOR.DIST", "TENSOR.NORM", "TENSOR.FINITE", "TENSOR.DIGEST", "TENSOR.INFO"})
 
 COMMON = dict(
@@ -179,10 +179,7 @@ def _model(cmd, args, state):
         dst_ok(state, args[0])
         xs = sources(state, args[1:])
         if cmd == "TENSOR.AVG":
-            acc = xs[0].copy()
-            for x in xs[1:]:
-                acc = acc + x
-            out = acc / F32(len(xs))
+            out = average(xs)
         else:
             out = np.median(np.stack(xs).astype(np.float64), axis=0).astype(F32)
         return xs[0].size, {args[0]: out.astype(F32).tobytes()}
@@ -209,7 +206,13 @@ def _model(cmd, args, state):
             s = s + r
         return xs[0].size, {args[0]: (s / X.shape[0]).astype(F32).tobytes()}
     if cmd == "TENSOR.SGD":
-        return _model_sgd(args, state)
+        need(len(args) >= 3)
+        return _model_update(args[0], [args[1]], args[2:], state, fused=False)
+    if cmd == "TENSOR.AVGSGD":
+        need(len(args) >= 4)
+        K = parse_count(args[1])
+        need(K is not None and 1 <= K <= 65536 and K <= len(args) - 3)
+        return _model_update(args[0], args[2 : 2 + K], args[2 + K :], state, fused=True)
     if cmd == "TENSOR.DIST":
         need(len(args) >= 1)
         xs = sources(state, args)
@@ -237,14 +240,21 @@ def _model(cmd, args, state):
     raise AssertionError(cmd)
 
 
-def _model_sgd(args, state):
-    need(len(args) >= 3)
-    lr = real(args[2])
+def average(xs):
+    acc = xs[0].copy()
+    for x in xs[1:]:
+        acc = acc + x
+    return acc / F32(len(xs))
+
+
+def _model_update(pk, gkeys, args, state, fused):
+    """TENSOR.SGD (one gradient) or TENSOR.AVGSGD (the average of gkeys); args: lr, then the options."""
+    lr = real(args[0])
     mu = damp = wd = 0.0
     nesterov = False
     buf = None
     seen = set()
-    i = 3
+    i = 1
     while i < len(args):
         word = args[i].upper()
         need(word in (b"MOMENTUM", b"DAMPENING", b"WD", b"NESTEROV") and word not in seen)
@@ -269,10 +279,10 @@ def _model_sgd(args, state):
             i += 1
     need(not nesterov or (mu > 0 and damp == 0))
     need(lr >= 0)
-    pk, gk = args[0], args[1]
-    need(buf is None or (buf != pk and buf != gk))
+    need(buf is None or (buf != pk and buf not in gkeys))
     p = tensor(state, pk)
-    g = tensor(state, gk, 4 * p.size)
+    gs = [tensor(state, k, 4 * p.size) for k in gkeys]
+    g = average(gs) if fused else gs[0]
     use_mom = mu > 0
     b = None
     if use_mom and buf in state:
@@ -424,7 +434,7 @@ def structured_calls(draw, state):
             )
         )
         args = [key(), b] + srcs
-    elif cmd == "TENSOR.SGD":
+    elif cmd in ("TENSOR.SGD", "TENSOR.AVGSGD"):
         opts = []
         if draw(st.booleans()):
             opts.append([draw(WORDS.filter(lambda w: w.upper() == b"MOMENTUM")), draw(NONNEG), key()])
@@ -436,6 +446,10 @@ def structured_calls(draw, state):
             opts.append([b"wd", draw(NONNEG)])
         opts = draw(st.permutations(opts)) if opts else []
         args = [key(), key(), draw(NONNEG)] + [t for o in opts for t in o]
+        if cmd == "TENSOR.AVGSGD":
+            grads = keys(1, 5)
+            count = draw(st.one_of(st.just(str(len(grads)).encode()), st.sampled_from([b"0", b"9", b"-1", b"x", b""])))
+            args = [args[0], count, *grads, *args[2:]]
     elif cmd == "TENSOR.DIST":
         args = keys(1, 7)
     elif cmd in ("TENSOR.NORM", "TENSOR.FINITE", "TENSOR.DIGEST"):
@@ -528,7 +542,7 @@ def run_case(server_db, raw, cmd, args, state):
     if up in WRITERS or up == "TENSOR.FINITE":
         assert reply == ref_reply
     elif up == "TENSOR.INFO":
-        assert reply[0] == b"version" and len(reply[3]) == 14
+        assert reply[0] == b"version" and len(reply[3]) == 15
     elif up == "TENSOR.DIGEST":
         assert isinstance(reply, bytes) and len(reply) == 40
     else:

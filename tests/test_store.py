@@ -53,7 +53,7 @@ def test_flat_params_are_views_and_grads_land_in_place():
         flat.load_bytes(np.zeros(3, dtype=np.float32).tobytes())
 
 
-ALL_BACKENDS = sorted([*BACKENDS, "spirt-reference"])  # the peers' backends and the benchmark's reference
+ALL_BACKENDS = sorted([*BACKENDS, "spirt-reference", "module-unfused"])  # the peers' and the benchmark's
 
 
 @pytest.mark.parametrize("name", ALL_BACKENDS)
@@ -77,6 +77,27 @@ def test_backends_match_torch_sgd(db, name):
         pt.grad = torch.tensor(np.mean(step, axis=0))
         opt.step()
     np.testing.assert_allclose(backend.decode(db.get("{x}p")), pt.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_module_update_in_one_pass_is_the_two_pass_update_bit_for_bit(db):
+    """TENSOR.AVGSGD leaves the bytes TENSOR.AVG into a temporary + TENSOR.SGD left, and no temporary."""
+    rng = np.random.default_rng(3)
+    n, k = 50_003, 5
+    sgd = SGDConfig(lr=0.05, momentum=0.9, weight_decay=5e-4)
+    fused, unfused = get_backend("module"), get_backend("module-unfused")
+    p0 = rng.standard_normal(n).astype(np.float32).tobytes()
+    db.set("{a}p", p0)
+    db.set("{b}p", p0)
+    for _ in range(3):  # the first step creates the momentum buffer
+        for i in range(k):
+            g = rng.standard_normal(n).astype(np.float32).tobytes()
+            db.set(f"{{a}}g{i}", g)
+            db.set(f"{{b}}g{i}", g)
+        assert fused.update(db, "{a}p", "{a}m", [f"{{a}}g{i}" for i in range(k)], sgd) == n
+        assert unfused.update(db, "{b}p", "{b}m", [f"{{b}}g{i}" for i in range(k)], sgd) == n
+        assert db.get("{a}p") == db.get("{b}p") and db.get("{a}m") == db.get("{b}m")
+        assert db.get("{a}p") != p0
+    assert sorted(k.decode() for k in db.keys("{a}*")) == sorted(["{a}p", "{a}m", *[f"{{a}}g{i}" for i in range(k)]])
 
 
 TRAINING_BACKENDS = ALL_BACKENDS  # the JSON reference too: the base form uses its encoding

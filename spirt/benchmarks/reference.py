@@ -1,8 +1,11 @@
-"""The benchmark's reference point: how the released SPIRT code stored and averaged gradients.
+"""The benchmark's reference points: how the released SPIRT code stored and averaged gradients, and the
+module's update before it was one pass.
 
-Its functions stored each gradient as ``json.dumps`` of a Python list, and a Lua script decoded the
-lists, averaged them and applied the update (``spirt_ref_update`` in ``spirt/lua/spirt.lua``). It is
-kept only to put the other backends' update times in context; peers never use it.
+The released SPIRT functions stored each gradient as ``json.dumps`` of a Python list, and a Lua script
+decoded the lists, averaged them and applied the update (``spirt_ref_update`` in
+``spirt/lua/spirt.lua``). ``module-unfused`` is the module's earlier update path: TENSOR.AVG into a
+temporary key, TENSOR.SGD with it, DEL of the temporary (one round trip), which TENSOR.AVGSGD replaced.
+Both are kept only to put the other backends' update times in context; peers never use them.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import json
 
 import numpy as np
 
-from ..backends import Backend, load_lua
+from ..backends import Backend, ModuleBackend, load_lua
+from ..keys import scratch
 from ..tensors import F32
 
 
@@ -40,8 +44,24 @@ class SpirtReferenceBackend(Backend):
         )
 
 
+class ModuleUnfusedBackend(ModuleBackend):
+    """The module's update in two passes through a temporary key (benchmark reference only): the
+    average is written out, read back by the step, then deleted."""
+
+    name = "module-unfused"
+
+    def update(self, client, param, buf, grads, sgd):
+        tmp = scratch(param)
+        pipe = client.pipeline(transaction=False)
+        pipe.execute_command("TENSOR.AVG", tmp, *grads)
+        pipe.execute_command(*self.sgd_args(param, tmp, buf, sgd))
+        pipe.delete(tmp)
+        n, _, _ = pipe.execute()
+        return int(n)
+
+
 #: backends measured by the benchmark only
-BENCH_ONLY: dict[str, type[Backend]] = {SpirtReferenceBackend.name: SpirtReferenceBackend}
+BENCH_ONLY: dict[str, type[Backend]] = {b.name: b for b in (SpirtReferenceBackend, ModuleUnfusedBackend)}
 #: the memory-bandwidth reference row: the same arithmetic on arrays in the benchmark's own memory
 NUMPY_INPROCESS = "numpy-inprocess"
 

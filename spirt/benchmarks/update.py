@@ -26,7 +26,7 @@ RESNET18 = 11_689_512
 SIZE_NAMES = {100_000: "100k", 1_000_000: "1M", MOBILENET_V3_SMALL: "mobilenet_v3_small", RESNET18: "resnet18"}
 FULL_SIZES = (100_000, 1_000_000, MOBILENET_V3_SMALL, RESNET18)
 FULL_KS = (4, 8, 16)
-FULL_BACKENDS = ("client", "module", "lua", "spirt-reference", "numpy-inprocess")
+FULL_BACKENDS = ("client", "module", "module-unfused", "lua", "spirt-reference", "numpy-inprocess")
 
 SGD = SGDConfig(lr=0.01, momentum=0.9, weight_decay=5e-4)
 
@@ -238,11 +238,18 @@ def measure(
 
 
 def with_speedups(rows: list[dict]) -> list[dict]:
-    """Add ``speedup_vs_client`` (client median / this median) for the same operation, size and K."""
-    client = {(r.get("op", "update"), r["n_floats"], r["k"]): r["median_s"] for r in rows if r["backend"] == "client"}
+    """Add ``speedup_vs_client`` (client median / this median) for the same operation, size and K, and
+    ``time_vs_unfused`` (this median / ``module-unfused``'s) to the module's rows where both ran."""
+    def medians(backend):
+        return {(r.get("op", "update"), r["n_floats"], r["k"]): r["median_s"] for r in rows if r["backend"] == backend}
+
+    client, unfused = medians("client"), medians("module-unfused")
     for r in rows:
-        ref = client.get((r.get("op", "update"), r["n_floats"], r["k"]))
+        key = (r.get("op", "update"), r["n_floats"], r["k"])
+        ref = client.get(key)
         r["speedup_vs_client"] = ref / r["median_s"] if ref else float("nan")
+        two_pass = unfused.get(key) if r["backend"] == "module" else None
+        r["time_vs_unfused"] = r["median_s"] / two_pass if two_pass else float("nan")
     return rows
 
 
@@ -273,7 +280,8 @@ def reports_dir():
 
 PROFILES = {
     # CI-sized: quick, but large enough that the database paths are not dominated by round trips
-    "small": dict(sizes=(100_000, 1_000_000), ks=(4, 8), backends=("client", "module", "lua", "numpy-inprocess"),
+    "small": dict(sizes=(100_000, 1_000_000), ks=(4, 8),
+                  backends=("client", "module", "module-unfused", "lua", "numpy-inprocess"),
                   robust=((1_000_000, 16),)),
     # the cells of the committed baseline's ratios only (the module against the client path at 1M
     # floats): the CI regression check, a third of the small profile's time
@@ -362,7 +370,7 @@ def run_profile(client, profile: str, progress=None) -> list[dict]:
 
 
 COLUMNS = ["op", "backend", "size", "n_floats", "k", "rounds", "median_s", "min_s", "speedup_vs_client",
-           "gbytes_per_s"]
+           "time_vs_unfused", "gbytes_per_s"]
 
 
 def write_reports(rows: list[dict], out_dir, *, profile: str = "full", stem: str = "update_time"):
@@ -376,7 +384,10 @@ def write_reports(rows: list[dict], out_dir, *, profile: str = "full", stem: str
         f"decay 5e-4), median over rounds, profile `{profile}`, measured side by side in one run on one "
         "server. `speedup_vs_client` = client-side median / this median for the same size and K. "
         "`numpy-inprocess` is the same arithmetic on arrays already in memory (no database): the "
-        "memory-bandwidth reference. `gbytes_per_s` counts K gradients + parameters + momentum read once. "
+        "memory-bandwidth reference. `module` runs TENSOR.AVGSGD, the average and the step in one pass; "
+        "`module-unfused` is the module's earlier two-pass form (TENSOR.AVG into a temporary key, TENSOR.SGD, "
+        "DEL), and `time_vs_unfused` = `module` median / `module-unfused` median, side by side. "
+        "`gbytes_per_s` counts K gradients + parameters + momentum read once. "
         "Rows with `op` median / trimmed_mean (b = K/4) / dist (Krum's pairwise squared distances) compare "
         "the module's TENSOR.MEDIAN / TENSOR.TRIMMEAN / TENSOR.DIST with the defenses' client-side forms "
         "(fetch the K vectors, numpy, store the result back). The client path is measured at its best: "

@@ -54,6 +54,10 @@ HOT static void k_div_store(f32u *restrict d, const float *restrict acc, float K
     for (size_t i = 0; i < m; i++) d[i] = acc[i] / K;
 }
 
+HOT static void k_div(float *restrict acc, float K, size_t m) {
+    for (size_t i = 0; i < m; i++) acc[i] = acc[i] / K;
+}
+
 HOT static void k_store(f32u *restrict d, const float *restrict acc, size_t m) {
     for (size_t i = 0; i < m; i++) d[i] = acc[i];
 }
@@ -208,23 +212,28 @@ HOT static void k_sgd(f32u *restrict p, const float *restrict g, f32u *restrict 
 /* AVG, AXPY, SGD                                                                                   */
 /* =============================================================================================== */
 
+/* acc = src[0][base..] + ... + src[K-1][base..] over m <= TK_BLK floats, in float32, in source order. */
+static void avg_sum(float *acc, const f32u *const *src, size_t K, size_t base, size_t m) {
+    size_t k;
+    if (K >= 2) {
+        k_add2_init(acc, src[0] + base, src[1] + base, m);
+        k = 2;
+    } else {
+        k_copy_in(acc, src[0] + base, m);
+        k = 1;
+    }
+    for (; k + 7 <= K; k += 7) k_add7(acc, src + k, base, m);
+    for (; k + 3 <= K; k += 3) k_add3(acc, src[k] + base, src[k + 1] + base, src[k + 2] + base, m);
+    for (; k < K; k++) k_add1(acc, src[k] + base, m);
+}
+
 void tk_avg(f32u *dst, const f32u *const *src, size_t K, size_t off, size_t n) {
     const float fk = (float)K;
     float acc[TK_BLK];
     for (size_t done = 0; done < n; done += TK_BLK) {
         size_t base = off + done;
         size_t m = MIN((size_t)TK_BLK, n - done);
-        size_t k;
-        if (K >= 2) {
-            k_add2_init(acc, src[0] + base, src[1] + base, m);
-            k = 2;
-        } else {
-            k_copy_in(acc, src[0] + base, m);
-            k = 1;
-        }
-        for (; k + 7 <= K; k += 7) k_add7(acc, src + k, base, m);
-        for (; k + 3 <= K; k += 3) k_add3(acc, src[k] + base, src[k + 1] + base, src[k + 2] + base, m);
-        for (; k < K; k++) k_add1(acc, src[k] + base, m);
+        avg_sum(acc, src, K, base, m);
         k_div_store(dst + base, acc, fk, m);
     }
 }
@@ -248,6 +257,18 @@ void tk_sgd(f32u *p, const f32u *g, f32u *b, size_t n, const tk_sgd_t *o) {
         size_t m = MIN((size_t)TK_BLK, n - base);
         k_copy_in(gbuf, g + base, m); /* grad may be the param itself */
         k_sgd(p + base, gbuf, b ? b + base : NULL, m, o->lr, o->mu, o->one_minus_d, o->wd, o->use_wd, o->mode);
+    }
+}
+
+void tk_avg_sgd(f32u *p, f32u *b, const f32u *const *src, size_t K, size_t off, size_t n, const tk_sgd_t *o) {
+    const float fk = (float)K;
+    float g[TK_BLK];
+    for (size_t done = 0; done < n; done += TK_BLK) {
+        size_t base = off + done;
+        size_t m = MIN((size_t)TK_BLK, n - done);
+        avg_sum(g, src, K, base, m); /* every source's block is read before p's (or b's) is written */
+        k_div(g, fk, m);
+        k_sgd(p + base, g, b ? b + base : NULL, m, o->lr, o->mu, o->one_minus_d, o->wd, o->use_wd, o->mode);
     }
 }
 

@@ -70,6 +70,14 @@ typedef struct {
  * copied block by block before p is written); b must not overlap p or g. */
 void tk_sgd(f32u *p, const f32u *g, f32u *b, size_t n, const tk_sgd_t *o);
 
+/* The average of K sources followed by one SGD step, in one pass: per block of TK_BLK coordinates,
+ * g = tk_avg's value of the block (the same float32 sums and division), then tk_sgd's step with g, over
+ * coordinates [off, off + n) of p and b (base pointers, like dst in tk_avg). Bit for bit what tk_avg
+ * into a temporary followed by tk_sgd with it gives, without the temporary: each source byte is read
+ * once and nothing is allocated. A source may be p itself (each block of every source is read before
+ * that block of p is written); b must not be p or a source. */
+void tk_avg_sgd(f32u *p, f32u *b, const f32u *const *src, size_t K, size_t off, size_t n, const tk_sgd_t *o);
+
 /* ---- rank statistics: MEDIAN and TRIMMEAN ------------------------------------------------------- */
 
 enum { TK_MEDIAN = 0, TK_TRIMMEAN = 1 };

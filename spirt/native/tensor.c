@@ -27,6 +27,12 @@
  *     NESTEROV needs mu > 0 and d = 0 (as torch). buf is created (same length) when missing and must
  *     be a different key from param and grad. Reply: integer number of floats.
  *
+ * TENSOR.AVGSGD param numgrads grad [grad ...] lr [MOMENTUM mu buf] [DAMPENING d] [NESTEROV] [WD wd]
+ *     TENSOR.AVG of the numgrads grad keys followed by TENSOR.SGD with that average, in one pass: the
+ *     same bytes as the two commands with a temporary key, without the temporary (each gradient byte
+ *     is read once, nothing is allocated, nothing is left to delete). A grad key may be param; buf
+ *     must differ from param and from every grad. Options and reply as TENSOR.SGD.
+ *
  * TENSOR.MEDIAN dst src [src ...]
  *     Coordinate-wise median (numpy convention: mean of the two middle values for even K; NaN if
  *     any source is NaN at that coordinate). Reply: integer number of floats.
@@ -81,7 +87,7 @@
  *                        min(usable CPUs, 4) (usable: online CPUs, narrowed by the affinity mask).
  *                        THREADS 1 computes everything on the server's thread, as version 1.0.0 did.
  * PARALLEL-THRESHOLD m   a command uses several threads only when it reads >= m floats in total
- *                        (sources x length; SGD: param, grad and an existing buffer); default 2^20.
+ *                        (sources x length; SGD and AVGSGD: param, the grads and an existing buffer); default 2^20.
  * An unknown keyword, a repeated one, a missing or bad value makes the module refuse to load, with a
  * log line naming the argument (and so a server started with it refuses to start).
  * Results do not depend on THREADS or PARALLEL-THRESHOLD: every output byte and reply is the same as
@@ -150,8 +156,8 @@
 #include <unistd.h>
 
 #define TENSOR_MODULE_NAME "spirt_tensor"
-#define TENSOR_VERSION_STR "1.0.0"
-#define TENSOR_VERSION_INT 10000
+#define TENSOR_VERSION_STR "1.1.0" /* 1.1.0: TENSOR.AVGSGD */
+#define TENSOR_VERSION_INT 10100
 
 #define BLK TK_BLK                       /* floats per block in element-wise kernels */
 #define MAX_SOURCES 65536                /* sources per command */
@@ -796,14 +802,14 @@ typedef struct {
     int buf_pos; /* argv index of the momentum buffer key, 0 if none */
 } sgd_opts_t;
 
-/* Parse options; with ctx == NULL only positions are computed (for the getkeys callback) and the
- * return value is meaningless. Replies and returns -1 on error. */
-static int sgd_parse(RedisModuleCtx *ctx, RedisModuleString **argv, int argc, sgd_opts_t *o) {
-    const char *cmd = "TENSOR.SGD";
+/* Parse the options from argv[first] on; with ctx == NULL only positions are computed (for the getkeys
+ * callback) and the return value is meaningless. Replies and returns -1 on error. */
+static int sgd_parse(RedisModuleCtx *ctx, const char *cmd, RedisModuleString **argv, int argc, int first,
+                     sgd_opts_t *o) {
     shown_t sh;
     memset(o, 0, sizeof *o);
     int seen_mom = 0, seen_damp = 0, seen_wd = 0;
-    for (int i = 4; i < argc;) {
+    for (int i = first; i < argc;) {
         if (arg_is(argv[i], "MOMENTUM")) {
             if (ctx == NULL) {
                 if (i + 2 < argc) o->buf_pos = i + 2;
@@ -865,51 +871,65 @@ static int sgd_parse(RedisModuleCtx *ctx, RedisModuleString **argv, int argc, sg
     return 0;
 }
 
+/* One update over [0, n): with fused, g = the average of the K sources (TENSOR.AVGSGD), else the one
+ * gradient src[0] (TENSOR.SGD). */
 typedef struct {
     f32u *p, *b;
-    const f32u *g;
-    size_t n;
+    const f32u **src;
+    size_t K, n;
+    int fused;
     tk_sgd_t o;
 } sgd_job_t;
 
 static void sgd_blocks(void *arg, int tid, size_t lo, size_t hi) {
     (void)tid;
     const sgd_job_t *j = arg;
-    size_t base = lo * BLK;
-    tk_sgd(j->p + base, j->g + base, j->b ? j->b + base : NULL, MIN(hi * BLK, j->n) - base, &j->o);
+    size_t base = lo * BLK, m = MIN(hi * BLK, j->n) - base;
+    if (j->fused)
+        tk_avg_sgd(j->p, j->b, j->src, j->K, base, m, &j->o);
+    else
+        tk_sgd(j->p + base, j->src[0] + base, j->b ? j->b + base : NULL, m, &j->o);
 }
 
-static int cmd_sgd(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
-    const char *cmd = "TENSOR.SGD";
-    const char *usage = "TENSOR.SGD param grad lr [MOMENTUM mu buf] [DAMPENING d] [NESTEROV] [WD wd]";
+/* Where an update command's arguments are: the gradient keys argv[grad0 .. grad0 + K), the learning
+ * rate argv[lr_pos], the options after it. */
+typedef struct {
+    const char *cmd;
+    int grad0, lr_pos;
+    size_t K;
+    int fused;
+} update_args_t;
+
+/* TENSOR.SGD and TENSOR.AVGSGD: validate everything, then open, map and compute (torch's order of
+ * operations in float32). */
+static int run_update(RedisModuleCtx *ctx, RedisModuleString **argv, int argc, const update_args_t *a) {
+    const char *cmd = a->cmd;
     sgd_opts_t o;
-    if (RedisModule_IsKeysPositionRequest(ctx)) {
-        if (argc > 1) RedisModule_KeyAtPos(ctx, 1);
-        if (argc > 2) RedisModule_KeyAtPos(ctx, 2);
-        sgd_parse(NULL, argv, argc, &o);
-        if (o.buf_pos > 0) RedisModule_KeyAtPos(ctx, o.buf_pos);
-        return REDISMODULE_OK;
-    }
-    if (argc < 4) return reply_arity(ctx, cmd, usage);
-    int rc = parse_real(argv[3], &o.lr);
-    if (rc != NUM_OK) return reply_bad_real(ctx, cmd, "learning rate", argv[3], rc);
+    int rc = parse_real(argv[a->lr_pos], &o.lr);
+    if (rc != NUM_OK) return reply_bad_real(ctx, cmd, "learning rate", argv[a->lr_pos], rc);
     double lr = o.lr;
-    if (sgd_parse(ctx, argv, argc, &o) != 0) return REDISMODULE_OK;
+    if (sgd_parse(ctx, cmd, argv, argc, a->lr_pos + 1, &o) != 0) return REDISMODULE_OK;
     o.lr = lr;
     shown_t sh;
-    if (o.lr < 0) return reply_err(ctx, "ERR %s: learning rate '%s' must be >= 0", cmd, show(&sh, argv[3]));
+    if (o.lr < 0)
+        return reply_err(ctx, "ERR %s: learning rate '%s' must be >= 0", cmd, show(&sh, argv[a->lr_pos]));
     int use_mom = o.mu > 0;
-    RedisModuleString *pk = argv[1], *gk = argv[2], *bk = o.buf_pos ? argv[o.buf_pos] : NULL;
-    if (bk && (same_key(bk, pk) || same_key(bk, gk)))
-        return reply_err(ctx, "ERR %s: momentum buffer key '%s' must differ from the param and grad keys", cmd,
-                         show(&sh, bk));
+    RedisModuleString *pk = argv[1], *bk = o.buf_pos ? argv[o.buf_pos] : NULL;
+    if (bk) {
+        int clash = same_key(bk, pk);
+        for (size_t i = 0; i < a->K && !clash; i++) clash = same_key(bk, argv[a->grad0 + (int)i]);
+        if (clash)
+            return reply_err(ctx, "ERR %s: momentum buffer key '%s' must differ from the param and grad keys", cmd,
+                             show(&sh, bk));
+    }
 
     /* 1. validate */
     size_t nbytes = 0;
     char from[320];
     if (check_tensor_key(ctx, cmd, "param", pk, &nbytes, "") != 0) return REDISMODULE_OK;
     snprintf(from, sizeof from, "must match param '%s'", show(&sh, pk));
-    if (check_tensor_key(ctx, cmd, "grad", gk, &nbytes, from) != 0) return REDISMODULE_OK;
+    for (size_t i = 0; i < a->K; i++)
+        if (check_tensor_key(ctx, cmd, "grad", argv[a->grad0 + (int)i], &nbytes, from) != 0) return REDISMODULE_OK;
     int buf_exists = 0;
     if (use_mom) {
         RedisModuleKey *k = RedisModule_OpenKey(ctx, bk, REDISMODULE_READ);
@@ -922,44 +942,100 @@ static int cmd_sgd(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
     }
     size_t n = nbytes / 4;
 
-    /* 2. open and map the written keys, then the gradient */
-    RedisModuleKey *kp = NULL, *kb = NULL, *kg = NULL;
+    /* 2. open and map the written keys, then the gradients (see the notes at the top) */
+    RedisModuleKey *kp = NULL, *kb = NULL;
+    RedisModuleKey **kg = RedisModule_Alloc(a->K * sizeof *kg);
+    const f32u **g = RedisModule_Alloc(a->K * sizeof *g);
+    memset(kg, 0, a->K * sizeof *kg);
     f32u *p = NULL, *b = NULL;
-    const f32u *g = NULL;
     int ok = open_dst(ctx, cmd, pk, nbytes, &kp, &p) == 0;
     if (ok && use_mom) ok = open_dst(ctx, cmd, bk, nbytes, &kb, &b) == 0;
-    if (ok) ok = open_src(ctx, cmd, gk, nbytes, &kg, &g) == 0;
-    if (!ok) {
-        if (kg) RedisModule_CloseKey(kg);
-        if (kb) RedisModule_CloseKey(kb);
-        if (kp) RedisModule_CloseKey(kp);
-        return REDISMODULE_OK;
-    }
+    for (size_t i = 0; ok && i < a->K; i++) ok = open_src(ctx, cmd, argv[a->grad0 + (int)i], nbytes, &kg[i], &g[i]) == 0;
 
-    /* 3. compute (float32, torch's order of operations) */
-    sgd_job_t job;
-    job.p = p;
-    job.g = g;
-    job.b = use_mom ? b : NULL;
-    job.n = n;
-    job.o.mode = !use_mom     ? TK_SGD_PLAIN
-                 : o.nesterov ? (buf_exists ? TK_SGD_NESTEROV : TK_SGD_NESTEROV_FIRST)
-                              : (buf_exists ? TK_SGD_MOMENTUM : TK_SGD_MOMENTUM_FIRST);
-    job.o.lr = (float)o.lr;
-    job.o.mu = (float)o.mu;
-    job.o.one_minus_d = (float)(1.0 - o.damp);
-    job.o.wd = (float)o.wd;
-    job.o.use_wd = o.wd != 0;
-    size_t streams = use_mom && buf_exists ? 3 : 2;
-    size_t nblk = (n + BLK - 1) / BLK, chunk = par_chunk(BLK, streams);
-    par_run(par_plan(n * streams, nblk, chunk), nblk, chunk, sgd_blocks, &job);
-    RedisModule_CloseKey(kg);
+    /* 3. compute */
+    if (ok) {
+        sgd_job_t job;
+        job.p = p;
+        job.src = g;
+        job.K = a->K;
+        job.b = use_mom ? b : NULL;
+        job.n = n;
+        job.fused = a->fused;
+        job.o.mode = !use_mom     ? TK_SGD_PLAIN
+                     : o.nesterov ? (buf_exists ? TK_SGD_NESTEROV : TK_SGD_NESTEROV_FIRST)
+                                  : (buf_exists ? TK_SGD_MOMENTUM : TK_SGD_MOMENTUM_FIRST);
+        job.o.lr = (float)o.lr;
+        job.o.mu = (float)o.mu;
+        job.o.one_minus_d = (float)(1.0 - o.damp);
+        job.o.wd = (float)o.wd;
+        job.o.use_wd = o.wd != 0;
+        size_t streams = a->K + 1 + (use_mom && buf_exists);
+        size_t nblk = (n + BLK - 1) / BLK, chunk = par_chunk(BLK, streams);
+        par_run(par_plan(n * streams, nblk, chunk), nblk, chunk, sgd_blocks, &job);
+    }
+    for (size_t i = 0; i < a->K; i++)
+        if (kg[i]) RedisModule_CloseKey(kg[i]);
+    RedisModule_Free(kg);
+    RedisModule_Free((void *)g);
     if (kb) RedisModule_CloseKey(kb);
-    RedisModule_CloseKey(kp);
-    RedisModule_NotifyKeyspaceEvent(ctx, REDISMODULE_NOTIFY_STRING, "tensor.sgd", pk);
-    if (use_mom) RedisModule_NotifyKeyspaceEvent(ctx, REDISMODULE_NOTIFY_STRING, "tensor.sgd", bk);
+    if (kp) RedisModule_CloseKey(kp);
+    if (!ok) return REDISMODULE_OK;
+    const char *event = a->fused ? "tensor.avgsgd" : "tensor.sgd";
+    RedisModule_NotifyKeyspaceEvent(ctx, REDISMODULE_NOTIFY_STRING, event, pk);
+    if (use_mom) RedisModule_NotifyKeyspaceEvent(ctx, REDISMODULE_NOTIFY_STRING, event, bk);
     RedisModule_ReplicateVerbatim(ctx);
     return RedisModule_ReplyWithLongLong(ctx, (long long)n);
+}
+
+static int cmd_sgd(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    const update_args_t a = {"TENSOR.SGD", 2, 3, 1, 0};
+    if (RedisModule_IsKeysPositionRequest(ctx)) {
+        sgd_opts_t o;
+        if (argc > 1) RedisModule_KeyAtPos(ctx, 1);
+        if (argc > 2) RedisModule_KeyAtPos(ctx, 2);
+        sgd_parse(NULL, a.cmd, argv, argc, 4, &o);
+        if (o.buf_pos > 0) RedisModule_KeyAtPos(ctx, o.buf_pos);
+        return REDISMODULE_OK;
+    }
+    if (argc < 4)
+        return reply_arity(ctx, a.cmd, "TENSOR.SGD param grad lr [MOMENTUM mu buf] [DAMPENING d] [NESTEROV] [WD wd]");
+    return run_update(ctx, argv, argc, &a);
+}
+
+/* TENSOR.AVGSGD param numgrads grad [grad ...] lr [options]: K from argv[2] when it is a count that
+ * fits the arguments, else 0. */
+static size_t avgsgd_count(RedisModuleString **argv, int argc) {
+    long long K;
+    if (argc < 3 || parse_count(argv[2], &K) != 0 || K < 1 || K > MAX_SOURCES || K > (long long)argc - 4) return 0;
+    return (size_t)K;
+}
+
+static int cmd_avgsgd(RedisModuleCtx *ctx, RedisModuleString **argv, int argc) {
+    const char *cmd = "TENSOR.AVGSGD";
+    size_t K = avgsgd_count(argv, argc);
+    if (RedisModule_IsKeysPositionRequest(ctx)) {
+        sgd_opts_t o;
+        if (argc > 1) RedisModule_KeyAtPos(ctx, 1);
+        for (size_t i = 0; i < K; i++) RedisModule_KeyAtPos(ctx, 3 + (int)i);
+        if (K > 0) {
+            sgd_parse(NULL, cmd, argv, argc, 4 + (int)K, &o);
+            if (o.buf_pos > 0) RedisModule_KeyAtPos(ctx, o.buf_pos);
+        }
+        return REDISMODULE_OK;
+    }
+    if (argc < 5)
+        return reply_arity(ctx, cmd,
+                           "TENSOR.AVGSGD param numgrads grad [grad ...] lr [MOMENTUM mu buf] [DAMPENING d] "
+                           "[NESTEROV] [WD wd]");
+    if (K == 0) {
+        shown_t sh;
+        return reply_err(ctx,
+                         "ERR %s: numgrads '%s' must be an integer in 1..%d followed by that many grad keys and "
+                         "the learning rate",
+                         cmd, show(&sh, argv[2]), MAX_SOURCES);
+    }
+    const update_args_t a = {cmd, 3, 3 + (int)K, K, 1};
+    return run_update(ctx, argv, argc, &a);
 }
 
 /* =============================================================================================== */
@@ -1454,6 +1530,8 @@ static const command_def_t COMMANDS[] = {
     {"tensor.axpy", cmd_axpy, "write deny-oom", 1, -1, 2, "TENSOR.AXPY dst alpha1 src1 [alpha2 src2 ...]"},
     {"tensor.sgd", cmd_sgd, "write deny-oom getkeys-api", 0, 0, 0,
      "TENSOR.SGD param grad lr [MOMENTUM mu buf] [DAMPENING d] [NESTEROV] [WD wd]"},
+    {"tensor.avgsgd", cmd_avgsgd, "write deny-oom getkeys-api", 0, 0, 0,
+     "TENSOR.AVGSGD param numgrads grad [grad ...] lr [MOMENTUM mu buf] [DAMPENING d] [NESTEROV] [WD wd]"},
     {"tensor.median", cmd_median, "write deny-oom", 1, -1, 1, "TENSOR.MEDIAN dst src [src ...]"},
     {"tensor.trimmean", cmd_trimmean, "write deny-oom getkeys-api", 0, 0, 0, "TENSOR.TRIMMEAN dst b src [src ...]"},
     {"tensor.dist", cmd_dist, "readonly", 1, -1, 1, "TENSOR.DIST src [src ...]"},
