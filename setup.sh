@@ -3,7 +3,8 @@
 #   ./setup.sh run    real small P2P training + update-time benchmark on the embedded Valkey -> results/
 #                     (git-ignored; `./setup.sh run --out reports` refreshes the committed reference run)
 #   ./setup.sh test   the test suite (Valkey 9 and Redis 7) and the update-speedup regression check
-# Installs only what is missing: Debian's redis-server and dataset-fashion-mnist, a virtualenv in .venv
+# Installs only what is missing: Debian's redis-server, dataset-fashion-mnist and iptables (partitions and
+# loss between the emulated hosts of spirt.netns), a virtualenv in .venv
 # (override with SPIRT_VENV) with the package, its test and lint extras, Ray, and tox (whose
 # environments run in this same virtualenv, see tox.ini).
 set -euo pipefail
@@ -15,6 +16,8 @@ case "$what" in run|test) ;; *) echo "usage: ./setup.sh run|test [extra args]" >
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need+=(dataset-fashion-mnist)
+# in /usr/sbin, which a non-root PATH may lack
+command -v iptables >/dev/null 2>&1 || [ -x /usr/sbin/iptables ] || need+=(iptables)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
   echo "installing Debian packages: ${need[*]}"

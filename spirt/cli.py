@@ -185,6 +185,70 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _load(args, console):
+    """The configuration of ``args.config`` with the ``--set`` overrides, or None (the error printed)."""
+    from .config import ConfigError, load_config, parse_override
+
+    try:
+        over = dict(parse_override(item) for item in args.set or [])
+        with _config_file(args.config) as path:
+            return load_config(path, over)
+    except ConfigError as exc:
+        console.print(f"[red]{exc}")
+        return None
+
+
+def _cmd_peer(args) -> int:
+    """One peer of a group on this host (see spirt.host)."""
+    from rich.console import Console
+
+    from .host import HostError, run_peer
+
+    console = Console(stderr=True)
+    cfg = _load(args, console)
+    if cfg is None:
+        return 2
+    try:
+        run_peer(cfg, args.index, server=not args.no_server, state_dir=args.state_dir,
+                 start_timeout_s=args.start_timeout, hold=not args.no_hold, hold_timeout_s=args.hold_timeout,
+                 log=lambda msg: console.print(msg, highlight=False))
+    except (HostError, TimeoutError) as exc:
+        console.print(f"[red]peer {args.index}: {exc}")
+        return 2
+    return 0
+
+
+def _cmd_collect(args) -> int:
+    """Every peer's metrics and events, over the network, into the run reports."""
+    from rich.console import Console
+
+    from .host import HostError, collect
+    from .runner import write_run_reports
+
+    console = Console(stderr=True)
+    cfg = _load(args, console)
+    if cfg is None:
+        return 2
+    try:
+        df, missing = collect(cfg, release=args.release)
+    except HostError as exc:
+        console.print(f"[red]{exc}")
+        return 2
+    if missing:
+        console.print(f"[red]no answer from the databases of peers {missing}: their metrics are missing")
+    if df.empty:
+        console.print("[red]no metrics in any peer's database")
+        return 1
+    out = Path(args.out or cfg.run.out)
+    summary = write_run_reports(df, out, args.label if args.label is not None else "collected")
+    console.print(f"[bold]{cfg.run.name}[/]: {summary['peers']} peers, {summary['rounds']} rounds, final accuracy "
+                  f"{summary['final_accuracy']:.4f}; reports in {out}")
+    if summary["final_states"] > 1:
+        console.print(f"[red]the honest peers ended with {summary['final_states']} different models")
+        return 1
+    return 1 if missing else 0
+
+
 def _cmd_demo(args) -> int:
     """The README's main job: the quickstart training with in-database and client-side aggregation,
     then the update-time benchmark, all into one report directory."""
@@ -271,6 +335,12 @@ def _cmd_bench_protocol(args) -> int:
     return protocol_main(_passthrough(args.rest))
 
 
+def _cmd_bench_network(args) -> int:
+    from .benchmarks.network import main as network_main
+
+    return network_main(_passthrough(args.rest))
+
+
 def _cmd_bench_faults(args) -> int:
     from .faults import main as faults_main
 
@@ -339,6 +409,31 @@ def build_parser() -> argparse.ArgumentParser:
         run.add_argument("--" + flag.replace("_", "-"), dest=flag, type=typ, help=help_)
     run.set_defaults(func=_cmd_run)
 
+    peer = sub.add_parser("peer", help="run one peer of a group on this host: its database, its functions and "
+                          "its orchestrator (peers.urls lists every peer's database)")
+    peer.add_argument("config", help="the group's configuration (TOML, or JSON as Config.model_dump_json writes), "
+                      "the same on every host")
+    peer.add_argument("--index", type=int, required=True, help="this peer's index in peers.urls")
+    peer.add_argument("--no-server", action="store_true", help="use the database already serving at "
+                      "peers.urls[INDEX] instead of starting one")
+    peer.add_argument("--state-dir", metavar="DIR", help="keep the database's files in DIR (persistence on)")
+    peer.add_argument("--start-timeout", type=float, default=600.0, metavar="S",
+                      help="give up when the group has not started within S seconds (default 600)")
+    peer.add_argument("--no-hold", action="store_true", help="stop when training ends instead of serving the "
+                      "metrics until spirt collect --release")
+    peer.add_argument("--hold-timeout", type=float, metavar="S", help="serve the metrics at most S seconds")
+    peer.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="any other config field")
+    peer.set_defaults(func=_cmd_peer)
+
+    col = sub.add_parser("collect", help="gather every peer's metrics and events (peers.urls) into the run "
+                         "reports")
+    col.add_argument("config", help="the group's configuration")
+    col.add_argument("--out", help="report directory (default: run.out of the config)")
+    col.add_argument("--label", help="suffix of the report files (default: collected)")
+    col.add_argument("--release", action="store_true", help="then tell every peer of spirt peer it may stop")
+    col.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="any other config field")
+    col.set_defaults(func=_cmd_collect)
+
     demo = sub.add_parser("demo", help="the main job: quickstart training (in-database and client-side) + "
                           "update-time benchmark -> results/")
     # results/, not reports/: a user's run never overwrites the committed reference run in reports/,
@@ -387,6 +482,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "reports/byzantine_protocol.*; options: spirt bench protocol -- --help", add_help=False)
     bp.add_argument("rest", nargs=argparse.REMAINDER)
     bp.set_defaults(func=_cmd_bench_protocol)
+    bn = bsub.add_parser("network", help="update time with the database across an emulated link (root: "
+                         "network namespaces) -> reports/network.*; options: spirt bench network -- --help",
+                         add_help=False)
+    bn.add_argument("rest", nargs=argparse.REMAINDER)
+    bn.set_defaults(func=_cmd_bench_network)
     bf = bsub.add_parser("faults", help="fault-injection scenarios -> reports/faults.{md,csv}; "
                          "options: spirt bench faults -- --help", add_help=False)
     bf.add_argument("rest", nargs=argparse.REMAINDER)

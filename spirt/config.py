@@ -13,6 +13,7 @@ torch.
 
 from __future__ import annotations
 
+import json
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
@@ -116,6 +117,13 @@ class PeersSection(_Section):
     mode: Literal["process", "thread"] = Field(
         "process", description="peer orchestrators as separate processes (default) or threads of one process"
     )
+    placement: Literal["local", "ray"] = Field(
+        "local", description="where peers run: on this host (local), or each a Ray actor on a node of a Ray "
+        "cluster, its database on that node (ray; see spirt.placement)")
+    ray_address: str | None = Field(None, description="placement = ray: the cluster to join ('auto': the one "
+                                    "this machine is part of; None: start a Ray instance on this machine)")
+    ray_max_restarts: int = Field(1, ge=0, description="placement = ray: how often Ray restarts a peer's actor "
+                                  "that died with its node (it rejoins the training by state transfer)")
 
 
 class OptimSection(_Section):
@@ -372,10 +380,18 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         p = Path(path)
         if not p.exists():
             raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
+        if p.suffix == ".json":  # what Config.model_dump_json writes: one file a launcher hands every host
+            try:
+                data = json.loads(p.read_text())
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{p}: not valid JSON: {exc}") from exc
+            if not isinstance(data, dict):
+                raise ConfigError(f"{p}: a configuration is a JSON object, not {type(data).__name__}")
+        else:
+            try:
+                data = tomllib.loads(p.read_text())
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
         source = str(p)
     for key, value in (overrides or {}).items():
         if value is not None:

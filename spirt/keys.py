@@ -36,7 +36,8 @@ key (in p's database)  what it holds, who writes it
 ``challenge:q``        p's challenge to q (read by the ``hello`` user)
 =====================  ==================================================================================
 
-:data:`START_KEY` (no hash tag) is the launcher's start signal.
+:data:`START_KEY` (no hash tag) is the launcher's start signal; :data:`RELEASE_KEY` tells a peer started
+with ``spirt peer`` that its metrics were collected, so it may stop its database.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ from dataclasses import dataclass
 #: The launcher sets it once every peer is up: in peer 0's database, or in every database of a
 #: secured run (a secured peer reads only its own database).
 START_KEY = "spirt:start"
+#: ``spirt collect --release`` sets it in each peer's database once it read the peer's metrics: a peer of
+#: ``spirt peer`` then stops its database and exits
+RELEASE_KEY = "spirt:release"
 
 SIG_SUFFIX = ":sig"
 

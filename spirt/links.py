@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import selectors
 import threading
 from dataclasses import dataclass, field
 
@@ -51,7 +52,9 @@ class Links:
         self.targets = dict(targets)
         self.links = {(p, q): Link(p, q, targets[q]) for p in targets for q in targets if p != q}
         self._ids = itertools.count()
-        self._loop = asyncio.new_event_loop()
+        # select(2) takes its timeout in microseconds, epoll in milliseconds: with epoll every delay shorter
+        # than a millisecond would round up to one (a 0.5 ms round trip would become 2 ms)
+        self._loop = asyncio.SelectorEventLoop(selectors.SelectSelector())
         self._servers: list[asyncio.base_events.Server] = []
         self._thread = threading.Thread(target=self._loop.run_forever, name="links", daemon=True)
         self._thread.start()
@@ -105,7 +108,9 @@ class Links:
             self._call(self._set_cut(link, False))
 
     def delay(self, src: int, dst: int, seconds: float) -> None:
-        """Add ``seconds`` each way on the link src -> dst."""
+        """Add ``seconds`` each way on the link src -> dst (a delay line: latency, not a throughput cap;
+        sub-millisecond delays hold, see the event loop's selector). Applies to connections that carry
+        bytes after the call."""
         self.links[src, dst].delay_s = seconds
 
     def close(self) -> None:
@@ -152,20 +157,50 @@ class Links:
                 w.close()
 
     async def _pump(self, link: Link, state: list, reader, writer) -> None:
+        """Copy one direction of a connection. With a delay, the bytes go through a delay line: each chunk
+        is due ``delay_s`` after it was read and the reader goes on meanwhile, so the link adds latency
+        without capping its throughput (sleeping before each write would allow one chunk per delay)."""
+        line: asyncio.Queue | None = None
+        deliver = None
         try:
             while data := await reader.read(CHUNK):
-                if link.delay_s:
-                    await asyncio.sleep(link.delay_s)
-                if link.cut or state[2]:
-                    state[2] = True  # swallowed: this stream is broken for good
-                    continue
-                writer.write(data)
-                await writer.drain()
+                if link.delay_s and line is None:
+                    line = asyncio.Queue()
+                    deliver = asyncio.ensure_future(self._deliver(link, state, line, writer))
+                if line is not None:
+                    line.put_nowait((asyncio.get_running_loop().time() + link.delay_s, data))
+                elif not self._cut(link, state):
+                    writer.write(data)
+                    await writer.drain()
+            if line is not None:
+                line.put_nowait(None)
+                await deliver
         except (ConnectionError, OSError):
             pass
         finally:
+            if deliver is not None and not deliver.done():
+                deliver.cancel()
             for w in state[:2]:
                 w.close()
+
+    async def _deliver(self, link: Link, state: list, line: asyncio.Queue, writer) -> None:
+        """The far end of a delay line: write each chunk once it is due, in order."""
+        loop = asyncio.get_running_loop()
+        while (item := await line.get()) is not None:
+            due, data = item
+            if (wait := due - loop.time()) > 0:
+                await asyncio.sleep(wait)
+            if not self._cut(link, state):
+                writer.write(data)
+                await writer.drain()
+
+    @staticmethod
+    def _cut(link: Link, state: list) -> bool:
+        """Whether bytes are swallowed now: the link is cut, or was while this stream was open (it is
+        broken for good then)."""
+        if link.cut or state[2]:
+            state[2] = True
+        return state[2]
 
     async def _set_cut(self, link: Link, cut: bool) -> None:
         link.cut = cut
@@ -184,3 +219,8 @@ class Links:
                     w.close()
         for server in self._servers:
             await server.wait_closed()
+        # the connections' tasks end here (their streams see the closes), not with the loop, which would
+        # warn of tasks destroyed while pending
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=2)

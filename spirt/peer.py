@@ -590,8 +590,35 @@ class Peer:
         return join_scan
 
 
+def wait_for_start(url: str, key: str, timeout_s: float | None = None) -> None:
+    """Wait until ``key`` exists in the database at ``url`` (peer 0's: the start signal). That database may
+    not answer yet (on another host, started later) or answer with an error for a while: keep trying
+    until ``timeout_s`` (None: without end; a launcher that gives up stops us)."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    c0, last = None, None
+    try:
+        while True:
+            try:
+                c0 = c0 or make_client(url=url, socket_timeout=5, connect_timeout=2)
+                if c0.exists(key):
+                    return
+            except redis.RedisError as exc:
+                last = exc
+                if c0 is not None:
+                    c0.close()
+                c0 = None
+            if deadline is not None and time.monotonic() > deadline:
+                why = f" (last error: {type(last).__name__}: {last})" if last else ""
+                raise TimeoutError(f"no start signal {key!r} in the database at {url} within {timeout_s:g} s{why}")
+            time.sleep(0.05 if last is None else 0.5)
+    finally:
+        if c0 is not None:
+            c0.close()
+
+
 def peer_main(cfg_json: str, index: int, urls: list[str | None], start_key: str | None = None,
-              join: bool = False, resume: bool = False, admin: str | None = None) -> None:
+              join: bool = False, resume: bool = False, admin: str | None = None,
+              start_timeout_s: float | None = None) -> None:
     """Entry point of a peer orchestrator process: set up, wait for the start signal (or join a
     running training), train.
 
@@ -599,7 +626,8 @@ def peer_main(cfg_json: str, index: int, urls: list[str | None], start_key: str 
     peer's own database instead (if given): a launcher can start a newcomer ahead of time (torch
     imported, workers warm) and let it ask to join at a chosen moment. With ``resume=True`` the peer takes
     up the training its database holds (:meth:`Peer.resume`) instead of starting a new one. ``admin``: the
-    password of the ``admin`` user the database was started with (secured runs)."""
+    password of the ``admin`` user the database was started with (secured runs). ``start_timeout_s``: how
+    long to wait for the start signal (None: until it comes)."""
     import torch
 
     torch.set_num_threads(1)
@@ -626,11 +654,8 @@ def peer_main(cfg_json: str, index: int, urls: list[str | None], start_key: str 
         if start_key and peer.guard.active:  # secured: set in every database, ours is the one we read
             while not peer.db.exists(start_key):
                 time.sleep(0.01)
-        elif start_key:  # the launcher sets it in peer 0's database once every peer is up
-            c0 = make_client(url=urls[0], socket_timeout=5)
-            while not c0.exists(start_key):
-                time.sleep(0.01)
-            c0.close()
+        elif start_key:  # the launcher (or peer 0 itself) sets it in peer 0's database once every peer is up
+            wait_for_start(urls[0], start_key, start_timeout_s)
         peer.run()
     finally:
         peer.close()

@@ -206,9 +206,9 @@ def find_server_binary(spec: str | os.PathLike | None = None) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -416,6 +416,7 @@ def start_server(
     *,
     module: bool | str | os.PathLike = True,
     port: int | None = None,
+    host: str = "127.0.0.1",
     unix_socket: bool = False,
     persistence: bool = False,
     fsync: str = "everysec",
@@ -434,6 +435,10 @@ def start_server(
     binary: ``"valkey"`` (default), ``"redis"`` or a path; see :func:`find_server_binary`.
     module: load the spirt tensor module (``True``), not (``False``), or a path to another build.
     port: TCP port; a free one is picked when ``None``. Ignored with ``unix_socket=True``.
+    host: the address to listen on (default loopback). Another one (a peer's database on its own host,
+        reached by the others over the network) turns the server's protected mode off: it refuses remote
+        clients without a password otherwise, and the peers' own access control is the ACL users of a
+        secured run.
     unix_socket: listen on a unix socket in the work directory instead of TCP.
     persistence: append-only file in ``workdir``; off means nothing on disk.
     fsync: with persistence, the AOF's ``appendfsync`` policy: ``"always"`` (every write is on disk before
@@ -469,7 +474,9 @@ def start_server(
     wd.mkdir(parents=True, exist_ok=True)
     logfile = wd / "server.log"
 
-    args = [str(exe), "--bind", "127.0.0.1", "--daemonize", "no", "--dir", str(wd), "--logfile", str(logfile)]
+    args = [str(exe), "--bind", host, "--daemonize", "no", "--dir", str(wd), "--logfile", str(logfile)]
+    if host not in ("127.0.0.1", "::1", "localhost"):
+        args += ["--protected-mode", "no"]
     if fsync not in ("always", "everysec", "no"):
         raise ValueError(f"fsync must be 'always', 'everysec' or 'no', got {fsync!r}")
     aclfile = wd / "users.acl"
@@ -499,16 +506,17 @@ def start_server(
             listen = ["--port", "0", "--unixsocket", sock, "--unixsocketperm", "700"]
             the_port = None
         else:
-            the_port = port if port is not None else _free_port()
+            the_port = port if port is not None else _free_port(host)
             listen = ["--port", str(the_port)]
             sock = None
         if tls is not None:
             listen = ["--port", "0", "--tls-port", str(the_port), *tls.server_args()]
         proc = _spawn(args + listen + list(extra_args))
-        url = f"unix://{sock}" if sock else f"{'rediss' if tls else 'redis'}://127.0.0.1:{the_port}"
+        where = f"[{host}]" if ":" in host else host
+        url = f"unix://{sock}" if sock else f"{'rediss' if tls else 'redis'}://{where}:{the_port}"
         server = Server(
             url=url,
-            host=None if (sock or tls) else "127.0.0.1",
+            host=None if (sock or tls) else host,
             port=the_port,
             unix_socket=sock,
             binary=exe,

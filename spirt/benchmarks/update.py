@@ -328,12 +328,14 @@ def finish_cell(client, cell: Cell, times: list[float]) -> Cell:
 
 
 def measure_interleaved(client, op: str, n: int, k: int, backends: tuple[str, ...], *, budget_s: float = 3.0,
-                        max_rounds: int = 100, min_rounds: int = 5) -> list[Cell]:
+                        max_rounds: int = 100, min_rounds: int = 5, steady_allocator: bool = True) -> list[Cell]:
     """Median times of several backends on one (op, size, K), their calls taken in alternation.
 
     A neighbour's burst of load then hits every backend alike instead of whichever ran during it,
-    which is what keeps the speedup ratios stable on a shared machine."""
-    steady_client_allocator()
+    which is what keeps the speedup ratios stable on a shared machine. ``steady_allocator=False`` leaves
+    the process's allocator as it is (a plain client's)."""
+    if steady_allocator:
+        steady_client_allocator()
     fns = {b: _stage_any(client, op, b, n, k) for b in backends}
     rounds = {b: _rounds_for(time_call(fn, 1, warmup=0)[0], budget_s, max_rounds, min_rounds)
               for b, fn in fns.items()}
