@@ -30,7 +30,7 @@ from .peer import peer_main
 from .processes import RUNNING, command_line, descendants, handle, signal_if_same, state, stop_processes
 from .servers import Server, make_client, start_server
 
-__all__ = ["Cluster", "ClusterError", "peer_context", "heartbeat_process"]
+__all__ = ["Cluster", "ClusterError", "peer_context", "heartbeat_process", "peer_on_host"]
 
 
 class ClusterError(RuntimeError):
@@ -48,6 +48,15 @@ def peer_context():
     ctx.set_forkserver_preload(["torch", "numpy", "redis", "spirt.peer", "spirt.functions", "spirt.data",
                                 "spirt.models", "spirt.executors", "attacks", "defenses"])
     return ctx
+
+
+def peer_on_host(namespace: str, *args) -> None:
+    """Process entry point of a peer on an emulated host: :func:`spirt.peer.peer_main` inside the host's
+    network namespace (its gradient-function workers, started later, live there too)."""
+    from .netns import enter
+
+    enter(namespace)
+    peer_main(*args)
 
 
 def heartbeat_process(cfg_json: str, index: int, urls: list[str | None]) -> None:
@@ -70,11 +79,18 @@ class Cluster:
     """
 
     def __init__(self, cfg: Config, slots: int | None = None, initial: list[int] | None = None,
-                 newcomers: list[int] = (), *, links: bool = False):
+                 newcomers: list[int] = (), *, links: bool = False, hosts: bool = False,
+                 cut_mode: str = "drop"):
         """``initial`` peers train from the start; ``newcomers`` are started with them (ready, not
         training) and ask to join on :meth:`join`. With ``links``, each peer reaches every other
         peer's database through its own proxy (:class:`spirt.links.Links`, as :attr:`links`), which
-        partition faults cut and heal."""
+        partition faults cut and heal. With ``hosts`` instead, each peer (its database server and its
+        orchestrator) lives on an emulated host of its own, a network namespace (:class:`spirt.netns.Hosts`,
+        as :attr:`hosts`; needs root), and :attr:`links` cuts and heals the network between them with
+        blackhole routes (``cut_mode="route"``) or iptables DROP rules (``"drop"``, the default: silent, as
+        the proxies' cuts are)."""
+        if links and hosts:
+            raise ClusterError("links (proxies) or hosts (network namespaces), not both")
         self.cfg = cfg
         self.slots = slots or cfg.peers.count
         self.initial = list(range(cfg.peers.count)) if initial is None else list(initial)
@@ -87,7 +103,10 @@ class Cluster:
         self._ctx = peer_context()
         self._clients: dict[int, redis.Redis] = {}
         self._want_links = links
-        self.links: Links | None = None
+        self._want_hosts, self._cut_mode = hosts, cut_mode
+        self.hosts = None  # spirt.netns.Hosts, with hosts=True
+        #: the partition primitives: spirt.links.Links (proxies) or spirt.netns.PeerCuts (routes, rules)
+        self.links = None
         #: the honest peers' disagreement, per round (started with the training)
         self.observer: Observer | None = None
 
@@ -109,15 +128,22 @@ class Cluster:
 
     def urls_for(self, i: int) -> list[str | None]:
         """The databases as peer i reaches them: directly, or through its links."""
-        if self.links is None:
+        if not self._want_links:
             return self.urls
         return self.links.urls_for(i, dict(enumerate(self.urls)))
 
     def start(self, timeout_s: float = 300.0) -> None:
         c = self.cfg
-        for _ in range(self.slots):
+        if self._want_hosts:
+            from .netns import Hosts, PeerCuts
+
+            self.hosts = Hosts(self.slots)
+            self.links = PeerCuts(self.hosts, self._cut_mode)
+        for i in range(self.slots):
+            where = ({"host": self.hosts.address(i), "netns": self.hosts.namespace(i)} if self.hosts
+                     else {"unix_socket": True})
             self.servers.append(start_server(c.peers.server, module=needs_module(c.aggregation.backend),
-                                             unix_socket=True, persistence=c.peers.persistence, fsync="always"))
+                                             persistence=c.peers.persistence, fsync="always", **where))
         if self._want_links:
             self.links = Links({i: s.unix_socket for i, s in enumerate(self.servers)})
         cfg_json = c.model_dump_json()
@@ -136,7 +162,8 @@ class Cluster:
         self.t_start = time.time()
 
     def _spawn(self, i: int, args: tuple) -> None:
-        p = self._ctx.Process(target=peer_main, args=args, name=f"peer-{i}", daemon=False)
+        target, args = (peer_on_host, (self.hosts.namespace(i), *args)) if self.hosts else (peer_main, args)
+        p = self._ctx.Process(target=target, args=args, name=f"peer-{i}", daemon=False)
         p.start()
         self.procs[i] = p
 
@@ -163,7 +190,9 @@ class Cluster:
         self._clients.clear()
         for s in self.servers:
             s.stop()
-        if self.links is not None:
+        if self.hosts is not None:
+            self.hosts.close()  # with its cuts; after the processes inside are gone
+        elif self.links is not None:
             self.links.close()
 
     def client(self, i: int) -> redis.Redis:

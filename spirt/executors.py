@@ -289,7 +289,8 @@ class ProcessExecutor(Executor):
 
 @registry.register("ray")
 class RayExecutor(Executor):
-    """Gradient functions as Ray tasks (``pip install spirt[ray]``), with Ray's own retries."""
+    """Gradient functions as Ray tasks (``pip install spirt[ray]``), with Ray's own retries, preferring the
+    node of the peer that invokes them (soft node affinity)."""
 
     name = "ray"
 
@@ -305,7 +306,13 @@ class RayExecutor(Executor):
             ray.init(address=address, num_cpus=None if address else self.workers, include_dashboard=False,
                      log_to_driver=False, ignore_reinit_error=True)
             self._owns = True
-        self._fn = ray.remote(num_cpus=1, max_retries=self.retries, retry_exceptions=True)(_ray_gradient)
+        # near the peer: tasks prefer this process's node, where the peer's database is (a peer placed on a
+        # Ray cluster, spirt.placement), and go elsewhere only when that node cannot take them
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+        self._fn = ray.remote(num_cpus=1, max_retries=self.retries, retry_exceptions=True,
+                              scheduling_strategy=here)(_ray_gradient)
 
     def map(self, tasks):
         refs = [self._fn.remote(t) for t in tasks]

@@ -17,6 +17,7 @@ no kernel delay: :func:`delay_mechanism` says ``"proxy"`` and delay belongs to :
 from __future__ import annotations
 
 import atexit
+import ctypes
 import fcntl
 import functools
 import ipaddress
@@ -30,7 +31,7 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 
-__all__ = ["Hosts", "NetnsError", "available", "delay_mechanism", "netem_available"]
+__all__ = ["Hosts", "NetnsError", "PeerCuts", "available", "delay_mechanism", "enter", "netem_available"]
 
 #: where root's commands live, searched after PATH
 _SBIN = ("/usr/sbin", "/sbin")
@@ -44,6 +45,7 @@ _LOCK_PATH = "/run/lock/spirt-netns.lock" if os.path.isdir("/run/lock") else "/t
 _GONE = ("Cannot find device", "No such file", "No such process", "does not exist", "Bad rule")
 MODES = ("route", "drop")
 _ROOT = -1  # the root namespace, as a peer in the internal cut primitives
+_CLONE_NEWNET = 0x40000000
 _counter = itertools.count()
 _netem: bool | None = None
 
@@ -146,9 +148,10 @@ class Hosts:
       and open connections stall, as in a real partition.
 
     One-way cuts (:meth:`cut_one_way`) act on connections, as those of :mod:`spirt.links`: ``i`` can no
-    longer open connections to ``j``, while ``j`` still opens connections to ``i`` and gets replies. (A
-    blackhole route from ``i`` to ``j`` would swallow those replies too, which for TCP is a two-way cut.)
-    They are iptables rules matching conntrack state NEW: REJECT with net-unreachable in ``i``'s output
+    longer reach ``j`` over the connections ``i`` opens (new ones and those already open), while ``j``
+    still opens connections to ``i`` and gets replies. (A blackhole route from ``i`` to ``j`` would swallow
+    those replies too, which for TCP is a two-way cut.) They are iptables rules matching the connections
+    ``i`` originated (conntrack's original source): REJECT with net-unreachable in ``i``'s output
     (``"route"``: ``connect()`` fails at once with ENETUNREACH) or DROP in ``j``'s input (``"drop"``).
     :meth:`isolate` also cuts the host from the root namespace: in ``"route"`` mode with a blackhole route
     in the root namespace as well; in ``"drop"`` mode with rules in the host only (the root's iptables are
@@ -227,6 +230,20 @@ class Hosts:
         _run([ip, "-n", ns, "addr", "add", f"{self.address(i)}/24", "dev", "eth0"])
         _run([ip, "-n", ns, "link", "set", "eth0", "up"])
         _run([ip, "-n", ns, "link", "set", "lo", "up"])  # servers inside may listen on 127.0.0.1
+        self._track_connections(i)
+
+    def _track_connections(self, i: int) -> None:
+        # A namespace tracks connections only once a rule needs it. A one-way cut matches the connections
+        # a host opened (conntrack's original source), and a connection first seen mid-stream gets its
+        # origin from whichever packet comes first: made at the cut, a reply would pass for the opener.
+        # So tracking starts with the host, by a rule that does nothing else (without iptables, there are
+        # no one-way cuts to make).
+        try:
+            iptables = _tool("iptables")
+        except NetnsError:
+            return
+        _run(self.command(i, [iptables, "-w", "5", "-t", "mangle", "-A", "PREROUTING", "-m", "conntrack",
+                              "--ctstate", "NEW", "-j", "RETURN"]))
 
     def _remove_namespace(self, ns: str) -> None:
         self._kill_inside(ns)
@@ -360,10 +377,11 @@ class Hosts:
         self.cut(i, j, mode="drop")
 
     def cut_one_way(self, i: int, j: int, *, mode: str = "route") -> None:
-        """Host ``i`` can no longer open connections to ``j``; ``j`` still opens connections to ``i``."""
+        """Host ``i`` can no longer reach ``j`` over connections it opens (new ones and those already
+        open: a connection pool does not outlive the cut); ``j`` still opens connections to ``i``."""
         if i == j:
             raise ValueError(f"cannot cut host {i} from itself")
-        self._block(self._host(i), self._host(j), mode, new_only=True)
+        self._block(self._host(i), self._host(j), mode, originated=True)
 
     def isolate(self, i: int, *, mode: str = "route") -> None:
         """Host ``i`` reaches no other host and not the root namespace, and none of them reaches it."""
@@ -403,14 +421,15 @@ class Hosts:
         # -w: wait for the xtables lock rather than fail when another iptables runs (legacy backend)
         return self.command(i, [_tool("iptables"), "-w", "5", *args])
 
-    def _block(self, src: int, dst: int, mode: str, *, new_only: bool = False) -> None:
-        """``src``'s packets to ``dst`` no longer arrive (``new_only``: only those opening a connection).
+    def _block(self, src: int, dst: int, mode: str, *, originated: bool = False) -> None:
+        """``src``'s packets to ``dst`` no longer arrive (``originated``: only those of connections ``src``
+        opened).
         Either may be _ROOT; one-way cuts involve hosts only."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         addr = lambda k: self.root_address if k == _ROOT else self.address(k)  # noqa: E731
-        conn = ["-m", "conntrack", "--ctstate", "NEW"] if new_only else []
-        if mode == "route" and not new_only:
+        conn = ["-m", "conntrack", "--ctorigsrc", addr(src)] if originated else []
+        if mode == "route" and not originated:
             where = [self._ip] if src == _ROOT else [self._ip, "-n", self.namespace(src)]
             add = (*where, "route", "add", "blackhole", f"{addr(dst)}/32")
             remove = (*where, "route", "del", "blackhole", f"{addr(dst)}/32")
@@ -456,6 +475,67 @@ class Hosts:
         self._undo.clear()
         if errors:
             raise NetnsError("close left something behind: " + "; ".join(map(str, errors)))
+
+
+
+def enter(namespace: str) -> None:
+    """Move the calling thread into the network namespace ``namespace`` (one of :meth:`Hosts.namespace`),
+    as ``ip netns exec`` does, and with it every process and thread it starts from then on (needs root).
+
+    For a process's own start (a peer process, a server between fork and exec): once it has threads,
+    those keep their namespace."""
+    fd = os.open(f"/run/netns/{namespace}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if hasattr(os, "setns"):  # Python >= 3.12
+            os.setns(fd, _CLONE_NEWNET)
+        else:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.setns(fd, _CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise NetnsError(f"setns into network namespace {namespace}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+class PeerCuts:
+    """The partitions of :class:`spirt.links.Links` (``cut``, ``cut_one_way``, ``isolate``, ``split``,
+    ``bridge``, ``heal``) made on emulated hosts: peer ``i`` lives on host ``i`` and a cut is a blackhole
+    route or an iptables rule (``mode``, see :class:`Hosts`) instead of a silent proxy. Only links between
+    peers are cut: the root namespace, where the harness observes the peers' databases from, keeps
+    reaching every host, as the observer of a proxied cluster reaches the databases directly."""
+
+    def __init__(self, hosts: Hosts, mode: str = "drop"):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        self.hosts, self.mode = hosts, mode
+
+    def cut_one_way(self, src: int, dst: int) -> None:
+        """``src`` can no longer reach ``dst``'s database (``dst`` still reaches ``src``'s)."""
+        self.hosts.cut_one_way(src, dst, mode=self.mode)
+
+    def cut(self, a: int, b: int) -> None:
+        """Neither of a and b reaches the other's database."""
+        self.hosts.cut(a, b, mode=self.mode)
+
+    def isolate(self, p: int) -> None:
+        """No other peer reaches p, and p reaches none of them."""
+        for q in range(self.hosts.n):
+            if q != p:
+                self.cut(p, q)
+
+    def split(self, *sides: Sequence[int]) -> None:
+        """Cut every pair of peers on different sides."""
+        self.hosts.split(*sides, mode=self.mode)
+
+    def bridge(self, left: Sequence[int], bridge: int, right: Sequence[int]) -> None:
+        """Two sides that cannot reach each other, and a ``bridge`` peer (on neither) that reaches both."""
+        if bridge in left or bridge in right:
+            raise ValueError(f"the bridge peer {bridge} is on a side")
+        self.split(left, right)
+
+    def heal(self) -> None:
+        """Every link up again."""
+        self.hosts.heal()
 
 
 def _base36(k: int) -> str:

@@ -168,6 +168,16 @@ def run_training(cfg: Config, *, progress: bool = True, timeout_s: float | None 
     ``peer_failures`` (peers as threads only): "raise" (a peer that fails fails the run) or "report" (the
     run goes on with the others, and ``df.attrs["peer_failures"]`` maps each failed peer to its error: an
     attack's effect to measure, such as honest peers giving up without a quorum)."""
+    if cfg.peers.placement == "ray":
+        if resume or state_dir is not None or joiners or cfg.peers.urls:
+            raise TrainingError("peers.placement = 'ray' starts a new run on the cluster: no state directory, "
+                                "resume, joiners or peers.urls")
+        from .placement import run_on_ray
+
+        t0 = time.perf_counter()
+        df = run_on_ray(cfg, timeout_s=timeout_s)
+        df.attrs["wall_s"] = time.perf_counter() - t0
+        return df
     if resume and state_dir is None:
         raise TrainingError("resume needs the state directory of the run")
     if joiners and (cfg.peers.mode == "process" or resume or cfg.peers.urls):

@@ -297,6 +297,8 @@ class Server:
     args: list[str] | None = field(default=None, repr=False)
     #: extra client arguments (TLS certificates) every client of this server needs
     client_options: dict = field(default_factory=dict, repr=False)
+    #: the network namespace it runs in (an emulated host of :mod:`spirt.netns`), None: this process's
+    netns: str | None = None
     _clients: list = field(default_factory=list, repr=False)
 
     # -- clients ---------------------------------------------------------------------------------
@@ -387,7 +389,7 @@ class Server:
             raise ServerError(f"server {self.url} is still running (kill it first)")
         if self.unix_socket:
             Path(self.unix_socket).unlink(missing_ok=True)
-        self.process = _spawn(self.args)
+        self.process = _spawn(self.args, self.netns)
         with _live_lock:
             _live.add(self)
         err = _wait_ready(self, startup_timeout)
@@ -427,6 +429,7 @@ def start_server(
     tls=None,
     require_tls: bool = False,
     users: Mapping[str, str] | None = None,
+    netns: str | None = None,
 ) -> Server:
     """Start a server child process on loopback and wait until it answers PING.
 
@@ -454,6 +457,9 @@ def start_server(
         server's first instant: nobody can reach it before they are. They replace the users of the same
         names in the ACL file of an earlier run on the same ``workdir``; the others found there are kept
         (a peer checks them when it installs its own).
+    netns: run the server in this network namespace (an emulated host, :class:`spirt.netns.Hosts`), at
+        ``host``, an address of that namespace; ``port`` defaults to 6379 there (the namespace's ports
+        are its own, and a free port cannot be looked up from here).
     """
     if users is not None and password:
         raise ValueError("users and password: the default user's password belongs in users")
@@ -506,12 +512,12 @@ def start_server(
             listen = ["--port", "0", "--unixsocket", sock, "--unixsocketperm", "700"]
             the_port = None
         else:
-            the_port = port if port is not None else _free_port(host)
+            the_port = port if port is not None else (6379 if netns else _free_port(host))
             listen = ["--port", str(the_port)]
             sock = None
         if tls is not None:
             listen = ["--port", "0", "--tls-port", str(the_port), *tls.server_args()]
-        proc = _spawn(args + listen + list(extra_args))
+        proc = _spawn(args + listen + list(extra_args), netns)
         where = f"[{host}]" if ":" in host else host
         url = f"unix://{sock}" if sock else f"{'rediss' if tls else 'redis'}://{where}:{the_port}"
         server = Server(
@@ -527,6 +533,7 @@ def start_server(
             password=password,
             args=args + listen + list(extra_args),
             client_options=tls.client_kwargs() if tls is not None else {},
+            netns=netns,
         )
         with _live_lock:
             _live.add(server)
@@ -609,13 +616,21 @@ def supports_tls(binary: str | os.PathLike | None = None) -> bool:
     return _tls_support[exe]
 
 
-def _spawn(args: list[str]) -> subprocess.Popen:
+def _spawn(args: list[str], netns: str | None = None) -> subprocess.Popen:
+    if netns is None:
+        prepare = _die_with_parent
+    else:
+        from .netns import enter
+
+        def prepare() -> None:  # in the child, between fork and exec: it execs inside the namespace
+            _die_with_parent()
+            enter(netns)
     return subprocess.Popen(
         args,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        preexec_fn=_die_with_parent,
+        preexec_fn=prepare,
         close_fds=True,
     )
 

@@ -1,9 +1,13 @@
-"""Network partitions between real peer processes, cut and healed through per-link TCP proxies.
+"""Network partitions between real peer processes, cut and healed through per-link TCP proxies, and
+again with every peer on an emulated host of its own (a network namespace) cut by iptables rules.
 
 Every peer reaches every other peer's database through its own proxy (spirt.links), so a link can be
 cut silently (both ways or one way) without root, as Jepsen's nemeses do: cut one pair, isolate one
 peer, split into halves or into a majority and a minority, or split with a bridge peer that sees both
-sides. Each test cuts at a round, heals after a few seconds, and checks what must hold whatever the cut:
+sides. The same nemeses then run on the network itself (spirt.netns, root only): each peer's database
+server and orchestrator live in their own namespace on a bridge, and a cut is an iptables DROP rule
+(silent, as the proxies' cuts). Each test cuts at a round, heals after a few seconds, and checks what
+must hold whatever the cut:
 
 - every peer finishes the training, and all of them hold one and the same model at the end;
 - no update is applied by a minority: every round a peer completed aggregated a strict majority of
@@ -35,11 +39,27 @@ CUT_AT = 8  # the round every peer has reached when the links are cut
 CUT_S = 5.0  # how long they stay cut: longer than the barrier deadline, so the peers give up waiting
 
 
-def _run(n: int, nemesis, cut_s: float = CUT_S):
+#: how the peers reach each other: through proxies, or as hosts on a network that iptables DROP rules
+#: cut ("netns-route": blackhole routes, also possible)
+NETWORKS = ["proxy", "netns-drop"]
+
+
+def _cluster(cfg, network: str) -> Cluster:
+    if network == "proxy":
+        return Cluster(cfg, links=True)
+    from spirt import netns
+
+    ok, why = netns.available()
+    if not ok:
+        pytest.skip(why)
+    return Cluster(cfg, hosts=True, cut_mode=network.removeprefix("netns-"))
+
+
+def _run(n: int, nemesis, cut_s: float = CUT_S, network: str = "proxy"):
     """Train n peers, apply ``nemesis(links)`` at round CUT_AT, heal after ``cut_s``; returns the final
     parameters of each peer, the metrics and the events."""
     cfg = load_config(None, {**PARTITION, "peers.count": n})
-    with Cluster(cfg, links=True) as c:
+    with _cluster(cfg, network) as c:
         for i in range(n):
             c.wait_round(i, CUT_AT, timeout_s=120)
         nemesis(c.links)
@@ -57,6 +77,7 @@ def _check(n: int, params, metrics, events) -> None:
     assert sorted(last["peer"]) == list(range(n)) and (last["peers_aggregated"] == n).all()
 
 
+@pytest.mark.parametrize("network", NETWORKS)
 @pytest.mark.parametrize("name, n, nemesis", [
     ("cut a pair", 3, lambda links: links.cut(0, 1)),
     ("one-way cut", 3, lambda links: links.cut_one_way(0, 1)),
@@ -65,17 +86,18 @@ def _check(n: int, params, metrics, events) -> None:
     ("majority and minority", 5, lambda links: links.split([0, 1, 2], [3, 4])),
     ("bridge", 5, lambda links: links.bridge([0, 1], 2, [3, 4])),
 ])
-def test_partition_heals_to_one_state(name, n, nemesis):
-    params, metrics, events = _run(n, nemesis)
+def test_partition_heals_to_one_state(name, n, nemesis, network):
+    params, metrics, events = _run(n, nemesis, network=network)
     _check(n, params, metrics, events)
     said = set(events["event"])
     assert said & {"excluded", "no_quorum"}, f"{name}: the cut went unnoticed"
 
 
-def test_partition_isolated_peer_waits_then_rejoins_by_state_transfer():
+@pytest.mark.parametrize("network", NETWORKS)
+def test_partition_isolated_peer_waits_then_rejoins_by_state_transfer(network):
     """The isolated peer of five trains nothing alone, and comes back through state transfer: the
     others never aggregate its vectors after removing it."""
-    params, metrics, events = _run(5, lambda links: links.isolate(4), cut_s=8.0)
+    params, metrics, events = _run(5, lambda links: links.isolate(4), cut_s=8.0, network=network)
     _check(5, params, metrics, events)
     mine = events[events["peer"] == 4]
     assert "no_quorum" in set(mine["event"])

@@ -14,7 +14,13 @@ Backends, side by side in one run per link (their calls in alternation, :func:`u
 reference) and, measured in a second process on the same link, ``client-default-allocator`` (what a
 plain Python client gets from glibc's default allocator; the allocator is per process).
 
+Then the round time per model with every peer on a host of its own (:class:`spirt.cluster.Cluster` with
+``hosts=True``: each peer's database server, orchestrator and gradient functions in its own namespace,
+the exchange crossing the bridge), next to the same training on loopback (unix sockets) and with every
+host's egress limited with tbf.
+
     spirt bench network -- --out reports          # as root; writes reports/network.{csv,md,png}
+                                                  # and network_rounds.csv
 """
 
 from __future__ import annotations
@@ -145,11 +151,55 @@ def with_ratios(rows: list[dict]) -> list[dict]:
     return rows
 
 
+#: round-time part: model -> (peers, functions, batch, rounds measured); as bench/test_round_time.py
+ROUND_MODELS = {"mlp": (4, 4, 64, 30), "cnn": (4, 4, 64, 30)}
+#: (network, egress limit in Mbit/s or None)
+ROUND_NETWORKS = [("loopback", None), ("netns", None), ("netns", 1000)]
+ROUND_BACKENDS = ("module", "client")
+
+
+def round_times(models=ROUND_MODELS, networks=ROUND_NETWORKS, backends=ROUND_BACKENDS, log=print) -> list[dict]:
+    """Mean round time and its phases per model, backend and network (see the module docstring); the first
+    round, which pays one-off costs, is left out."""
+    from ..cluster import Cluster
+    from ..config import load_config
+    from ..runner import PHASES
+
+    rows = []
+    for model, (peers, functions, batch, rounds) in models.items():
+        for backend in backends:
+            cfg = load_config(None, {
+                "run.rounds": rounds + 1, "run.eval_every": 10_000, "run.eval_samples": 200,
+                "data.limit_test": 200, "model.name": model, "peers.count": peers, "peers.functions": functions,
+                "peers.batch_size": batch, "aggregation.backend": backend, "executor.kind": "process",
+                "executor.workers": 1})
+            for network, mbit in networks:
+                t0 = time.perf_counter()
+                with Cluster(cfg, hosts=network == "netns") as c:
+                    if mbit is not None:
+                        for i in range(peers):
+                            c.hosts.rate(i, mbit)
+                    c.wait_finished(list(range(peers)), timeout_s=1800)
+                    m = c.metrics()
+                m = m[m["round"] > 0]
+                phases = {f"t_{p}": float(m[f"t_{p}"].mean()) for p in PHASES if f"t_{p}" in m}
+                rows.append({"model": model, "backend": backend, "network": network, "link_mbit": mbit,
+                             "peers": peers, "functions": functions, "batch": batch, "rounds": rounds,
+                             "mean_round_s": float(m["t_round"].mean()), **phases,
+                             "wall_s": time.perf_counter() - t0})
+                log(f"round time {model} {backend} {network} {mbit or '-'} Mbit/s: "
+                    f"{rows[-1]['mean_round_s'] * 1e3:.1f} ms (exchange {phases.get('t_exchange', 0) * 1e3:.1f} ms)")
+    for r in rows:  # the same training on loopback is the reference
+        ref = next(x for x in rows if (x["model"], x["backend"], x["network"]) == (r["model"], r["backend"], "loopback"))
+        r["vs_loopback"] = r["mean_round_s"] / ref["mean_round_s"]
+    return rows
+
+
 COLUMNS = ["link_mbit", "delay", "rtt_requested_ms", "rtt_measured_ms", "backend", "size", "n_floats", "k", "rounds",
            "median_s", "min_s", "speedup_vs_client", "speedup_vs_default_client"]
 
 
-def write_reports(rows: list[dict], out_dir, command: str) -> None:
+def write_reports(rows: list[dict], out_dir, command: str, rounds: list[dict] = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -175,7 +225,23 @@ def write_reports(rows: list[dict], out_dir, command: str) -> None:
         "the link. Medians of calls taken in alternation; ratios within one link and cell.\n\n"
         f"Command: `{command}`"
     )
-    write_table(df, out_dir, "network", "Update time over an emulated link", notes)
+    _, md = write_table(df, out_dir, "network", "Update time over an emulated link", notes)
+    if rounds:
+        rt = pd.DataFrame(rounds)
+        rt.to_csv(Path(out_dir) / "network_rounds.csv", index=False)
+        cols = ["model", "backend", "network", "link_mbit", "mean_round_s", "vs_loopback"]
+        cols += [c for c in rt.columns if c.startswith("t_")]
+        with open(md, "a") as f:
+            f.write(
+                "\n## Round time with every peer on its own emulated host\n\n"
+                "A training of 4 peers x 4 gradient functions (process pools, batch 64) per model and backend, "
+                "as in `round_time.md`: `loopback`, every server on a unix socket of one host; `netns`, every "
+                "peer (its database server, orchestrator and functions) in its own network namespace on a "
+                "bridge, so the exchange crosses the emulated network, with each host's egress limited with "
+                "tbf to `link_mbit` where given (no delay added). Mean over the rounds after the first "
+                "(`t_*`: the phases, seconds); `vs_loopback`: round time over the loopback run's. All "
+                "peers share this machine's 2 cores. Rows also in `network_rounds.csv`.\n\n"
+                + rt[cols].to_markdown(index=False, floatfmt=".4g") + "\n")
     cells = sorted({(r["n_floats"], r["k"]) for r in rows})
     fig, axes = plt.subplots(1, len(cells), figsize=(5.5 * len(cells), 4), sharey=True, squeeze=False)
     axes = axes[0]
@@ -202,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="reports", help="report directory (default: reports)")
     p.add_argument("--budget", type=float, default=10.0, help="seconds of calls per backend and cell")
-    p.add_argument("--quick", action="store_true", help="1M floats only (a smoke run)")
+    p.add_argument("--quick", action="store_true", help="1M floats only, and a short mlp training (a smoke run)")
+    p.add_argument("--no-rounds", action="store_true", help="the update-time part only")
     p.add_argument("--worker", metavar="URL", help=argparse.SUPPRESS)
     p.add_argument("--rtt", type=float, help=argparse.SUPPRESS)
     p.add_argument("--cells", help=argparse.SUPPRESS)
@@ -219,9 +286,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spirt bench network needs network namespaces: {why}", file=sys.stderr)
         return 2
     cells = CELLS[:1] if args.quick else CELLS
-    rows = run(cells, budget_s=args.budget, log=lambda m: print(m, file=sys.stderr))
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    rows = run(cells, budget_s=args.budget, log=log)
+    rounds = []
+    if not args.no_rounds:
+        models = {"mlp": (4, 2, 32, 3)} if args.quick else ROUND_MODELS
+        rounds = round_times(models, log=log)
     command = "spirt bench network -- " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_reports(rows, args.out, command.strip())
+    write_reports(rows, args.out, command.strip(), rounds)
     print(f"reports written to {args.out}/network.{{csv,md,png}}", file=sys.stderr)
     return 0
 

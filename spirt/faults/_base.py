@@ -172,6 +172,10 @@ def fault_class(name: str) -> type[Fault]:
     return NoFault if name == NoFault.name else registry.cls(name)
 
 
+#: where a scenario's links are cut (see :attr:`Scenario.network`)
+NETWORKS = ("proxy", "netns")
+
+
 @dataclass(frozen=True)
 class Scenario:
     """A fault with its parameters: who is hit, when, for how long. The description defaults to the
@@ -183,11 +187,22 @@ class Scenario:
     at: float = 0.3  # the fault hits in round int(at * rounds)
     duration_s: float = 0.0  # how long a fault that ends by itself lasts
     description: str = ""
+    #: for a fault that cuts links, what it cuts: the peers' TCP proxies (``"proxy"``), or the network
+    #: between emulated hosts (``"netns"``: each peer in a network namespace of its own, cuts are iptables
+    #: DROP rules; needs root)
+    network: str = "proxy"
 
     def __post_init__(self):
         cls = fault_class(self.fault)
+        if self.network not in NETWORKS:
+            raise ValueError(f"network must be one of {NETWORKS}, not {self.network!r}")
+        if self.network != "proxy" and not cls.links:
+            raise ValueError(f"{self.fault} cuts no links: it runs on the proxies' network only")
         if not self.description:
-            object.__setattr__(self, "description", cls.describe(self.victim, self.at, self.duration_s))
+            text = cls.describe(self.victim, self.at, self.duration_s)
+            if self.network == "netns":
+                text += ", hosts in network namespaces cut by iptables DROP rules"
+            object.__setattr__(self, "description", text)
 
     @property
     def fault_class(self) -> type[Fault]:

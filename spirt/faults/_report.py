@@ -80,9 +80,13 @@ def write_partition_reports(faults: pd.DataFrame, rounds: pd.DataFrame, out_dir:
              f"{r.survivors_identical}; final accuracy {r.final_accuracy:.4f} vs fault-free "
              f"{r.fault_free_accuracy:.4f}" for r in summary.itertuples()]
     text = (
-        "Network partitions between real peer processes: every peer reaches every other peer's database "
-        "through its own TCP proxy (`spirt/links.py`), which the scenario cuts (silently: bytes are "
-        f"swallowed) and heals. Training: {describe_training(BASE)}.\n\n"
+        "Network partitions between real peer processes, cut in two ways. In the plain scenarios every peer "
+        "reaches every other peer's database through its own TCP proxy (`spirt/links.py`), which the "
+        "scenario cuts (silently: bytes are swallowed) and heals. In the `@netns` scenarios every peer, its "
+        "database server and its orchestrator, lives on an emulated host of its own: a network namespace on "
+        "a bridge (`spirt/netns.py`), with the other peers' databases at their own addresses, and a cut is an "
+        "iptables DROP rule between two hosts (silent too: packets vanish); no delay is added on either "
+        f"network. Training: {describe_training(BASE)}.\n\n"
         "Per round, from an observer that reads each peer's parameters as it completes the round: "
         "`honest_states`, the number of distinct models among the `honest_peers` seen at that round; "
         "`honest_distance`, the largest L2 distance between two of them; `honest_average_accuracy`, the "

@@ -42,23 +42,31 @@ def names() -> list[str]:
     return sorted(registry.names(), key=lambda n: (FATE_ORDER.index(registry.cls(n).fate), n))
 
 
+#: the name of a link-cutting fault's scenario on emulated hosts: ``cut_link@netns``
+NETNS = "@netns"
+
+
 class _Scenarios(Mapping[str, Scenario]):
-    """name -> the default scenario of every registered fault, in :func:`names` order. Read from the
-    registry on every use: a fault registered later is in it."""
+    """name -> the default scenario of every registered fault, in :func:`names` order, then, for every
+    fault that cuts links, the same scenario with the peers on emulated hosts (``name@netns``, see
+    :attr:`Scenario.network`). Read from the registry on every use: a fault registered later is in it."""
 
     def __getitem__(self, name: str) -> Scenario:
-        if name not in names():
+        base = name.removesuffix(NETNS)
+        if base not in names() or (base != name and not registry.cls(base).links):
             raise KeyError(name)
-        return registry.cls(name).scenario()
+        s = registry.cls(base).scenario()
+        return s if base == name else Scenario(name, base, s.victim, s.at, s.duration_s, network="netns")
 
     def __iter__(self) -> Iterator[str]:
-        return iter(names())
+        yield from names()
+        yield from (n + NETNS for n in names() if registry.cls(n).links)
 
     def __len__(self) -> int:
-        return len(names())
+        return sum(1 for _ in self)
 
     def __repr__(self) -> str:
-        return f"SCENARIOS({', '.join(names())})"
+        return f"SCENARIOS({', '.join(self)})"
 
 
 SCENARIOS: Mapping[str, Scenario] = _Scenarios()
@@ -278,7 +286,8 @@ def run_scenario(scenario: Scenario | str, overrides: dict | None = None, *, tim
     newcomers = [s.victim] if fault.fate is Fate.JOINS else []
     t_wall = time.perf_counter()
     slots = len(initial) + len(newcomers)
-    with Cluster(cfg, slots=slots, initial=initial, newcomers=newcomers, links=fault.links) as cl:
+    cuts = {"hosts": True} if s.network == "netns" else {"links": fault.links}
+    with Cluster(cfg, slots=slots, initial=initial, newcomers=newcomers, **cuts) as cl:
         deadline = time.monotonic() + timeout_s
         fault.aim(cl, s, timeout_s=timeout_s)
         before = cl.completed(s.victim) if not newcomers else None
