@@ -9,6 +9,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -30,6 +31,19 @@ def echo(host, port):
         conn, _ = srv.accept()
         with conn:
             conn.sendall(conn.recv(100))
+
+def slowecho(host, port):  # answers each message a second late, for as long as the connection lasts
+    import threading
+    srv = socket.create_server((host, int(port)))
+    print("ready", flush=True)
+
+    def serve(conn):
+        with conn:
+            while data := conn.recv(100):
+                time.sleep(1.0)
+                conn.sendall(data)
+    while True:
+        threading.Thread(target=serve, args=(srv.accept()[0],), daemon=True).start()
 
 def sink(host, port):  # reads until EOF, answers with the byte count
     srv = socket.create_server((host, int(port)))
@@ -53,6 +67,21 @@ def connect(host, port, timeout):
     except OSError as e:
         result = errno.errorcode.get(e.errno, str(e))
     print(json.dumps({"result": result, "seconds": time.monotonic() - t}))
+
+def held(host, port, timeout):  # a connection opened at once and used twice, each time when told (a line)
+    conn = socket.create_connection((host, int(port)), timeout=float(timeout))
+    print("open", flush=True)
+    for _ in range(2):
+        sys.stdin.readline()
+        t = time.monotonic()
+        try:
+            conn.sendall(b"ping")
+            result = "ok" if conn.recv(100) == b"ping" else "bad echo"
+        except TimeoutError:
+            result = "timeout"
+        except OSError as e:
+            result = errno.errorcode.get(e.errno, str(e))
+        print(json.dumps({"result": result, "seconds": time.monotonic() - t}), flush=True)
 
 def send(host, port, nbytes):  # timed until the sink confirmed every byte
     chunk, left = b"x" * (1 << 16), int(nbytes)
@@ -116,6 +145,15 @@ def connect(hosts: Hosts, src: int, dst: int, tool: str, timeout: float = 1.0) -
     return client(hosts, src, tool, "connect", hosts.address(dst), PORT, timeout)
 
 
+@pytest.fixture
+def pair(tool):
+    """Two hosts, each with an echo server."""
+    with Hosts(2) as hosts:
+        serve(hosts, 0, tool)
+        serve(hosts, 1, tool)
+        yield hosts
+
+
 def leftovers(tag: str, subnet) -> list[str]:
     """Lines of the root namespace's state that name this instance or its subnet."""
     net = str(subnet.network_address).rsplit(".", 1)[0] + "."
@@ -150,46 +188,73 @@ def test_hosts_reach_each_other_and_the_root(tool):
         assert connect(hosts, 1, 0, tool)["result"] == "ECONNREFUSED"
 
 
-def test_cut_by_route_fails_fast_and_heal_restores(tool):
-    with Hosts(2) as hosts:
-        serve(hosts, 0, tool)
-        serve(hosts, 1, tool)
-        hosts.cut(0, 1)
-        for src, dst in ((0, 1), (1, 0)):
-            r = connect(hosts, src, dst, tool)
-            assert r["result"] == "EINVAL" and r["seconds"] < 0.5, r
-        hosts.heal()
-        assert connect(hosts, 0, 1, tool)["result"] == "ok"
-        assert connect(hosts, 1, 0, tool)["result"] == "ok"
+def test_cut_by_route_fails_fast_and_heal_restores(pair, tool):
+    pair.cut(0, 1)
+    for src, dst in ((0, 1), (1, 0)):
+        r = connect(pair, src, dst, tool)
+        assert r["result"] == "EINVAL" and r["seconds"] < 0.5, r
+    pair.heal()
+    assert connect(pair, 0, 1, tool)["result"] == "ok"
+    assert connect(pair, 1, 0, tool)["result"] == "ok"
 
 
-def test_cut_one_way_blocks_new_connections_from_one_side_only(tool):
+def test_cut_one_way_blocks_new_connections_from_one_side_only(pair, tool):
+    pair.cut_one_way(0, 1)
+    r = connect(pair, 0, 1, tool)
+    assert r["result"] == "ENETUNREACH" and r["seconds"] < 0.5, r
+    assert connect(pair, 1, 0, tool)["result"] == "ok"
+    pair.heal()
+    pair.cut_one_way(0, 1, mode="drop")
+    r = connect(pair, 0, 1, tool)
+    assert r["result"] == "timeout" and r["seconds"] >= 0.9, r
+    assert connect(pair, 1, 0, tool)["result"] == "ok"
+    pair.heal()
+    assert connect(pair, 0, 1, tool)["result"] == "ok"
+
+
+def test_cut_one_way_also_stops_connections_already_open(tool):
+    """A connection opened before the cut does not get through it, even when the first packet after the
+    cut is the other side's (an answer on its way): one-way cuts match the connection's opener, so the
+    hosts track connections from the start. Connections the other side opened keep working."""
     with Hosts(2) as hosts:
-        serve(hosts, 0, tool)
-        serve(hosts, 1, tool)
-        hosts.cut_one_way(0, 1)
-        r = connect(hosts, 0, 1, tool)
-        assert r["result"] == "ENETUNREACH" and r["seconds"] < 0.5, r
-        assert connect(hosts, 1, 0, tool)["result"] == "ok"
-        hosts.heal()
-        hosts.cut_one_way(0, 1, mode="drop")
-        r = connect(hosts, 0, 1, tool)
+        serve(hosts, 0, tool, "slowecho")
+        serve(hosts, 1, tool, "slowecho")
+
+        def hold(src, dst):
+            proc = hosts.popen(src, [sys.executable, tool, "held", hosts.address(dst), str(PORT), "3.0"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            assert proc.stdout.readline().strip() == "open"
+            return proc
+
+        def ask(proc):  # a ping the slow echo answers a second later
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+
+        def answer(proc):
+            return json.loads(proc.stdout.readline())
+
+        for mode in ("drop", "route"):
+            forward, backward = hold(0, 1), hold(1, 0)
+            ask(forward)
+            ask(backward)
+            time.sleep(0.3)  # both pings are in, their answers not yet: the cut comes in between
+            hosts.cut_one_way(0, 1, mode=mode)
+            assert answer(forward)["result"] == "ok", mode  # the answer crosses (it goes 1 -> 0)
+            assert answer(backward)["result"] == "ok", mode
+            ask(forward)
+            ask(backward)
+            assert answer(forward)["result"] != "ok", mode  # 0's next ping, on 0's connection, does not
+            assert answer(backward)["result"] == "ok", mode  # 1's connection still works both ways
+            hosts.heal()
+
+
+def test_drop_is_silent_both_ways(pair, tool):
+    pair.drop(0, 1)
+    for src, dst in ((0, 1), (1, 0)):
+        r = connect(pair, src, dst, tool)
         assert r["result"] == "timeout" and r["seconds"] >= 0.9, r
-        assert connect(hosts, 1, 0, tool)["result"] == "ok"
-        hosts.heal()
-        assert connect(hosts, 0, 1, tool)["result"] == "ok"
-
-
-def test_drop_is_silent_both_ways(tool):
-    with Hosts(2) as hosts:
-        serve(hosts, 0, tool)
-        serve(hosts, 1, tool)
-        hosts.drop(0, 1)
-        for src, dst in ((0, 1), (1, 0)):
-            r = connect(hosts, src, dst, tool)
-            assert r["result"] == "timeout" and r["seconds"] >= 0.9, r
-        hosts.heal()
-        assert connect(hosts, 0, 1, tool)["result"] == "ok"
+    pair.heal()
+    assert connect(pair, 0, 1, tool)["result"] == "ok"
 
 
 def test_isolate_and_split(tool):
