@@ -62,6 +62,8 @@ def write_reports(rows: list[dict], out_dir: str | Path, notes: str = "") -> pd.
         "end identical to each other.\n"
         + (f"\n{notes.strip()}\n" if notes else "")
     )
+    text += ("\nMade by `spirt bench faults` (`-- --scenarios a,b` for some; `tox -e bench -- -k faults` runs "
+             "every one).\n")
     write_table(df, out_dir, "faults", "Fault tolerance: detection, recovery, rounds lost, accuracy", text)
     return df
 
@@ -91,7 +93,9 @@ def write_partition_reports(faults: pd.DataFrame, rounds: pd.DataFrame, out_dir:
         "`honest_states`, the number of distinct models among the `honest_peers` seen at that round; "
         "`honest_distance`, the largest L2 distance between two of them; `honest_average_accuracy`, the "
         "test accuracy of their average model where they disagreed. The table below lists the rounds with "
-        "disagreement; `partitions.csv` has every round; `partitions.png` plots the distance.\n\n" + "\n".join(lines) + "\n"
+        "disagreement; `partitions.csv` has every round; `partitions.png` plots the distance. Made by "
+        "`spirt bench faults` (every scenario, with `faults.md`; `tox -e bench -- -k faults` does the same).\n\n"
+        + "\n".join(lines) + "\n"
     )
     write_table(split, out_dir, "partitions", "Partitions: honest disagreement per round", text)
     rounds.to_csv(Path(out_dir) / "partitions.csv", index=False)  # every round, not only the split ones
