@@ -209,7 +209,7 @@ def _cmd_peer(args) -> int:
     if cfg is None:
         return 2
     try:
-        run_peer(cfg, args.index, server=not args.no_server, state_dir=args.state_dir,
+        run_peer(cfg, args.index, url=args.url, server=not args.no_server, state_dir=args.state_dir,
                  start_timeout_s=args.start_timeout, hold=not args.no_hold, hold_timeout_s=args.hold_timeout,
                  log=lambda msg: console.print(msg, highlight=False))
     except (HostError, TimeoutError) as exc:
@@ -230,7 +230,13 @@ def _cmd_collect(args) -> int:
     if cfg is None:
         return 2
     try:
-        df, missing = collect(cfg, release=args.release)
+        joined = {}
+        for item in args.joined or []:
+            index, sep, url = item.partition("=")
+            if not sep or not index.strip().isdigit():
+                raise HostError(f"--joined {item!r}: expected INDEX=URL")
+            joined[int(index)] = url.strip()
+        df, missing = collect(cfg, joined=joined, release=args.release)
     except HostError as exc:
         console.print(f"[red]{exc}")
         return 2
@@ -341,6 +347,12 @@ def _cmd_bench_network(args) -> int:
     return network_main(_passthrough(args.rest))
 
 
+def _cmd_bench_scaling(args) -> int:
+    from .benchmarks.scaling import main as scaling_main
+
+    return scaling_main(_passthrough(args.rest))
+
+
 def _cmd_bench_faults(args) -> int:
     from .faults import main as faults_main
 
@@ -413,7 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "its orchestrator (peers.urls lists every peer's database)")
     peer.add_argument("config", help="the group's configuration (TOML, or JSON as Config.model_dump_json writes), "
                       "the same on every host")
-    peer.add_argument("--index", type=int, required=True, help="this peer's index in peers.urls")
+    peer.add_argument("--index", type=int, required=True, help="this peer's index in peers.urls (beyond it: a "
+                      "peer joining the running group, with --url)")
+    peer.add_argument("--url", help="a joining peer's own database URL (redis://host:port)")
     peer.add_argument("--no-server", action="store_true", help="use the database already serving at "
                       "peers.urls[INDEX] instead of starting one")
     peer.add_argument("--state-dir", metavar="DIR", help="keep the database's files in DIR (persistence on)")
@@ -431,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     col.add_argument("--out", help="report directory (default: run.out of the config)")
     col.add_argument("--label", help="suffix of the report files (default: collected)")
     col.add_argument("--release", action="store_true", help="then tell every peer of spirt peer it may stop")
+    col.add_argument("--joined", action="append", metavar="INDEX=URL",
+                     help="a peer that joined from beyond peers.urls, and its database URL (repeatable)")
     col.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", help="any other config field")
     col.set_defaults(func=_cmd_collect)
 
@@ -487,6 +503,11 @@ def build_parser() -> argparse.ArgumentParser:
                          add_help=False)
     bn.add_argument("rest", nargs=argparse.REMAINDER)
     bn.set_defaults(func=_cmd_bench_network)
+    bs = bsub.add_parser("scaling", help="round time, phases and exchange traffic versus the number of peers, "
+                         "with a cost model to 1,000 peers -> reports/scaling.*; options: spirt bench scaling -- "
+                         "--help", add_help=False)
+    bs.add_argument("rest", nargs=argparse.REMAINDER)
+    bs.set_defaults(func=_cmd_bench_scaling)
     bf = bsub.add_parser("faults", help="fault-injection scenarios -> reports/faults.{md,csv}; "
                          "options: spirt bench faults -- --help", add_help=False)
     bf.add_argument("rest", nargs=argparse.REMAINDER)

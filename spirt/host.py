@@ -12,6 +12,12 @@ A group spread over machines shares one configuration whose ``peers.urls`` lists
 4. trains; its metrics and events stay in its own database;
 5. keeps its database serving until ``spirt collect CONFIG --release`` has read them, or it is stopped.
 
+A peer that is not in the list joins the running group: ``spirt peer CONFIG --index j --url URL`` with
+``j`` beyond the list (``peers.count`` or more) and its own database URL. It asks the peers of the list to
+admit it and takes the group's state by state transfer, as any newcomer does; ``data.parts`` of the shared
+configuration must leave it a data part (the parts beyond the initial peers are the newcomers'). Collect
+its metrics too with ``spirt collect CONFIG --joined j=URL``.
+
 ``spirt collect`` reads every peer's metrics and events over the network and writes the usual run reports;
 a peer whose database does not answer is named, never skipped in silence.
 """
@@ -99,18 +105,40 @@ def own_results(db: redis.Redis, index: int) -> dict:
     return {"rounds": len(rows), "accuracy": evaluated[-1]["accuracy"] if evaluated else float("nan")}
 
 
-def run_peer(cfg: Config, index: int, *, server: bool = True, state_dir: str | Path | None = None,
-             start_timeout_s: float = 600.0, hold: bool = True, hold_timeout_s: float | None = None,
-             log: Callable[[str], None] = print) -> dict:
-    """Peer ``index`` of the group ``cfg`` on this host (see the module docstring); returns its own results
+def group_urls(cfg: Config, index: int, url: str | None = None) -> list[str | None]:
+    """The databases as peer ``index`` knows them: the group's list, and for a peer joining from beyond
+    it (``index >= peers.count``), its own ``url`` at its index."""
+    n = cfg.peers.count
+    if index < 0:
+        raise HostError(f"--index {index}: peers are numbered from 0")
+    if index < n:
+        if url is not None and url != cfg.peers.urls[index]:
+            raise HostError(f"--url {url}: peer {index}'s database is {cfg.peers.urls[index]} in peers.urls")
+        return list(cfg.peers.urls)
+    if url is None:
+        raise HostError(f"--index {index} is beyond the group's peers 0 .. {n - 1}: a peer joining the group "
+                        "needs its own database URL (--url)")
+    parts = cfg.data.parts or n
+    if index >= parts:
+        raise HostError(f"--index {index}: the group's data has {parts} parts, none left for peer {index}; "
+                        f"set data.parts to at least {index + 1} in the group's configuration")
+    listen_address(url)
+    return [*cfg.peers.urls, *[None] * (index - n), url]
+
+
+def run_peer(cfg: Config, index: int, *, url: str | None = None, server: bool = True,
+             state_dir: str | Path | None = None, start_timeout_s: float = 600.0, hold: bool = True,
+             hold_timeout_s: float | None = None, log: Callable[[str], None] = print) -> dict:
+    """Peer ``index`` of the group ``cfg`` on this host (see the module docstring), or, with ``index`` beyond
+    the list and its database ``url``, a peer joining the running group; returns its own results
     (``rounds``, ``accuracy``). Its database server, orchestrator and workers are stopped when it returns,
     also on failure (SIGTERM included: the command line turns it into an exit)."""
     from .peer import peer_main
 
     check_group(cfg)
-    if not 0 <= index < cfg.peers.count:
-        raise HostError(f"--index {index}: the group has peers 0 .. {cfg.peers.count - 1}")
-    url = cfg.peers.urls[index]
+    urls = group_urls(cfg, index, url)
+    joining = index >= cfg.peers.count
+    url = urls[index]
     host, port = listen_address(url)
     with ExitStack() as stack:
         if server:
@@ -131,7 +159,11 @@ def run_peer(cfg: Config, index: int, *, server: bool = True, state_dir: str | P
         if index == 0:
             threading.Thread(target=give_start_signal, args=(cfg, db, stop, start_timeout_s, log),
                              name="start-signal", daemon=True).start()
-        peer_main(cfg.model_dump_json(), index, list(cfg.peers.urls), START_KEY, start_timeout_s=start_timeout_s)
+        if joining:  # the group is training: ask its peers to admit us, take its state, train with it
+            log(f"peer {index}: joining the group of peers 0 .. {cfg.peers.count - 1}")
+            peer_main(cfg.model_dump_json(), index, urls, None, join=True)
+        else:
+            peer_main(cfg.model_dump_json(), index, urls, START_KEY, start_timeout_s=start_timeout_s)
         results = own_results(db, index)
         log(f"peer {index}: trained {results['rounds']} rounds, accuracy {results['accuracy']:.4f}")
         if hold:
@@ -145,16 +177,18 @@ def run_peer(cfg: Config, index: int, *, server: bool = True, state_dir: str | P
         return results
 
 
-def collect(cfg: Config, *, release: bool = False, timeout_s: float = 10.0) -> tuple[pd.DataFrame, list[int]]:
+def collect(cfg: Config, *, joined: dict[int, str] | None = None, release: bool = False,
+            timeout_s: float = 10.0) -> tuple[pd.DataFrame, list[int]]:
     """Every peer's per-round metrics (with ``attrs["events"]`` and ``attrs["final_states"]`` as a run of
-    :func:`spirt.runner.run_training` has them) and the peers whose databases did not answer. With
-    ``release``, each peer that answered is told it may stop."""
+    :func:`spirt.runner.run_training` has them) and the peers whose databases did not answer; ``joined``:
+    the peers that joined from beyond the list (index -> database URL). With ``release``, each peer that
+    answered is told it may stop."""
     from .byzantine import is_byzantine
 
     if len(cfg.peers.urls) != cfg.peers.count:
         raise HostError("spirt collect needs peers.urls: the database URL of every peer")
     rows, events, missing, states = [], [], [], set()
-    for i, url in enumerate(cfg.peers.urls):
+    for i, url in [*enumerate(cfg.peers.urls), *sorted((joined or {}).items())]:
         try:
             c = make_client(url=url, socket_timeout=timeout_s, connect_timeout=timeout_s)
             try:

@@ -125,6 +125,70 @@ def test_peers_started_one_per_process_tree_train_as_spirt_run(tmp_path):
     same_training(df, reference_run(cfg_path))
 
 
+def test_a_peer_beyond_the_list_joins_the_running_group(tmp_path):
+    """Three peers of the list train; a fourth, started later with its own URL, asks them to admit it,
+    takes their state by state transfer and trains with them to the end; collect finds it with --joined."""
+    urls = [f"redis://127.0.0.1:{free_port()}" for _ in range(3)]
+    joiner = f"redis://127.0.0.1:{free_port()}"
+    rounds = 300  # quick rounds: the joiner needs a few seconds to start (torch, its data)
+    cfg_path = group_config(tmp_path, urls, **{"run.rounds": rounds, "data.parts": 4})
+    cfg = load_config(cfg_path)
+    procs, logs = {}, {i: tmp_path / f"peer-{i}.log" for i in range(4)}
+    try:
+        for i in range(3):
+            procs[i] = start(spirt_argv("peer", str(cfg_path), "--index", str(i)), logs[i], Path.cwd())
+        deadline = time.monotonic() + 240
+        while _completed(urls[0], 0) < 3:  # the group is training
+            assert procs[0].poll() is None and time.monotonic() < deadline, logs[0].read_text()[-2000:]
+            time.sleep(0.1)
+        procs[3] = start(spirt_argv("peer", str(cfg_path), "--index", "3", "--url", joiner), logs[3], Path.cwd())
+        wait_trained(procs, logs, cfg)
+        df, missing = collect(cfg, joined={3: joiner})
+        out = subprocess.run(spirt_argv("collect", str(cfg_path), "--joined", f"3={joiner}", "--out",
+                                        str(tmp_path / "out"), "--release"), capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        for i, p in procs.items():
+            assert p.wait(30) == 0, logs[i].read_text()[-2000:]
+    finally:
+        stop_all(procs)
+    assert missing == [] and df.attrs["final_states"] == 1
+    events = df.attrs["events"]
+    assert {"join_request", "joined"} <= set(events[events["peer"] == 3]["event"])
+    assert set(events[(events["event"] == "admitted") & (events["about"] == 3)]["peer"]) == {0, 1, 2}
+    last = df[df["round"] == rounds - 1]
+    assert sorted(last["peer"]) == [0, 1, 2, 3] and (last["peers_aggregated"] == 4).all()
+    assert df[df["peer"] == 3]["round"].min() > 3  # it joined a running training
+
+
+def test_a_joining_peer_needs_its_url_and_a_data_part():
+    from spirt.host import group_urls
+
+    group = load_config(None, {"peers.count": 2, "peers.urls": ["redis://a:1", "redis://b:2"], "data.parts": 3})
+    assert group_urls(group, 1) == ["redis://a:1", "redis://b:2"]
+    assert group_urls(group, 2, "redis://c:3") == ["redis://a:1", "redis://b:2", "redis://c:3"]
+    with pytest.raises(HostError, match="--url"):
+        group_urls(group, 2)
+    with pytest.raises(HostError, match="data.parts to at least 4"):
+        group_urls(group, 3, "redis://d:4")
+    with pytest.raises(HostError, match="peer 1's database is redis://b:2"):
+        group_urls(group, 1, "redis://elsewhere:2")
+
+
+def _completed(url: str, index: int) -> int:
+    from spirt.keys import Keys
+    from spirt.servers import make_client
+
+    try:
+        c = make_client(url=url, socket_timeout=2, connect_timeout=1)
+        try:
+            v = c.get(Keys(index).completed)
+            return -1 if v is None else int(v)
+        finally:
+            c.close()
+    except Exception:  # noqa: BLE001 - not up yet
+        return -1
+
+
 def test_collect_writes_the_run_reports_and_names_silent_peers(tmp_path):
     # nothing listens at these ports: collect names every peer rather than reporting an empty run as fine
     urls = [f"redis://127.0.0.1:{free_port()}" for _ in range(2)]
