@@ -69,14 +69,37 @@ def listen_address(url: str) -> tuple[str, int]:
 
 
 def _up(url: str, index: int) -> bool:
+    return _read(url, Keys(index).up) is not None
+
+
+def _read(url: str, key: str) -> bytes | None:
+    """``key`` in the database at ``url``; None also when it does not answer (not started yet, or on its
+    way)."""
     try:
         c = make_client(url=url, socket_timeout=2, connect_timeout=1)
         try:
-            return bool(c.exists(Keys(index).up))
+            return c.get(key)
         finally:
             c.close()
-    except redis.RedisError:  # not started yet, or on its way
-        return False
+    except redis.RedisError:
+        return None
+
+
+def join_when_training(cfg: Config, own: redis.Redis, stop: threading.Event, timeout_s: float,
+                       log: Callable[[str], None]) -> None:
+    """A joining peer's part: once a peer of the list has completed a round (the group is training), set
+    the signal to ask to join in our own database, where our orchestrator, warm, waits for it."""
+    deadline = time.monotonic() + timeout_s
+    while not stop.is_set():
+        marks = [_read(url, Keys(q).completed) for q, url in enumerate(cfg.peers.urls)]
+        if any(m is not None for m in marks):
+            own.set(START_KEY, 1)
+            log("the group is training: asking to join")
+            return
+        if time.monotonic() > deadline:
+            log(f"the group of peers 0 .. {cfg.peers.count - 1} was not training within {timeout_s:g} s: not joining")
+            return
+        stop.wait(0.2)
 
 
 def give_start_signal(cfg: Config, own: redis.Redis, stop: threading.Event, timeout_s: float,
@@ -159,9 +182,11 @@ def run_peer(cfg: Config, index: int, *, url: str | None = None, server: bool = 
         if index == 0:
             threading.Thread(target=give_start_signal, args=(cfg, db, stop, start_timeout_s, log),
                              name="start-signal", daemon=True).start()
-        if joining:  # the group is training: ask its peers to admit us, take its state, train with it
-            log(f"peer {index}: joining the group of peers 0 .. {cfg.peers.count - 1}")
-            peer_main(cfg.model_dump_json(), index, urls, None, join=True)
+        if joining:  # once warm and the group trains: ask its peers to admit us, take its state, train
+            log(f"peer {index}: joining the group of peers 0 .. {cfg.peers.count - 1} once it trains")
+            threading.Thread(target=join_when_training, args=(cfg, db, stop, start_timeout_s, log),
+                             name="join-signal", daemon=True).start()
+            peer_main(cfg.model_dump_json(), index, urls, START_KEY, join=True, start_timeout_s=start_timeout_s)
         else:
             peer_main(cfg.model_dump_json(), index, urls, START_KEY, start_timeout_s=start_timeout_s)
         results = own_results(db, index)

@@ -639,9 +639,8 @@ def peer_main(cfg_json: str, index: int, urls: list[str | None], start_key: str 
             peer.init_eval_state()
             peer.executor.warm()
             peer.db.set(peer.keys.up, 1)
-            if start_key:
-                while not peer.db.exists(start_key):
-                    time.sleep(0.01)
+            if start_key:  # in our own database
+                wait_for_start(urls[index], start_key, start_timeout_s)
             peer.join()
             peer.run()
             return
