@@ -137,7 +137,10 @@ def test_stop_processes_stops_a_tree_with_stopped_members():
     ends on SIGTERM, and the worker below it is killed."""
     p = _spawned(subprocess.run, [sys.executable, "-c", SLEEP])
     try:
-        _until(lambda: len(processes.descendants(p.pid)) == 1, what="the worker")
+        # the worker once it runs SLEEP: stopped between its fork and its exec (subprocess may vfork), it
+        # would hold its parent in the kernel, where a SIGSTOP waits
+        _until(lambda: [SLEEP in processes.command_line(c) for c in processes.descendants(p.pid)] == [True],
+               what="the worker")
         (worker,) = processes.descendants(p.pid)
         for pid in (worker, p.pid):
             os.kill(pid, signal.SIGSTOP)
