@@ -56,32 +56,32 @@ def sink(host, port):  # reads until EOF, answers with the byte count
                 total += len(data)
             conn.sendall(str(total).encode())
 
-def connect(host, port, timeout):
+def timed(attempt):  # runs attempt() (a ping), prints its result and how long it took as one JSON line
     t = time.monotonic()
     try:
-        with socket.create_connection((host, int(port)), timeout=float(timeout)) as conn:
-            conn.sendall(b"ping")
-            result = "ok" if conn.recv(100) == b"ping" else "bad echo"
+        result = attempt()
     except TimeoutError:
         result = "timeout"
     except OSError as e:
         result = errno.errorcode.get(e.errno, str(e))
-    print(json.dumps({"result": result, "seconds": time.monotonic() - t}))
+    print(json.dumps({"result": result, "seconds": time.monotonic() - t}), flush=True)
+
+def ping(conn):
+    conn.sendall(b"ping")
+    return "ok" if conn.recv(100) == b"ping" else "bad echo"
+
+def connect(host, port, timeout):
+    def attempt():
+        with socket.create_connection((host, int(port)), timeout=float(timeout)) as conn:
+            return ping(conn)
+    timed(attempt)
 
 def held(host, port, timeout):  # a connection opened at once and used twice, each time when told (a line)
     conn = socket.create_connection((host, int(port)), timeout=float(timeout))
     print("open", flush=True)
     for _ in range(2):
         sys.stdin.readline()
-        t = time.monotonic()
-        try:
-            conn.sendall(b"ping")
-            result = "ok" if conn.recv(100) == b"ping" else "bad echo"
-        except TimeoutError:
-            result = "timeout"
-        except OSError as e:
-            result = errno.errorcode.get(e.errno, str(e))
-        print(json.dumps({"result": result, "seconds": time.monotonic() - t}), flush=True)
+        timed(lambda: ping(conn))
 
 def send(host, port, nbytes):  # timed until the sink confirmed every byte
     chunk, left = b"x" * (1 << 16), int(nbytes)
