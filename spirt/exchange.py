@@ -157,6 +157,8 @@ class Exchange:
                 passed = []
                 for q in list(waiting):
                     alive, why, published = self.membership.alive(q)
+                    if not alive and self.membership.awaits_joiner(q, r):
+                        continue  # it asked to join at this round and is taking its state: awaited
                     if not alive:
                         dead[q] = (why, time.time())
                         waiting.remove(q)

@@ -110,7 +110,9 @@ class Keys:
     @property
     def joining(self) -> str:
         """Present, instead of ``alive``, while the orchestrator sits out for a state transfer: the
-        others exclude it from their rounds but do not remove it (it comes back with their state)."""
+        others exclude it from their rounds but do not remove it (it comes back with their state). Its
+        value is the round it asked to join at (-1 before it asked): in that round the others wait for
+        it until their deadline, as it is taking the state they made for it."""
         return self._k("joining")
 
     @property

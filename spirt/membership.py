@@ -2,7 +2,12 @@
 
 - Heartbeat: a thread keeps ``alive`` in the peer's own database with a time to live of 1.5 intervals,
   refreshed every half interval. While the peer sits out (state transfer) it deletes the key and keeps
-  ``joining`` instead: the others stop waiting for it at once, but do not remove it (see below).
+  ``joining`` instead: the others stop waiting for it at once, but do not remove it (see below). Its
+  value is the round the peer asked to join at; in that round the others wait for it until their
+  deadline like for any member, since it is taking the state they made for it: excluding it at once at
+  some members and not at others (its vector arriving in between) would make them aggregate different
+  sets, and the joiner would find itself behind or diverged at its first round and start over. When it
+  has its state it switches back to ``alive`` at once, not at the next beat.
 - Liveness of another peer: its heartbeat key and its database answering, read from its database.
 - Accounting after each barrier: a member whose vector arrived has its misses reset; one that was
   missing is excluded from the round (an ``excluded`` event with the reason) and removed from the
@@ -31,7 +36,7 @@ from .config import MembershipSection
 from .events import EventLog
 from .keys import Keys
 from .servers import make_client
-from .wire import BadValue, parse_mark
+from .wire import BadValue, parse_joining, parse_mark
 
 
 @dataclass
@@ -53,6 +58,8 @@ class Member:
     banned: bool = False
     #: sitting out for a state transfer (its ``joining`` key, at the last liveness check)
     joining: bool = False
+    #: the round it asked to join at while sitting out (its ``joining`` value; -1: not asked yet)
+    joins_at: int | None = None
 
     def close(self) -> None:
         self.client.close()
@@ -85,6 +92,7 @@ class Membership:
         #: a beat that decided "alive" just before sit_out must not write it back after sit_out's switch
         self._switch = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._joins_at = -1  # the round we asked to join at, while we sit out (-1: not asked yet)
 
     # -- the member table ---------------------------------------------------------------------------
     def add(self, q: int, url: str, since: int = 0) -> Member:
@@ -127,13 +135,17 @@ class Membership:
         """Members counted in a round's metrics: ourselves and the members not removed."""
         return 1 + sum(not m.removed for m in self.members.values())
 
-    def adopt(self, current: dict[int, str], first: int) -> None:
-        """Take over a group's membership (after a state transfer): members not known yet are added,
-        awaited from round ``first``; those not in ``current`` are marked removed; misses restart."""
+    def adopt(self, current: dict[int, str], first: int, since: dict[int, int] | None = None) -> None:
+        """Take over a group's membership (after a state transfer): members not known yet are added;
+        every member is awaited from round ``first``, or from the later round in ``since`` it was
+        admitted for; those not in ``current`` are marked removed; misses restart."""
+        since = since or {}
         for q, url in current.items():
             if q != self.index and q not in self.members:
                 self.add(q, url, since=first)
         for q, m in self.members.items():
+            if q in current:
+                m.since = max(first, since[q]) if q in since else min(m.since, first)
             removed = q not in current or m.banned
             if removed != m.removed:  # a change of membership is an event, whatever its cause
                 self.events(first, "removed" if removed else "readmitted", q,
@@ -149,22 +161,34 @@ class Membership:
             pipe = m.probe.pipeline(transaction=False)
             pipe.exists(K.alive)
             pipe.get(K.ready)
-            pipe.exists(K.joining)
+            pipe.get(K.joining)
             alive, ready, joining = pipe.execute()
         except redis.RedisError as exc:
             return False, f"database unreachable ({type(exc).__name__})", None
         m.stalled = False
-        m.joining = bool(joining) and not alive
-        try:  # written by the member: a mark that does not parse is dropped and said, once per reason
-            published = parse_mark(ready, self.rounds if self.rounds is not None else 2**62)
-        except BadValue as exc:
-            published = None
-            if self._bad_marks.get(q) != str(exc):
-                self._bad_marks[q] = str(exc)
-                self.events(-1, "bad_value", q, str(exc))
+        m.joining = joining is not None and not alive
+        rounds = self.rounds if self.rounds is not None else 2**62
+        # written by the member: a value that does not parse is dropped and said, once per reason
+        published = self._parsed(q, parse_mark, ready, rounds)
+        m.joins_at = self._parsed(q, parse_joining, joining, rounds) if m.joining else None
         if alive:
             return True, "", published
         return False, "sitting out for a state transfer" if m.joining else "heartbeat expired", published
+
+    def _parsed(self, q: int, parse: Callable[[object, int], int | None], raw: object, rounds: int) -> int | None:
+        try:
+            return parse(raw, rounds)
+        except BadValue as exc:
+            if self._bad_marks.get(q) != str(exc):
+                self._bad_marks[q] = str(exc)
+                self.events(-1, "bad_value", q, str(exc))
+            return None
+
+    def awaits_joiner(self, q: int, r: int) -> bool:
+        """Whether member q, sitting out at our last liveness check, asked to join at round r: it is
+        taking the state made for it, and is waited for until the deadline."""
+        m = self.members[q]
+        return m.joining and m.joins_at == r
 
     def answers(self, q: int) -> bool:
         """Whether member q's database answers a probe now (clears its ``stalled`` mark if so); a
@@ -218,8 +242,18 @@ class Membership:
         return {q for q, m in self.members.items() if m.banned}
 
     # -- heartbeat ----------------------------------------------------------------------------------
-    def start_heartbeat(self) -> None:
-        self._paused.clear()
+    def start_heartbeat(self, db: redis.Redis | None = None) -> None:
+        """Advertise liveness (again); with ``db``, our database, the switch from ``joining`` back to
+        ``alive`` is made at once: the members waiting for our first round after a state transfer must
+        not find us still sitting out."""
+        with self._switch:
+            self._paused.clear()
+            if db is not None:
+                try:
+                    db.pipeline(transaction=True).delete(self.keys.joining).set(
+                        self.keys.alive, self.index, px=self._ttl_ms).execute()
+                except redis.RedisError:
+                    pass  # our database is down; the orchestrator notices on its own
         if self._thread is None:
             self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{self.index}", daemon=True)
             self._thread.start()
@@ -229,11 +263,23 @@ class Membership:
         ``joining`` key (kept by the heartbeat thread, so it expires if we die) tells them why."""
         with self._switch:
             self._paused.set()
+            self._joins_at = -1
             try:
                 db.pipeline(transaction=True).delete(self.keys.alive).set(
-                    self.keys.joining, self.index, px=self._ttl_ms).execute()
+                    self.keys.joining, self._joins_at, px=self._ttl_ms).execute()
             except redis.RedisError:
                 pass
+
+    def joining_at(self, db: redis.Redis, first: int) -> None:
+        """While sitting out: we ask to join at round ``first`` (before the request is written, so that
+        the members reaching that round find it and wait for us)."""
+        with self._switch:
+            self._joins_at = first
+            if self._paused.is_set():
+                try:
+                    db.set(self.keys.joining, first, px=self._ttl_ms)
+                except redis.RedisError:
+                    pass
 
     @property
     def _ttl_ms(self) -> int:
@@ -249,7 +295,8 @@ class Membership:
             with self._switch:  # one of the two keys at a time, switched in one transaction
                 live, gone = (K.joining, K.alive) if self._paused.is_set() else (K.alive, K.joining)
                 try:
-                    client.pipeline(transaction=True).delete(gone).set(live, self.index, px=ttl_ms).execute()
+                    value = self._joins_at if self._paused.is_set() else self.index
+                    client.pipeline(transaction=True).delete(gone).set(live, value, px=ttl_ms).execute()
                 except redis.RedisError:
                     pass  # our database is down; the orchestrator notices on its own
             self._stop.wait(hb / 2)

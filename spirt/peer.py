@@ -309,7 +309,7 @@ class Peer:
             self.completed = first - 1
             self.width = width
             self._version = None
-            self.membership.start_heartbeat()
+            self.membership.start_heartbeat(self.db)
         return first
 
     def close(self) -> None:

@@ -57,7 +57,13 @@ JOIN_AHEAD = 3
 
 
 class JoinFailed(RuntimeError):
-    """One attempt to join did not work out (it is retried until ``membership.join_timeout_s``)."""
+    """One attempt to join did not work out (it is retried until ``membership.join_timeout_s``).
+    ``overtaken``: the sources trained past the round we asked for without serving us (our request came
+    too late); the group is training, so the next attempt is made at once rather than after a pause."""
+
+    def __init__(self, message: str, overtaken: bool = False):
+        super().__init__(message)
+        self.overtaken = overtaken
 
 
 class StateTransfer:
@@ -105,16 +111,20 @@ class StateTransfer:
 
     def serve_joins(self, r: int, scanned: tuple[int, list] | None = None) -> None:
         """Admit peers that asked to join; snapshot our state for those starting at round r + 1.
-        ``scanned``: the reply of a first ``SCAN 0 MATCH join_pattern`` already made."""
-        for key, q, url, first in self.requests(r, scanned):
+        ``scanned``: the reply of a first ``SCAN 0 MATCH join_pattern`` already made. Every request is
+        admitted before the snapshot is made: its meta tells the joiners of round r + 1 about the members
+        that join later (they must not wait for them in between, as we do not)."""
+        requests = self.requests(r, scanned)
+        for _, q, url, first in requests:
             mb = self.membership.members.get(q)
             if mb is None or mb.removed or mb.since < first:
                 # a member we know keeps its route (the address we were given, or first learnt): a join
                 # request cannot redirect our traffic for it
                 self.membership.add(q, url if mb is None else mb.url, since=first)
                 self.events(r, "admitted", q, f"joins at round {first}")
-            if first == r + 1:
-                self.snapshot(first)
+        if any(first == r + 1 for _, _, _, first in requests):
+            self.snapshot(r + 1)
+        for key, _, _, first in requests:
             if first <= r + 1:
                 self.db.delete(key)
 
@@ -160,9 +170,12 @@ class StateTransfer:
     def snapshot(self, first: int) -> None:
         """Our state after round ``first - 1``, for the peers joining at round ``first``."""
         K = self.keys
-        meta = {"round": first - 1, "from": self.index,
-                "members": {str(q): m.url for q, m in self.membership.current().items()},
+        current = self.membership.current()
+        meta = {"round": first - 1, "from": self.index, "members": {str(q): m.url for q, m in current.items()},
                 "self_url": self.url}
+        later = {str(q): m.since for q, m in current.items() if m.since > first}
+        if later:  # the joiner must not wait for them before we do
+            meta["since"] = later
         if self.guard.signs or self.served_state is not None:
             # the state is read (atomically), maybe changed, signed, and written back with its signature
             params, momentum = self.db.pipeline(transaction=True).get(K.params).get(K.momentum).execute()
@@ -228,8 +241,9 @@ class StateTransfer:
                 if str(exc) not in said:  # a failure is said once, however often it repeats
                     said.add(str(exc))
                     self.events(-1, "join_retry", self.index, f"{exc}; retrying")
-                time.sleep(delay)
-                delay = min(2 * delay, 5.0)
+                if not exc.overtaken:  # pausing while the group trains on would only lose more rounds
+                    time.sleep(delay)
+                    delay = min(2 * delay, 5.0)
 
     def _join_once(self, total: int, deadline: float) -> tuple[int, int]:
         """One attempt of :meth:`join`; raises :class:`JoinFailed` when it did not work out."""
@@ -251,6 +265,7 @@ class StateTransfer:
         # members sitting out for a state transfer of their own are asked too (they admit us when they
         # are back), but they hand over nothing
         self.guard.open_inbox(first, 0)  # before they can push our first round
+        self.membership.joining_at(self.db, first)  # before they can reach it: they wait for us in it
         asked = self._ask({**live, **dict.fromkeys(self._joining, -1)}, first)
         live = {q: mark for q, mark in live.items() if q in asked}
         self.events(first, "join_request", self.index, f"asked peers {sorted(asked)} to admit us from round {first}")
@@ -266,14 +281,17 @@ class StateTransfer:
     def _take(self, live: dict[int, int], first: int, deadline: float) -> tuple[int, int]:
         """Collect the sources' snapshots for round ``first`` and install the state enough of them agree
         on, with the membership they agree on."""
-        states = self._collect(live, first, deadline)
+        states, overtaken = self._collect(live, first, deadline)
         chosen = self.agreeing(states, self.sources_needed(len(live)))
         if chosen is None:
             raise JoinFailed(f"state transfer for round {first}: {len(states)} snapshot(s) from "
-                             f"{sorted(live)}, fewer than {self.sources_needed(len(live))} agree")
+                             f"{sorted(live)}, fewer than {self.sources_needed(len(live))} agree"
+                             + (f"; peers {sorted(overtaken)} went past it" if overtaken else ""),
+                             overtaken=bool(overtaken) and not states)
         sources, (params, momentum) = chosen
         self._install(params, momentum, first)
-        self.membership.adopt(self.agreed_members({q: states[q][2] for q in sources}), first)
+        metas = {q: states[q][2] for q in sources}
+        self.membership.adopt(self.agreed_members(metas), first, self.agreed_since(metas))
         self.events(first, "joined", self.index, f"state of round {first - 1} from peers {sources}")
         return first, len(params)
 
@@ -330,10 +348,11 @@ class StateTransfer:
         return asked
 
     def _collect(self, live: dict[int, int], first: int,
-                 deadline: float) -> dict[int, tuple[bytes, bytes | None, SnapshotMeta]]:
-        """The snapshots for round ``first``, until enough agree, all arrived, or this attempt times out
-        (the sources serve them within a few rounds: at most JOIN_AHEAD + 1 barrier deadlines). A
-        snapshot whose meta does not parse is dropped (and its source not asked again)."""
+                 deadline: float) -> tuple[dict[int, tuple[bytes, bytes | None, SnapshotMeta]], set[int]]:
+        """The snapshots for round ``first`` (and the sources that went past it without serving us),
+        until enough agree, all arrived, or this attempt times out (the sources serve them within a few
+        rounds: at most JOIN_AHEAD + 1 barrier deadlines). A snapshot whose meta does not parse is
+        dropped (and its source not asked again)."""
         need = self.sources_needed(len(live))
         attempt_s = (JOIN_AHEAD + 1) * self.cfg.barrier.timeout_s + 5
         deadline = min(deadline, time.monotonic() + attempt_s)
@@ -377,7 +396,7 @@ class StateTransfer:
                 break
             self.guard.serve(self.membership.members)
             time.sleep(0.05)
-        return states
+        return states, passed
 
     def _install(self, params: bytes, momentum: bytes | None, first: int) -> None:
         """The state we took over, as our own: we resume at round ``first``."""
@@ -407,6 +426,16 @@ class StateTransfer:
             return None
         p, mom, _ = states[best[0]]
         return best, (p, mom)
+
+    @staticmethod
+    def agreed_since(metas: dict[int, SnapshotMeta]) -> dict[int, int]:
+        """The members the agreeing sources admitted for a round after our first: the round a strict
+        majority of them give (one source cannot make us skip a member's vectors that others await)."""
+        votes: dict[int, Counter] = {}
+        for meta in metas.values():
+            for q, r in meta.since.items():
+                votes.setdefault(q, Counter())[r] += 1
+        return {q: r for q, c in votes.items() for r, k in c.most_common(1) if 2 * k > len(metas)}
 
     def agreed_members(self, metas: dict[int, SnapshotMeta]) -> dict[int, str]:
         """The group's membership from the agreeing sources: a member is in when a strict majority of

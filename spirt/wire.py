@@ -9,6 +9,7 @@ reason); nothing here lets a bad value through or raises anything else.
 value                  written by                                          parser
 =====================  ==================================================  ==================================
 round mark (``ready``) a peer, when it publishes a round                   :func:`parse_mark`
+joining round          a peer sitting out (the round it asked to join at)  :func:`parse_joining`
 aggregated set         a peer, with its update (the peers it aggregated)   :func:`parse_member_set`
 state digest           a peer, with its update (SHA-1 of its parameters)   :func:`parse_digest`
 latest state           a peer, with its update (``round|digest``)          :func:`parse_state`
@@ -25,13 +26,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 #: a round number or peer index as decimal text: at most 18 digits (below 2**63)
 MAX_INT_DIGITS = 18
 MAX_JOIN_REQUEST_BYTES = 2048
 MAX_URL_BYTES = 1024
 MAX_META_BYTES = 64 * 1024
+#: a member admitted for a later round than a joiner's first: at most this many rounds later (honest
+#: joiners ask a few rounds ahead of the marks they read)
+MAX_SINCE_AHEAD = 64
 DIGEST_HEX = 40  # SHA-1, as the database computes it (``redis.sha1hex``)
 URL_SCHEMES = ("redis://", "rediss://", "unix://")
 
@@ -82,11 +86,31 @@ def parse_mark(raw: object, rounds: int) -> int | None:
     ...
     spirt.wire.BadValue: round mark 1000000 is not a round of this training (-1 to 99)
     """
+    return _round_or_none(raw, "round mark", rounds - 1)
+
+
+def parse_joining(raw: object, rounds: int) -> int | None:
+    """The round a peer sitting out for a state transfer asked to join at (its ``joining`` key): None
+    when it is not sitting out; -1 while it has not asked yet; at most ``rounds`` (the training's end:
+    it takes the final state).
+
+    >>> parse_joining(b"12", rounds=36), parse_joining(b"-1", rounds=36), parse_joining(None, rounds=36)
+    (12, -1, None)
+    >>> parse_joining(b"37", rounds=36)
+    Traceback (most recent call last):
+    ...
+    spirt.wire.BadValue: joining round 37 is not a round of this training (-1 to 36)
+    """
+    return _round_or_none(raw, "joining round", rounds)
+
+
+def _round_or_none(raw: object, what: str, last: int) -> int | None:
+    """None for a missing value, else a round from -1 (none yet) to ``last``."""
     if raw is None:
         return None
-    v = _int(_text(raw, "round mark", MAX_INT_DIGITS + 1), "round mark")
-    if not -1 <= v < rounds:
-        raise BadValue(f"round mark {v} is not a round of this training (-1 to {rounds - 1})")
+    v = _int(_text(raw, what, MAX_INT_DIGITS + 1), what)
+    if not -1 <= v <= last:
+        raise BadValue(f"{what} {v} is not a round of this training (-1 to {last})")
     return v
 
 
@@ -153,18 +177,22 @@ def parse_member_set(raw: object, peers: Collection[int]) -> str:
 @dataclass(frozen=True)
 class SnapshotMeta:
     """What a peer serving a joiner says of the state it snapshot: the round the state is after, the
-    serving peer, the group's current members (index -> database URL) and its own URL."""
+    serving peer, the group's current members (index -> database URL), its own URL, and the members it
+    admitted for a round after the joiner's first (index -> that round: not awaited before it)."""
 
     round: int
     source: int
     members: dict[int, str]
     self_url: str
+    since: dict[int, int] = field(default_factory=dict)
 
 
 def parse_snapshot_meta(raw: object, *, source: int, round: int, max_peers: int) -> SnapshotMeta:
     """The meta of a snapshot read from peer ``source`` for the state after ``round``: a JSON object
-    with exactly ``round``, ``from``, ``members`` and ``self_url``; the round and the source must be the
-    ones asked for, members at most ``max_peers`` entries of peer index -> URL.
+    with exactly ``round``, ``from``, ``members`` and ``self_url`` (and ``since`` where some members
+    join later); the round and the source must be the ones asked for, members at most ``max_peers``
+    entries of peer index -> URL, ``since`` a map of some of them to a round from ``round + 2`` (after
+    the joiner's first) to ``MAX_SINCE_AHEAD`` rounds later.
 
     >>> m = parse_snapshot_meta(b'{"round": 6, "from": 1, "members": {"0": "unix:///a"}, '
     ...                         b'"self_url": "unix:///b"}', source=1, round=6, max_peers=8)
@@ -176,8 +204,9 @@ def parse_snapshot_meta(raw: object, *, source: int, round: int, max_peers: int)
         obj = json.loads(text)
     except (json.JSONDecodeError, RecursionError):
         raise BadValue("snapshot meta is not JSON") from None
-    if not isinstance(obj, dict) or set(obj) != {"round", "from", "members", "self_url"}:
-        raise BadValue("snapshot meta is not an object with round, from, members and self_url")
+    if not isinstance(obj, dict) or not {"round", "from", "members", "self_url"} <= set(obj) <= {
+            "round", "from", "members", "self_url", "since"}:
+        raise BadValue("snapshot meta is not an object with round, from, members, self_url (and since)")
     if type(obj["round"]) is not int or obj["round"] != round:
         raise BadValue(f"snapshot meta's round {str(obj['round'])[:24]} is not the round asked for ({round})")
     if type(obj["from"]) is not int or obj["from"] != source:
@@ -191,7 +220,19 @@ def parse_snapshot_meta(raw: object, *, source: int, round: int, max_peers: int)
         if not 0 <= index < max_peers:
             raise BadValue(f"snapshot meta names member {index}, outside 0 to {max_peers - 1}")
         parsed[index] = check_url(url, f"snapshot meta's URL of member {index}")
-    return SnapshotMeta(round, source, parsed, check_url(obj["self_url"], "snapshot meta's own URL"))
+    since = obj.get("since", {})
+    if not isinstance(since, dict) or len(since) > len(parsed):
+        raise BadValue("snapshot meta's since is not a map of its members to rounds")
+    later = {}
+    for q, r in since.items():
+        index = _int(q, "snapshot meta's since index")
+        if index not in parsed:
+            raise BadValue(f"snapshot meta's since names peer {index}, not one of its members")
+        if type(r) is not int or not round + 2 <= r <= round + 1 + MAX_SINCE_AHEAD:
+            raise BadValue(f"snapshot meta's since of member {index} is not a round from {round + 2} to "
+                           f"{round + 1 + MAX_SINCE_AHEAD}")
+        later[index] = r
+    return SnapshotMeta(round, source, parsed, check_url(obj["self_url"], "snapshot meta's own URL"), later)
 
 
 def parse_join_request(raw_q: object, raw: object) -> tuple[int, str, int]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 
@@ -240,12 +241,15 @@ def test_decide_breaks_ties_deterministically():
 # -------------------------------------------------------------------------------- joining
 
 
-def _snapshot(db, q: int, first: int, params: bytes, members: dict[int, str], url: str) -> None:
+def _snapshot(db, q: int, first: int, params: bytes, members: dict[int, str], url: str,
+              since: dict[int, int] | None = None) -> None:
     K = Keys(q)
     db.set(K.snapshot(first, "params"), params)
     db.set(K.snapshot(first, "momentum"), params[::-1])
-    db.set(K.snapshot(first, "meta"), json.dumps({"round": first - 1, "from": q, "self_url": url,
-                                                   "members": {str(m): u for m, u in members.items()}}))
+    meta = {"round": first - 1, "from": q, "self_url": url, "members": {str(m): u for m, u in members.items()}}
+    if since:
+        meta["since"] = {str(m): r for m, r in since.items()}
+    db.set(K.snapshot(first, "meta"), json.dumps(meta))
 
 
 def test_byzantine_inflated_marks_do_not_move_a_joiners_round(group):
@@ -322,6 +326,46 @@ def test_byzantine_one_source_cannot_change_the_membership_a_joiner_adopts(group
     assert sorted(current) == [0, 1, 2] and all(current[q].url == urls[q] for q in current)
 
 
+def test_a_joiner_awaits_a_member_admitted_for_a_later_round_only_from_that_round(group, servers):
+    """Two joiners ask for rounds R and R + 1. The sources await the second from R + 1 on, and so must
+    the first: it waited a whole deadline for a vector that never comes in round R, came late to the
+    next round, and the members that excluded it there diverged from those that did not."""
+    t, dbs = group(4, f=0, me=3)
+    urls = [s.url for s in servers[:4]]
+    _marks(dbs, {0: 5, 1: 5})
+    first = 5 + JOIN_AHEAD
+    for q in (0, 1):
+        _snapshot(dbs[q], q, first, b"\x05" * 16, {q: urls[q] for q in range(3)}, urls[q], since={2: first + 1})
+    t.join(total=ROUNDS)
+    assert t.membership.awaited(first) == [0, 1] and t.membership.awaited(first + 1) == [0, 1, 2]
+
+
+def test_byzantine_one_source_cannot_make_a_joiner_skip_a_member(group, servers):
+    t, dbs = group(4, f=1, me=3)
+    urls = [s.url for s in servers[:4]]
+    _marks(dbs, {0: 5, 1: 5, 2: 5})
+    first = 5 + JOIN_AHEAD
+    members = {q: urls[q] for q in range(3)}
+    _snapshot(dbs[0], 0, first, b"\x05" * 16, members, urls[0], since={1: first + 40})  # skip 1's vectors
+    for q in (1, 2):
+        _snapshot(dbs[q], q, first, b"\x05" * 16, members, urls[q])
+    t.join(total=ROUNDS)
+    assert t.membership.awaited(first) == [0, 1, 2]
+
+
+def test_a_source_admits_every_joiner_before_its_snapshot_says_who_joins_later(group, servers, monkeypatch):
+    t, dbs = group(5)
+    urls = [s.url for s in servers[:5]]
+    r = 7
+    dbs[0].set(Keys(0).params, b"\x01" * 16)
+    dbs[0].set(Keys(0).momentum, b"\x02" * 16)
+    requests = [(Keys(0).join(3), 3, urls[3], r + 1), (Keys(0).join(4), 4, urls[4], r + 2)]
+    monkeypatch.setattr(t, "requests", lambda *a, **kw: requests)  # the joiner of round r + 1 comes first
+    t.serve_joins(r)
+    meta = json.loads(dbs[0].get(Keys(0).snapshot(r + 1, "meta")))
+    assert meta["since"] == {"4": r + 2} and {"3", "4"} <= set(meta["members"])
+
+
 # -------------------------------------------------------------------------------- sitting out
 
 
@@ -357,6 +401,112 @@ def test_sitting_out_switches_the_heartbeat_to_joining_and_back(group):
     assert not dbs[0].exists(K.alive) and dbs[0].exists(K.joining)
     m.start_heartbeat()
     _wait_for(lambda: dbs[0].exists(K.alive) and not dbs[0].exists(K.joining))
+
+
+def _barrier(t: StateTransfer, r: int, peers: list[int], timeout_s: float):
+    from spirt.exchange import Exchange
+
+    ex = Exchange(t.index, t.db, t.membership, Guard(), barrier_timeout_s=timeout_s,
+                  heartbeat_s=t.membership.cfg.heartbeat_s)
+    t0 = time.monotonic()
+    ready, missing = ex.barrier(r, peers, 8)
+    return ready, missing, time.monotonic() - t0
+
+
+def test_a_member_joining_at_this_round_is_awaited_until_the_deadline(group):
+    """A member sitting out that asked to join at round r is taking the state made for it: everyone
+    waits for its round-r vector until the deadline. Excluded at once at some members and not at others
+    (its vector arriving in between), the group aggregated different sets in the joiner's first round,
+    and the joiner found itself diverged or behind there and started over, round after round."""
+    t, dbs = group(3)
+    r = 5
+    dbs[1].delete(Keys(1).alive)
+    dbs[1].set(Keys(1).joining, r, px=600_000)
+    dbs[0].set(Keys(0).incoming(2, r), b"\0" * 8)
+
+    def arrive() -> None:  # the joiner has its state, trains round r and pushes its vector
+        time.sleep(1.0)
+        dbs[1].set(Keys(1).alive, 1, px=600_000)
+        dbs[1].delete(Keys(1).joining)
+        dbs[0].set(Keys(0).incoming(1, r), b"\0" * 8)
+
+    th = threading.Thread(target=arrive)
+    th.start()
+    try:
+        ready, missing, _ = _barrier(t, r, [1, 2], timeout_s=10)
+    finally:
+        th.join()
+    assert ready == [1, 2] and not missing
+    # one that asked for a later round, or has not asked yet, is not waited for in this one
+    for joins_at in (r + 3, -1):
+        dbs[1].delete(Keys(1).alive)
+        dbs[1].set(Keys(1).joining, joins_at, px=600_000)
+        ready, missing, took = _barrier(t, r + 1, [1], timeout_s=10)
+        assert missing[1][0] == "sitting out for a state transfer" and took < 5
+
+
+def test_byzantine_a_bad_joining_round_is_the_senders_fault(group):
+    t, dbs = group(3)
+    dbs[1].delete(Keys(1).alive)
+    dbs[1].set(Keys(1).joining, "5; or not", px=600_000)
+    ready, missing, took = _barrier(t, 5, [1], timeout_s=10)
+    assert missing[1][0] == "sitting out for a state transfer" and took < 5
+    said = [e for e in _events(dbs[0]) if e["event"] == "bad_value"]
+    assert said and said[0]["about"] == 1 and "joining round" in said[0]["detail"]
+
+
+def test_a_joiner_says_the_round_it_joins_at_and_is_live_again_at_once(group):
+    t, dbs = group(2)
+    m, K = t.membership, Keys(0)
+    m.start_heartbeat()
+    _wait_for(lambda: dbs[0].exists(K.alive))
+    m.sit_out(dbs[0])
+    assert dbs[0].get(K.joining) == b"-1"
+    m.joining_at(dbs[0], 12)
+    assert dbs[0].get(K.joining) == b"12"
+    threading.Event().wait(2 * m.cfg.heartbeat_s)  # the heartbeat thread keeps the round
+    assert dbs[0].get(K.joining) == b"12"
+    m.start_heartbeat(dbs[0])  # our state is installed: no beat's wait before the others see us
+    assert dbs[0].exists(K.alive) and not dbs[0].exists(K.joining)
+
+
+def test_a_joiner_overtaken_by_the_group_asks_again_at_once(group, servers, monkeypatch):
+    """Sources that trained past the round a joiner asked for did not serve it (its request came too
+    late). The group is training, so the joiner asks again at once for a round ahead of the new marks;
+    pausing (as after a failure) made it lose more rounds with each attempt until the training ended."""
+    import spirt.transfer as transfer
+
+    t, dbs = group(3)
+    urls = [s.url for s in servers[:3]]
+    _marks(dbs, {1: 5, 2: 5})
+    late = 5 + JOIN_AHEAD
+    served = late + JOIN_AHEAD
+    pauses = []
+    real_sleep = time.sleep
+    monkeypatch.setattr(transfer.time, "sleep", lambda s: (pauses.append(s) if s > 0.1 else None, real_sleep(s)))
+
+    def asked(first: int) -> bool:
+        return all(dbs[q].get(Keys(q).join(0)) == f"{urls[0]}|{first}".encode() for q in (1, 2))
+
+    def serve() -> None:
+        for _ in range(400):
+            if asked(late) and int(dbs[1].get(Keys(1).ready)) < late:
+                _marks(dbs, {1: late, 2: late})  # they published our round before reading our request
+            if asked(served):  # the next request, ahead of the marks they published, is served
+                for q in (1, 2):
+                    _snapshot(dbs[q], q, served, b"\x07" * 16, {q: urls[q] for q in range(3)}, urls[q])
+                return
+            real_sleep(0.02)
+
+    th = threading.Thread(target=serve)
+    th.start()
+    try:
+        assert t.join(total=ROUNDS) == (served, 16)
+    finally:
+        th.join()
+    retries = [e["detail"] for e in _events(dbs[0]) if e["event"] == "join_retry"]
+    assert len(retries) == 1 and "peers [1, 2] went past it" in retries[0]
+    assert pauses == []
 
 
 def _wait_for(cond, timeout_s: float = 5.0) -> None:

@@ -69,12 +69,22 @@ def _run(n: int, nemesis, cut_s: float = CUT_S, network: str = "proxy"):
         return [c.params(i) for i in range(n)], c.metrics(), c.events()
 
 
+def _story(events) -> str:
+    """The peers' events, one line each: what a failed check prints, since a partition's outcome depends
+    on timing that a rerun may not repeat."""
+    t0 = events["t"].min() if len(events) else 0.0
+    return "\n".join(f"{e.t - t0:7.2f}s r{e.round:>3} peer {e.peer}: {e.event} {e.about} {str(e.detail)[:150]}"
+                     for e in events.itertuples())
+
+
 def _check(n: int, params, metrics, events) -> None:
-    assert all(p is not None for p in params)
-    assert len(set(params)) == 1, "the peers ended with different models"
-    assert (2 * metrics["peers_aggregated"] > n).all(), "an update was applied without a majority"
+    story = f"\nevents:\n{_story(events)}"
+    assert all(p is not None for p in params), story
+    assert len(set(params)) == 1, "the peers ended with different models" + story
+    assert (2 * metrics["peers_aggregated"] > n).all(), "an update was applied without a majority" + story
     last = metrics[metrics["round"] == PARTITION["run.rounds"] - 1]
-    assert sorted(last["peer"]) == list(range(n)) and (last["peers_aggregated"] == n).all()
+    assert sorted(last["peer"]) == list(range(n)) and (last["peers_aggregated"] == n).all(), (
+        f"not every peer was back for the last round: {sorted(last['peer'])}" + story)
 
 
 @pytest.mark.parametrize("network", NETWORKS)
@@ -105,3 +115,34 @@ def test_partition_isolated_peer_waits_then_rejoins_by_state_transfer(network):
     removed = events[(events["event"] == "removed") & (events["about"] == 4)]
     assert len(removed) >= 3  # the majority removed it
     assert "readmitted" not in set(events["event"])
+
+
+def test_stalled_peers_rejoin_a_training_group_and_stay_in():
+    """Two of five peers stall (SIGSTOP, as a starved host) while the other three train on without
+    them; back, they rejoin by state transfer while the group trains. Their first round is aggregated
+    alike by everyone, so they stay in: no member finds itself diverged or behind after they joined.
+    (The members once stopped waiting for a joiner still sitting out at its first round while others
+    had its vector: the sets differed, and joiners and members resynchronised in turn to the end.)"""
+    n, rounds = 5, 200
+    cfg = load_config(None, {**PARTITION, "peers.count": n, "run.rounds": rounds})
+    with _cluster(cfg, "proxy") as c:
+        for i in range(n):
+            c.wait_round(i, CUT_AT, timeout_s=120)
+        for i in (1, 2):
+            c.stop(i)
+        time.sleep(3.0)
+        t_back = time.time()
+        for i in (1, 2):
+            c.resume(i)
+        c.wait_finished(list(range(n)), timeout_s=240)
+        params, metrics, events = [c.params(i) for i in range(n)], c.metrics(), c.events()
+    story = f"\nevents:\n{_story(events)}"
+    last = metrics[metrics["round"] == rounds - 1]
+    assert sorted(last["peer"]) == list(range(n)), "the stalled peers were not back by the end" + story
+    after = events[events["t"] >= t_back]
+    joined = after[after["event"] == "joined"]
+    assert sorted(joined["peer"]) == [1, 2], "each stalled peer joins once" + story
+    first_round = int(joined["round"].max())
+    settled = after[(after["event"] == "resync") & (after["round"] > first_round)]
+    assert settled.empty, "a peer resynchronised after the stalled ones were back" + story
+    assert len(set(params)) == 1

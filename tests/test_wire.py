@@ -57,6 +57,8 @@ def test_snapshot_meta_accepted():
     m = parse_snapshot_meta(_meta(), source=1, round=6, max_peers=4)
     assert (m.round, m.source, m.members, m.self_url) == (6, 1, {0: "unix:///tmp/a.sock", 2: "redis://h:1"},
                                                           "unix:///tmp/b.sock")
+    assert m.since == {}
+    assert parse_snapshot_meta(_meta(since={"2": 9}), source=1, round=6, max_peers=4).since == {2: 9}
 
 
 @pytest.mark.parametrize("raw, why", [
@@ -76,6 +78,12 @@ def test_snapshot_meta_accepted():
     (_meta(members={"0": 5}), "not a string"),
     (_meta(members={"0": "unix:///a b"}), "not a redis"),
     (_meta(self_url="file:///etc/passwd"), "own URL"),
+    (_meta(since=[2]), "since is not a map"),
+    (_meta(since={"3": 9}), "not one of its members"),
+    (_meta(since={"2": 7}), "not a round from 8"),  # the joiner's first round: awaited there anyway
+    (_meta(since={"2": 6 + 1 + 65}), "not a round from 8"),
+    (_meta(since={"2": "9"}), "not a round"),
+    (_meta(since={"2": True}), "not a round"),
     (b"[" * 100_000, "bytes"),
     (("[" * 5000 + "]" * 5000).encode(), "not"),  # deep nesting: refused, never a RecursionError
 ])
@@ -109,7 +117,8 @@ def test_parsers_only_ever_raise_bad_value(raw):
                         lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
                         max_leaves=20))
 def test_any_json_meta_only_ever_raises_bad_value(obj):
-    for value in (obj, {**META, "members": obj}, {**META, "round": obj}, {**META, "self_url": obj}):
+    for value in (obj, {**META, "members": obj}, {**META, "round": obj}, {**META, "self_url": obj},
+                  {**META, "since": obj}):
         try:
             parse_snapshot_meta(json.dumps(value).encode(), source=1, round=6, max_peers=4)
         except BadValue:
