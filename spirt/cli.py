@@ -242,6 +242,9 @@ def _cmd_collect(args) -> int:
         return 2
     if missing:
         console.print(f"[red]no answer from the databases of peers {missing}: their metrics are missing")
+    rejected = df.attrs.get("rejected", {})
+    for i, why in sorted(rejected.items()):
+        console.print(f"[red]peer {i}'s report is left out, it does not parse: {why}")
     if df.empty:
         console.print("[red]no metrics in any peer's database")
         return 1
@@ -252,7 +255,7 @@ def _cmd_collect(args) -> int:
     if summary["final_states"] > 1:
         console.print(f"[red]the honest peers ended with {summary['final_states']} different models")
         return 1
-    return 1 if missing else 0
+    return 1 if missing or rejected else 0
 
 
 def _cmd_demo(args) -> int:

@@ -19,7 +19,9 @@ configuration must leave it a data part (the parts beyond the initial peers are 
 its metrics too with ``spirt collect CONFIG --joined j=URL``.
 
 ``spirt collect`` reads every peer's metrics and events over the network and writes the usual run reports;
-a peer whose database does not answer is named, never skipped in silence.
+a peer whose database does not answer is named, never skipped in silence. What it reads another host's
+peer wrote, so it is parsed strictly (:mod:`spirt.rows`): a peer whose report does not parse is left
+out, named, and the reason is said (a ``report_rejected`` event and a line of the reports).
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ import redis
 from .backends import needs_module
 from .config import Config
 from .keys import RELEASE_KEY, START_KEY, Keys
+from .rows import EVENT_COLUMNS, read_reports, rejected_event
 from .servers import make_client, start_server
+from .wire import BadValue
 
 __all__ = ["HostError", "listen_address", "run_peer", "collect"]
 
@@ -206,21 +210,28 @@ def collect(cfg: Config, *, joined: dict[int, str] | None = None, release: bool 
             timeout_s: float = 10.0) -> tuple[pd.DataFrame, list[int]]:
     """Every peer's per-round metrics (with ``attrs["events"]`` and ``attrs["final_states"]`` as a run of
     :func:`spirt.runner.run_training` has them) and the peers whose databases did not answer; ``joined``:
-    the peers that joined from beyond the list (index -> database URL). With ``release``, each peer that
-    answered is told it may stop."""
+    the peers that joined from beyond the list (index -> database URL). A peer whose report does not
+    parse is left out of both (its final state too) and named in ``attrs["rejected"]`` (peer -> why).
+    With ``release``, each peer that answered is told it may stop."""
     from .byzantine import is_byzantine
 
     if len(cfg.peers.urls) != cfg.peers.count:
         raise HostError("spirt collect needs peers.urls: the database URL of every peer")
-    rows, events, missing, states = [], [], [], set()
+    rows, events, missing, states, rejected = [], [], [], set(), {}
     for i, url in [*enumerate(cfg.peers.urls), *sorted((joined or {}).items())]:
         try:
             c = make_client(url=url, socket_timeout=timeout_s, connect_timeout=timeout_s)
             try:
-                rows += [json.loads(x) for x in c.lrange(Keys(i).metrics, 0, -1)]
-                events += [json.loads(x) for x in c.lrange(Keys(i).events, 0, -1)]
-                if not is_byzantine(cfg, i):
-                    states.add(c.get(Keys(i).state))
+                try:
+                    metrics, said = read_reports(c, i, cfg.run.rounds)
+                except BadValue as exc:  # its own report: nothing of it is used, and it is said
+                    rejected[i] = str(exc)
+                    events.append(rejected_event(i, str(exc), time.time()))
+                else:
+                    rows += metrics
+                    events += said
+                    if not is_byzantine(cfg, i):
+                        states.add(c.get(Keys(i).state))
                 if release:
                     c.set(RELEASE_KEY, 1)
             finally:
@@ -228,7 +239,8 @@ def collect(cfg: Config, *, joined: dict[int, str] | None = None, release: bool 
         except redis.RedisError:
             missing.append(i)
     df = pd.DataFrame(rows)
-    df.attrs["events"] = pd.DataFrame(events, columns=["t", "round", "peer", "event", "about", "detail"]).sort_values(
-        "t", ignore_index=True)
+    df.attrs["events"] = pd.DataFrame(events, columns=EVENT_COLUMNS).sort_values("t", ignore_index=True)
     df.attrs["final_states"] = len(states)
+    df.attrs["rejected"] = rejected
+    df.attrs["missing"] = missing
     return df, missing

@@ -24,7 +24,9 @@ from .disagreement import Observer
 from .keys import START_KEY, Keys
 from .peer import Peer, peer_main
 from .processes import stop_processes
+from .rows import EVENT_COLUMNS, read_reports, rejected_event
 from .servers import make_client, start_server
+from .wire import BadValue
 
 
 class TrainingError(RuntimeError):
@@ -96,13 +98,30 @@ def _up(c: redis.Redis, i: int, secured: bool) -> bool:
         return False
 
 
-def _collect(urls: list[str], client=_plain_client) -> pd.DataFrame:
-    rows = []
+def collect_reports(urls: list[str], rounds: int, client=_plain_client) -> pd.DataFrame:
+    """Every peer's per-round metrics, with every peer's events in ``attrs["events"]`` (in time order)
+    and in ``attrs["rejected"]`` the peers whose report does not parse (peer -> why; their rows are left
+    out, and a ``report_rejected`` event says so: :mod:`spirt.rows`). A database that does not answer
+    gives none."""
+    rows, events, rejected = [], [], {}
     for i, url in enumerate(urls):
-        c = client(url, socket_timeout=30)
-        rows += [json.loads(x) for x in c.lrange(Keys(i).metrics, 0, -1)]
-        c.close()
-    return pd.DataFrame(rows)
+        try:
+            c = client(url, socket_timeout=30)
+            try:
+                metrics, said = read_reports(c, i, rounds)
+                rows += metrics
+                events += said
+            finally:
+                c.close()
+        except BadValue as exc:
+            rejected[i] = str(exc)
+            events.append(rejected_event(i, str(exc), time.time()))
+        except redis.RedisError:
+            continue
+    df = pd.DataFrame(rows)
+    df.attrs["events"] = pd.DataFrame(events, columns=EVENT_COLUMNS).sort_values("t", ignore_index=True)
+    df.attrs["rejected"] = rejected
+    return df
 
 
 def _progress(cfg: Config, urls: list[str], stop: threading.Event, enabled: bool, client=_plain_client) -> None:
@@ -241,27 +260,11 @@ def run_training(cfg: Config, *, progress: bool = True, timeout_s: float | None 
         if shower.is_alive():
             shower.join(5)
         observer.stop()
-        df = _with_disagreement(_collect(urls, client), cfg, observer)
-        df.attrs["events"] = collect_events(urls, client)
+        df = _with_disagreement(collect_reports(urls, cfg.run.rounds, client), cfg, observer)
         df.attrs["peer_failures"] = failures
         df.attrs["wall_s"] = time.perf_counter() - t0
         df.attrs["final_states"] = final_states(cfg, urls, client)
         return df
-
-
-def collect_events(urls: list[str], client=_plain_client) -> pd.DataFrame:
-    """Every peer's events (``t``, ``round``, ``peer``: who logged it, ``event``, ``about``: whom it is
-    about, ``detail``), in time order; a database that does not answer gives none."""
-    rows = []
-    for i, url in enumerate(urls):
-        try:
-            c = client(url, socket_timeout=10)
-            rows += [json.loads(x) for x in c.lrange(Keys(i).events, 0, -1)]
-            c.close()
-        except redis.RedisError:
-            continue
-    df = pd.DataFrame(rows, columns=["t", "round", "peer", "event", "about", "detail"])
-    return df.sort_values("t", ignore_index=True)
 
 
 def _server_causes(servers: list) -> str:
@@ -459,6 +462,10 @@ def summarize(df: pd.DataFrame) -> dict:
         "non_compute_share": non_compute / (non_compute + float(mean_t["t_compute"])),
         "wall_s": float(df.attrs.get("wall_s", float("nan"))),
         "final_states": int(df.attrs.get("final_states", 1)),
+        # a run whose reports miss peers says so in its headline
+        **({"peers_not_answering": sorted(df.attrs["missing"])} if df.attrs.get("missing") else {}),
+        **({"reports_rejected": "; ".join(f"peer {i}: {why}" for i, why in sorted(df.attrs["rejected"].items()))}
+           if df.attrs.get("rejected") else {}),
     }
 
 
