@@ -15,6 +15,10 @@ import redis
 
 log = logging.getLogger("spirt.peer")
 
+#: an event's detail is cut to this many characters (an error message can be long); whoever reads the
+#: log back refuses longer ones (spirt.rows)
+MAX_DETAIL = 8192
+
 
 class EventLog:
     """Appends events to ``key`` (``Keys(p).events``) in peer ``index``'s database."""
@@ -24,7 +28,7 @@ class EventLog:
 
     def __call__(self, r: int, event: str, about: int, detail: str = "", t: float | None = None) -> None:
         rec = {"t": time.time() if t is None else t, "round": r, "peer": self.index, "event": event,
-               "about": about, "detail": detail}
+               "about": about, "detail": detail[:MAX_DETAIL]}
         log.info("peer %s round %s: %s peer %s %s", self.index, r, event, about, detail)
         try:
             self.db.rpush(self.key, json.dumps(rec))

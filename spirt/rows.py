@@ -5,7 +5,8 @@ A peer keeps them in its own database (``Keys(p).metrics``: one JSON object per 
 them back (``spirt collect`` over the network, the launcher of a one-host run) reads values that peer
 wrote, so they are hostile input like anything else a peer writes (:mod:`spirt.wire`): both lists are
 parsed strictly, with bounded sizes, the known fields only, their types, and plausible values (rounds
-of this training, the row's peer being the database's owner, accuracies in [0, 1]).
+of this training, the row's peer being the database's owner, accuracies in [0, 1], wall times finite;
+only a loss may be infinite, as a diverged model's is).
 
 One bad row makes the peer's whole report unusable (a peer that writes one may have written others that
 parse but lie): the reader drops that peer's rows, names it and says why (:func:`read_reports`), and
@@ -129,8 +130,8 @@ def parse_metric_row(raw: object, peer: int, rounds: int, what: str = "metrics r
         raise BadValue(f"{what}: about peer {m.peer}, in peer {peer}'s database")
     if m.round >= rounds:
         raise BadValue(f"{what}: round {m.round} is not a round of this training (0 to {rounds - 1})")
-    for name, v in (("loss", m.loss), ("test_loss", m.test_loss), ("wall_begin", m.wall_begin),
-                    ("wall_end", m.wall_end)):
+    # a loss is any float: a model that diverged (a collapsing defense) has an infinite one
+    for name, v in (("wall_begin", m.wall_begin), ("wall_end", m.wall_end)):
         _plausible_number(v, f"{what}: {name}")
     if not (math.isnan(m.accuracy) or 0.0 <= m.accuracy <= 1.0):
         raise BadValue(f"{what}: accuracy {m.accuracy!r} is not in [0, 1]")

@@ -33,6 +33,7 @@ def _row(**change) -> str:
 
 def test_a_peers_own_rows_parse():
     row = parse_metric_row(_row(), peer=1, rounds=10)
+    assert parse_metric_row(_row(loss=float("inf")), peer=1, rounds=10)["loss"] == float("inf")  # diverged
     assert row["t_compute"] == 0.25 and math.isnan(row["accuracy"]) and row["peers_excluded"].startswith("2(")
     assert parse_event_row(json.dumps(EVENT), peer=1, rounds=10) == EVENT
     assert parse_event_row(json.dumps({**EVENT, "round": -1}), peer=1, rounds=10)["round"] == -1
@@ -49,7 +50,7 @@ def test_a_peers_own_rows_parse():
     (_row(round=-1), "round"),
     (_row(round=3.0), "round"),
     (_row(loss="0.5"), "loss"),
-    (_row(loss=float("inf")), "loss"),
+    (_row(wall_end=float("inf")), "wall_end"),
     (_row(accuracy=1.5), "accuracy"),
     (_row(functions_ok=True), "functions_ok"),
     (_row(peers_aggregated=-1), "peers_aggregated"),
