@@ -45,6 +45,7 @@ from .guard import Guard
 from .keys import Keys
 from .membership import Membership
 from .wire import (
+    MAX_SINCE_AHEAD,
     BadValue,
     SnapshotMeta,
     parse_join_request,
@@ -173,7 +174,9 @@ class StateTransfer:
         current = self.membership.current()
         meta = {"round": first - 1, "from": self.index, "members": {str(q): m.url for q, m in current.items()},
                 "self_url": self.url}
-        later = {str(q): m.since for q, m in current.items() if m.since > first}
+        # capped where the joiner's parser stops: one member's request for a round far ahead must not
+        # make every honest snapshot unreadable (the joiner then waits for it from the cap, in vain)
+        later = {str(q): min(m.since, first + MAX_SINCE_AHEAD) for q, m in current.items() if m.since > first}
         if later:  # the joiner must not wait for them before we do
             meta["since"] = later
         if self.guard.signs or self.served_state is not None:

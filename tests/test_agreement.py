@@ -366,6 +366,21 @@ def test_a_source_admits_every_joiner_before_its_snapshot_says_who_joins_later(g
     assert meta["since"] == {"4": r + 2} and {"3", "4"} <= set(meta["members"])
 
 
+def test_byzantine_a_join_request_far_ahead_does_not_make_honest_snapshots_unreadable(group, servers, monkeypatch):
+    from spirt.wire import MAX_SINCE_AHEAD, parse_snapshot_meta
+
+    t, dbs = group(5)
+    urls = [s.url for s in servers[:5]]
+    r = 7
+    dbs[0].set(Keys(0).params, b"\x01" * 16)
+    dbs[0].set(Keys(0).momentum, b"\x02" * 16)
+    requests = [(Keys(0).join(3), 3, urls[3], r + 1), (Keys(0).join(4), 4, urls[4], r + 1000)]
+    monkeypatch.setattr(t, "requests", lambda *a, **kw: requests)
+    t.serve_joins(r)
+    meta = parse_snapshot_meta(dbs[0].get(Keys(0).snapshot(r + 1, "meta")), source=0, round=r, max_peers=5)
+    assert meta.since == {4: r + 1 + MAX_SINCE_AHEAD}
+
+
 # -------------------------------------------------------------------------------- sitting out
 
 
