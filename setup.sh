@@ -55,6 +55,6 @@ else
   # than they compute), then the speed-ratio check alone, on an otherwise quiet machine
   rc=0
   "$VENV/bin/python" -m pytest tests -n "${SPIRT_TEST_WORKERS:-2}" --dist loadfile || rc=1
-  "$VENV/bin/python" -m pytest bench/test_regression.py || rc=1
+  "$VENV/bin/python" -m pytest bench/test_regression.py -rP || rc=1  # -rP: the ratios and load, also when it passes
   exit $rc
 fi

@@ -78,6 +78,7 @@ class StateTransfer:
         self._bad: set[tuple[int, str]] = set()  # the bad values said, by sender and reason
         self._finished: set[int] = set()  # members found done by the last liveness read
         self._joining: set[int] = set()  # members found sitting out for a state transfer of their own
+        self._requested: set[tuple[int, tuple[int, ...]]] = set()  # (round, peers) of the requests said
         #: (params, momentum) -> the state we hand to joiners; None: our own (a Byzantine peer's attack
         #: may change it, see spirt.byzantine)
         self.served_state: Callable[[bytes, bytes | None], tuple[bytes, bytes | None]] | None = None
@@ -233,10 +234,13 @@ class StateTransfer:
                 self.membership.add(q, u, since=0)
         deadline = time.monotonic() + self.cfg.membership.join_timeout_s
         delay, said = 0.25, set()
+        self._requested = set()
         while True:
             try:
                 return self._join_once(total, deadline)
             except JoinFailed as exc:
+                # the members must not wait for us in the round we asked for any more
+                self.membership.joining_at(self.db, -1)
                 left = deadline - time.monotonic()
                 if left <= delay:
                     raise RuntimeError(f"peer {self.index}: could not join within "
@@ -244,7 +248,9 @@ class StateTransfer:
                 if str(exc) not in said:  # a failure is said once, however often it repeats
                     said.add(str(exc))
                     self.events(-1, "join_retry", self.index, f"{exc}; retrying")
-                if not exc.overtaken:  # pausing while the group trains on would only lose more rounds
+                if exc.overtaken:  # pausing while the group trains on would only lose more rounds
+                    time.sleep(0.05)  # (a round takes longer than that; asking in a busy loop gains none)
+                else:
                     time.sleep(delay)
                     delay = min(2 * delay, 5.0)
 
@@ -271,7 +277,9 @@ class StateTransfer:
         self.membership.joining_at(self.db, first)  # before they can reach it: they wait for us in it
         asked = self._ask({**live, **dict.fromkeys(self._joining, -1)}, first)
         live = {q: mark for q, mark in live.items() if q in asked}
-        self.events(first, "join_request", self.index, f"asked peers {sorted(asked)} to admit us from round {first}")
+        if (first, tuple(sorted(asked))) not in self._requested:  # a request repeated while overtaken is said once
+            self._requested.add((first, tuple(sorted(asked))))
+            self.events(first, "join_request", self.index, f"asked peers {sorted(asked)} to admit us from round {first}")
         return self._take(live, first, deadline)
 
     def _join_final(self, total: int, deadline: float, sources: dict[int, int]) -> tuple[int, int]:
@@ -292,6 +300,13 @@ class StateTransfer:
                              + (f"; peers {sorted(overtaken)} went past it" if overtaken else ""),
                              overtaken=bool(overtaken) and not states)
         sources, (params, momentum) = chosen
+        if len(overtaken) >= len(sources):
+            # as many sources trained round `first` without us as serve it: only the ones serving it
+            # would aggregate our vector there, and they would end the round on a state the others do
+            # not have. We ask again for a later round; the sources that served this one exclude us
+            # from it (our `joining` key no longer names it), as the others did.
+            raise JoinFailed(f"state transfer for round {first}: peers {sorted(overtaken)} went past it, "
+                             f"only {sources} serve it", overtaken=True)
         self._install(params, momentum, first)
         metas = {q: states[q][2] for q in sources}
         self.membership.adopt(self.agreed_members(metas), first, self.agreed_since(metas))

@@ -524,6 +524,43 @@ def test_a_joiner_overtaken_by_the_group_asks_again_at_once(group, servers, monk
     assert pauses == []
 
 
+def test_a_joiner_served_by_no_more_sources_than_went_past_its_round_asks_again(group, servers):
+    """One source serves the round a joiner asked for; three trained past it without serving it (the
+    request came too late for them). Taking the one source's state, the joiner would train that round
+    with it alone: those two would aggregate a vector the other three did not, and end the round on a
+    state of their own. The joiner asks again for a later round, which all of them serve."""
+    t, dbs = group(5)
+    urls = [s.url for s in servers[:5]]
+    _marks(dbs, dict.fromkeys(range(1, 5), 5))
+    late = 5 + JOIN_AHEAD
+    served = late + JOIN_AHEAD
+    members = {q: urls[q] for q in range(5)}
+
+    def asked(first: int) -> bool:
+        return all(dbs[q].get(Keys(q).join(0)) == f"{urls[0]}|{first}".encode() for q in range(1, 5))
+
+    def serve() -> None:
+        for _ in range(400):
+            if asked(late) and dbs[1].get(Keys(1).snapshot(late, "meta")) is None:
+                _snapshot(dbs[1], 1, late, b"\x01" * 16, members, urls[1])
+                _marks(dbs, dict.fromkeys(range(2, 5), late))
+            if asked(served):
+                for q in range(1, 5):
+                    _snapshot(dbs[q], q, served, b"\x07" * 16, members, urls[q])
+                return
+            time.sleep(0.02)
+
+    th = threading.Thread(target=serve)
+    th.start()
+    try:
+        assert t.join(total=ROUNDS) == (served, 16)
+    finally:
+        th.join()
+    assert dbs[0].get(Keys(0).params) == b"\x07" * 16
+    retries = [e["detail"] for e in _events(dbs[0]) if e["event"] == "join_retry"]
+    assert any("peers [2, 3, 4] went past it, only [1] serve it" in d for d in retries), retries
+
+
 def _wait_for(cond, timeout_s: float = 5.0) -> None:
     deadline = threading.Event()
     for _ in range(int(timeout_s / 0.05)):

@@ -353,12 +353,14 @@ def measure_interleaved(client, op: str, n: int, k: int, backends: tuple[str, ..
     return cells
 
 
-def run_profile(client, profile: str, progress=None) -> list[dict]:
-    """Every cell of ``profile``: per (op, size, K) the fast backends in alternation, then the slow
-    Lua paths one after the other (they take seconds per call at the larger sizes)."""
+def run_profile(client, profile: str, progress=None, only: set[tuple[str, int, int]] | None = None) -> list[dict]:
+    """Every cell of ``profile`` (those whose (op, size, K) is in ``only``, when given): per (op, size,
+    K) the fast backends in alternation, then the slow Lua paths one after the other (they take seconds
+    per call at the larger sizes)."""
     groups: dict[tuple[str, int, int], list[str]] = {}
     for op, n, k, b in profile_cells(profile):
-        groups.setdefault((op, n, k), []).append(b)
+        if only is None or (op, n, k) in only:
+            groups.setdefault((op, n, k), []).append(b)
     rows = []
     for (op, n, k), backends in groups.items():
         fast = tuple(b for b in backends if not blocking(b))
@@ -439,9 +441,64 @@ def check_regression(current: dict[str, float], baseline: dict[str, float], tole
     return failures
 
 
-def repeated_profile(client, profile: str, repeats: int = 3, progress=None) -> dict[str, float]:
+def repeated_profile(client, profile: str, repeats: int = 3, progress=None,
+                     only: set[tuple[str, int, int]] | None = None) -> dict[str, float]:
     """Median of each tracked ratio over ``repeats`` side-by-side runs, after one discarded run (the
     server's and this process's first touch of every key and buffer)."""
-    run_profile(client, profile)
-    runs = [speedups(run_profile(client, profile, progress)) for _ in range(repeats)]
+    run_profile(client, profile, only=only)
+    runs = [speedups(run_profile(client, profile, progress, only)) for _ in range(repeats)]
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def _cell_of(key: str) -> tuple[str, int, int]:
+    """(op, size, K) of a tracked ratio's key ``op/backend/n_floats/K``."""
+    op, _, n, k = key.split("/")
+    return op, int(n), int(k)
+
+
+def busy_cores(interval_s: float = 1.0) -> float:
+    """How many cores the machine's processes kept busy over the next ``interval_s`` (ours sleeps)."""
+    import psutil
+
+    return psutil.cpu_percent(interval=interval_s) / 100 * (psutil.cpu_count() or 1)
+
+
+def wait_for_quiet(max_wait_s: float = 30.0, below: float = 0.5) -> float:
+    """Wait, at most ``max_wait_s``, until the other processes keep less than ``below`` of a core busy
+    (what a test run leaves behind takes a few seconds to wind down); returns the last reading."""
+    import time
+
+    deadline = time.monotonic() + max_wait_s
+    busy = busy_cores()
+    while busy >= below and time.monotonic() < deadline:
+        busy = busy_cores()
+    return busy
+
+
+def checked_profile(client, baseline: dict, repeats: int = 3, confirmations: int = 2,
+                    progress=None) -> tuple[dict[str, float], list[str], list[str]]:
+    """The tracked ratios of the baseline's profile, checked against it: (ratios, failures, notes on
+    the machine's load and on what was measured again).
+
+    The module splits a command over both cores, the client path runs on one: a neighbour that keeps a
+    core busy halves the module's compute-heavy commands and hardly touches the client path (measured
+    with a busy loop on the other core of a 2-core machine: TENSOR.MEDIAN of 16 x 1M floats 7 -> 13.6
+    ms, its ratio 31-35x -> 19-21x; it was 20x once in CI). So the check starts on a quiet machine
+    (waiting up to 30 s for one), and a ratio below the tolerance is measured again, its cells alone, up
+    to ``confirmations`` times; its best measurement counts, since a regression in the code lowers every
+    measurement and a passing neighbour only some."""
+    tolerance = baseline.get("tolerance", 0.25)
+    notes = [f"other processes kept {wait_for_quiet():.2f} cores busy before the measurement"]
+    current = repeated_profile(client, baseline["profile"], repeats, progress)
+    for _ in range(confirmations):
+        low = [key for key, base in sorted(baseline["speedups"].items())
+               if key in current and current[key] < base * (1 - tolerance)]
+        if not low:
+            break
+        busy = wait_for_quiet()
+        now = repeated_profile(client, baseline["profile"], repeats, progress, only={_cell_of(k) for k in low})
+        for key in low:
+            notes.append(f"{key}: {current[key]:.2f}x, measured again {now[key]:.2f}x "
+                         f"({busy:.2f} cores busy before)")
+            current[key] = max(current[key], now[key])
+    return current, check_regression(current, baseline["speedups"], tolerance), notes
