@@ -8,7 +8,9 @@ A new peer, or one that fell behind, joins through the live peers:
    snapshots its state after round R - 1: parameters, momentum, and the membership (``snap:R:*``);
 3. the joiner takes the state that f + 1 peers (all of them when fewer are live) hand over
    identically, with f the number of Byzantine members the group tolerates (the defense's ``f``), and
-   the membership those peers agree on, and trains from round R.
+   the membership those peers agree on, and trains from round R. It does so only when more sources
+   serve R than trained past it without serving it: only those serving R aggregate its vector there, so
+   the others would otherwise be the larger part of the group ending round R on another state.
 
 A join that fails (no live peer, no f + 1 identical snapshots in time) is retried with backoff,
 re-reading liveness each time, until ``membership.join_timeout_s``. Members sitting out for a state
