@@ -46,7 +46,7 @@ def group(servers):
     of every member's database (flushed), all members alive."""
     made: list = []
 
-    def make(n: int, f: int = 0, me: int = 0) -> tuple[StateTransfer, list]:
+    def make(n: int, f: int = 0, me: int = 0, **settings) -> tuple[StateTransfer, list]:
         urls = [s.url for s in servers[:n]]
         dbs = [make_client(url=u) for u in urls]
         for db in dbs:
@@ -56,7 +56,7 @@ def group(servers):
         params = {"f": f} if f else {}
         cfg = load_config(None, {"peers.count": max(n, 2 * f + 1), "run.rounds": ROUNDS,
                                  "aggregation.defense": "median" if f else "mean", "aggregation.params": params,
-                                 "membership.join_timeout_s": 20})
+                                 "membership.join_timeout_s": 20, **settings})
         own = dbs[me]
         membership = Membership(me, cfg.membership, EventLog(own, Keys(me).events, me),
                                 connect=lambda q, u, timeout_s: member_client(u, {}, timeout_s),
@@ -326,6 +326,22 @@ def test_byzantine_one_source_cannot_change_the_membership_a_joiner_adopts(group
     assert sorted(current) == [0, 1, 2] and all(current[q].url == urls[q] for q in current)
 
 
+def test_a_peer_resyncs_from_sources_that_admitted_a_peer_from_beyond_the_list(group, servers):
+    """A group of three whose data has a fourth part: peer 3 joined from beyond the list while peer 2 was
+    away, so peer 2 never heard of it. The sources' snapshots list it; they are readable, and peer 2
+    adopts it. (They were refused as naming a member outside 0 to 2, so peer 2 could never rejoin.)"""
+    t, dbs = group(3, me=2, **{"data.parts": 4})
+    urls = [s.url for s in servers[:4]]
+    _marks(dbs, {0: 5, 1: 5})
+    first = 5 + JOIN_AHEAD
+    members = {q: urls[q] for q in range(4)}
+    for q in (0, 1):
+        _snapshot(dbs[q], q, first, b"\x05" * 16, members, urls[q])
+    assert t.join(total=ROUNDS) == (first, 16)
+    assert sorted(t.membership.current()) == [0, 1, 3]
+    assert not [e for e in _events(dbs[2], 2) if e["event"] == "bad_value"]
+
+
 def test_a_joiner_awaits_a_member_admitted_for_a_later_round_only_from_that_round(group, servers):
     """Two joiners ask for rounds R and R + 1. The sources await the second from R + 1 on, and so must
     the first: it waited a whole deadline for a vector that never comes in round R, came late to the
@@ -485,6 +501,16 @@ def test_a_joiner_says_the_round_it_joins_at_and_is_live_again_at_once(group):
     assert dbs[0].exists(K.alive) and not dbs[0].exists(K.joining)
 
 
+def _join_served_by(t: StateTransfer, serve) -> tuple[int, int]:
+    """Peer t joins while ``serve`` (a thread) plays its sources' part."""
+    th = threading.Thread(target=serve)
+    th.start()
+    try:
+        return t.join(total=ROUNDS)
+    finally:
+        th.join()
+
+
 def test_a_joiner_overtaken_by_the_group_asks_again_at_once(group, servers, monkeypatch):
     """Sources that trained past the round a joiner asked for did not serve it (its request came too
     late). The group is training, so the joiner asks again at once for a round ahead of the new marks;
@@ -513,12 +539,7 @@ def test_a_joiner_overtaken_by_the_group_asks_again_at_once(group, servers, monk
                 return
             real_sleep(0.02)
 
-    th = threading.Thread(target=serve)
-    th.start()
-    try:
-        assert t.join(total=ROUNDS) == (served, 16)
-    finally:
-        th.join()
+    assert _join_served_by(t, serve) == (served, 16)
     retries = [e["detail"] for e in _events(dbs[0]) if e["event"] == "join_retry"]
     assert len(retries) == 1 and "peers [1, 2] went past it" in retries[0]
     assert pauses == []
@@ -550,12 +571,7 @@ def test_a_joiner_served_by_no_more_sources_than_went_past_its_round_asks_again(
                 return
             time.sleep(0.02)
 
-    th = threading.Thread(target=serve)
-    th.start()
-    try:
-        assert t.join(total=ROUNDS) == (served, 16)
-    finally:
-        th.join()
+    assert _join_served_by(t, serve) == (served, 16)
     assert dbs[0].get(Keys(0).params) == b"\x07" * 16
     retries = [e["detail"] for e in _events(dbs[0]) if e["event"] == "join_retry"]
     assert any("peers [2, 3, 4] went past it, only [1] serve it" in d for d in retries), retries
