@@ -201,8 +201,9 @@ class Agreement:
 
     def __init__(self, index: int, db: redis.Redis, membership: Membership, f: int, rounds: int,
                  bad_value: Callable[[int, int, BadValue], None], guard: Guard | None = None, *,
-                 check_state: bool = True, events: Callable[..., None] | None = None):
+                 check_state: bool = True, events: Callable[..., None] | None = None, max_group: int = 0):
         self.index, self.db, self.membership = index, db, membership
+        self.max_group = max_group  # the group's indices are below this (Config.max_group), or known to us
         self.events = events
         self.guard = guard or Guard()
         self.f, self.rounds, self.bad_value = f, rounds, bad_value
@@ -220,7 +221,9 @@ class Agreement:
                               ("GET", Keys(q).aggset(r - 1)),
                               *[("GETRANGE", Keys(q).heard(rr), 0, limit) for rr in rounds]])
                 for q, m in self.membership.members.items() if not m.banned}
-        group = set(self.membership) | {self.index}
+        # a member may have aggregated a peer that joined while we were away (we learn of it when we
+        # resync): not that member's fault, unless the index cannot be the group's
+        group = set(range(self.max_group)) | set(self.membership) | {self.index}
         out = {}
         for q, reply in pipelines_at_once(jobs).items():
             if isinstance(reply, redis.RedisError) or any(isinstance(x, redis.RedisError) for x in reply):

@@ -315,6 +315,13 @@ class Config(_Section):
         return self
 
     @property
+    def max_group(self) -> int:
+        """How many peer indices the group can have: the list's, and those of the peers joining from beyond
+        it, which take the data parts after the list's. A value another peer writes may name a member we
+        have not heard of yet (it joined while we were away), but none beyond this."""
+        return max(self.peers.count, self.data.parts or 0)
+
+    @property
     def byzantine_bound(self) -> int:
         """f: how many Byzantine members the group is configured to tolerate, the defense's ``f``. State
         transfer and catching up need f + 1 peers to agree; the aggregation rule bounds their influence."""

@@ -225,7 +225,7 @@ class Peer:
         # a simulated attacker does not mind diverging from the honest peers: it never resyncs for it
         self.agreement = Agreement(index, self.db, self.membership, cfg.byzantine_bound, cfg.run.rounds,
                                    self.transfer.bad_value, self.guard, check_state=not self.byzantine,
-                                   events=self.events)
+                                   events=self.events, max_group=cfg.max_group)
         self.rule = Rule(cfg, self.backend)
         self._executor = executor
         self.phase = Phase.COMPUTE

@@ -379,10 +379,7 @@ class StateTransfer:
         states: dict[int, tuple[bytes, bytes | None, SnapshotMeta]] = {}
         bad: set[int] = set()
         passed: set[int] = set()  # sources that went past round `first` without serving us
-        # the group's indices: the list's, and those of peers joining from beyond it, which take the data
-        # parts after the list's (one we never heard of may be a member by now)
-        max_peers = max(self.cfg.peers.count, self.cfg.data.parts or 0, self.index + 1,
-                        *(q + 1 for q in self.membership))
+        max_peers = max(self.cfg.max_group, self.index + 1, *(q + 1 for q in self.membership))
         while time.monotonic() < deadline and live:
             for q in live:
                 if q in states or q in bad:

@@ -89,7 +89,7 @@ def _marks(dbs, marks: dict[int, object]) -> None:
 
 def _check(t: StateTransfer, r: int) -> Verdict:
     """Peer t's verdict before round r, as its run loop reaches it."""
-    return Agreement(t.index, t.db, t.membership, t.f, ROUNDS, t.bad_value).check(r)
+    return Agreement(t.index, t.db, t.membership, t.f, ROUNDS, t.bad_value, max_group=t.cfg.max_group).check(r)
 
 
 def _digests(dbs, r: int, digests: dict[int, str]) -> None:
@@ -160,6 +160,23 @@ def test_byzantine_f_colluding_digests_do_not_make_a_peer_resync(group):
     assert _check(t, r).train
     _digests(dbs, r - 1, {3: "c"})
     assert _check(t, r).kind == "resync"
+
+
+def test_an_aggregated_set_naming_a_peer_that_joined_from_beyond_the_list_is_no_bad_value(group):
+    """Peers 1 and 2 aggregated peer 3, which joined from beyond the list (the data has 4 parts) while we
+    were away: their sets are not held against them. An index the group cannot have still is."""
+    t, dbs = group(3, **{"data.parts": 4})
+    r = 6
+    _marks(dbs, {q: r - 1 for q in range(3)})
+    _digests(dbs, r - 1, {0: "a", 1: "b", 2: "b"})
+    for q in (1, 2):
+        dbs[q].set(Keys(q).aggset(r - 1), "1,2,3")
+    v = _check(t, r)
+    assert v.kind == "resync" and "they aggregated peers 1,2,3" in v.why
+    assert not [e for e in _events(dbs[0]) if e["event"] == "bad_value"]
+    dbs[2].set(Keys(2).aggset(r - 1), "1,2,4")
+    _check(t, r)
+    assert [e["about"] for e in _events(dbs[0]) if e["event"] == "bad_value"] == [2]
 
 
 def test_a_peer_without_a_quorum_waits_and_rejoins_the_state_of_the_majority(group):
