@@ -386,31 +386,31 @@ def test_byzantine_one_source_cannot_make_a_joiner_skip_a_member(group, servers)
     assert t.membership.awaited(first) == [0, 1, 2]
 
 
-def test_a_source_admits_every_joiner_before_its_snapshot_says_who_joins_later(group, servers, monkeypatch):
+def _served_meta(group, servers, monkeypatch, r: int, firsts: dict[int, int]) -> bytes:
+    """Peer 0 of five serves the join requests of the peers in ``firsts`` (peer -> first round, in that
+    order) at the end of round r; the meta of its snapshot for round r + 1."""
     t, dbs = group(5)
     urls = [s.url for s in servers[:5]]
-    r = 7
     dbs[0].set(Keys(0).params, b"\x01" * 16)
     dbs[0].set(Keys(0).momentum, b"\x02" * 16)
-    requests = [(Keys(0).join(3), 3, urls[3], r + 1), (Keys(0).join(4), 4, urls[4], r + 2)]
-    monkeypatch.setattr(t, "requests", lambda *a, **kw: requests)  # the joiner of round r + 1 comes first
+    requests = [(Keys(0).join(q), q, urls[q], first) for q, first in firsts.items()]
+    monkeypatch.setattr(t, "requests", lambda *a, **kw: requests)
     t.serve_joins(r)
-    meta = json.loads(dbs[0].get(Keys(0).snapshot(r + 1, "meta")))
+    return dbs[0].get(Keys(0).snapshot(r + 1, "meta"))
+
+
+def test_a_source_admits_every_joiner_before_its_snapshot_says_who_joins_later(group, servers, monkeypatch):
+    r = 7  # the joiner of round r + 1 comes first
+    meta = json.loads(_served_meta(group, servers, monkeypatch, r, {3: r + 1, 4: r + 2}))
     assert meta["since"] == {"4": r + 2} and {"3", "4"} <= set(meta["members"])
 
 
 def test_byzantine_a_join_request_far_ahead_does_not_make_honest_snapshots_unreadable(group, servers, monkeypatch):
     from spirt.wire import MAX_SINCE_AHEAD, parse_snapshot_meta
 
-    t, dbs = group(5)
-    urls = [s.url for s in servers[:5]]
     r = 7
-    dbs[0].set(Keys(0).params, b"\x01" * 16)
-    dbs[0].set(Keys(0).momentum, b"\x02" * 16)
-    requests = [(Keys(0).join(3), 3, urls[3], r + 1), (Keys(0).join(4), 4, urls[4], r + 1000)]
-    monkeypatch.setattr(t, "requests", lambda *a, **kw: requests)
-    t.serve_joins(r)
-    meta = parse_snapshot_meta(dbs[0].get(Keys(0).snapshot(r + 1, "meta")), source=0, round=r, max_peers=5)
+    raw = _served_meta(group, servers, monkeypatch, r, {3: r + 1, 4: r + 1000})
+    meta = parse_snapshot_meta(raw, source=0, round=r, max_peers=5)
     assert meta.since == {4: r + 1 + MAX_SINCE_AHEAD}
 
 
@@ -562,12 +562,22 @@ def test_a_joiner_overtaken_by_the_group_asks_again_at_once(group, servers, monk
     assert pauses == []
 
 
-def test_a_joiner_served_by_no_more_sources_than_went_past_its_round_asks_again(group, servers):
+def test_a_joiner_served_by_no_more_sources_than_went_past_its_round_asks_again(group, servers, monkeypatch):
     """One source serves the round a joiner asked for; three trained past it without serving it (the
     request came too late for them). Taking the one source's state, the joiner would train that round
     with it alone: those two would aggregate a vector the other three did not, and end the round on a
-    state of their own. The joiner asks again for a later round, which all of them serve."""
+    state of their own. The joiner asks again for a later round, which all of them serve; in between,
+    its `joining` key no longer names the round it gave up (the source that served it stops waiting)."""
+    import spirt.transfer as transfer
+
     t, dbs = group(5)
+    t.membership.sit_out(dbs[0])
+    joining_when_paused = []  # our `joining` key whenever the joiner (this thread) pauses
+    real_sleep = time.sleep
+    main = threading.current_thread()
+    monkeypatch.setattr(transfer.time, "sleep", lambda s: (
+        joining_when_paused.append(dbs[0].get(Keys(0).joining)) if threading.current_thread() is main else None,
+        real_sleep(s)))
     urls = [s.url for s in servers[:5]]
     _marks(dbs, dict.fromkeys(range(1, 5), 5))
     late = 5 + JOIN_AHEAD
@@ -592,6 +602,33 @@ def test_a_joiner_served_by_no_more_sources_than_went_past_its_round_asks_again(
     assert dbs[0].get(Keys(0).params) == b"\x07" * 16
     retries = [e["detail"] for e in _events(dbs[0]) if e["event"] == "join_retry"]
     assert any("peers [2, 3, 4] went past it, only [1] serve it" in d for d in retries), retries
+    # it waited for round `late`'s snapshots naming that round, then paused after giving it up with
+    # its key no longer naming it
+    said = joining_when_paused
+    assert str(late).encode() in said and b"-1" in said[said.index(str(late).encode()):], said
+
+
+def test_byzantine_a_minority_claiming_it_went_past_a_joiners_round_does_not_block_the_join(group, servers):
+    """f = 1 of four: the Byzantine source publishes the joiner's round without serving it, to make the
+    joiner give the round up again and again. The two honest sources that serve it outnumber it: the
+    joiner takes their state."""
+    t, dbs = group(4, f=1)
+    urls = [s.url for s in servers[:4]]
+    _marks(dbs, {1: 5, 2: 5, 3: 5})
+    first = 5 + JOIN_AHEAD
+    members = {q: urls[q] for q in range(4)}
+
+    def serve() -> None:
+        for _ in range(400):
+            if all(dbs[q].get(Keys(q).join(0)) for q in (1, 2, 3)):
+                _marks(dbs, {3: first})  # claims to have trained our round, serves nothing
+                for q in (1, 2):
+                    _snapshot(dbs[q], q, first, b"\x06" * 16, members, urls[q])
+                return
+            time.sleep(0.02)
+
+    assert _join_served_by(t, serve) == (first, 16)
+    assert not [e for e in _events(dbs[0]) if e["event"] == "join_retry"]
 
 
 def _wait_for(cond, timeout_s: float = 5.0) -> None:

@@ -481,7 +481,7 @@ def checked_profile(client, baseline: dict, repeats: int = 3, confirmations: int
     the machine's load and on what was measured again).
 
     The module splits a command over both cores, the client path runs on one: a neighbour that keeps a
-    core busy halves the module's compute-heavy commands and hardly touches the client path (measured
+    core busy halves the module's compute-heavy commands and slows the client path much less (measured
     with a busy loop on the other core of a 2-core machine: TENSOR.MEDIAN of 16 x 1M floats 7 -> 13.6
     ms, its ratio 31-35x -> 19-21x; it was 20x once in CI). So the check starts on a quiet machine
     (waiting up to 30 s for one), and a ratio below the tolerance is measured again, its cells alone, up
