@@ -5,8 +5,9 @@ Runs the profile named by ``SPIRT_BYZ_PROFILE`` (default ``reduced``: four attac
 hours, see ``spirt bench byzantine -- --profile full --estimate``) through
 :func:`spirt.benchmarks.byzantine.run_grid`, cached under ``reports/cache/byzantine`` so a rerun only
 computes what is missing, and writes ``reports/<stem>.{csv,md}``, ``<stem>_seeds.csv``,
-``<stem>_worstcase.{csv,png}``, ``<stem>_heatmap.png`` and ``<stem>_curves.png``. Then checks the outputs
-and the qualitative results (on the mean over seeds).
+``<stem>_worstcase.{csv,png}``, ``<stem>_heatmap.png``, ``<stem>_curves.png`` and adds its runs to
+``<stem>_runs.jsonl`` (the run archive, read like the cache). Then checks the outputs and the qualitative
+results (on the mean over seeds).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def grid() -> pd.DataFrame:
 
 
 def test_byzantine_grid_outputs(grid):
-    for suffix in (".csv", ".md", "_seeds.csv", "_worstcase.csv", "_heatmap.png", "_worstcase.png", "_curves.png"):
+    for suffix in (".csv", ".md", "_seeds.csv", "_worstcase.csv", "_heatmap.png", "_worstcase.png", "_curves.png",
+                   "_runs.jsonl"):
         assert (OUT / f"{STEM}{suffix}").stat().st_size > 0, suffix
     csv = pd.read_csv(OUT / f"{STEM}.csv")
     for col in ("attack", "strength", "defense", "n_peers", "n_byzantine", "partition", "accuracy",

@@ -411,3 +411,54 @@ def test_byzantine_grid_estimate_and_eta(capsys, tmp_path):
     for s in (10.0, 30.0, 12.0):
         log.cell(bz.Cell(None, "mean", 0, "iid"), {"status": "ok", "seconds": s, "accuracy": 0.5}, 10)
     assert log.eta() == pytest.approx(12.0 * 7 / 2)  # median cell time x cells left / workers
+
+
+def test_byzantine_grid_goes_on_from_the_run_archive_on_another_machine(tmp_path, fake_training):
+    """The reports' run archive carries a grid over to a machine without the cache: only the runs it
+    lacks are trained, and every run of both sittings ends up in it."""
+    out = tmp_path / "reports"
+    one = bz.run_grid("reduced", out, tmp_path / "cache-a", workers=1, progress=False, seeds=1, **SYN)
+    n1 = len(fake_training)
+    archive = bz.runs_path(out, "byzantine")
+    lines = archive.read_text().splitlines()
+    assert len(lines) == n1 == one.attrs["archived"]
+    rec = json.loads(lines[0])
+    assert rec["key"] == bz.spec_key(rec["spec"]) and "cached" not in rec and rec["curve"]
+
+    # another machine: an empty cache, the committed reports
+    est = bz.estimate("reduced", tmp_path / "cache-b", 2, out_dir=out, seeds=2, **SYN)
+    assert est["cached"] == n1 and est["to_run"] == n1
+    two = bz.run_grid("reduced", out, tmp_path / "cache-b", workers=1, progress=False, seeds=2, **SYN)
+    assert len(fake_training) == 2 * n1 and two.attrs["computed"] == n1
+    assert {c.seed for c in fake_training[n1:]} == {1}
+    assert len(archive.read_text().splitlines()) == 2 * n1
+    seeds = pd.read_csv(out / "byzantine_seeds.csv")
+    assert seeds[seeds.seed == 0].accuracy.notna().all() and seeds[seeds.seed == 1].accuracy.notna().all()
+    # use_cache=False (--no-cache) ignores the archive too, and the archive keeps every run
+    assert bz.run_grid("reduced", out, tmp_path / "cache-c", workers=1, progress=False, seeds=1,
+                       use_cache=False, **SYN).attrs["computed"] == n1
+    assert len(archive.read_text().splitlines()) == 2 * n1
+
+
+def test_byzantine_grid_run_archive_keeps_only_checked_records(tmp_path, fake_training):
+    out = tmp_path / "reports"
+    bz.run_grid("reduced", out, None, workers=1, progress=False, seeds=1,
+                **{**SYN, "attacks": ["sign_flip"], "defenses": ["mean"]})
+    archive = bz.runs_path(out, "byzantine")
+    good = [json.loads(x) for x in archive.read_text().splitlines()]
+    assert len(good) == 2  # the clean run and sign_flip x mean at 30%
+    tampered_spec = {**good[1], "spec": {**good[1]["spec"], "n_byzantine": 2}}
+    lines = [json.dumps(good[0]), "{not json", json.dumps({**good[1], "accuracy": 1.5}), json.dumps(tampered_spec),
+             json.dumps({**good[1], "version": "byz-2"}), json.dumps({**good[1], "status": "error"}), "[1, 2]"]
+    archive.write_text("\n".join(lines) + "\n")
+    runs, skipped = bz.read_runs(archive)
+    assert list(runs) == [good[0]["key"]]
+    assert skipped == {"not JSON": 1, "accuracy 1.5 is not in [0, 1]": 1, "its key is not the hash of its spec": 1,
+                       f"version 'byz-2', not {bz.VERSION!r}": 1, "status 'error'": 1, "not an object": 1}
+    # a refused record is trained again, and the archive is rewritten without the bad lines
+    calls = len(fake_training)
+    bz.run_grid("reduced", out, None, workers=1, progress=False, seeds=1,
+                **{**SYN, "attacks": ["sign_flip"], "defenses": ["mean"]})
+    assert len(fake_training) == calls + 1
+    assert sorted(json.loads(x)["key"] for x in archive.read_text().splitlines()) == sorted(g["key"] for g in good)
+    assert bz.read_runs(tmp_path / "absent.jsonl") == ({}, {})

@@ -41,6 +41,13 @@ the training settings and :data:`VERSION`, so a rerun computes only what is miss
 cached): adding seeds computes only the new seeds. Cells run in a spawn process pool (one torch thread
 per worker).
 
+Run archive: the reports' directory also holds ``<stem>_runs.jsonl``, every finished run of the grids
+written there (:func:`write_runs`; the reduced grid's runs join the full grid's, they share the stem).
+It is read like the cache (:func:`read_runs` checks each line: this :data:`VERSION`, status ``ok``, the
+key is the hash of the spec it carries, an accuracy in [0, 1]), so a grid that takes longer than one
+sitting continues on another machine from the committed reports, and a reader can recompute every
+statistic from the per-run records.
+
 Entry points: :func:`run_grid` and :func:`main` (``spirt bench byzantine``; ``--estimate`` prints the
 number of runs and the expected time); profiles :data:`PROFILES` (``reduced`` for ``tox -e bench``,
 ``full`` for the whole grid, ``target`` for the 30%-IID headline slice trained 60 rounds with peer
@@ -376,7 +383,12 @@ def cell_spec(cell: Cell, training: Training) -> dict[str, Any]:
 
 
 def cell_key(cell: Cell, training: Training) -> str:
-    blob = json.dumps(cell_spec(cell, training), sort_keys=True, default=str)
+    return spec_key(cell_spec(cell, training))
+
+
+def spec_key(spec: dict[str, Any]) -> str:
+    """The cache key of a run's :func:`cell_spec` (a record carries its spec, so its key can be checked)."""
+    blob = json.dumps(spec, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -657,6 +669,82 @@ def cache_read(cache_dir: str | Path, key: str) -> dict | None:
     return rec
 
 
+# The run archive: the records behind a report, committed beside it. The cache lives on one machine
+# (``reports/cache/`` is not committed); the archive goes with the reports, so that a grid too long for
+# one sitting is run in parts on different machines, and a reader can recompute every statistic from the
+# per-run results (accuracy, curve, losses, timings, and the spec that produced each).
+
+#: Fields of a cache record that the archive leaves out (set by the reader, not part of the result).
+_NOT_ARCHIVED = ("cached", "traceback")
+
+
+def runs_path(out_dir: str | Path, stem: str) -> Path:
+    """``<out_dir>/<stem>_runs.jsonl``: one finished run per line."""
+    return Path(out_dir) / f"{stem}_runs.jsonl"
+
+
+def _archived(rec: Any) -> str | None:
+    """Why an archive line is not a usable record of this :data:`VERSION` (None: it is)."""
+    if not isinstance(rec, dict):
+        return "not an object"
+    if rec.get("version") != VERSION:
+        return f"version {rec.get('version')!r}, not {VERSION!r}"
+    if rec.get("status") != "ok":
+        return f"status {rec.get('status')!r}"
+    spec = rec.get("spec")
+    if not isinstance(spec, dict) or spec_key(spec) != rec.get("key"):
+        return "its key is not the hash of its spec"
+    acc = rec.get("accuracy")
+    if not isinstance(acc, (int, float)) or isinstance(acc, bool) or not 0.0 <= acc <= 1.0:
+        return f"accuracy {acc!r} is not in [0, 1]"
+    return None
+
+
+def read_runs(path: str | Path) -> tuple[dict[str, dict], dict[str, int]]:
+    """The usable records of a run archive, by key (a missing file is an empty archive), and the lines
+    skipped, counted by reason: a line that does not parse, or is not a finished run of this
+    :data:`VERSION` whose key matches its spec (an older version's lines are expected after a bump)."""
+    out: dict[str, dict] = {}
+    skipped: dict[str, int] = {}
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        lines = []
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            why: str | None = "not JSON"
+        else:
+            why = _archived(rec)
+        if why is None:
+            out[rec["key"]] = rec
+        else:
+            skipped[why] = skipped.get(why, 0) + 1
+    return out, skipped
+
+
+def write_runs(path: str | Path, records: Iterable[dict]) -> int:
+    """Add the finished runs among ``records`` to the archive at ``path`` (the runs already there stay:
+    the reduced grid shares its report stem with the full one) and drop what is not a finished run of
+    this :data:`VERSION`. Sorted by key, one compact JSON object per line, replaced atomically. Returns
+    the number of runs the archive holds."""
+    path = Path(path)
+    runs, _ = read_runs(path)
+    for rec in records:
+        if rec.get("status") == "ok":
+            clean = {k: v for k, v in rec.items() if k not in _NOT_ARCHIVED}
+            if _archived(clean) is None:
+                runs[clean["key"]] = clean
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(json.dumps(runs[k], sort_keys=True, default=str) + "\n" for k in sorted(runs)))
+    tmp.replace(path)
+    return len(runs)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The grid
 # ----------------------------------------------------------------------------------------------------
@@ -728,13 +816,19 @@ def run_grid(profile: str | Profile = "reduced", out_dir: str | Path | None = DE
     :data:`CSV_COLUMNS` (statistics over the seeds). ``workers`` <= 1 runs the cells in this process (no
     pool). ``use_cache=False`` ignores cached results (new results are still stored); ``cache_dir=None``
     disables the cache. ``compute=False`` runs nothing: cells not in the cache are reported with status
-    ``"missing"``. ``seeds``: seeds per row (default: the profile's).
+    ``"missing"``. ``seeds``: seeds per row (default: the profile's). With ``out_dir``, the runs of its
+    archive (:func:`runs_path`) count as cached, and the grid's finished runs are added to it.
     """
     t, rows, runs = plan(profile, attacks=attacks, defenses=defenses, fractions=fractions,
                          partitions=partitions, training=training, seeds=seeds)
     stem = (PROFILES[profile] if isinstance(profile, str) else profile).report
     cache = Path(cache_dir) if cache_dir else None
-    results, todo = _known(runs, t, cache if use_cache else None)
+    archive = runs_path(out_dir, stem) if out_dir is not None else None
+    archived, skipped = read_runs(archive) if archive is not None and use_cache else ({}, {})
+    if progress and skipped:
+        print(f"{archive}: skipped {', '.join(f'{n} line(s): {why}' for why, n in skipped.items())}",
+              file=sys.stderr, flush=True)
+    results, todo = _known(runs, t, cache if use_cache else None, archived)
     if not compute:
         for c in todo:
             results[c] = {**_base_record(c, t, cell_key(c, t)), "status": "missing", "error": "not computed yet"}
@@ -750,15 +844,19 @@ def run_grid(profile: str | Profile = "reduced", out_dir: str | Path | None = DE
     df.attrs["computed"] = len(todo)
     df.attrs["training"] = asdict(t)
     df.attrs["seeds"] = len(grid_seeds(runs))
-    if out_dir is not None:
+    if archive is not None:
+        df.attrs["archived"] = write_runs(archive, results.values())
         write_reports(df, out_dir, t, stem)
     log.done(df.attrs["wall_s"])
     return df
 
 
-def _known(runs: list[Cell], t: Training, cache: Path | None) -> tuple[dict[Cell, dict], list[Cell]]:
-    """The records already known without training (refused cells, cached runs) and the cells to run."""
+def _known(runs: list[Cell], t: Training, cache: Path | None,
+           archived: dict[str, dict] | None = None) -> tuple[dict[Cell, dict], list[Cell]]:
+    """The records already known without training (refused cells, cached or archived runs) and the
+    cells to run."""
     results: dict[Cell, dict] = {}
+    archived = archived or {}
     todo: list[Cell] = []
     for c in runs:
         key = cell_key(c, t)
@@ -769,6 +867,8 @@ def _known(runs: list[Cell], t: Training, cache: Path | None) -> tuple[dict[Cell
             results[c] = rec
             continue
         rec = cache_read(cache, key) if cache else None
+        if rec is None and key in archived:
+            rec = dict(archived[key])
         if rec is not None:
             rec["cached"] = True
             results[c] = rec
@@ -799,12 +899,15 @@ def _prior_cell_seconds(records: Iterable[dict], t: Training) -> float:
 
 
 def estimate(profile: str | Profile = "reduced", cache_dir: str | Path | None = DEFAULT_CACHE,
-             workers: int = 2, **filters: Any) -> dict[str, Any]:
+             workers: int = 2, out_dir: str | Path | None = None, **filters: Any) -> dict[str, Any]:
     """How many runs the grid needs and how long the missing ones should take: ``runs``, ``refused``,
-    ``cached``, ``to_run``, ``cell_seconds`` (median of the cached cells, else
-    :func:`estimate_cell_seconds`) and ``seconds`` = to_run x cell_seconds / workers."""
+    ``cached`` (in the cache or in ``out_dir``'s run archive), ``to_run``, ``cell_seconds`` (median of
+    the cached cells, else :func:`estimate_cell_seconds`) and ``seconds`` = to_run x cell_seconds /
+    workers."""
     t, rows, runs = plan(profile, **filters)
-    results, todo = _known(runs, t, Path(cache_dir) if cache_dir else None)
+    stem = (PROFILES[profile] if isinstance(profile, str) else profile).report
+    archived = read_runs(runs_path(out_dir, stem))[0] if out_dir is not None else {}
+    results, todo = _known(runs, t, Path(cache_dir) if cache_dir else None, archived)
     refused = sum(r["status"] == "refused" for r in results.values())
     cell_s = _prior_cell_seconds(results.values(), t)
     return {"rows": len(rows), "runs": len(runs), "seeds": len(grid_seeds(runs)), "refused": refused,
@@ -1339,7 +1442,8 @@ def write_markdown(df: pd.DataFrame, path: str | Path, t: Training, csv_name: st
         "half-width of the Student-t 95% interval of that mean (`ci95_low`, `ci95_high` in the CSV; none "
         "with one seed). `clean_accuracy` = plain mean with no Byzantine peer on the same partition and "
         "seeds; `gap` (CSV) = clean_accuracy - accuracy. Per-seed accuracies: `per_seed` in "
-        f"`{csv_name}` and `{stem}_seeds.csv`. Each defense runs with f = the number of Byzantine peers "
+        f"`{csv_name}` and `{stem}_seeds.csv`; every run's record (its spec, accuracies, curve, losses and "
+        f"timings): `{stem}_runs.jsonl`. Each defense runs with f = the number of Byzantine peers "
         "(f = 0 at 0%, which every rule accepts). A cell whose defense refuses (n, f) is `refused` (the "
         f"rule's message is below and in `{csv_name}`); `error` = the run failed. At 0% the attack plays no "
         "part: one run per defense, partition and seed serves every attack's row. Grid-specific "
@@ -1652,7 +1756,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--defense", action="append", help="only this defense configuration (repeatable)")
     p.add_argument("--fraction", action="append", type=float, help="only this Byzantine fraction (repeatable)")
     p.add_argument("--partition", action="append", choices=PARTITIONS, help="only this partition (repeatable)")
-    p.add_argument("--no-cache", action="store_true", help="recompute every cell (results are still cached)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="recompute every cell, ignoring the cache and the run archive (results are still stored)")
     p.add_argument("--list", action="store_true",
                    help="print the grid's runs and their status, and the estimate; run nothing")
     p.add_argument("--estimate", action="store_true",
@@ -1682,7 +1787,8 @@ def run_args(args: argparse.Namespace) -> int:
     try:
         profile = selected_profile(args.profile)
         if args.list or args.estimate:
-            est = estimate(profile, None if args.no_cache else args.cache, args.workers, **filters)
+            est = estimate(profile, None if args.no_cache else args.cache, args.workers,
+                           None if args.no_cache else args.out, **filters)
             if args.list:
                 t, _, runs = plan(profile, **filters)
                 todo = set(est["todo"])
@@ -1717,4 +1823,5 @@ if __name__ == "__main__":  # pragma: no cover
 __all__ = ["run_grid", "main", "plan", "estimate", "run_cell", "final_accuracy", "Training", "Profile", "PROFILES",
            "Cell", "DefenseConfig", "AttackConfig", "LITERATURE_ATTACKS", "defense_configs", "attack_configs",
            "seed_stats", "t975", "best_defenses", "worst_case", "worst_case_frame", "max_min", "seeds_frame",
-           "write_reports", "cell_key", "refusal", "strength", "VERSION"]
+           "write_reports", "cell_key", "spec_key", "refusal", "strength", "read_runs", "write_runs", "runs_path",
+           "VERSION"]
