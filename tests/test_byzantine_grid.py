@@ -406,11 +406,28 @@ def test_byzantine_grid_estimate_and_eta(capsys, tmp_path):
     assert bz.main(["--estimate", "--profile", "full", "--seeds", "1", "--cache", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "to run" in out and "worker(s): about" in out
-    log = bz._Log(False, todo=10, known=0, workers=2, prior_s=20.0)
-    assert log.eta() == pytest.approx(20.0 * 10 / 2)
-    for s in (10.0, 30.0, 12.0):
-        log.cell(bz.Cell(None, "mean", 0, "iid"), {"status": "ok", "seconds": s, "accuracy": 0.5}, 10)
-    assert log.eta() == pytest.approx(12.0 * 7 / 2)  # median cell time x cells left / workers
+
+
+def test_byzantine_grid_time_left_follows_what_each_cell_costs():
+    """The time left counts each unfinished cell at what cells like it took: the same row on another
+    seed, else the same attack, else the median of all. The target slice starts with its adaptive
+    attacks, 2-5x as long as the others: one median of the first cells put 8 h on a 3.3 h grid."""
+    def cell(attack, defense, seed=0):
+        return bz.Cell(attack, defense, 3, "iid", seed)
+
+    slow = [cell("adaptive_equivocation", d, s) for s in (0, 1) for d in ("mean", "median", "krum")]
+    fast = [cell(a, d, s) for s in (0, 1) for a in ("alie", "ipm") for d in ("mean", "median", "krum")]
+    log = bz._Log(False, slow + fast, known=0, workers=2, times=bz.CellTimes(20.0))
+    assert log.eta() == pytest.approx(18 * 20.0 / 2)  # nothing timed yet: the prior
+    for c, s in zip(slow[:3], (200.0, 300.0, 250.0), strict=True):
+        log.cell(c, {"status": "ok", "seconds": s, "accuracy": 0.5}, 10)
+    # the same rows on seed 1 as on seed 0; the other attacks at the median of all (3 timed cells)
+    assert log.eta() == pytest.approx((200 + 300 + 250 + 12 * 250) / 2)
+    log.cell(fast[0], {"status": "ok", "seconds": 30.0, "accuracy": 0.5}, 10)
+    log.cell(fast[3], {"status": "ok", "seconds": 40.0, "accuracy": 0.5}, 10)
+    # adaptive rows of seed 1 as on seed 0 (750 s); alie's five cells left at alie's 30 s, ipm's at 40 s
+    assert log.eta() == pytest.approx((750 + 5 * 30 + 5 * 40) / 2) and log.todo == 18 and log.n == 5
+    assert bz.CellTimes(20.0).add_records({fast[0]: {"status": "error", "seconds": 5.0}}).expect(fast[0]) == 20.0
 
 
 def test_byzantine_grid_goes_on_from_the_run_archive_on_another_machine(tmp_path, fake_training):

@@ -833,7 +833,7 @@ def run_grid(profile: str | Profile = "reduced", out_dir: str | Path | None = DE
         for c in todo:
             results[c] = {**_base_record(c, t, cell_key(c, t)), "status": "missing", "error": "not computed yet"}
         todo = []
-    log = _Log(progress, len(todo), len(runs) - len(todo), workers, _prior_cell_seconds(results.values(), t))
+    log = _Log(progress, todo, len(runs) - len(todo), workers, CellTimes(estimate_cell_seconds(t)).add_records(results))
     t_grid = time.perf_counter()
     data_dir = prepare_data(t) if todo else None
     for c, rec in _execute(todo, t, str(cache) if cache else None, workers, log, data_dir):
@@ -892,51 +892,85 @@ def estimate_cell_seconds(t: Training) -> float:
     return CELL_S_FIXED + (CELL_S_20_ROUNDS - CELL_S_FIXED) * t.rounds / 20
 
 
-def _prior_cell_seconds(records: Iterable[dict], t: Training) -> float:
-    """The median wall time of the computed cells among ``records`` (cached ones), else the estimate."""
-    secs = sorted(r["seconds"] for r in records if r.get("status") == "ok" and r.get("seconds"))
-    return secs[len(secs) // 2] if len(secs) >= 3 else estimate_cell_seconds(t)
+class CellTimes:
+    """A cell's expected wall time from the cells already timed: the same grid row on another seed, else
+    the median of the same attack, else the median of every timed cell (from three on), else ``prior_s``.
+
+    One median for every cell misjudged the grids: an adaptive attack's cell runs 2-5 times as long as
+    another (it searches every round), and the plan puts the 30% slice's attacks in alphabetical order,
+    so the first cells timed were all adaptive ones."""
+
+    def __init__(self, prior_s: float):
+        self.prior_s = prior_s
+        self.by_row: dict[tuple, list[float]] = {}
+        self.by_attack: dict[str | None, list[float]] = {}
+        self.every: list[float] = []
+
+    @staticmethod
+    def _row(c: Cell) -> tuple:
+        return (c.attack, c.defense, c.n_byzantine, c.partition)
+
+    def add(self, c: Cell, seconds: float) -> None:
+        self.by_row.setdefault(self._row(c), []).append(seconds)
+        self.by_attack.setdefault(c.attack, []).append(seconds)
+        self.every.append(seconds)
+
+    def add_records(self, results: dict[Cell, dict]) -> CellTimes:
+        for c, rec in results.items():
+            if rec.get("status") == "ok" and rec.get("seconds"):
+                self.add(c, float(rec["seconds"]))
+        return self
+
+    def expect(self, c: Cell) -> float:
+        for times in (self.by_row.get(self._row(c)), self.by_attack.get(c.attack)):
+            if times:
+                return statistics.median(times)
+        return statistics.median(self.every) if len(self.every) >= 3 else self.prior_s
+
+    def total(self, cells: Iterable[Cell]) -> float:
+        return sum(self.expect(c) for c in cells)
 
 
 def estimate(profile: str | Profile = "reduced", cache_dir: str | Path | None = DEFAULT_CACHE,
              workers: int = 2, out_dir: str | Path | None = None, **filters: Any) -> dict[str, Any]:
     """How many runs the grid needs and how long the missing ones should take: ``runs``, ``refused``,
-    ``cached`` (in the cache or in ``out_dir``'s run archive), ``to_run``, ``cell_seconds`` (median of
-    the cached cells, else :func:`estimate_cell_seconds`) and ``seconds`` = to_run x cell_seconds /
-    workers."""
+    ``cached`` (in the cache or in ``out_dir``'s run archive), ``to_run``, ``seconds`` (the missing
+    cells' expected times, :class:`CellTimes` from the cached ones, over ``workers``) and
+    ``cell_seconds`` (their mean)."""
     t, rows, runs = plan(profile, **filters)
     stem = (PROFILES[profile] if isinstance(profile, str) else profile).report
     archived = read_runs(runs_path(out_dir, stem))[0] if out_dir is not None else {}
     results, todo = _known(runs, t, Path(cache_dir) if cache_dir else None, archived)
     refused = sum(r["status"] == "refused" for r in results.values())
-    cell_s = _prior_cell_seconds(results.values(), t)
+    times = CellTimes(estimate_cell_seconds(t)).add_records(results)
+    total = times.total(todo)
     return {"rows": len(rows), "runs": len(runs), "seeds": len(grid_seeds(runs)), "refused": refused,
-            "cached": len(results) - refused, "to_run": len(todo), "cell_seconds": cell_s,
-            "workers": max(1, workers), "seconds": len(todo) * cell_s / max(1, workers), "todo": todo,
-            "training": t}
+            "cached": len(results) - refused, "to_run": len(todo),
+            "cell_seconds": total / len(todo) if todo else times.prior_s,
+            "workers": max(1, workers), "seconds": total / max(1, workers), "todo": todo, "training": t}
 
 
 class _Log:
-    """One line per finished cell: done/total, the result, and the time left (median cell time x cells
-    left / workers)."""
+    """One line per finished cell: done/total, the result, and the time left (the unfinished cells'
+    expected times, :class:`CellTimes`, over the workers)."""
 
-    def __init__(self, enabled: bool, todo: int, known: int, workers: int = 1, prior_s: float = 0.0):
-        self.enabled, self.todo, self.n, self.t0 = enabled, todo, 0, time.perf_counter()
-        self.workers, self.prior_s, self.times = max(1, workers), prior_s, []
+    def __init__(self, enabled: bool, todo: Sequence[Cell], known: int, workers: int = 1,
+                 times: CellTimes | None = None):
+        self.enabled, self.left, self.n, self.t0 = enabled, list(todo), 0, time.perf_counter()
+        self.todo, self.workers, self.times = len(self.left), max(1, workers), times or CellTimes(0.0)
         if enabled:
-            print(f"byzantine grid: {known} cells cached or refused, {todo} to run; about "
-                  f"{_hours(todo * prior_s / self.workers)} with {self.workers} worker(s)", file=sys.stderr,
-                  flush=True)
+            print(f"byzantine grid: {known} cells cached or refused, {self.todo} to run; about "
+                  f"{_hours(self.eta())} with {self.workers} worker(s)", file=sys.stderr, flush=True)
 
     def eta(self) -> float:
-        times = sorted(self.times)
-        cell = times[len(times) // 2] if times else self.prior_s
-        return cell * (self.todo - self.n) / self.workers
+        return self.times.total(self.left) / self.workers
 
     def cell(self, c: Cell, rec: dict, n_peers: int) -> None:
         self.n += 1
+        if c in self.left:
+            self.left.remove(c)
         if rec["status"] == "ok":
-            self.times.append(rec["seconds"])
+            self.times.add(c, rec["seconds"])
         if not self.enabled:
             return
         el = time.perf_counter() - self.t0
