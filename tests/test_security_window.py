@@ -82,7 +82,7 @@ def test_install_removes_a_user_planted_before_it_and_says_so(server_flavor, tmp
     make_group(tmp_path / "keys", 2, "g")
     with start_server(server_flavor) as srv:
         srv.client().execute_command(*BACKDOOR)
-        lurker = srv.client(retry_on_timeout=False)  # logged in as the default user, and staying
+        lurker = srv.client()  # logged in as the default user, and staying (make_client never re-sends)
         lurker.ping()
         p = Peer(_cfg(tmp_path / "keys"), 0, [srv.url, None])
         try:
