@@ -355,9 +355,25 @@ def test_byzantine_grid_best_defense_lists_the_indistinguishable():
     assert best.best_defense == "median" and best.indistinguishable == "krum" and best.distinguishable
     assert best.accuracy == pytest.approx(0.72) and best.mean_accuracy == pytest.approx(0.51)
     assert best.gap == pytest.approx(0.04) and not best.within_target
-    # one seed: no interval, nothing can be told apart
+    # the lower end of the interval, against the clean mean: 0.76 - (0.72 - 0.0497)
+    assert best.low_gap == pytest.approx(0.04 + 4.3027 * 0.02 / 3 ** 0.5) and not best.low_within_target
+    # one seed: no interval, nothing can be told apart, no lower bound
     one = bz.best_defenses(_synthetic({("alie", "median"): [0.72], ("alie", "krum"): [0.70]}, clean=[0.76])).iloc[0]
-    assert one.indistinguishable == "" and not one.distinguishable
+    assert one.indistinguishable == "" and not one.distinguishable and math.isnan(one.low_gap)
+
+
+def test_byzantine_grid_target_lower_bound_is_reported(tmp_path):
+    """The target slice asks for the best defense's 95% lower bound within 3 points of clean: a mean
+    within 3 points whose interval reaches further down is named, one whose interval stays inside is not."""
+    df = _synthetic({("alie", "median"): [0.73, 0.75, 0.77],    # mean 1 point below, interval 6 below
+                     ("ipm", "median"): [0.749, 0.75, 0.751]},  # mean 1 point below, interval 1.2 below
+                    clean=[0.75, 0.76, 0.77])
+    best = bz.best_defenses(df).set_index("attack")
+    assert best.loc["alie"].within_target and not best.loc["alie"].low_within_target
+    assert best.loc["ipm"].within_target and best.loc["ipm"].low_within_target
+    md = bz.write_markdown(df, tmp_path / "t.md", bz.Training()).read_text()
+    assert "starts within 3 points of the clean mean for 1 of 2 attacks. **Not for:** alie (median" in md
+    assert "| lower bound within 3" in md
 
 
 def test_byzantine_grid_worst_case_and_max_min():
