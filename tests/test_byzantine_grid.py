@@ -495,3 +495,27 @@ def test_byzantine_grid_run_archive_keeps_only_checked_records(tmp_path, fake_tr
     assert len(fake_training) == calls + 1
     assert sorted(json.loads(x)["key"] for x in archive.read_text().splitlines()) == sorted(g["key"] for g in good)
     assert bz.read_runs(tmp_path / "absent.jsonl") == ({}, {})
+
+
+def test_byzantine_grid_estimate_learns_from_cells_of_other_training_settings(tmp_path):
+    """A grid with no timed cell of its own is estimated from the runs of other settings in the cache
+    (the target slice's 60-round cells for the 20-round grid): per attack, rounds scaled, the fixed
+    phases as they were."""
+    target = bz.PROFILES["target"].training
+    for attack, seconds in (("alie", 60.0), ("optimal_alie", 180.0)):
+        c = bz.Cell(attack, "median", 3, "iid")
+        rec = {**bz._base_record(c, target, bz.cell_key(c, target)), "status": "ok", "accuracy": 0.8,
+               "seconds": seconds + 5.0,
+               "phases": {"startup": 1.0, "training": seconds, "final_eval": 3.0, "teardown": 1.0}}
+        bz._cache_write(tmp_path, rec["key"], rec)
+    times = bz._cell_times(bz.Training(), {}, tmp_path, None)
+    assert times.expect(bz.Cell("alie", "krum", 1, "dirichlet")) == pytest.approx(5.0 + 60.0 / 3)
+    assert times.expect(bz.Cell("optimal_alie", "mean", 2, "iid", 2)) == pytest.approx(5.0 + 180.0 / 3)
+    assert times.expect(bz.Cell("ipm", "mean", 2, "iid")) == bz.estimate_cell_seconds(bz.Training())  # < 3 timed
+    est = bz.estimate("full", tmp_path, 2, attacks=["alie"], fractions=[0.3], partitions=["iid"], seeds=1)
+    n = est["to_run"]  # alie's cells, and the clean reference run (no attack: the prior)
+    assert est["seconds"] == pytest.approx(((n - 1) * 25.0 + bz.estimate_cell_seconds(bz.Training())) / 2)
+    # the grid's own cells come first: a timed row of this grid wins over the scaled ones
+    own = bz.Cell("alie", "median", 3, "iid")
+    times = bz._cell_times(bz.Training(), {own: {"status": "ok", "seconds": 40.0, "key": "k"}}, tmp_path, None)
+    assert times.expect(bz.Cell("alie", "krum", 3, "iid")) == 40.0

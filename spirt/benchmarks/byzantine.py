@@ -833,7 +833,7 @@ def run_grid(profile: str | Profile = "reduced", out_dir: str | Path | None = DE
         for c in todo:
             results[c] = {**_base_record(c, t, cell_key(c, t)), "status": "missing", "error": "not computed yet"}
         todo = []
-    log = _Log(progress, todo, len(runs) - len(todo), workers, CellTimes(estimate_cell_seconds(t)).add_records(results))
+    log = _Log(progress, todo, len(runs) - len(todo), workers, _cell_times(t, results, cache, out_dir))
     t_grid = time.perf_counter()
     data_dir = prepare_data(t) if todo else None
     for c, rec in _execute(todo, t, str(cache) if cache else None, workers, log, data_dir):
@@ -894,7 +894,9 @@ def estimate_cell_seconds(t: Training) -> float:
 
 class CellTimes:
     """A cell's expected wall time from the cells already timed: the same grid row on another seed, else
-    the median of the same attack, else the median of every timed cell (from three on), else ``prior_s``.
+    the median of the same attack, else the same attack timed under other training settings (scaled to
+    this grid's rounds, :meth:`add_elsewhere`), else the median of every timed cell (from three on; then
+    of those timed elsewhere), else ``prior_s``.
 
     One median for every cell misjudged the grids: an adaptive attack's cell runs 2-5 times as long as
     another (it searches every round), and the plan puts the 30% slice's attacks in alphabetical order,
@@ -905,6 +907,21 @@ class CellTimes:
         self.by_row: dict[tuple, list[float]] = {}
         self.by_attack: dict[str | None, list[float]] = {}
         self.every: list[float] = []
+        self.elsewhere_by_attack: dict[str | None, list[float]] = {}
+        self.elsewhere: list[float] = []
+
+    def add_elsewhere(self, rec: dict, t: Training) -> None:
+        """A finished run of other training settings, scaled to ``t``'s rounds: its set-up, final
+        evaluation and teardown as they were, its rounds in proportion (a round costs about the same
+        whatever the learning rate, momentum or partition)."""
+        phases, spec = rec.get("phases") or {}, rec.get("spec") or {}
+        rounds = (spec.get("training") or {}).get("rounds")
+        if rec.get("status") != "ok" or "training" not in phases or not rounds:
+            return
+        fixed = sum(float(v) for k, v in phases.items() if k != "training")
+        seconds = fixed + float(phases["training"]) * t.rounds / int(rounds)
+        self.elsewhere_by_attack.setdefault(rec.get("attack"), []).append(seconds)
+        self.elsewhere.append(seconds)
 
     @staticmethod
     def _row(c: Cell) -> tuple:
@@ -922,27 +939,60 @@ class CellTimes:
         return self
 
     def expect(self, c: Cell) -> float:
-        for times in (self.by_row.get(self._row(c)), self.by_attack.get(c.attack)):
+        for times in (self.by_row.get(self._row(c)), self.by_attack.get(c.attack),
+                      self.elsewhere_by_attack.get(c.attack)):
             if times:
                 return statistics.median(times)
-        return statistics.median(self.every) if len(self.every) >= 3 else self.prior_s
+        for times in (self.every, self.elsewhere):
+            if len(times) >= 3:
+                return statistics.median(times)
+        return self.prior_s
 
     def total(self, cells: Iterable[Cell]) -> float:
         return sum(self.expect(c) for c in cells)
+
+
+def _cell_times(t: Training, results: dict[Cell, dict], cache_dir: str | Path | None,
+                out_dir: str | Path | None) -> CellTimes:
+    """:class:`CellTimes` from this grid's known runs, and from the runs of other training settings in
+    the cache and in ``out_dir``'s run archives (e.g. the target slice's cells for the 20-round grid)."""
+    times = CellTimes(estimate_cell_seconds(t)).add_records(results)
+    mine = asdict(t)
+    seen = {r.get("key") for r in results.values()}
+    sources: list[Iterable[dict]] = []
+    if cache_dir and Path(cache_dir).is_dir():
+        sources.append(filter(None, (_json_file(p) for p in sorted(Path(cache_dir).glob("*.json")))))
+    if out_dir is not None and Path(out_dir).is_dir():
+        sources += [read_runs(p)[0].values() for p in sorted(Path(out_dir).glob("*_runs.jsonl"))]
+    for recs in sources:
+        for rec in recs:
+            if rec.get("key") in seen or not isinstance(rec.get("spec"), dict):
+                continue
+            seen.add(rec.get("key"))
+            if rec["spec"].get("training") != mine and rec.get("version") == VERSION:
+                times.add_elsewhere(rec, t)
+    return times
+
+
+def _json_file(path: Path) -> dict | None:
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) else None
 
 
 def estimate(profile: str | Profile = "reduced", cache_dir: str | Path | None = DEFAULT_CACHE,
              workers: int = 2, out_dir: str | Path | None = None, **filters: Any) -> dict[str, Any]:
     """How many runs the grid needs and how long the missing ones should take: ``runs``, ``refused``,
     ``cached`` (in the cache or in ``out_dir``'s run archive), ``to_run``, ``seconds`` (the missing
-    cells' expected times, :class:`CellTimes` from the cached ones, over ``workers``) and
-    ``cell_seconds`` (their mean)."""
+    cells' expected times, :func:`_cell_times`, over ``workers``) and ``cell_seconds`` (their mean)."""
     t, rows, runs = plan(profile, **filters)
     stem = (PROFILES[profile] if isinstance(profile, str) else profile).report
     archived = read_runs(runs_path(out_dir, stem))[0] if out_dir is not None else {}
     results, todo = _known(runs, t, Path(cache_dir) if cache_dir else None, archived)
     refused = sum(r["status"] == "refused" for r in results.values())
-    times = CellTimes(estimate_cell_seconds(t)).add_records(results)
+    times = _cell_times(t, results, cache_dir, out_dir)
     total = times.total(todo)
     return {"rows": len(rows), "runs": len(runs), "seeds": len(grid_seeds(runs)), "refused": refused,
             "cached": len(results) - refused, "to_run": len(todo),
