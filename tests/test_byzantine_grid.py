@@ -519,3 +519,18 @@ def test_byzantine_grid_estimate_learns_from_cells_of_other_training_settings(tm
     own = bz.Cell("alie", "median", 3, "iid")
     times = bz._cell_times(bz.Training(), {own: {"status": "ok", "seconds": 40.0, "key": "k"}}, tmp_path, None)
     assert times.expect(bz.Cell("alie", "krum", 3, "iid")) == 40.0
+
+
+def test_byzantine_grid_names_attacks_that_gave_identical_results(tmp_path):
+    """Two attacks with the same accuracy on every seed of every cell sent the same vectors: the report
+    says so instead of counting them as two results (adaptive equivocation vs optimal ALIE here)."""
+    same = {("adaptive_equivocation", "median"): [0.80, 0.81, 0.82], ("optimal_alie", "median"): [0.80, 0.81, 0.82],
+            ("adaptive_equivocation", "krum"): [0.70, 0.71, 0.72], ("optimal_alie", "krum"): [0.70, 0.71, 0.72],
+            ("alie", "median"): [0.80, 0.81, 0.82], ("alie", "krum"): [0.70, 0.71, 0.73]}
+    df = _synthetic(same, clean=[0.83, 0.84, 0.85])
+    assert bz.identical_attacks(df) == [["adaptive_equivocation", "optimal_alie"]]  # alie differs in one seed
+    md = bz.write_markdown(df, tmp_path / "t.md", bz.Training()).read_text()
+    assert "**Identical results:** adaptive_equivocation, optimal_alie gave the same accuracy" in md
+    assert "sends each the vector of optimal ALIE" in md
+    assert bz.identical_attacks(_synthetic({k: v for k, v in same.items() if k[0] != "optimal_alie"},
+                                           clean=[0.83, 0.84, 0.85])) == []

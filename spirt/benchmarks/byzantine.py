@@ -1374,6 +1374,19 @@ def best_defenses(df: pd.DataFrame, n_byzantine: int | None = None, partition: s
     return pd.DataFrame(rows, columns=cols)
 
 
+def identical_attacks(df: pd.DataFrame) -> list[list[str]]:
+    """Groups of attacks whose runs gave the same accuracy on every seed of every cell they ran (the same
+    cells ran): they sent the same vectors, so their rows are one result, not independent evidence.
+    Adaptive equivocation does this in this harness: it tunes a vector per recipient, and every honest
+    recipient holds the same honest vectors, so each gets optimal ALIE's vector."""
+    sub = df[(df["n_byzantine"] > 0) & (df["status"] == "ok")]
+    groups: dict[tuple, list[str]] = {}
+    for atk, g in sub.groupby("attack", sort=True):
+        sig = tuple(sorted((r.partition, int(r.n_byzantine), r.defense, r.per_seed) for r in g.itertuples()))
+        groups.setdefault(sig, []).append(str(atk))
+    return [atks for atks in groups.values() if len(atks) > 1]
+
+
 def worst_case_frame(df: pd.DataFrame) -> pd.DataFrame:
     """Per (partition, n_byzantine, defense): the attack with the lowest mean accuracy (``worst_attack``,
     its ``strength`` and statistics over seeds), the attacks whose interval overlaps it (``also_worst``:
@@ -1607,6 +1620,13 @@ def write_markdown(df: pd.DataFrame, path: str | Path, t: Training, csv_name: st
                           f"{r.attack} ({r.best_defense}: {fmt_ci(r.accuracy, r.ci95_low, r.ci95_high)}, lower "
                           f"bound {100 * r.low_gap:.1f} points below)" for r in low_miss.itertuples())
                          if len(low_miss) else "") + ".", ""]
+        for same in identical_attacks(df):
+            why = (" Adaptive equivocation tunes a vector per recipient; here every honest recipient holds the "
+                   "same honest vectors, so it sends each the vector of optimal ALIE."
+                   if {"adaptive_equivocation", "optimal_alie"} <= set(same) else "")
+            lines += [f"**Identical results:** {', '.join(same)} gave the same accuracy on every seed of every "
+                      f"cell: they sent the same vectors, so their rows are one result, not separate evidence."
+                      + why, ""]
         mean_top = [r.attack for r in best.itertuples()
                     if "mean" in [r.best_defense, *r.indistinguishable.split(", ")]]
         if mean_top:
@@ -1928,5 +1948,5 @@ if __name__ == "__main__":  # pragma: no cover
 __all__ = ["run_grid", "main", "plan", "estimate", "run_cell", "final_accuracy", "Training", "Profile", "PROFILES",
            "Cell", "DefenseConfig", "AttackConfig", "LITERATURE_ATTACKS", "defense_configs", "attack_configs",
            "seed_stats", "t975", "best_defenses", "worst_case", "worst_case_frame", "max_min", "seeds_frame",
-           "write_reports", "cell_key", "spec_key", "refusal", "strength", "read_runs", "write_runs", "runs_path",
+           "identical_attacks", "write_reports", "cell_key", "spec_key", "refusal", "strength", "read_runs", "write_runs", "runs_path",
            "VERSION"]
