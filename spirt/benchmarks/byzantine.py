@@ -658,13 +658,17 @@ def _cache_write(cache_dir: Path, key: str, rec: dict) -> None:
     tmp.replace(_cache_path(cache_dir, key))  # atomic: a reader never sees half a file
 
 
-def cache_read(cache_dir: str | Path, key: str) -> dict | None:
-    p = _cache_path(Path(cache_dir), key)
+def _json_file(path: Path) -> dict | None:
     try:
-        rec = json.loads(p.read_text())
+        rec = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if rec.get("key") != key or rec.get("version") != VERSION or rec.get("status") != "ok":
+    return rec if isinstance(rec, dict) else None
+
+
+def cache_read(cache_dir: str | Path, key: str) -> dict | None:
+    rec = _json_file(_cache_path(Path(cache_dir), key))
+    if rec is None or rec.get("key") != key or rec.get("version") != VERSION or rec.get("status") != "ok":
         return None
     return rec
 
@@ -972,14 +976,6 @@ def _cell_times(t: Training, results: dict[Cell, dict], cache_dir: str | Path | 
             if rec["spec"].get("training") != mine and rec.get("version") == VERSION:
                 times.add_elsewhere(rec, t)
     return times
-
-
-def _json_file(path: Path) -> dict | None:
-    try:
-        rec = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return rec if isinstance(rec, dict) else None
 
 
 def estimate(profile: str | Profile = "reduced", cache_dir: str | Path | None = DEFAULT_CACHE,
