@@ -184,8 +184,12 @@ def _compute_gradient(task: GradTask) -> GradResult:
                       t1 - t0, t2 - t1, t3 - t2, os.getpid())
 
 
-def evaluate(model, flat, ds, params: bytes, samples: int = 0, batch: int = 1000) -> tuple[float, float]:
-    """(test loss, test accuracy) of the parameters ``params`` on ``samples`` test images (0 = all)."""
+def evaluate(model, flat, ds, params: bytes, samples: int = 0, batch: int = 100) -> tuple[float, float]:
+    """(test loss, test accuracy) of the parameters ``params`` on ``samples`` test images (0 = all).
+
+    Batches of 100: the ``cnn`` model's activations for 100 images stay in the CPU's cache, and it
+    evaluated the 10,000 test images in 1.5 s where batches of 1,000 took 2.2 s (one torch thread). The
+    logits do not depend on the batch size (bit for bit, measured), so neither does the accuracy."""
     import torch
     import torch.nn.functional as F
 
