@@ -452,13 +452,20 @@ def test_scenario_stall_db():
     res, ref = _run("stall_db")
     _check_common(res, ref)
     deadline = faults.BASE["barrier.timeout_s"]
-    assert res.detection_s <= deadline + 2 * HB  # found unreachable at the barrier after one bounded push
     m = res.metrics
+    # Found while the server still hangs (an unbounded push or probe would wait for the SIGCONT), by a
+    # barrier that ended at its deadline (plus one probe). The barrier's own time, not the time from the
+    # fault: the compute and push before the barrier of the round the fault hit take longer on a busy
+    # machine (13.5 s from the fault in a CI run with two test workers and a Ray test beside it).
+    assert res.detection_s < res.scenario.duration_s
+    ev = res.events
+    first = ev[(ev["peer"] != 2) & (ev["about"] == 2) & (ev["event"] == "excluded")].sort_values("t").iloc[0]
+    row = m[(m["peer"] == first["peer"]) & (m["round"] == first["round"])].iloc[0]
+    assert "deadline" in first["detail"] and row["t_barrier"] <= deadline + HB, (first.to_dict(), row.to_dict())
     others = m[m["peer"].isin([0, 1, 3])]
     normal = others[others["wall_end"] < res.t_fault]["t_round"].quantile(0.95)
     # a hung database delays the others' rounds by at most the barrier deadline (plus one probe)
     assert others["t_round"].max() <= normal + deadline + HB + 1.0, others["t_round"].max()
-    ev = res.events
     assert "joined" in set(ev[ev["peer"] == 2]["event"])  # it fell behind and took the others' state
     assert (m[m["round"] == res.rounds - 1]["peers_aggregated"] == 4).all()
 
