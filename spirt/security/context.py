@@ -56,12 +56,32 @@ def value_limit(width: int) -> int:
     return max(MIN_BULK_LIMIT, 2 * width + 4096)
 
 
+#: what the server keeps per key beside its value (the key's name, object header, dictionary and expiry
+#: entries); MEMORY USAGE counts 40 to 60 bytes for our key names on Valkey 9 and Redis 7
+KEY_OVERHEAD = 128
+
+
+def value_allocation(n: int) -> int:
+    """The most a server's allocator hands out for a value of ``n`` bytes: the value, its string header
+    (up to 17 bytes and a terminator) rounded up to the allocator's size class. jemalloc, Redis's
+    allocator, has four classes per doubling: a 796,840-byte vector takes 917,504 bytes, 15% more.
+    glibc, which the embedded Valkey uses, rounds large values up to a page, which is never more."""
+    n += 32
+    if n <= 16:
+        return 16
+    step = max(16, 1 << ((n - 1).bit_length() - 3))  # a quarter of the power of two below n
+    return -(-n // step) * step
+
+
 def member_budget(width: int, signed: bool) -> int:
-    """The most one admitted member can keep in a guarded database, in bytes of values: its vectors (and
-    envelopes) for the open rounds, its announcements (a few bytes each), and its join request (one
-    value, at most :func:`value_limit`). The server adds its own per-key overhead (about 100 bytes)."""
-    per_round = width + (ENVELOPE_BYTES if signed else 0)
-    return (INBOX_AHEAD + 1) * per_round + NOTIFY_KEEP * 24 + value_limit(width)
+    """The most one admitted member can keep in a guarded database, in bytes of the server's memory: its
+    vectors (and envelopes) for the open rounds, its announcements (a few bytes each), and its join
+    request (one value, at most :func:`value_limit`), each as the allocator hands it out
+    (:func:`value_allocation`), and the server's own overhead per key."""
+    per_round = value_allocation(width) + (value_allocation(ENVELOPE_BYTES) if signed else 0)
+    keys = (INBOX_AHEAD + 1) * (2 if signed else 1) + 2
+    return ((INBOX_AHEAD + 1) * per_round + NOTIFY_KEEP * 24 + value_allocation(value_limit(width))
+            + keys * KEY_OVERHEAD)
 
 
 def server_limits(width: int, functions: int, peers: int) -> dict:
