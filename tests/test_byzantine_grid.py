@@ -539,3 +539,16 @@ def test_byzantine_grid_names_attacks_that_gave_identical_results(tmp_path):
     assert "sends each the vector of optimal ALIE" in md
     assert bz.identical_attacks(_synthetic({k: v for k, v in same.items() if k[0] != "optimal_alie"},
                                            clean=[0.83, 0.84, 0.85])) == []
+
+
+def test_byzantine_grid_report_of_a_part_says_which_part(tmp_path):
+    """A report written from a filtered grid names the filters and what the profile has besides; the
+    whole profile's report does not claim to be a part."""
+    bz.run_grid("full", tmp_path / "part", tmp_path / "cache", workers=1, progress=False, compute=False,
+                fractions=[0.3], partitions=["iid"])
+    md = (tmp_path / "part" / "byzantine.md").read_text()
+    assert "**A part of the `full` grid**, selected with `--fraction`, `--partition`" in md
+    assert "Byzantine fractions 30% (of 0%, 10%, 20%, 30%, 40%)" in md and "partitions iid (of iid, dirichlet)" in md
+    bz.run_grid("reduced", tmp_path / "whole", tmp_path / "cache", workers=1, progress=False, compute=False,
+                partitions=list(bz.PROFILES["reduced"].partitions))
+    assert "A part of" not in (tmp_path / "whole" / "byzantine.md").read_text()

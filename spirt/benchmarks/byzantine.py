@@ -860,11 +860,39 @@ def run_grid(profile: str | Profile = "reduced", out_dir: str | Path | None = DE
     df.attrs["computed"] = len(todo)
     df.attrs["training"] = asdict(t)
     df.attrs["seeds"] = len(grid_seeds(runs))
+    df.attrs["scope"] = _scope(profile, attacks=attacks, defenses=defenses, fractions=fractions,
+                               partitions=partitions)
     if archive is not None:
         df.attrs["archived"] = write_runs(archive, results.values())
         write_reports(df, out_dir, t, stem)
     log.done(df.attrs["wall_s"])
     return df
+
+
+def _scope(profile: str | Profile, **filters: Iterable[Any] | None) -> str:
+    """What part of its profile a filtered grid covers, for its report ("" for the whole profile): the
+    reports of a part must not read as the whole grid's."""
+    prof = PROFILES[profile] if isinstance(profile, str) else profile
+    whole = {"attacks": prof.attacks, "defenses": prof.defenses, "fractions": prof.fractions,
+             "partitions": prof.partitions}
+
+    def shown(dim: str, items: Iterable[Any]) -> list[str]:
+        return [f"{100 * float(x):.0f}%" if dim == "fractions" else str(x) for x in items]
+
+    flags, parts = [], []
+    for dim, wanted in filters.items():
+        if wanted is None:
+            continue
+        got, of = shown(dim, wanted), None if whole[dim] is None else shown(dim, whole[dim])
+        if of is not None and sorted(got) == sorted(of):
+            continue
+        flags.append(f"`--{dim.rstrip('s')}`")
+        parts.append(f"{'Byzantine fractions' if dim == 'fractions' else dim} {', '.join(got)}"
+                     + ("" if of is None else f" (of {', '.join(of)})"))
+    if not parts:
+        return ""
+    return (f"**A part of the `{prof.name}` grid**, selected with {', '.join(flags)}: {'; '.join(parts)}. "
+            "The attack-free plain-mean runs that every row is compared with are included.")
 
 
 def _known(runs: list[Cell], t: Training, cache: Path | None,
@@ -1578,6 +1606,8 @@ def write_markdown(df: pd.DataFrame, path: str | Path, t: Training, csv_name: st
                      "running side by side on two cores.")
     else:
         lines.append("No run finished.")
+    if df.attrs.get("scope"):
+        lines.append(df.attrs["scope"])
     if n_missing:
         lines += [f"**Partial grid: {n_missing} of {len(runs)} runs not computed yet** (rows with fewer "
                   "seeds than the others, or `missing`)."]
