@@ -148,8 +148,10 @@ class Membership:
                 m.since = max(first, since[q]) if q in since else min(m.since, first)
             removed = q not in current or m.banned
             if removed != m.removed:  # a change of membership is an event, whatever its cause
+                # a readmitted member may be a joiner the group awaits only from a later round
                 self.events(first, "removed" if removed else "readmitted", q,
-                            "by the membership of the state we took over")
+                            "by the membership of the state we took over"
+                            + ("" if removed else f"; awaited from round {max(first, m.since)}"))
             m.removed, m.misses = removed, 0
 
     # -- liveness -----------------------------------------------------------------------------------

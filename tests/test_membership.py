@@ -63,6 +63,16 @@ def test_adopting_a_groups_membership_logs_every_change(table):
     adopted = [e for e in events() if e["round"] == 9]
     assert _kinds(adopted) == [("readmitted", 2), ("removed", 3)]
     assert all("state we took over" in e["detail"] for e in adopted)
+    assert adopted[0]["detail"].endswith("awaited from round 9")
+    # a member the group admitted as a joiner for a later round is awaited from that round, and says so
+    m.account(9, ready=[1, 4], missing={2: ("deadline", 0.0)})
+    m.account(10, ready=[1, 4], missing={2: ("deadline", 0.0)})
+    assert m[2].removed
+    m.adopt({0: "unix:///peer0.sock", 1: "unix:///peer1.sock", 2: "unix:///peer2.sock",
+             4: "unix:///peer4.sock"}, first=12, since={2: 14})
+    assert m.awaited(13) == [1, 4] and m.awaited(14) == [1, 2, 4]
+    back = [e for e in events() if e["round"] == 12]
+    assert _kinds(back) == [("readmitted", 2)] and back[0]["detail"].endswith("awaited from round 14")
 
 
 # ----------------------------------------------------------------- a peer's limits on waiting and failing
