@@ -67,8 +67,6 @@ def value_allocation(n: int) -> int:
     allocator, has four classes per doubling: a 796,840-byte vector takes 917,504 bytes, 15% more.
     glibc, which the embedded Valkey uses, rounds large values up to a page, which is never more."""
     n += 32
-    if n <= 16:
-        return 16
     step = max(16, 1 << ((n - 1).bit_length() - 3))  # a quarter of the power of two below n
     return -(-n // step) * step
 
