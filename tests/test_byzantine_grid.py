@@ -552,3 +552,23 @@ def test_byzantine_grid_report_of_a_part_says_which_part(tmp_path):
     bz.run_grid("reduced", tmp_path / "whole", tmp_path / "cache", workers=1, progress=False, compute=False,
                 partitions=list(bz.PROFILES["reduced"].partitions))
     assert "A part of" not in (tmp_path / "whole" / "byzantine.md").read_text()
+
+
+def test_byzantine_grid_report_says_which_columns_ran_fewer_seeds(tmp_path, fake_training):
+    """A grid whose fractions ran different numbers of seeds (3 at 0% and 30%, one at 20%) says, per
+    column, how many seeds ran, and does not claim its planned seeds for every cell."""
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    whole = {**SYN, "fractions": [0.0, 0.2, 0.3]}
+    bz.run_grid("full", None, cache, workers=1, progress=False, seeds=3, **SYN)
+    bz.run_grid("full", None, cache, workers=1, progress=False, seeds=1, **{**SYN, "fractions": [0.2]})
+    df = bz.run_grid("full", out, cache, workers=1, progress=False, compute=False, seeds=3, **whole)
+    assert set(df[df.n_byzantine == 2].seeds) == {1} and set(df[df.n_byzantine == 3].seeds) == {3}
+    md = (out / "byzantine.md").read_text()
+    assert "**up to 3 seeds per cell**" in md
+    assert ("**Seeds run per column** (partition, Byzantine fraction; of 3 planned): iid 0%: 3; iid 20%: 1; "
+            "iid 30%: 3.") in md
+    assert "A row with one seed has no interval" in md
+    full = bz.run_grid("full", tmp_path / "full", cache, workers=1, progress=False, compute=False, seeds=3, **SYN)
+    assert set(full.seeds) == {3}
+    md = (tmp_path / "full" / "byzantine.md").read_text()
+    assert "**3 seeds per cell**" in md and "Seeds run per column" not in md

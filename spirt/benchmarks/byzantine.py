@@ -1556,6 +1556,24 @@ def _strength_lines(df: pd.DataFrame) -> list[str]:
     return lines
 
 
+def seed_coverage(df: pd.DataFrame, n_seeds: int) -> str:
+    """The seeds run per column (partition, Byzantine fraction), as a report line, when some column's rows
+    ran fewer than ``n_seeds`` ("" when every row that ran has them all): a part of the grid run on fewer
+    seeds must not read as carrying the others' intervals."""
+    ran = df[df["status"] == "ok"]
+    cols = [(str(p), int(b), int(g["seeds"].min()), int(g["seeds"].max()))
+            for (p, b), g in ran.groupby(["partition", "n_byzantine"], sort=False)]
+    if all(lo == n_seeds for *_, lo, _hi in cols):
+        return ""
+    n = int(df["n_peers"].iloc[0])
+    shown = "; ".join(f"{_column_name(p, b, n)}: {lo if lo == hi else f'{lo}-{hi}'}" for p, b, lo, hi in cols)
+    text = f"**Seeds run per column** (partition, Byzantine fraction; of {n_seeds} planned): {shown}."
+    if any(lo < 2 for *_, lo, _hi in cols):
+        text += (" A row with one seed has no interval: its differences of a point or two are within the "
+                 "noise of a single run, and its column's max-min choice is not a ranking.")
+    return text
+
+
 def write_markdown(df: pd.DataFrame, path: str | Path, t: Training, csv_name: str = "byzantine.csv") -> Path:
     best = best_defenses(df)
     pct = f"{100 * TARGET_GAP:.0f}"
@@ -1563,6 +1581,7 @@ def write_markdown(df: pd.DataFrame, path: str | Path, t: Training, csv_name: st
     n_ok = int((runs["status"] == "ok").sum())
     n_missing = int((runs["status"] == "missing").sum())
     n_seeds = int(df.attrs.get("seeds") or len(json.loads(df["per_seed"].iloc[0]))) if len(df) else 0
+    coverage = seed_coverage(df, n_seeds) if len(df) else ""
     stem = Path(csv_name).stem
     test = "all 10,000" if t.limit_test is None else f"the first {t.limit_test}"
     lines = ["# Byzantine benchmark grid" + ("" if csv_name == "byzantine.csv" else f" ({stem})"), ""]
@@ -1572,8 +1591,8 @@ def write_markdown(df: pd.DataFrame, path: str | Path, t: Training, csv_name: st
         f"(first {t.limit_train} training images), {t.rounds} rounds, "
         f"{t.functions} gradient function(s) x batch {t.batch_size} per peer per round, SGD lr {t.lr} "
         f"momentum {t.momentum}" + (f", peer momentum {t.peer_momentum}" if t.peer_momentum else "")
-        + f"; dirichlet partition alpha = {t.alpha}. **{n_seeds} seed{'s' if n_seeds != 1 else ''} per "
-        f"cell** (run seed{'s' if n_seeds != 1 else ''} {t.seed}"
+        + f"; dirichlet partition alpha = {t.alpha}. **{'up to ' if coverage else ''}{n_seeds} "
+        f"seed{'s' if n_seeds != 1 else ''} per cell** (run seed{'s' if n_seeds != 1 else ''} {t.seed}"
         + (f"..{t.seed + n_seeds - 1}" if n_seeds > 1 else "") + "; a seed draws the data partition, the "
         f"initial model and the minibatches). Final accuracy on {test} test images; curves every "
         f"{t.eval_every} rounds on the first {t.eval_samples}.",
@@ -1608,6 +1627,8 @@ def write_markdown(df: pd.DataFrame, path: str | Path, t: Training, csv_name: st
         lines.append("No run finished.")
     if df.attrs.get("scope"):
         lines.append(df.attrs["scope"])
+    if coverage:
+        lines.append(coverage)
     if n_missing:
         lines += [f"**Partial grid: {n_missing} of {len(runs)} runs not computed yet** (rows with fewer "
                   "seeds than the others, or `missing`)."]
@@ -1736,6 +1757,15 @@ def _heat(ax, mat, text, xlabels, ylabels, cmap):
     return im
 
 
+def _seeds_label(g: pd.DataFrame) -> str:
+    """How many seeds the rows of ``g`` that ran have: "3 seeds", "1 seed", "1-3 seeds" ("" if none ran)."""
+    ran = g.loc[g["status"] == "ok", "seeds"]
+    if ran.empty:
+        return ""
+    lo, hi = int(ran.min()), int(ran.max())
+    return f"{lo if lo == hi else f'{lo}-{hi}'} seed{'' if hi == 1 else 's'}"
+
+
 def _ci_text(r) -> str:
     """``mean`` over ``±half-width`` in percent, for a heatmap cell."""
     if math.isnan(r["ci95_low"]):
@@ -1778,7 +1808,9 @@ def plot_heatmap(df: pd.DataFrame, path: str | Path) -> Path:
             im = _heat(ax, mat, text, defs, attacks, cmap)
             n = int(g["n_peers"].iloc[0]) if len(g) else 0
             clean = fmt_ci(*g[["clean_accuracy", "clean_ci95_low", "clean_ci95_high"]].iloc[0]) if len(g) else "-"
-            ax.set_title(f"{p}, {b}/{n} Byzantine ({100 * b / max(n, 1):.0f}%); clean {clean}", fontsize=8)
+            seeds = _seeds_label(g)
+            ax.set_title(f"{p}, {b}/{n} Byzantine ({100 * b / max(n, 1):.0f}%); clean {clean}"
+                         + (f"; {seeds}" if seeds else ""), fontsize=8)
     if im is not None:
         fig.colorbar(im, ax=axes, shrink=0.6, label="final honest accuracy (mean over seeds)")
     fig.suptitle("Byzantine grid: final honest accuracy (%), mean over seeds ± 95% half-width, attack x "
@@ -1803,7 +1835,8 @@ def plot_worst_case(df: pd.DataFrame, path: str | Path) -> Path:
     n = int(df["n_peers"].iloc[0]) if len(df) else 1
     keys = sorted({(p, int(b)) for p, b in zip(wc["partition"], wc["n_byzantine"], strict=True)},
                   key=lambda k: (k[0] != "iid", k[0], k[1]))
-    ylabels = [_column_name(p, b, n) for p, b in keys] or ["(none)"]
+    ylabels = [f"{_column_name(p, b, n)}\n{_seeds_label(df[(df['partition'] == p) & (df['n_byzantine'] == b)])}"
+               for p, b in keys] or ["(none)"]
     defs = [d for d in dict.fromkeys(df["defense"]) if d in set(wc["defense"])]
     mat = np.full((max(1, len(keys)), max(1, len(defs))), np.nan)
     text = {}
