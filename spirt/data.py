@@ -22,7 +22,6 @@ import gzip
 import json
 import os
 import tarfile
-import threading
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .registry import Registry
+from .shared import Shared
 
 if TYPE_CHECKING:
     import torch
@@ -615,9 +615,9 @@ def _to_nchw(x: np.ndarray) -> torch.Tensor:
 #: The arrays of the data sets this process read, newest last. Peers running as threads, their gradient
 #: functions and evaluators, and the benchmarks' final evaluation each load the data set; reading and
 #: decoding Fashion-MNIST's files costs about 0.25 s of CPU each time, 3 s of a 20 s benchmark run.
-_READ: dict[tuple, Arrays] = {}
-_READ_KEEP = 2
-_READ_LOCK = threading.Lock()
+#: A caller that comes while another reads the same files waits for that read: ten peers starting at once
+#: read the files once, not ten times.
+_READ = Shared(keep=2)
 
 
 def _source_signature(path: str | None) -> tuple:
@@ -649,17 +649,14 @@ def _read_arrays(name: str, loader: Callable, data_dir: str | None, download: bo
     source = data_dir if data_dir is not None else FASHION_MNIST_DIR if name == "fashion-mnist" else None
     if source is None or download:
         return loader(data_dir, download)
-    key = (name, data_dir, _source_signature(source))
-    with _READ_LOCK:  # held while reading: ten peers starting at once read the files once, not ten times
-        arrays = _READ.pop(key, None)
-        if arrays is None:
-            arrays = loader(data_dir, download)
-            for a in arrays:
-                a.flags.writeable = False  # callers get copies; nobody may change what the next one gets
-        _READ[key] = arrays
-        while len(_READ) > _READ_KEEP:
-            _READ.pop(next(iter(_READ)))
-    return arrays
+
+    def read() -> Arrays:
+        arrays = loader(data_dir, download)
+        for a in arrays:
+            a.flags.writeable = False  # callers get copies; nobody may change what the next one gets
+        return arrays
+
+    return _READ.get((name, data_dir, _source_signature(source)), read)
 
 
 def load_dataset(
