@@ -572,3 +572,14 @@ def test_byzantine_grid_report_says_which_columns_ran_fewer_seeds(tmp_path, fake
     assert set(full.seeds) == {3}
     md = (tmp_path / "full" / "byzantine.md").read_text()
     assert "**3 seeds per cell**" in md and "Seeds run per column" not in md
+
+
+def test_byzantine_grid_partial_report_counts_trainings_without_refused_cells(tmp_path, fake_training):
+    """The partial-grid line counts the trainings to do, not the refused cells, which never run."""
+    grid = {**SYN, "fractions": [0.0, 0.4]}  # krum refuses 4 of 10
+    df = bz.run_grid("full", tmp_path, tmp_path / "cache", workers=1, progress=False, compute=False, seeds=1, **grid)
+    runs = bz.distinct_runs(df)
+    refused, missing = int((runs.status == "refused").sum()), int((runs.status == "missing").sum())
+    assert refused > 0 and missing == len(runs) - refused
+    md = (tmp_path / "byzantine.md").read_text()
+    assert f"**Partial grid: {missing} of its {missing} trainings not computed yet**" in md

@@ -1630,8 +1630,10 @@ def write_markdown(df: pd.DataFrame, path: str | Path, t: Training, csv_name: st
     if coverage:
         lines.append(coverage)
     if n_missing:
-        lines += [f"**Partial grid: {n_missing} of {len(runs)} runs not computed yet** (rows with fewer "
-                  "seeds than the others, or `missing`)."]
+        # refused cells are never trained: they count neither as done nor as to do
+        n_trainings = int((runs["status"] != "refused").sum())
+        lines += [f"**Partial grid: {n_missing} of its {n_trainings} trainings not computed yet** (rows with "
+                  "fewer seeds than the others, or `missing`)."]
     lines.append("")
     if not best.empty:
         b = int(best["n_byzantine"].iloc[0])
