@@ -563,6 +563,12 @@ def test_byzantine_grid_report_says_which_columns_ran_fewer_seeds(tmp_path, fake
     bz.run_grid("full", None, cache, workers=1, progress=False, seeds=1, **{**SYN, "fractions": [0.2]})
     df = bz.run_grid("full", out, cache, workers=1, progress=False, compute=False, seeds=3, **whole)
     assert set(df[df.n_byzantine == 2].seeds) == {1} and set(df[df.n_byzantine == 3].seeds) == {3}
+    # a row is compared with the clean runs of the seeds it ran: seed 0's here, not the mean of three
+    clean = [fake_accuracy(bz.Cell(None, "mean", 0, "iid", s)) for s in range(3)]
+    one = df[(df.n_byzantine == 2) & (df.attack == "alie") & (df.defense == "median")].iloc[0]
+    assert one.clean_accuracy == pytest.approx(clean[0]) and json.loads(one.clean_per_seed) == pytest.approx(clean)
+    three = df[(df.n_byzantine == 3) & (df.attack == "alie") & (df.defense == "median")].iloc[0]
+    assert three.clean_accuracy == pytest.approx(sum(clean) / 3)
     md = (out / "byzantine.md").read_text()
     assert "**up to 3 seeds per cell**" in md
     assert ("**Seeds run per column** (partition, Byzantine fraction; of 3 planned): iid 0%: 3; iid 20%: 1; "

@@ -1295,7 +1295,10 @@ def assemble(rows: list[tuple[str, str, int, str]], results: dict[Cell, dict], t
         ok = [r for r in recs if r["status"] == "ok"]
         per_seed = [_acc(r) for r in recs]
         clean_seed = [_acc(clean[(p, s)]) for s in seeds]
-        st, cs = seed_stats(per_seed), seed_stats(clean_seed)
+        # compared on the seeds this row ran (paired: a seed draws the partition and the initial model), so
+        # that a row run on fewer seeds than the clean runs is not set against other seeds' accuracies
+        paired = [c for c, r in zip(clean_seed, recs, strict=True) if r["status"] == "ok"]
+        st, cs = seed_stats(per_seed), seed_stats(paired if ok else clean_seed)
         curve, band = _mean_curve([r.get("curve", []) for r in ok])
         errors = dict.fromkeys(r.get("error", "") for r in recs if r["status"] != "ok" and r.get("error"))
 
