@@ -15,7 +15,8 @@ interval) and decides, from what it read alone, one of three verdicts (:func:`de
     before one of its rounds;
   - *diverged*: the digest of the last round that the most reachable peers hold (at least f + 1 of
     them; ties go to the group with the lowest peer index) is not ours, and it stays ahead even if
-    every peer still finishing that round ends with ours;
+    every peer still finishing that round ends with ours (after the last round, only those that finish
+    within the closing wait);
   - *rejoin*: we lost our quorum, a majority of the group is reachable again, and another state wins
     the same comparison over the peers' latest states (e.g. the other half after a 2|2 split healed).
 - **wait**: we and the current members we reach are not a strict majority of the group (every member
@@ -137,10 +138,12 @@ def _group(values: dict[int, object]) -> dict[object, list[int]]:
 
 def decide(me: int, r: int, probes: dict[int, Probe], removed: set[int], f: int, *,
            my_digest: str | None, my_state: tuple[int, str] | None, check_state: bool = True,
-           rounds: int | None = None) -> Verdict:
+           rounds: int | None = None, settled: bool = False) -> Verdict:
     """The verdict of peer ``me`` before round r from one probe of each member (see the module's text).
     ``removed``: the members we removed; ``my_digest``: ours after round r - 1; ``check_state``: False
-    for a peer that does not mind diverging (a simulated attacker); ``rounds``: the training's rounds."""
+    for a peer that does not mind diverging (a simulated attacker); ``rounds``: the training's rounds;
+    ``settled``: the peers still finishing round r - 1 had their time (the closing comparison, after its
+    wait), so they no longer hold a divergence undecided."""
     others = set(probes)
     current = others - removed
     n_group = len(others) + 1
@@ -180,7 +183,7 @@ def decide(me: int, r: int, probes: dict[int, Probe], removed: set[int], f: int,
         # peers still finishing round r - 1 (they published it, its digest is not there yet) may side
         # with us: we resynchronise only if the other state wins whatever they end with, so that the
         # first peers to finish a round never decide alone
-        pending = sum(answered[q].digest is None and answered[q].mark == r - 1 for q in reach)
+        pending = 0 if settled else sum(answered[q].digest is None and answered[q].mark == r - 1 for q in reach)
         if best is not None and best != my_digest and (
                 not pending or len(groups[best]) > len(groups[my_digest]) + pending):
             sets = {answered[q].aggregated for q in groups[best] if q != me} - {None}
@@ -280,9 +283,9 @@ class Agreement:
             state = (int(c), d)
         return digest, state
 
-    def check(self, r: int) -> Verdict:
+    def check(self, r: int, settled: bool = False) -> Verdict:
         """The verdict before round r (with no state of ours yet, at the start, only lagging and the
-        quorum are checked)."""
+        quorum are checked); ``settled`` as in :func:`decide`."""
         probes = self.probe(r)
         self.catch_equivocation(r, probes)
         probes = {q: p for q, p in probes.items() if not self.membership[q].banned}
@@ -293,7 +296,7 @@ class Agreement:
         # a split the equivocator caused, the honest peers can then agree again)
         proven = sum(m.banned for m in self.membership.members.values())
         verdict = decide(self.index, r, probes, removed, max(0, self.f - proven), my_digest=digest, my_state=state,
-                         check_state=self.check_state, rounds=self.rounds)
+                         check_state=self.check_state, rounds=self.rounds, settled=settled)
         if verdict.train and verdict.why and self.events is not None:
             self.events(r, "split", self.index, verdict.why)
         return verdict
@@ -308,4 +311,4 @@ class Agreement:
                 p.reachable and p.digest is None and p.mark == rounds - 1 and not self.membership[q].banned
                 for q, p in self.probe(rounds).items()):
             time.sleep(self.membership.cfg.heartbeat_s / 4)  # each probe is a round trip to every member
-        return self.check(rounds)
+        return self.check(rounds, settled=True)

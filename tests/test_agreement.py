@@ -212,6 +212,32 @@ def test_the_first_peers_to_finish_a_round_do_not_decide_a_divergence_alone():
     assert verdict({0: probe(8, "c"), 1: probe(5, None), 2: probe(5, None), 3: probe(5, None)}).kind == "resync"
 
 
+def test_after_the_last_round_a_peer_still_finishing_it_does_not_keep_the_models_apart(group):
+    # the closing comparison waits for the members still finishing the last round (they published it,
+    # no digest yet); one that is still at it after the wait (e.g. waiting for a quorum of its own)
+    # would otherwise hold the tie undecided for good: every peer that finished ends with its own model
+    last = ROUNDS - 1
+    t, dbs = group(3, me=1)
+    _marks(dbs, {0: last, 1: last, 2: last})
+    _digests(dbs, last, {0: "a", 1: "b"})
+
+    def closing(wait_s: float) -> Verdict:
+        return Agreement(1, t.db, t.membership, 0, ROUNDS, t.bad_value, max_group=3).close(ROUNDS, wait_s)
+
+    probes = Agreement(1, t.db, t.membership, 0, ROUNDS, t.bad_value, max_group=3).probe(ROUNDS)
+    kept = decide(1, ROUNDS, probes, set(), 0, my_digest="b" * 40, my_state=(last, "b" * 40))
+    assert kept.train, "before the wait, peer 2 may still side with us"
+    t0 = time.monotonic()
+    v = closing(0.5)
+    assert v.kind == "resync" and "diverged" in v.why and "[0]" in v.why, v
+    assert time.monotonic() - t0 >= 0.5  # it waited for peer 2 first
+    # peer 2 ends with our model within the wait: 2 holders against 1, we keep it
+    threading.Timer(0.3, _digests, (dbs, last, {2: "b"})).start()
+    t0 = time.monotonic()
+    assert closing(10).train
+    assert time.monotonic() - t0 < 5
+
+
 def test_a_peer_before_the_last_round_follows_the_members_that_finished_the_training():
     """Members that finished the training (``done``) published nothing after the last round, so their
     marks do not say they are ahead, and they send no more vectors: a peer still before the last round
