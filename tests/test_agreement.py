@@ -221,20 +221,17 @@ def test_after_the_last_round_a_peer_still_finishing_it_does_not_keep_the_models
     _marks(dbs, {0: last, 1: last, 2: last})
     _digests(dbs, last, {0: "a", 1: "b"})
 
-    def closing(wait_s: float) -> Verdict:
-        return Agreement(1, t.db, t.membership, 0, ROUNDS, t.bad_value, max_group=3).close(ROUNDS, wait_s)
-
-    probes = Agreement(1, t.db, t.membership, 0, ROUNDS, t.bad_value, max_group=3).probe(ROUNDS)
-    kept = decide(1, ROUNDS, probes, set(), 0, my_digest="b" * 40, my_state=(last, "b" * 40))
+    agreement = Agreement(1, t.db, t.membership, 0, ROUNDS, t.bad_value, max_group=3)
+    kept = decide(1, ROUNDS, agreement.probe(ROUNDS), set(), 0, my_digest="b" * 40, my_state=(last, "b" * 40))
     assert kept.train, "before the wait, peer 2 may still side with us"
     t0 = time.monotonic()
-    v = closing(0.5)
+    v = agreement.close(ROUNDS, 0.5)
     assert v.kind == "resync" and "diverged" in v.why and "[0]" in v.why, v
     assert time.monotonic() - t0 >= 0.5  # it waited for peer 2 first
     # peer 2 ends with our model within the wait: 2 holders against 1, we keep it
     threading.Timer(0.3, _digests, (dbs, last, {2: "b"})).start()
     t0 = time.monotonic()
-    assert closing(10).train
+    assert agreement.close(ROUNDS, 10).train
     assert time.monotonic() - t0 < 5
 
 
