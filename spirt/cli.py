@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -531,6 +532,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; servers stopped", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader stopped early (`spirt list | head`): nothing is wrong with the command; point stdout at
+        # /dev/null so that flushing it at exit does not raise again (the Python documentation's recipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader went away
 
 
 if __name__ == "__main__":

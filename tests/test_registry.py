@@ -208,6 +208,16 @@ def test_spirt_list_has_no_markup():
     assert not re.search(r":\w+:", out)
 
 
+def test_spirt_list_into_a_reader_that_stops_early_is_no_traceback():
+    # `spirt list | head -5`: the pipe closes while we write; that is the reader's choice, not an error
+    proc = subprocess.Popen([sys.executable, "-m", "spirt.cli", "list"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # before it writes: its first write to the pipe fails
+    _, err = proc.communicate(timeout=300)
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
+    assert proc.returncode == 141
+
+
 # --------------------------------------------------------------------------------- no torch import
 
 
