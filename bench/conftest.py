@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from spirt.processes import interrupt_on_sigterm
 from spirt.servers import start_server
 
 # The benchmarks refresh the committed figures in the tree's reports/ from whatever directory pytest
@@ -20,6 +21,21 @@ try:
     torch.set_num_threads(1)
 except ImportError:  # pragma: no cover
     pass
+
+def pytest_configure(config) -> None:
+    # a SIGTERMed run (tox stopped, a CI job cancelled) ends like Ctrl-C: tests and fixtures tear down
+    # what they started instead of leaving it behind
+    interrupt_on_sigterm()
+
+
+
+@pytest.fixture(scope="session")
+def interrupted(request):
+    """For a fixture that writes a report after its module's tests: ``interrupted()`` is True when the run
+    was stopped (Ctrl-C, or SIGTERM, which ``pytest_configure`` turns into the same). The fixture then
+    writes nothing: the rows of the tests that ran so far would replace the committed report with a part
+    of it. (A selection, ``-k``, still writes what it ran, on purpose.)"""
+    return lambda: request.session.exitstatus == pytest.ExitCode.INTERRUPTED
 
 @pytest.fixture(scope="session")
 def bench_server():

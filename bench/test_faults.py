@@ -23,9 +23,9 @@ _rounds: list[pd.DataFrame] = []
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _write():
+def _write(interrupted):
     yield
-    if _rows:
+    if _rows and not interrupted():
         order = {name: i for i, name in enumerate(faults.SCENARIOS)}
         df = faults.write_reports(sorted(_rows, key=lambda r: order[r["scenario"]]), reports_dir())
         if _rounds:

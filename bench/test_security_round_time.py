@@ -54,9 +54,9 @@ _rows: list[dict] = []
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _write():
+def _write(interrupted):
     yield
-    if not _rows:
+    if not _rows or interrupted():
         return
     import pandas as pd
 

@@ -19,9 +19,9 @@ _rows: list[dict] = []
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _write_reports():
+def _write_reports(interrupted):
     yield
-    if _rows:
+    if _rows and not interrupted():
         ub.write_reports(ub.with_speedups(list(_rows)), REPORTS, profile=PROFILE)
 
 
@@ -52,9 +52,9 @@ _security_rows: list[dict] = []
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _write_security_report():
+def _write_security_report(interrupted):
     yield
-    if _security_rows:
+    if _security_rows and not interrupted():
         import pandas as pd
 
         from spirt.reports import write_table

@@ -26,7 +26,7 @@ from .config import Config
 from .disagreement import Observer
 from .keys import START_KEY, Keys
 from .links import Links
-from .peer import peer_main
+from .peer import peer_process
 from .processes import RUNNING, command_line, descendants, handle, signal_if_same, state, stop_processes
 from .servers import Server, make_client, start_server
 
@@ -50,20 +50,22 @@ def peer_context():
     return ctx
 
 
-def peer_on_host(namespace: str, *args) -> None:
-    """Process entry point of a peer on an emulated host: :func:`spirt.peer.peer_main` inside the host's
+def peer_on_host(namespace: str, harness: int, *args) -> None:
+    """Process entry point of a peer on an emulated host: :func:`spirt.peer.peer_process` inside the host's
     network namespace (its gradient-function workers, started later, live there too)."""
     from .netns import enter
 
     enter(namespace)
-    peer_main(*args)
+    peer_process(harness, *args)
 
 
 def heartbeat_process(cfg_json: str, index: int, urls: list[str | None]) -> None:
     """Process entry point of a peer that only keeps its heartbeat (detection tests): it lives until it
-    is killed."""
+    is killed, or until the process that started it is gone."""
     from .peer import Peer
+    from .processes import exit_with
 
+    exit_with(os.getppid())
     cfg = Config.model_validate_json(cfg_json)
     peer = Peer(cfg, index, urls)
     peer.membership.start_heartbeat()
@@ -162,7 +164,9 @@ class Cluster:
         self.t_start = time.time()
 
     def _spawn(self, i: int, args: tuple) -> None:
-        target, args = (peer_on_host, (self.hosts.namespace(i), *args)) if self.hosts else (peer_main, args)
+        # the peer ends with this process even if it cannot stop the peer (SIGKILL): see exit_with
+        args = (os.getpid(), *args)
+        target, args = (peer_on_host, (self.hosts.namespace(i), *args)) if self.hosts else (peer_process, args)
         p = self._ctx.Process(target=target, args=args, name=f"peer-{i}", daemon=False)
         p.start()
         self.procs[i] = p

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 from .functions import FunctionSpec, GradResult, GradTask, compute_gradient, warm_up
+from .processes import exit_with
 from .registry import Registry
 
 registry = Registry("executor")
@@ -30,15 +30,6 @@ class Invocation:
     attempts: int
     #: (wall time, error) of every failed attempt, also when a retry then succeeded
     failures: list[tuple[float, str]] = field(default_factory=list)
-
-
-def _watch_parent(parent: int, every_s: float = 0.5) -> None:
-    """Exit when the parent (the peer orchestrator) is gone: a SIGKILLed orchestrator cannot shut its
-    pool down, and its workers would otherwise wait for work forever."""
-    while True:
-        time.sleep(every_s)
-        if os.getppid() != parent:
-            os._exit(0)
 
 
 def cpu_share(slot: int, workers: int, slots: int, cpus: set[int] | None = None) -> set[int] | None:
@@ -61,13 +52,15 @@ def cpu_share(slot: int, workers: int, slots: int, cpus: set[int] | None = None)
     return {avail[(slot * workers + j) % len(avail)] for j in range(workers)}
 
 
-def _worker_init(spec: FunctionSpec, cpus: set[int] | None = None) -> None:
+def _worker_init(spec: FunctionSpec, cpus: set[int] | None = None, peer: int | None = None) -> None:
+    # a SIGKILLed orchestrator cannot shut its pool down: its workers go with it
+    if peer is not None:
+        exit_with(peer)
     # pinned first: the torch import and the data loading run on the worker's own share too
     if cpus:
         os.sched_setaffinity(0, cpus)
     import torch
 
-    threading.Thread(target=_watch_parent, args=(os.getppid(),), name="watch-parent", daemon=True).start()
     torch.set_num_threads(1)
     warm_up(spec)
 
@@ -160,7 +153,7 @@ class ProcessExecutor(Executor):
 
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
-                                   initializer=_worker_init, initargs=(self.spec, self.cpus))
+                                   initializer=_worker_init, initargs=(self.spec, self.cpus, os.getpid()))
 
     def worker_pids(self) -> list[int]:
         return [p.pid for p in list((self._pool._processes or {}).values()) if p.pid is not None]

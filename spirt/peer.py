@@ -616,6 +616,17 @@ def wait_for_start(url: str, key: str, timeout_s: float | None = None) -> None:
             c0.close()
 
 
+def peer_process(harness: int, *args, **kwargs) -> None:
+    """Entry point of a peer orchestrator process that a harness started (``spirt run``, a fault
+    cluster): :func:`peer_main`, ended when the ``harness`` process is gone
+    (:func:`spirt.processes.exit_with`). ``spirt host`` runs :func:`peer_main` as its own process and
+    needs no such watch."""
+    from .processes import exit_with
+
+    exit_with(harness)
+    peer_main(*args, **kwargs)
+
+
 def peer_main(cfg_json: str, index: int, urls: list[str | None], start_key: str | None = None,
               join: bool = False, resume: bool = False, admin: str | None = None,
               start_timeout_s: float | None = None) -> None:

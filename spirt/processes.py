@@ -12,7 +12,9 @@ after the kernel has handed out all the others, much later than that.)
 from __future__ import annotations
 
 import os
+import select
 import signal
+import threading
 import time
 from collections.abc import Iterable
 from typing import Protocol
@@ -20,7 +22,7 @@ from typing import Protocol
 import psutil
 
 __all__ = ["RUNNING", "SLEEPING", "STOPPED", "ZOMBIE", "GONE", "state", "alive", "descendants", "command_line",
-           "handle", "signal_if_same", "stop_processes"]
+           "handle", "signal_if_same", "stop_processes", "exit_with", "interrupt_on_sigterm"]
 
 #: :func:`state` values (psutil's status names); a process blocked on a signal (SIGSTOP) is STOPPED
 RUNNING = psutil.STATUS_RUNNING  # on a CPU or waiting for one: a worker that computes
@@ -123,3 +125,59 @@ def stop_processes(procs: Iterable[_Started], grace_s: float = 10.0) -> None:
             p.join(5)
     for h in below:
         signal_if_same(h, signal.SIGKILL)
+
+
+def exit_with(pid: int) -> threading.Thread:
+    """End this process (``os._exit(1)``) as soon as process ``pid`` has exited; returns the watching thread.
+
+    The backstop of clean shutdown for the processes a run starts below its harness (peer orchestrators,
+    gradient-function workers, the grid's cell workers): a harness that is SIGKILLed, or SIGTERMed where
+    nothing turns SIGTERM into an exit, cannot stop them. Left alone they wait forever: a pool worker
+    holds both ends of its task queue, and a peer started from the forkserver holds the forkserver's
+    "alive" pipe, so neither ever sees its parent go (observed: a SIGTERMed ``pytest bench/test_faults.py``
+    left 4 peers, their 4 workers, the forkserver and the resource tracker running). Their own children
+    watch them in turn, so the whole tree goes. The servers are covered apart from this: they get SIGTERM
+    when the thread that started them ends (``PR_SET_PDEATHSIG``).
+
+    ``pid`` is the harness, given explicitly: the parent of a forkserver child is the forkserver. The
+    thread blocks on a pidfd of ``pid`` (Linux >= 5.3: it cannot confuse a later process that reuses the
+    pid, and costs nothing while it waits), else polls the psutil handle (which compares start times).
+    """
+
+    def _wait_pidfd(fd: int) -> None:
+        select.select([fd], [], [])
+        os._exit(1)
+
+    def _wait_poll(proc: psutil.Process | None) -> None:
+        while proc is not None and proc.is_running() and proc.status() != ZOMBIE:
+            time.sleep(0.5)
+        os._exit(1)
+
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(1)  # already gone
+    except (AttributeError, OSError):  # no pidfd on this platform or kernel
+        t = threading.Thread(target=_wait_poll, args=(handle(pid),), name=f"exit-with-{pid}", daemon=True)
+    else:
+        t = threading.Thread(target=_wait_pidfd, args=(fd,), name=f"exit-with-{pid}", daemon=True)
+    t.start()
+    return t
+
+
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM raise KeyboardInterrupt in the main thread, as Ctrl-C does (the test suites call this).
+
+    Python dies of SIGTERM at once, so a SIGTERMed pytest (``tox`` stopped, a CI job cancelled) ran no
+    ``finally``, context manager or fixture teardown: its servers died with it, the processes below it
+    only by :func:`exit_with`. As a KeyboardInterrupt, pytest ends the test, tears its fixtures down and
+    reports the run as interrupted (exit status 2). Only from the main thread, and only where SIGTERM
+    still has its default action."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+
+        def _on_term(signum, frame):
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        signal.signal(signal.SIGTERM, _on_term)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import secrets
 import threading
 import time
@@ -22,7 +23,7 @@ from .backends import needs_module
 from .config import Config
 from .disagreement import Observer
 from .keys import START_KEY, Keys
-from .peer import Peer, peer_main
+from .peer import Peer, peer_process
 from .processes import stop_processes
 from .rows import EVENT_COLUMNS, read_reports, rejected_event
 from .servers import make_client, start_server
@@ -340,7 +341,8 @@ def _tls_args(cfg: Config, i: int) -> dict:
 def _run_processes(cfg, urls, c0, stack, shower, timeout_s, client=_plain_client, resume=False, observer=None,
                    admins=lambda i: None):
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=peer_main, args=(cfg.model_dump_json(), i, urls, START_KEY, False, resume, admins(i)),
+    procs = [ctx.Process(target=peer_process,
+                         args=(os.getpid(), cfg.model_dump_json(), i, urls, START_KEY, False, resume, admins(i)),
                          name=f"peer-{i}") for i in range(len(urls))]
     for p in procs:
         p.start()

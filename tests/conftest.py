@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+from spirt.processes import interrupt_on_sigterm
 from spirt.servers import start_server
 
 try:  # torch: one thread per process, or two busy processes slow small models 10x
@@ -16,6 +17,12 @@ try:  # torch: one thread per process, or two busy processes slow small models 1
     torch.set_num_threads(1)
 except ImportError:  # pragma: no cover
     pass
+
+
+def pytest_configure(config) -> None:
+    # a SIGTERMed run (tox stopped, a CI job cancelled) ends like Ctrl-C: tests and fixtures tear down
+    # what they started instead of leaving it behind
+    interrupt_on_sigterm()
 
 
 def _flavors() -> list:

@@ -171,3 +171,96 @@ def test_stop_processes_kills_what_ignores_sigterm_after_the_grace_period():
         if p.is_alive():
             p.kill()
         p.join(5)
+
+
+# A harness that starts a fault cluster (4 process levels below it: the forkserver and resource tracker,
+# 2 peer orchestrators from the forkserver, a gradient-function worker under each, and the 2 servers) and
+# waits in it, as a test or a benchmark does. Ends with status 3 if it saw a KeyboardInterrupt (and so
+# left the cluster's context manager), else dies of its signal.
+_HARNESS = """
+import sys, time
+from spirt.cluster import Cluster
+from spirt.config import load_config
+from spirt.processes import interrupt_on_sigterm
+
+interrupt_on_sigterm()
+cfg = load_config(None, {"run.rounds": 10000, "run.eval_every": 10000, "data.limit_train": 512,
+                         "data.limit_test": 64, "peers.count": 2, "peers.functions": 1, "peers.batch_size": 16,
+                         "model.name": "mlp", "executor.kind": "process", "executor.workers": 1,
+                         "executor.pin_cpus": False})
+try:
+    with Cluster(cfg) as c:
+        c.wait_round(0, 1)
+        print("training", flush=True)
+        time.sleep(600)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_a_harness_that_is_killed_leaves_no_process_behind(children, sig):
+    """A harness training a cluster is signalled. Every process below it must be gone soon after:
+    - SIGTERM (interrupt_on_sigterm, as the test suites install it): it leaves its context managers as
+      on Ctrl-C, which stop the peers, their workers and the servers;
+    - SIGKILL: nothing runs in it, and the peers and workers must end by themselves (exit_with). Without
+      that, the peers, their workers, the forkserver and the resource tracker waited forever."""
+    h = _python(_HARNESS, stdout=subprocess.PIPE, text=True)
+    children.append(h)
+    assert h.stdout.readline().strip() == "training", "the harness did not start training"
+    below = [processes.handle(pid) for pid in processes.descendants(h.pid)]
+    names = [processes.command_line(p.pid) for p in below if p is not None]
+    # the tree is complete: otherwise the test would not show what it claims
+    assert sum("forkserver" in n for n in names) >= 3, names  # the forkserver and the 2 peers forked from it
+    assert sum("spawn_main" in n for n in names) == 2, names  # a gradient worker per peer
+    assert sum("server" in n and "forkserver" not in n for n in names) == 2, names
+    h.send_signal(sig)
+    status = h.wait(60)
+    if sig == signal.SIGTERM:
+        assert status == 3 and "interrupted" in h.stdout.read(), status
+    else:
+        assert status == -signal.SIGKILL
+    try:
+        _until(lambda: all(p is None or not p.is_running() or p.status() == processes.ZOMBIE for p in below),
+               timeout_s=30, what="every process below the harness to end")
+    finally:
+        for p in below:  # what is left fails the test above; it must not outlive it
+            if p is not None:
+                processes.signal_if_same(p, signal.SIGKILL)
+
+
+@pytest.mark.timeout(180)
+def test_a_sigtermed_benchmark_leaves_the_committed_reports_as_they_were(children, tmp_path):
+    """``tox -e bench`` stopped midway: a SIGTERM between two cells of the update-time benchmark ends the
+    run as interrupted (exit status 2) and writes no report, where the rows so far would have replaced
+    the whole committed report. The same benchmark run to its end (a selection) does write it: the
+    writer is live in this set-up."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "SPIRT_BENCH_PROFILE": "small", "PYTHONUNBUFFERED": "1"}
+
+    def bench(out, *args):
+        p = subprocess.Popen([sys.executable, "-m", "pytest", "bench/test_update_time.py", "-v", "-p", "no:cacheprovider",
+                              *args], cwd=root, env={**env, "SPIRT_REPORTS_DIR": str(out)},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        children.append(p)
+        return p
+
+    stopped = bench(tmp_path / "stopped")
+    passed = 0
+    for line in stopped.stdout:
+        passed += " PASSED" in line
+        if passed == 2:
+            stopped.send_signal(signal.SIGTERM)
+            break
+    assert passed == 2, "the benchmark ended before two cells passed"
+    rest = stopped.stdout.read()
+    assert stopped.wait(60) == pytest.ExitCode.INTERRUPTED, rest[-2000:]
+    assert "KeyboardInterrupt" in rest
+    assert not (tmp_path / "stopped").exists() or not any((tmp_path / "stopped").iterdir())
+
+    done = bench(tmp_path / "done", "-k", "update-100k-K4")
+    out = done.stdout.read()
+    assert done.wait(120) == 0, out[-2000:]
+    assert (tmp_path / "done" / "update_time.csv").exists(), out[-2000:]

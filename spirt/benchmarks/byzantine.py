@@ -455,9 +455,15 @@ def make_config(cell: Cell, training: Training, data_dir: str | None = None, **o
 # ----------------------------------------------------------------------------------------------------
 
 
-def _worker_init() -> None:
+def worker_init(harness: int) -> None:
+    """Initializer of the benchmarks' cell workers: one torch thread, and the worker ends with its
+    ``harness`` (a SIGKILLed grid would otherwise leave it waiting for cells forever, see
+    :func:`spirt.processes.exit_with`)."""
     import torch
 
+    from ..processes import exit_with
+
+    exit_with(harness)
     torch.set_num_threads(1)
 
 
@@ -1147,7 +1153,8 @@ def _run_pool(batch: list[Cell], t: Training, cache: str | None, workers: int, l
 
     lost: list[Cell] = []
     with _Env(SINGLE_THREAD_ENV):
-        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init)
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=worker_init,
+                                   initargs=(os.getpid(),))
     try:
         futs = {pool.submit(run_cell, c, t, cache, data_dir): c for c in batch}
         remaining = set(futs)

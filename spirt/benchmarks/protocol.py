@@ -277,18 +277,14 @@ def cached(cache_dir: str | Path, key: str) -> dict | None:
     return rec if rec.get("key") == key and rec.get("status") == "ok" else None
 
 
-def _worker_init() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
 def run_protocol_grid(out_dir: str | Path | None = DEFAULT_OUT, cache_dir: str | Path | None = DEFAULT_CACHE,
                       workers: int = 2, *, attacks: Iterable[str] | None = None,
                       settings: Iterable[tuple[int, int]] = SETTINGS, modes: Iterable[str] = MODES,
                       training: Training | None = None, progress: bool = True) -> pd.DataFrame:
     """Run (or read from the cache) every run of :func:`plan`; write the reports to ``out_dir``."""
     import multiprocessing as mp
+
+    from .byzantine import worker_init
 
     t = training or Training()
     runs = plan(attacks, settings, modes)
@@ -308,7 +304,7 @@ def run_protocol_grid(out_dir: str | Path | None = DEFAULT_OUT, cache_dir: str |
     cache = None if cache_dir is None else str(cache_dir)
     if todo:
         with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=mp.get_context("spawn"),
-                                 initializer=_worker_init) as pool:
+                                 initializer=worker_init, initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(run_one, run, t, cache): run for run in todo}
             for done, fut in enumerate(as_completed(futures), 1):
                 run = futures[fut]
