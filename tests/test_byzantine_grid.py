@@ -144,12 +144,13 @@ def test_byzantine_grid_cache_reuse_refusal_and_reports(tmp_path):
     assert rec["distinct_models"] >= 1 and set(rec["phases"]) == {"startup", "training", "final_eval", "teardown"}
 
     # reports
-    for name in ("byzantine.csv", "byzantine.md", "byzantine_heatmap.png", "byzantine_curves.png",
-                 "byzantine_seeds.csv", "byzantine_worstcase.csv", "byzantine_worstcase.png"):
+    for name in ("byzantine_reduced.csv", "byzantine_reduced.md", "byzantine_reduced_heatmap.png",
+                 "byzantine_reduced_curves.png", "byzantine_reduced_seeds.csv", "byzantine_reduced_worstcase.csv",
+                 "byzantine_reduced_worstcase.png"):
         assert (out / name).stat().st_size > 0, name
-    csv = pd.read_csv(out / "byzantine.csv")
+    csv = pd.read_csv(out / "byzantine_reduced.csv")
     assert set(REQUIRED) <= set(csv.columns) and len(csv) == 8
-    md = (out / "byzantine.md").read_text()
+    md = (out / "byzantine_reduced.md").read_text()
     assert "Best defense per attack" in md and "refused" in md
 
     # rerun: everything from the cache, same numbers
@@ -185,7 +186,7 @@ def test_byzantine_grid_failed_cell_is_recorded_not_cached(tmp_path, monkeypatch
     df = bz.run_grid("reduced", tmp_path / "out", tmp_path / "cache", workers=1, progress=False, **grid)
     assert (df.status == "error").all() and df.error.str.contains("injected failure").all()
     assert not list((tmp_path / "cache").glob("*.json"))
-    assert (tmp_path / "out" / "byzantine.md").read_text().count("injected failure") >= 1
+    assert (tmp_path / "out" / "byzantine_reduced.md").read_text().count("injected failure") >= 1
 
 
 def test_byzantine_grid_process_pool(tmp_path):
@@ -316,18 +317,18 @@ def test_byzantine_grid_statistics_columns_and_reports(tmp_path, fake_training):
     assert json.loads(row.curve) == [[1, pytest.approx(0.51)], [2, pytest.approx(0.61)]]
     assert json.loads(row.curve_band)[1] == pytest.approx([2, 0.60, 0.62])
 
-    csv = pd.read_csv(tmp_path / "byzantine.csv")
+    csv = pd.read_csv(tmp_path / "byzantine_reduced.csv")
     assert set(REQUIRED) <= set(csv.columns) and len(csv) == 16
-    seeds = pd.read_csv(tmp_path / "byzantine_seeds.csv")
+    seeds = pd.read_csv(tmp_path / "byzantine_reduced_seeds.csv")
     assert len(seeds) == 3 * len(csv) and set(seeds.seed) == {0, 1, 2}
     s = seeds[(seeds.attack == "alie") & (seeds.defense == "mean") & (seeds.n_byzantine == 3)]
     assert list(s.accuracy) == pytest.approx([0.78, 0.79, 0.80])
     assert "z=0.52 from (n=10, f=3)" in set(csv[(csv.attack == "alie") & (csv.n_byzantine == 3)].strength)
-    wc = pd.read_csv(tmp_path / "byzantine_worstcase.csv")
+    wc = pd.read_csv(tmp_path / "byzantine_reduced_worstcase.csv")
     assert set(wc.columns) >= {"defense", "worst_attack", "mean", "ci95_low", "ci95_high", "maxmin"}
-    assert (tmp_path / "byzantine_worstcase.png").stat().st_size > 0
+    assert (tmp_path / "byzantine_reduced_worstcase.png").stat().st_size > 0
 
-    md = (tmp_path / "byzantine.md").read_text()
+    md = (tmp_path / "byzantine_reduced.md").read_text()
     assert "3 seeds per cell" in md and "Student-t 95% interval" in md
     assert "0.610 ± 0.025" in md  # krum under sign flip: mean ± half-width
     assert "not distinguishable" in md and "## Worst case per defense" in md and "### Max-min choice" in md
@@ -470,12 +471,37 @@ def test_byzantine_grid_goes_on_from_the_run_archive_on_another_machine(tmp_path
     assert len(fake_training) == 2 * n1 and two.attrs["computed"] == n1
     assert {c.seed for c in fake_training[n1:]} == {1}
     assert len(archive.read_text().splitlines()) == 2 * n1
-    seeds = pd.read_csv(out / "byzantine_seeds.csv")
+    seeds = pd.read_csv(out / "byzantine_reduced_seeds.csv")
     assert seeds[seeds.seed == 0].accuracy.notna().all() and seeds[seeds.seed == 1].accuracy.notna().all()
     # use_cache=False (--no-cache) ignores the archive too, and the archive keeps every run
     assert bz.run_grid("reduced", out, tmp_path / "cache-c", workers=1, progress=False, seeds=1,
                        use_cache=False, **SYN).attrs["computed"] == n1
     assert len(archive.read_text().splitlines()) == 2 * n1
+
+
+
+def test_byzantine_grid_reduced_run_leaves_the_full_grids_report_alone(tmp_path, fake_training):
+    """``tox -e bench`` runs the reduced grid into the tree's reports/, which hold the full grid's report.
+    The reduced grid writes reports of its own (``byzantine_reduced.*``), takes its runs from the full
+    grid's archive (they are seed-0 cells of it: nothing is trained again) and leaves ``byzantine.*`` as it
+    was. Written as ``byzantine.*``, its 30-run report replaced the full one at every benchmark run."""
+    out = tmp_path / "reports"
+    full = bz.run_grid("full", out, tmp_path / "cache-a", workers=1, progress=False, seeds=2, **SYN)
+    trained = len(fake_training)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "byzantine.md" in before and "byzantine_runs.jsonl" in before
+    # another machine (an empty cache), the committed reports
+    reduced = bz.run_grid("reduced", out, tmp_path / "cache-b", workers=1, progress=False, **SYN)
+    assert len(fake_training) == trained and reduced.attrs["computed"] == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in before} == before
+    md = (out / "byzantine_reduced.md").read_text()
+    assert md.startswith("# Byzantine benchmark grid (byzantine_reduced)") and "`byzantine_runs.jsonl`" in md
+    assert "**1 seed per cell**" in md and "**2 seeds per cell**" in (out / "byzantine.md").read_text()
+    # the reduced report's numbers are the full grid's seed-0 runs
+    row = reduced[(reduced.attack == "alie") & (reduced.defense == "median") & (reduced.n_byzantine == 3)].iloc[0]
+    seed0 = json.loads(full[(full.attack == "alie") & (full.defense == "median") & (full.n_byzantine == 3)]
+                       .iloc[0].per_seed)[0]
+    assert row.accuracy == pytest.approx(seed0)
 
 
 def test_byzantine_grid_run_archive_keeps_only_checked_records(tmp_path, fake_training):
@@ -551,7 +577,7 @@ def test_byzantine_grid_report_of_a_part_says_which_part(tmp_path):
     assert "Byzantine fractions 30% (of 0%, 10%, 20%, 30%, 40%)" in md and "partitions iid (of iid, dirichlet)" in md
     bz.run_grid("reduced", tmp_path / "whole", tmp_path / "cache", workers=1, progress=False, compute=False,
                 partitions=list(bz.PROFILES["reduced"].partitions))
-    assert "A part of" not in (tmp_path / "whole" / "byzantine.md").read_text()
+    assert "A part of" not in (tmp_path / "whole" / "byzantine_reduced.md").read_text()
 
 
 def test_byzantine_grid_report_says_which_columns_ran_fewer_seeds(tmp_path, fake_training):

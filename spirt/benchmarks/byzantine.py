@@ -42,7 +42,8 @@ cached): adding seeds computes only the new seeds. Cells run in a spawn process 
 per worker).
 
 Run archive: the reports' directory also holds ``<stem>_runs.jsonl``, every finished run of the grids
-written there (:func:`write_runs`; the reduced grid's runs join the full grid's, they share the stem).
+written there (:func:`write_runs`; the reduced grid's runs join the full grid's: they share the archive
+``byzantine_runs.jsonl``, not the reports, see :attr:`Profile.archive`).
 It is read like the cache (:func:`read_runs` checks each line: this :data:`VERSION`, status ``ok``, the
 key is the hash of the spec it carries, an accuracy in [0, 1]), so a grid that takes longer than one
 sitting continues on another machine from the committed reports, and a reader can recompute every
@@ -51,7 +52,7 @@ statistic from the per-run records.
 Entry points: :func:`run_grid` and :func:`main` (``spirt bench byzantine``; ``--estimate`` prints the
 number of runs and the expected time); profiles :data:`PROFILES` (``reduced`` for ``tox -e bench``,
 ``full`` for the whole grid, ``target`` for the 30%-IID headline slice trained 60 rounds with peer
-momentum, reported as ``byzantine_target.*``), chosen by ``--profile`` or the environment variable
+momentum; reported as ``byzantine_reduced.*``, ``byzantine.*`` and ``byzantine_target.*``), chosen by ``--profile`` or the environment variable
 ``SPIRT_BYZ_PROFILE``.
 """
 
@@ -192,17 +193,26 @@ class Profile:
     training: Training = field(default_factory=Training)
     #: file name stem of the reports (``<report>.csv``, ``.md``, ``_heatmap.png``, ``_curves.png``)
     report: str = "byzantine"
+    #: file name stem of the run archive it reads and adds to (``<archive>_runs.jsonl``; default: ``report``).
+    #: A profile whose runs are a subset of another's shares that one's archive but writes reports of its own
+    archive: str | None = None
     #: seeds per grid row (run seeds ``training.seed + 0 .. seeds - 1``)
     seeds: int = DEFAULT_SEEDS
     #: attacks the profile leaves out of "everything" (``attacks=None``); naming them in ``--attacks``
     #: still runs them
     skip_attacks: tuple[str, ...] = ()
 
+    @property
+    def archive_stem(self) -> str:
+        return self.archive or self.report
+
 
 #: Both profiles share the training settings, so the reduced grid's cells are cached cells of the full one.
 PROFILES: dict[str, Profile] = {
     # one seed: 30 runs, about 8 minutes on two cores (``tox -e bench`` allows 15; two seeds took about
-    # 16); its runs are seed 0 of the full grid's cells
+    # 16); its runs are seed 0 of the full grid's cells, so it reads them from (and adds them to) the full
+    # grid's run archive, but its reports are its own: written as byzantine.*, this 30-run grid replaced
+    # the full grid's committed report at every ``tox -e bench``
     "reduced": Profile(
         "reduced",
         attacks=("sign_flip", "alie", "gaussian", "ipm"),
@@ -210,6 +220,8 @@ PROFILES: dict[str, Profile] = {
         fractions=(0.0, 0.3),
         partitions=("iid",),
         seeds=1,
+        report="byzantine_reduced",
+        archive="byzantine",
     ),
     # Adaptive equivocation tunes a vector per recipient against the vectors that recipient holds. In
     # these trainings every honest peer sends the same vector to every peer, so every recipient holds
@@ -843,9 +855,9 @@ def run_grid(profile: str | Profile = "reduced", out_dir: str | Path | None = DE
     """
     t, rows, runs = plan(profile, attacks=attacks, defenses=defenses, fractions=fractions,
                          partitions=partitions, training=training, seeds=seeds)
-    stem = (PROFILES[profile] if isinstance(profile, str) else profile).report
+    prof = PROFILES[profile] if isinstance(profile, str) else profile
     cache = Path(cache_dir) if cache_dir else None
-    archive = runs_path(out_dir, stem) if out_dir is not None else None
+    archive = runs_path(out_dir, prof.archive_stem) if out_dir is not None else None
     archived, skipped = read_runs(archive) if archive is not None and use_cache else ({}, {})
     if progress and skipped:
         print(f"{archive}: skipped {', '.join(f'{n} line(s): {why}' for why, n in skipped.items())}",
@@ -870,7 +882,7 @@ def run_grid(profile: str | Profile = "reduced", out_dir: str | Path | None = DE
                                partitions=partitions)
     if archive is not None:
         df.attrs["archived"] = write_runs(archive, results.values())
-        write_reports(df, out_dir, t, stem)
+        write_reports(df, out_dir, t, prof.report, archive=prof.archive_stem)
     log.done(df.attrs["wall_s"])
     return df
 
@@ -1030,7 +1042,7 @@ def estimate(profile: str | Profile = "reduced", cache_dir: str | Path | None = 
     ``cached`` (in the cache or in ``out_dir``'s run archive), ``to_run``, ``seconds`` (the missing
     cells' expected times, :func:`_cell_times`, over ``workers``) and ``cell_seconds`` (their mean)."""
     t, rows, runs = plan(profile, **filters)
-    stem = (PROFILES[profile] if isinstance(profile, str) else profile).report
+    stem = (PROFILES[profile] if isinstance(profile, str) else profile).archive_stem
     archived = read_runs(runs_path(out_dir, stem))[0] if out_dir is not None else {}
     results, todo = _known(runs, t, Path(cache_dir) if cache_dir else None, archived)
     refused = sum(r["status"] == "refused" for r in results.values())
@@ -1584,7 +1596,8 @@ def seed_coverage(df: pd.DataFrame, n_seeds: int) -> str:
     return text
 
 
-def write_markdown(df: pd.DataFrame, path: str | Path, t: Training, csv_name: str = "byzantine.csv") -> Path:
+def write_markdown(df: pd.DataFrame, path: str | Path, t: Training, csv_name: str = "byzantine.csv",
+                   runs_name: str | None = None) -> Path:
     best = best_defenses(df)
     pct = f"{100 * TARGET_GAP:.0f}"
     runs = distinct_runs(df)
@@ -1612,7 +1625,7 @@ def write_markdown(df: pd.DataFrame, path: str | Path, t: Training, csv_name: st
         "with one seed). `clean_accuracy` = plain mean with no Byzantine peer on the same partition and "
         "seeds; `gap` (CSV) = clean_accuracy - accuracy. Per-seed accuracies: `per_seed` in "
         f"`{csv_name}` and `{stem}_seeds.csv`; every run's record (its spec, accuracies, curve, losses and "
-        f"timings): `{stem}_runs.jsonl`. Each defense runs with f = the number of Byzantine peers "
+        f"timings): `{runs_name or stem + '_runs.jsonl'}`. Each defense runs with f = the number of Byzantine peers "
         "(f = 0 at 0%, which every rule accepts). A cell whose defense refuses (n, f) is `refused` (the "
         f"rule's message is below and in `{csv_name}`); `error` = the run failed. At 0% the attack plays no "
         "part: one run per defense, partition and seed serves every attack's row. Grid-specific "
@@ -1929,7 +1942,10 @@ def plot_curves(df: pd.DataFrame, path: str | Path, max_attacks: int = 4) -> Pat
     return Path(path)
 
 
-def write_reports(df: pd.DataFrame, out_dir: str | Path, t: Training, stem: str = "byzantine") -> dict[str, Path]:
+def write_reports(df: pd.DataFrame, out_dir: str | Path, t: Training, stem: str = "byzantine",
+                  archive: str | None = None) -> dict[str, Path]:
+    """The reports ``<stem>.*`` of the grid ``df``; ``archive``: the stem of its run archive (default ``stem``),
+    which the Markdown names."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / f"{stem}.csv", "seeds": out / f"{stem}_seeds.csv",
@@ -1939,7 +1955,7 @@ def write_reports(df: pd.DataFrame, out_dir: str | Path, t: Training, stem: str 
     df.to_csv(paths["csv"], index=False)
     seeds_frame(df).to_csv(paths["seeds"], index=False)
     worst_case_frame(df).to_csv(paths["worstcase_csv"], index=False)
-    write_markdown(df, paths["md"], t, csv_name=paths["csv"].name)
+    write_markdown(df, paths["md"], t, csv_name=paths["csv"].name, runs_name=f"{archive or stem}_runs.jsonl")
     plot_heatmap(df, paths["heatmap"])
     plot_worst_case(df, paths["worstcase"])
     plot_curves(df, paths["curves"])
