@@ -145,12 +145,18 @@ def exit_with(pid: int) -> threading.Thread:
     """
 
     def _wait_pidfd(fd: int) -> None:
-        select.select([fd], [], [])
+        waiter = select.poll()  # not select(): it refuses descriptors above 1023
+        waiter.register(fd, select.POLLIN)
+        while not waiter.poll():
+            pass
         os._exit(1)
 
     def _wait_poll(proc: psutil.Process | None) -> None:
-        while proc is not None and proc.is_running() and proc.status() != ZOMBIE:
-            time.sleep(0.5)
+        try:
+            while proc is not None and proc.is_running() and proc.status() != ZOMBIE:
+                time.sleep(0.5)
+        except psutil.Error:  # gone between the two checks
+            pass
         os._exit(1)
 
     try:
