@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from spirt.processes import interrupt_on_sigterm
+from spirt.processes import interrupt_on_sigterm, terminated
 from spirt.servers import start_server
 
 # The benchmarks refresh the committed figures in the tree's reports/ from whatever directory pytest
@@ -35,7 +35,7 @@ def interrupted(request):
     was stopped (Ctrl-C, or SIGTERM, which ``pytest_configure`` turns into the same). The fixture then
     writes nothing: the rows of the tests that ran so far would replace the committed report with a part
     of it. (A selection, ``-k``, still writes what it ran, on purpose.)"""
-    return lambda: request.session.exitstatus == pytest.ExitCode.INTERRUPTED
+    return lambda: terminated.is_set() or request.session.exitstatus == pytest.ExitCode.INTERRUPTED
 
 @pytest.fixture(scope="session")
 def bench_server():

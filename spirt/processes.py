@@ -22,7 +22,7 @@ from typing import Protocol
 import psutil
 
 __all__ = ["RUNNING", "SLEEPING", "STOPPED", "ZOMBIE", "GONE", "state", "alive", "descendants", "command_line",
-           "handle", "signal_if_same", "stop_processes", "exit_with", "interrupt_on_sigterm"]
+           "handle", "signal_if_same", "stop_processes", "exit_with", "interrupt_on_sigterm", "terminated"]
 
 #: :func:`state` values (psutil's status names); a process blocked on a signal (SIGSTOP) is STOPPED
 RUNNING = psutil.STATUS_RUNNING  # on a CPU or waiting for one: a worker that computes
@@ -171,6 +171,13 @@ def exit_with(pid: int) -> threading.Thread:
     return t
 
 
+#: set by the SIGTERM handler of :func:`interrupt_on_sigterm` before it raises: whoever writes results at
+#: teardown asks this rather than the test runner's own status, which the runner may fail to record (pytest
+#: on Python 3.11 can crash while it reports an interrupt that landed on an instruction without a line
+#: number, and then tears down as if the run were complete)
+terminated = threading.Event()
+
+
 def interrupt_on_sigterm() -> None:
     """Make SIGTERM raise KeyboardInterrupt in the main thread, as Ctrl-C does (the test suites call this).
 
@@ -184,6 +191,7 @@ def interrupt_on_sigterm() -> None:
     if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
 
         def _on_term(signum, frame):
+            terminated.set()
             raise KeyboardInterrupt(f"signal {signum}")
 
         signal.signal(signal.SIGTERM, _on_term)

@@ -234,9 +234,12 @@ def test_a_harness_that_is_killed_leaves_no_process_behind(children, sig):
 @pytest.mark.timeout(180)
 def test_a_sigtermed_benchmark_leaves_the_committed_reports_as_they_were(children, tmp_path):
     """``tox -e bench`` stopped midway: a SIGTERM between two cells of the update-time benchmark ends the
-    run as interrupted (exit status 2) and writes no report, where the rows so far would have replaced
-    the whole committed report. The same benchmark run to its end (a selection) does write it: the
-    writer is live in this set-up."""
+    run and writes no report, where the rows so far would have replaced the whole committed report. The
+    same benchmark run to its end (a selection) does write it: the writer is live in this set-up.
+
+    The exit status is 2 (interrupted), except when pytest crashes while reporting the interrupt (Python
+    3.11: a traceback entry without a line number; seen once in CI), which it ends with status 1 after
+    tearing down as if the run were complete: the report must stay unwritten then too."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "SPIRT_BENCH_PROFILE": "small", "PYTHONUNBUFFERED": "1"}
 
@@ -256,7 +259,7 @@ def test_a_sigtermed_benchmark_leaves_the_committed_reports_as_they_were(childre
             break
     assert passed == 2, "the benchmark ended before two cells passed"
     rest = stopped.stdout.read()
-    assert stopped.wait(60) == pytest.ExitCode.INTERRUPTED, rest[-2000:]
+    assert stopped.wait(60) in (pytest.ExitCode.INTERRUPTED, pytest.ExitCode.TESTS_FAILED), rest[-2000:]
     assert "KeyboardInterrupt" in rest
     assert not (tmp_path / "stopped").exists() or not any((tmp_path / "stopped").iterdir())
 
