@@ -142,7 +142,10 @@ class Membership:
         since = since or {}
         for q, url in current.items():
             if q != self.index and q not in self.members:
+                # a peer the group admitted while we were away: our group grows, which is an event too
                 self.add(q, url, since=first)
+                self.events(first, "admitted", q, "by the membership of the state we took over; awaited from "
+                            f"round {max(first, since.get(q, first))}")
         for q, m in self.members.items():
             if q in current:
                 m.since = max(first, since[q]) if q in since else min(m.since, first)

@@ -61,9 +61,10 @@ def test_adopting_a_groups_membership_logs_every_change(table):
     assert m.awaited(8) == [1, 2] and m.awaited(9) == [1, 2, 4]
     assert all(m[q].misses == 0 for q in m)
     adopted = [e for e in events() if e["round"] == 9]
-    assert _kinds(adopted) == [("readmitted", 2), ("removed", 3)]
+    # the newcomer too: a group that grows through a state transfer says so (it once said nothing)
+    assert _kinds(adopted) == [("admitted", 4), ("readmitted", 2), ("removed", 3)]
     assert all("state we took over" in e["detail"] for e in adopted)
-    assert adopted[0]["detail"].endswith("awaited from round 9")
+    assert adopted[0]["detail"].endswith("awaited from round 9") and adopted[1]["detail"].endswith("awaited from round 9")
     # a member the group admitted as a joiner for a later round is awaited from that round, and says so
     m.account(9, ready=[1, 4], missing={2: ("deadline", 0.0)})
     m.account(10, ready=[1, 4], missing={2: ("deadline", 0.0)})
