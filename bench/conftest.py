@@ -22,11 +22,11 @@ try:
 except ImportError:  # pragma: no cover
     pass
 
+
 def pytest_configure(config) -> None:
     # a SIGTERMed run (tox stopped, a CI job cancelled) ends like Ctrl-C: tests and fixtures tear down
     # what they started instead of leaving it behind
     interrupt_on_sigterm()
-
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +36,7 @@ def interrupted(request):
     writes nothing: the rows of the tests that ran so far would replace the committed report with a part
     of it. (A selection, ``-k``, still writes what it ran, on purpose.)"""
     return lambda: terminated.is_set() or request.session.exitstatus == pytest.ExitCode.INTERRUPTED
+
 
 @pytest.fixture(scope="session")
 def bench_server():
