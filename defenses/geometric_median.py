@@ -97,11 +97,15 @@ class GeometricMedian(Aggregator):
         if pts.shape[0] == 0:
             return np.full(x.shape[1], np.nan, dtype=x.dtype)
         z = self._start(pts)
+        # the steps compute in float64: convert the inputs once, not in every subtraction and product
+        # (numpy converted them there anyway, so the values are the same)
+        p64 = pts.astype(np.float64, copy=False)
+        diff = np.empty_like(p64)
         for _ in range(self.max_iter):
-            dist = row_norms(pts - z)
+            dist = row_norms(np.subtract(p64, z, out=diff))
             beta = 1.0 / np.maximum(dist, self.eps)
             beta /= beta.sum()
-            z_next = beta @ pts
+            z_next = beta @ p64
             if not np.all(np.isfinite(z_next)):
                 break
             step = float(row_norms((z_next - z)[None, :])[0])

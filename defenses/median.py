@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._arrays import NETWORK_MAX_ROWS, sort_columns
 from ._base import Aggregator, InDBPlan, register
 
 
@@ -15,7 +16,16 @@ def coordinate_median(x: np.ndarray) -> np.ndarray:
     n = x.shape[0]
     mid = n // 2
     kth = [mid - 1, mid] if n % 2 == 0 else [mid]
-    part = np.partition(x, kth, axis=0)  # NaN is sorted after +inf
+    # NaN is sorted after +inf by both; a few rows sort faster than numpy selects along axis 0
+    part = sort_columns(x) if n <= NETWORK_MAX_ROWS else np.partition(x, kth, axis=0)
+    return middle(part)
+
+
+def middle(part: np.ndarray) -> np.ndarray:
+    """The coordinate-wise median of rows whose middle rows are in sorted position (sorted or
+    partitioned columns, as :func:`coordinate_median` makes them)."""
+    n = part.shape[0]
+    mid = n // 2
     if n % 2:
         return part[mid].copy()
     return part[mid - 1] * 0.5 + part[mid] * 0.5  # no overflow for huge finite values

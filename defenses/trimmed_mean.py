@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._arrays import sort_columns
 from ._base import Aggregator, InDBPlan, register
 
 
@@ -15,7 +16,7 @@ def coordinate_trimmed_mean(x: np.ndarray, trim: int) -> np.ndarray:
     n = x.shape[0]
     if trim == 0:
         return x.mean(axis=0)
-    kept = np.sort(x, axis=0)[trim : n - trim]
+    kept = sort_columns(x)[trim : n - trim]
     return kept.mean(axis=0)
 
 

@@ -642,3 +642,67 @@ def test_byzantine_byzfl_has_no_bulyan():
     """Nothing to compare Bulyan against in ByzFL 0.0.11; it is checked against a naive definition above."""
     assert not hasattr(byzfl, "Bulyan")
     assert math.isfinite(float(defenses.get("bulyan", f=1)(random_inputs(0, 7, 3)).sum()))
+
+
+# ---- the fast kernels give the textbook computations' exact values -------------------------------
+
+
+@pytest.mark.parametrize("n", range(1, defenses._arrays.NETWORK_MAX_ROWS + 1))
+def test_byzantine_sorting_network_sorts_every_input(n):
+    """0-1 principle: a comparator network that sorts every 0/1 input sorts every input; all 2^n of them
+    are columns of one matrix here."""
+    ones = (np.arange(2**n)[None, :] >> np.arange(n)[:, None]) & 1
+    assert np.array_equal(defenses._arrays.sort_columns(ones.astype(np.float32)), np.sort(ones, axis=0))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 2, 5, 10, 16, 17, 30])
+def test_byzantine_sort_columns_is_numpys_sort(n, dtype):
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((n, 300)).astype(dtype)
+    x[:, :50] = np.round(x[:, :50])  # ties
+    x[0, 50:60], x[-1, 60:70] = np.inf, -np.inf
+    assert np.array_equal(defenses._arrays.sort_columns(x), np.sort(x, axis=0))
+    x[n // 2, 70:80] = np.nan  # NaN last, as np.sort puts it
+    assert np.array_equal(defenses._arrays.sort_columns(x), np.sort(x, axis=0), equal_nan=True)
+
+
+def _reference_geometric_median(x: np.ndarray, eps: float, max_iter: int, tol: float) -> np.ndarray:
+    """The smoothed Weiszfeld iteration written plainly (median start), as the rule computed it before its
+    kernels were made fast."""
+    from defenses._arrays import finite_rows, row_norms
+
+    pts = x[finite_rows(x)]
+    z = np.median(pts, axis=0).astype(np.float64)
+    for _ in range(max_iter):
+        dist = row_norms(pts - z)
+        beta = 1.0 / np.maximum(dist, eps)
+        beta /= beta.sum()
+        z_next = beta @ pts
+        step = float(row_norms((z_next - z)[None, :])[0])
+        z = z_next
+        if step <= tol * float(np.median(dist)):
+            break
+    return z.astype(x.dtype)
+
+
+@pytest.mark.parametrize("n", [5, 10, 13])
+def test_byzantine_fast_rules_match_their_plain_computation_exactly(n):
+    """Reports computed before and after a speed-up stay comparable only if the values are the same, bit
+    for bit: every rule with a client-side kernel against its plain numpy computation."""
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((n, 5000)).astype(np.float32)
+    x[-1] *= 1e3  # an outlier
+    f = (n - 1) // 4
+    med = np.median(x, axis=0)
+    assert np.array_equal(defenses.get("median", f=f)(x), med)
+    trimmed = np.sort(x, axis=0)[f : n - f].mean(axis=0)
+    assert np.array_equal(defenses.get("trimmed_mean", f=f)(x), trimmed)
+    assert np.array_equal(defenses.get("geometric_median", f=f, max_iter=5)(x),
+                          _reference_geometric_median(x, 1e-6, 5, 1e-6))
+    diff = x - med.astype(np.float64)
+    scale = np.minimum(1.0, 2.0 / np.sqrt(np.einsum("ij,ij->i", diff, diff)))
+    clipped = (med.astype(np.float64) + (scale @ diff) / n).astype(np.float32)
+    assert np.array_equal(defenses.get("centered_clipping", f=f, tau=2.0)(x), clipped)
+    if n >= 4 * f + 3:
+        assert np.array_equal(defenses.get("bulyan", f=f)(x), naive_bulyan(x, f))
