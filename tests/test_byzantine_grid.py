@@ -194,7 +194,33 @@ def test_byzantine_grid_process_pool(tmp_path):
     grid = {**GRID, "attacks": ["sign_flip"], "defenses": ["mean"], "fractions": [0.0]}
     df = bz.run_grid("reduced", None, tmp_path / "cache", workers=2, progress=False, **grid)
     assert df.attrs["computed"] == 1 and (df.status == "ok").all()
-    assert bz.cache_read(tmp_path / "cache", json.loads(df["keys"].iloc[0])[0])["cpu_seconds"] > 0
+    rec = bz.cache_read(tmp_path / "cache", json.loads(df["keys"].iloc[0])[0])
+    assert rec["cpu_seconds"] > 0
+    assert rec["environment"] == bz.run_environment() and rec["environment"]["isa"]
+
+
+def test_byzantine_grid_workers_start_in_the_worker_environment():
+    """One BLAS thread per worker, and glibc keeping freed blocks: a pool's workers start at its first
+    submissions, so an environment set only around the pool's creation never reached them."""
+    import multiprocessing as mp
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    assert os.environ.get("MALLOC_MMAP_THRESHOLD_") is None  # else the test would prove nothing
+    with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
+        futures = bz.submit_all(pool, os.getenv, list(bz.WORKER_ENV))
+        assert {name: fut.result() for fut, name in futures.items()} == bz.WORKER_ENV
+    assert os.environ.get("MALLOC_MMAP_THRESHOLD_") is None
+
+
+def test_byzantine_grid_report_says_where_its_runs_were_made(tmp_path, fake_training):
+    df = bz.run_grid("reduced", tmp_path, tmp_path / "cache", workers=1, progress=False, seeds=1, **SYN)
+    assert df.attrs["environments"] == (1, 0)
+    md = (tmp_path / "byzantine_reduced.md").read_text()
+    assert "The runs come from 1 environment (CPU" in md
+    older = [{"status": "ok"}, {"status": "ok", "environment": {"cpu": "a"}}, {"status": "error"}]
+    assert bz.environments(older) == (1, 1)
+    assert "1 runs predate the record" in bz._environment_line(*bz.environments(older))
 
 
 def test_byzantine_grid_profile_selection(monkeypatch):

@@ -67,7 +67,7 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
@@ -549,9 +549,48 @@ def run_cell(cell: Cell, training: Training, cache_dir: str | None = None,
                     "traceback": traceback.format_exc()[-4000:]})
     rec["seconds"] = time.perf_counter() - t0
     rec["cpu_seconds"] = _cpu(resource) - cpu0  # this process + its reaped children (the servers)
+    rec["environment"] = run_environment()
     if cache_dir and rec["status"] == "ok":
         _cache_write(Path(cache_dir), key, rec)
     return rec
+
+
+def run_environment() -> dict[str, str]:
+    """What a run's values depend on besides its spec: the CPU (its model and the instruction set torch's
+    kernels use) and the versions of Python, torch and numpy.
+
+    The same spec and seed on another CPU or install gives other values in the last bits of the first
+    gradients, and training can amplify them into accuracies points apart, as another seed would (131
+    archived cells rerun on another machine: 36 identical, median difference 0.02 points, 4 more than a
+    point). A record is reproducible where it was made; the archive says where that was.
+    """
+    import platform
+
+    import numpy as np
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "isa": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version(),
+            "torch": torch.__version__, "numpy": np.__version__}
+
+
+def environments(records: Iterable[dict]) -> tuple[int, int]:
+    """(distinct environments, records without one) among the successful ``records``."""
+    seen, without = set(), 0
+    for r in records:
+        if r.get("status") != "ok":
+            continue
+        env = r.get("environment")
+        if isinstance(env, dict):
+            seen.add(json.dumps(env, sort_keys=True))
+        else:
+            without += 1
+    return len(seen), without
 
 
 def _train(cell: Cell, t: Training, data_dir: str | None) -> dict[str, Any]:
@@ -578,7 +617,9 @@ def _train(cell: Cell, t: Training, data_dir: str | None) -> dict[str, Any]:
         now = time.perf_counter()
         phases["startup"], mark = now - mark, now
         try:
-            df = run_training(cfg, progress=False, timeout_s=CELL_TIMEOUT_S)
+            # no observer: the records keep no round-by-round disagreement, and the final models'
+            # digests (``distinct_models``) still tell a cell that ended in more than one model
+            df = run_training(cfg, progress=False, timeout_s=CELL_TIMEOUT_S, observe=False)
         except TrainingError as exc:
             dead = [f"the database of peer {i} exited: {s.diagnose() or s.logfile}"
                     for i, s in enumerate(servers) if not s.alive()]
@@ -1092,10 +1133,16 @@ def _hours(seconds: float) -> str:
     return f"{m:.1f} min" if m < 90 else f"{m / 60:.1f} h"
 
 
-#: One thread per math library in the workers: the client-side rules (geometric median, centered
-#: clipping, NNM, Bulyan) call BLAS from ten peer threads at once, and OpenBLAS's own thread pool then
-#: spins on the two cores (2.6x the CPU time of the geometric median, measured).
-SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+#: The workers' environment.
+#: - One thread per math library: the client-side rules (geometric median, centered clipping, NNM,
+#:   Bulyan) call BLAS from ten peer threads at once, and OpenBLAS's own thread pool then spins on the
+#:   two cores (2.6x the CPU time of the geometric median, measured).
+#: - glibc keeps freed blocks of up to 32 MiB (its largest mmap threshold) in its heaps instead of
+#:   returning them to the kernel: the rules' float64 temporaries of a 207k-parameter model are 1.6 to
+#:   16 MiB, and each one came from a fresh mmap whose pages the kernel zeroed on first touch. That was
+#:   half of a geometric-median cell's CPU time in the kernel (8.8 of 30 s; 4.7 with these settings).
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+              "MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(512 << 20)}
 
 
 #: Cells per worker process: the pool is replaced after every ``WORKER_TASKS x workers`` cells. A fresh
@@ -1108,7 +1155,7 @@ WORKER_TASKS = 40
 STALL_S = CELL_TIMEOUT_S + 600
 
 
-class _Env:
+class Environment:
     """Set environment variables for the processes started inside the block, restore them after."""
 
     def __init__(self, values: dict[str, str]):
@@ -1125,6 +1172,16 @@ class _Env:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def submit_all(pool: ProcessPoolExecutor, fn: Callable, items: Iterable, *args: Any) -> dict:
+    """``{pool.submit(fn, item, *args): item}`` for every item, under :data:`WORKER_ENV`.
+
+    A pool starts its workers at its first submissions, not when it is made, and they take the
+    environment then: set around the pool's creation only, it was gone before any worker started.
+    """
+    with Environment(WORKER_ENV):
+        return {pool.submit(fn, item, *args): item for item in items}
 
 
 def _execute(todo: list[Cell], t: Training, cache: str | None, workers: int, log: _Log,
@@ -1164,11 +1221,10 @@ def _run_pool(batch: list[Cell], t: Training, cache: str | None, workers: int, l
     from concurrent.futures import FIRST_COMPLETED, wait
 
     lost: list[Cell] = []
-    with _Env(SINGLE_THREAD_ENV):
-        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=worker_init,
-                                   initargs=(os.getpid(),))
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=worker_init,
+                               initargs=(os.getpid(),))
     try:
-        futs = {pool.submit(run_cell, c, t, cache, data_dir): c for c in batch}
+        futs = submit_all(pool, run_cell, batch, t, cache, data_dir)
         remaining = set(futs)
         while remaining:
             done, remaining = wait(remaining, timeout=STALL_S, return_when=FIRST_COMPLETED)
@@ -1343,6 +1399,7 @@ def assemble(rows: list[tuple[str, str, int, str]], results: dict[Cell, dict], t
         })
     df = pd.DataFrame(out, columns=CSV_COLUMNS)
     df.attrs["phases"] = _phase_medians(results.values())
+    df.attrs["environments"] = environments(results.values())
     return df
 
 
@@ -1596,6 +1653,16 @@ def seed_coverage(df: pd.DataFrame, n_seeds: int) -> str:
     return text
 
 
+def _environment_line(distinct: int, without: int) -> str:
+    """The report's sentence on where its runs were made (:func:`run_environment`)."""
+    where = f"{distinct} environment{'s' if distinct != 1 else ''} (CPU, instruction set, Python, torch, numpy: " \
+            "`environment` in each record)" if distinct else "no recorded environment"
+    older = f"; {without} runs predate the record" if without else ""
+    return (f"The runs come from {where}{older}. A run repeats bit for bit in the environment that made it; "
+            "on another CPU or install the same seed starts to differ in the last bits and can end points "
+            "away, as another seed would: compare the intervals, not single runs.")
+
+
 def write_markdown(df: pd.DataFrame, path: str | Path, t: Training, csv_name: str = "byzantine.csv",
                    runs_name: str | None = None) -> Path:
     best = best_defenses(df)
@@ -1646,6 +1713,7 @@ def write_markdown(df: pd.DataFrame, path: str | Path, t: Training, csv_name: st
         split = (" (median phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in ph.items()) + ")") if ph else ""
         lines.append(f"Runs: {n_ok} distinct trainings, median {secs.median():.1f} s wall each{split}, two "
                      "running side by side on two cores.")
+        lines.append(_environment_line(*df.attrs.get("environments", (0, 0))))
     else:
         lines.append("No run finished.")
     if df.attrs.get("scope"):

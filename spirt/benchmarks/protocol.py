@@ -284,7 +284,7 @@ def run_protocol_grid(out_dir: str | Path | None = DEFAULT_OUT, cache_dir: str |
     """Run (or read from the cache) every run of :func:`plan`; write the reports to ``out_dir``."""
     import multiprocessing as mp
 
-    from .byzantine import worker_init
+    from .byzantine import submit_all, worker_init
 
     t = training or Training()
     runs = plan(attacks, settings, modes)
@@ -305,7 +305,7 @@ def run_protocol_grid(out_dir: str | Path | None = DEFAULT_OUT, cache_dir: str |
     if todo:
         with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=mp.get_context("spawn"),
                                  initializer=worker_init, initargs=(os.getpid(),)) as pool:
-            futures = {pool.submit(run_one, run, t, cache): run for run in todo}
+            futures = submit_all(pool, run_one, todo, t, cache)
             for done, fut in enumerate(as_completed(futures), 1):
                 run = futures[fut]
                 results[run] = fut.result()
