@@ -22,7 +22,7 @@ _rows: list[dict] = []
 def _write_reports(interrupted):
     yield
     if _rows and not interrupted():
-        ub.write_reports(ub.with_speedups(list(_rows)), REPORTS, profile=PROFILE)
+        ub.write_reports(ub.with_speedups(list(_rows)), REPORTS, profile=PROFILE, stem=ub.report_stem(PROFILE))
 
 
 @pytest.mark.parametrize(("op", "n_floats", "k", "backend"), CELLS,

@@ -86,8 +86,9 @@ def _cmd_bench_update(args) -> int:
             print(f"speedups within {args.tolerance:.0%} of the baseline ({len(base['speedups'])} ratios)")
             return 0
         rows = ub.run_profile(client, args.profile, _progress_printer(console))
-        ub.write_reports(rows, out, profile=args.profile)
-        console.print(f"reports written to {out}/update_time.{{csv,md,png}}")
+        stem = ub.report_stem(args.profile)
+        ub.write_reports(rows, out, profile=args.profile, stem=stem)
+        console.print(f"reports written to {out}/{stem}.{{csv,md,png}}")
         return 0
     finally:
         client.close()
@@ -295,7 +296,7 @@ def _cmd_demo(args) -> int:
         client = srv.client(socket_timeout=1800)
         rows = ub.run_profile(client, "small", _progress_printer(console))
         client.close()
-    ub.write_reports(rows, out, profile="small", stem="update_time_small")
+    ub.write_reports(rows, out, profile="small", stem=ub.report_stem("small"))
     console.print(f"reports written to {out}/")
     return 0
 

@@ -74,3 +74,17 @@ def test_the_machine_load_is_read_from_the_processes_running():
         assert ub.busy_cores(1.0) > 0.7
     finally:
         p.join()
+
+
+def test_a_quick_profile_writes_its_own_report_and_leaves_the_full_one(tmp_path):
+    """``spirt bench update`` (small by default) and ``SPIRT_BENCH_PROFILE=small`` wrote ``update_time.*``,
+    replacing the committed full-profile report with a quick one."""
+    assert ub.report_stem("full") == "update_time"
+    assert {ub.report_stem(p) for p in ub.PROFILES if p != "full"} == {f"update_time_{p}" for p in ub.PROFILES
+                                                                        if p != "full"}
+    row = {"op": "update", "backend": "client", "size": "1M", "n_floats": 10**6, "k": 4, "rounds": 3,
+           "median_s": 0.01, "min_s": 0.01, "speedup_vs_client": 1.0, "time_vs_unfused": float("nan"),
+           "gbytes_per_s": 1.0}
+    rows = [{c: {**row, "backend": b}.get(c, float("nan")) for c in ub.COLUMNS} for b in ("client", "module")]
+    ub.write_reports(ub.with_speedups(rows), tmp_path, profile="small", stem=ub.report_stem("small"))
+    assert (tmp_path / "update_time_small.md").exists() and not (tmp_path / "update_time.md").exists()

@@ -377,6 +377,13 @@ COLUMNS = ["op", "backend", "size", "n_floats", "k", "rounds", "median_s", "min_
            "time_vs_unfused", "gbytes_per_s"]
 
 
+def report_stem(profile: str) -> str:
+    """The file stem of a profile's reports: ``update_time`` for the full profile, ``update_time_<profile>``
+    for the others, so that a quick run never replaces the full report (the main job writes
+    ``update_time_small`` too)."""
+    return "update_time" if profile == "full" else f"update_time_{profile}"
+
+
 def write_reports(rows: list[dict], out_dir, *, profile: str = "full", stem: str = "update_time"):
     import pandas as pd
 
