@@ -266,4 +266,4 @@ def test_a_sigtermed_benchmark_leaves_the_committed_reports_as_they_were(childre
     done = bench(tmp_path / "done", "-k", "update-100k-K4")
     out = done.stdout.read()
     assert done.wait(120) == 0, out[-2000:]
-    assert (tmp_path / "done" / "update_time.csv").exists(), out[-2000:]
+    assert (tmp_path / "done" / "update_time_small.csv").exists(), out[-2000:]  # the small profile's report
