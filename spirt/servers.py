@@ -475,6 +475,12 @@ def start_server(
         tls = None
     if tls is not None:
         unix_socket = False  # TLS is for TCP clients; a unix socket would bypass it
+    # every check that can refuse comes before the working directory exists, so a refusal leaves none
+    if fsync not in ("always", "everysec", "no"):
+        raise ValueError(f"fsync must be 'always', 'everysec' or 'no', got {fsync!r}")
+    so = (module_path() if module is True else Path(module)) if module else None
+    if so is not None and not Path(so).exists():
+        raise ServerError(f"tensor module {str(so)!r} not found; build it with pip install -e .")
     owns = workdir is None
     wd = Path(tempfile.mkdtemp(prefix="spirt-db-")) if owns else Path(workdir)
     wd.mkdir(parents=True, exist_ok=True)
@@ -483,23 +489,23 @@ def start_server(
     args = [str(exe), "--bind", host, "--daemonize", "no", "--dir", str(wd), "--logfile", str(logfile)]
     if host not in ("127.0.0.1", "::1", "localhost"):
         args += ["--protected-mode", "no"]
-    if fsync not in ("always", "everysec", "no"):
-        raise ValueError(f"fsync must be 'always', 'everysec' or 'no', got {fsync!r}")
     aclfile = wd / "users.acl"
-    if users is not None:
-        write_acl_file(aclfile, users)
-        args += ["--aclfile", str(aclfile)]
+    try:
+        if users is not None:
+            write_acl_file(aclfile, users)
+            args += ["--aclfile", str(aclfile)]
+        if persistence and not password and users is None:
+            write_acl_file(aclfile, {})  # ACL users (ACL SAVE) come back with the data after a restart
+            args += ["--aclfile", str(aclfile)]
+    except BaseException:
+        if owns:
+            shutil.rmtree(wd, ignore_errors=True)
+        raise
     if persistence:
         args += ["--appendonly", "yes", "--appendfsync", fsync, "--save", ""]
-        if not password and users is None:  # ACL users (ACL SAVE) come back with the data after a restart
-            write_acl_file(aclfile, {})
-            args += ["--aclfile", str(aclfile)]
     else:
         args += ["--appendonly", "no", "--save", ""]
     if module:
-        so = module_path() if module is True else Path(module)
-        if not Path(so).exists():
-            raise ServerError(f"tensor module {str(so)!r} not found; build it with pip install -e .")
         args += ["--loadmodule", str(so)]
     if password:
         args += ["--requirepass", password]

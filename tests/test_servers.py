@@ -76,6 +76,21 @@ def test_bad_binary_is_named():
         start_server("valkey", extra_args=["--no-such-option", "1"])
 
 
+def test_a_server_that_cannot_start_leaves_no_directory(tmp_path, monkeypatch):
+    """Refused before it starts (no module, a bad setting) or failing to start: its working directory
+    is gone either way."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(ServerError, match="not found"):
+        start_server("valkey", module=tmp_path / "missing.so")
+    with pytest.raises(ValueError, match="fsync"):
+        start_server("valkey", persistence=True, fsync="sometimes")
+    with pytest.raises(ServerError, match="did not start"):
+        start_server("valkey", extra_args=["--no-such-option", "1"])
+    assert list(tmp_path.iterdir()) == []
+
+
 SCRIPT = textwrap.dedent(
     """
     import sys, time
