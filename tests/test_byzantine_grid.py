@@ -200,17 +200,53 @@ def test_byzantine_grid_process_pool(tmp_path):
 
 
 def test_byzantine_grid_workers_start_in_the_worker_environment():
-    """One BLAS thread per worker, and glibc keeping freed blocks: a pool's workers start at its first
-    submissions, so an environment set only around the pool's creation never reached them."""
+    """One BLAS thread per worker: a pool's workers start at its first submissions, so an environment
+    set only around the pool's creation never reached them."""
     import multiprocessing as mp
     import os
     from concurrent.futures import ProcessPoolExecutor
 
-    assert os.environ.get("MALLOC_MMAP_THRESHOLD_") is None  # else the test would prove nothing
+    assert os.environ.get("OPENBLAS_NUM_THREADS") is None  # else the test would prove nothing
     with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
         futures = bz.submit_all(pool, os.getenv, list(bz.WORKER_ENV))
         assert {name: fut.result() for fut, name in futures.items()} == bz.WORKER_ENV
-    assert os.environ.get("MALLOC_MMAP_THRESHOLD_") is None
+    assert os.environ.get("OPENBLAS_NUM_THREADS") is None
+
+
+def mapped_bytes_while_holding(nbytes: int) -> int:
+    """glibc's bytes in mmap'ed blocks while an ``nbytes`` array is alive (``mallinfo2().hblkhd``)."""
+    import ctypes
+
+    import numpy as np
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                     "keepcost")]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    before = libc.mallinfo2().hblkhd
+    block = np.ones(nbytes, dtype=np.uint8)
+    held = libc.mallinfo2().hblkhd - before
+    del block
+    return held
+
+
+def test_byzantine_grid_workers_keep_large_blocks_on_the_heap():
+    """A cell worker takes a 48 MiB temporary from glibc's heap, not from a fresh mmap whose pages the
+    kernel zeroes on every touch; a plain process (the control) maps it: 48 MiB is above the largest
+    threshold glibc's own dynamic adjustment reaches (32 MiB)."""
+    import multiprocessing as mp
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    size = 48 << 20
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=ctx) as plain:
+        assert plain.submit(mapped_bytes_while_holding, size).result() >= size
+    with ProcessPoolExecutor(1, mp_context=ctx, initializer=bz.worker_init, initargs=(os.getpid(),)) as pool:
+        assert pool.submit(mapped_bytes_while_holding, size).result() == 0
 
 
 def test_byzantine_grid_report_says_where_its_runs_were_made(tmp_path, fake_training):
