@@ -33,9 +33,9 @@ class Counted(Aggregator):
 
 
 @pytest.fixture(autouse=True)
-def _fresh():
+def _fresh(monkeypatch):
     CALLS.clear()
-    aggregate._AGGREGATED = aggregate.Shared(keep=16)
+    monkeypatch.setattr(aggregate, "_AGGREGATED", aggregate.Shared(keep=16))
 
 
 def _raw(rng, n=6, d=5000) -> list[bytes]:

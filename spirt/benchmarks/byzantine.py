@@ -492,19 +492,9 @@ def one_heap() -> bool:
     the trim threshold) take the same blocks back round after round. Measured on one geometric-median
     cell alone, three runs each: 9.2 to 9.7 s instead of 11.4 to 15.7, the same accuracy. Returns False
     where the C library is not glibc (nothing changed)."""
-    import ctypes
-    import ctypes.util
+    from .update import M_ARENA_MAX, mallopt, steady_client_allocator
 
-    from .update import steady_client_allocator
-
-    if not steady_client_allocator():
-        return False
-    m_arena_max = -8
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(m_arena_max, 1))
-    except (OSError, AttributeError):
-        return False
+    return steady_client_allocator() and mallopt(M_ARENA_MAX, 1)
 
 
 def _base_record(cell: Cell, training: Training, key: str) -> dict[str, Any]:

@@ -171,23 +171,28 @@ def steady_client_allocator() -> bool:
     with whatever ran earlier in the process, which made its ratios meaningless. Fixing the thresholds
     measures the client path at its best and the same in every process. Returns False where the C
     library is not glibc (nothing changed)."""
-    import ctypes
-    import ctypes.util
-
     global _ALLOCATOR_SET
     if _ALLOCATOR_SET is None:
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            m_trim_threshold, m_mmap_threshold = -1, -3
-            # above ResNet-18's 47 MB gradients; keep up to 1 GiB of freed heap instead of trimming it
-            _ALLOCATOR_SET = bool(libc.mallopt(m_mmap_threshold, 64 << 20)) and bool(
-                libc.mallopt(m_trim_threshold, 1 << 30))
-        except (OSError, AttributeError):
-            _ALLOCATOR_SET = False
+        # above ResNet-18's 47 MB gradients; keep up to 1 GiB of freed heap instead of trimming it
+        _ALLOCATOR_SET = mallopt(M_MMAP_THRESHOLD, 64 << 20) and mallopt(M_TRIM_THRESHOLD, 1 << 30)
     return _ALLOCATOR_SET
 
 
 _ALLOCATOR_SET: bool | None = None
+#: glibc's ``mallopt`` parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
+
+
+def mallopt(param: int, value: int) -> bool:
+    """glibc's ``mallopt(param, value)`` for this process; False where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(param, value))
+    except (OSError, AttributeError):
+        return False
 
 
 def time_call(fn: Callable[[], None], rounds: int, warmup: int = 1) -> list[float]:
