@@ -28,7 +28,7 @@ from .keys import START_KEY, Keys
 from .links import Links
 from .peer import peer_process
 from .processes import RUNNING, command_line, descendants, handle, signal_if_same, state, stop_processes
-from .servers import Server, make_client, start_server
+from .servers import Server, make_client, start_servers
 
 __all__ = ["Cluster", "ClusterError", "peer_context", "heartbeat_process", "peer_on_host"]
 
@@ -141,11 +141,11 @@ class Cluster:
 
             self.hosts = Hosts(self.slots)
             self.links = PeerCuts(self.hosts, self._cut_mode)
-        for i in range(self.slots):
-            where = ({"host": self.hosts.address(i), "netns": self.hosts.namespace(i)} if self.hosts
-                     else {"unix_socket": True})
-            self.servers.append(start_server(c.peers.server, module=needs_module(c.aggregation.backend),
-                                             persistence=c.peers.persistence, fsync="always", **where))
+        self.servers.extend(start_servers([
+            dict(binary=c.peers.server, module=needs_module(c.aggregation.backend), persistence=c.peers.persistence,
+                 fsync="always", **({"host": self.hosts.address(i), "netns": self.hosts.namespace(i)} if self.hosts
+                                    else {"unix_socket": True}))
+            for i in range(self.slots)]))
         if self._want_links:
             self.links = Links({i: s.unix_socket for i, s in enumerate(self.servers)})
         cfg_json = c.model_dump_json()

@@ -26,7 +26,7 @@ from .keys import START_KEY, Keys
 from .peer import Peer, peer_process
 from .processes import stop_processes
 from .rows import EVENT_COLUMNS, read_reports, rejected_event
-from .servers import make_client, start_server
+from .servers import make_client, start_servers
 from .wire import BadValue
 
 
@@ -220,6 +220,7 @@ def run_training(cfg: Config, *, progress: bool = True, timeout_s: float | None 
                 Path(state_dir).mkdir(parents=True, exist_ok=True)
                 if not resume:
                     (Path(state_dir) / STATE_CONFIG).write_text(cfg.model_dump_json(indent=1))
+            options = []
             for i in range(cfg.peers.count):
                 # with persistence, every write is on disk before its reply (appendfsync always): a
                 # restarted database has every update the peer saw completed
@@ -228,12 +229,12 @@ def run_training(cfg: Config, *, progress: bool = True, timeout_s: float | None 
                     workdir.mkdir(exist_ok=True)
                 # a secured database needs the module for its inbox guard (TENSOR.PUSH) in any case
                 module = needs_module(cfg.aggregation.backend) or (cfg.security.enabled and cfg.security.inbox_guard)
-                srv = start_server(cfg.peers.server, module=module,
-                                   unix_socket=cfg.peers.unix_socket,
-                                   persistence=cfg.peers.persistence or state_dir is not None,
-                                   fsync="always", workdir=workdir, **_tls_args(cfg, i), **admins.server_args(i))
+                options.append(dict(binary=cfg.peers.server, module=module, unix_socket=cfg.peers.unix_socket,
+                                    persistence=cfg.peers.persistence or state_dir is not None, fsync="always",
+                                    workdir=workdir, **_tls_args(cfg, i), **admins.server_args(i)))
+            servers = start_servers(options)  # side by side
+            for srv in servers:
                 stack.callback(srv.stop)
-                servers.append(srv)
             urls = [s.url for s in servers]
         c0 = client(urls[0], socket_timeout=10)
         stack.callback(c0.close)

@@ -23,10 +23,11 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis
 from redis._parsers.encoders import Encoder
@@ -461,6 +462,84 @@ def start_server(
         ``host``, an address of that namespace; ``port`` defaults to 6379 there (the namespace's ports
         are its own, and a free port cannot be looked up from here).
     """
+    return _await(_launch(binary, module=module, port=port, host=host, unix_socket=unix_socket,
+                          persistence=persistence, fsync=fsync, workdir=workdir, password=password,
+                          extra_args=extra_args, startup_timeout=startup_timeout, tls=tls,
+                          require_tls=require_tls, users=users, netns=netns))
+
+
+def start_servers(options: Sequence[Mapping[str, Any]]) -> list[Server]:
+    """Start one server per entry of ``options`` (the keyword arguments of :func:`start_server`), all
+    launched before any is waited for; the servers in that order.
+
+    A server takes about 35 ms from its launch to its first answer here, almost all of it waiting: ten
+    started one after the other held a ten-peer run back 0.45 s, side by side 0.06 s. If one cannot
+    start, those already started are stopped and its :class:`ServerError` is raised. Every process is
+    spawned from the calling thread, as :func:`start_server` does (a server dies with the thread that
+    started it).
+    """
+    pending: list[_Launch] = []
+    started: list[Server] = []
+    try:
+        for kw in options:
+            pending.append(_launch(**kw))
+        while pending:
+            started.append(_await(pending[0]))
+            pending.pop(0)
+    except BaseException:
+        for launch in pending:
+            launch.abandon()
+        for server in started:
+            server.stop()
+        raise
+    return started
+
+
+@dataclass
+class _Launch:
+    """A server process launched by :func:`_launch` and not yet known to answer: what :func:`_await`
+    needs to wait for it, to launch it again on another port, or to give up on it."""
+
+    server: Server | None
+    exe: Path
+    workdir: Path
+    owns: bool
+    args: list[str]
+    extra_args: list[str]
+    host: str
+    port: int | None
+    unix_socket: bool
+    tls: Any
+    netns: str | None
+    password: str | None
+    startup_timeout: float
+    attempts: int
+
+    def abandon(self) -> None:
+        """Stop the process and remove the directory this launch made."""
+        self.server.owns_workdir = self.owns
+        self.server.stop()
+
+
+def _launch(
+    binary: str | os.PathLike | None = None,
+    *,
+    module: bool | str | os.PathLike = True,
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    unix_socket: bool = False,
+    persistence: bool = False,
+    fsync: str = "everysec",
+    workdir: str | os.PathLike | None = None,
+    password: str | None = None,
+    extra_args: list[str] | tuple[str, ...] = (),
+    startup_timeout: float = 15.0,
+    tls=None,
+    require_tls: bool = False,
+    users: Mapping[str, str] | None = None,
+    netns: str | None = None,
+) -> _Launch:
+    """The first half of :func:`start_server` (same parameters): check, prepare the directory, spawn."""
     if users is not None and password:
         raise ValueError("users and password: the default user's password belongs in users")
     exe = find_server_binary(binary)
@@ -510,40 +589,63 @@ def start_server(
     if password:
         args += ["--requirepass", password]
 
-    attempts = 1 if (port is not None or unix_socket) else 5
+    launch = _Launch(server=None, exe=exe, workdir=wd, owns=owns, args=args, extra_args=list(extra_args),
+                     host=host, port=port, unix_socket=unix_socket, tls=tls, netns=netns, password=password,
+                     startup_timeout=startup_timeout, attempts=1 if (port is not None or unix_socket) else 5)
+    try:
+        _spawn_attempt(launch)
+    except BaseException:
+        if owns:
+            shutil.rmtree(wd, ignore_errors=True)
+        raise
+    return launch
+
+
+def _spawn_attempt(launch: _Launch) -> None:
+    """Spawn the server of ``launch`` (on a free port if none was given) as ``launch.server``."""
+    host, tls, wd = launch.host, launch.tls, launch.workdir
+    if launch.unix_socket:
+        sock = str(wd / "db.sock")
+        listen = ["--port", "0", "--unixsocket", sock, "--unixsocketperm", "700"]
+        the_port = None
+    else:
+        the_port = launch.port if launch.port is not None else (6379 if launch.netns else _free_port(host))
+        listen = ["--port", str(the_port)]
+        sock = None
+    if tls is not None:
+        listen = ["--port", "0", "--tls-port", str(the_port), *tls.server_args()]
+    args = launch.args + listen + launch.extra_args
+    proc = _spawn(args, launch.netns)
+    where = f"[{host}]" if ":" in host else host
+    url = f"unix://{sock}" if sock else f"{'rediss' if tls else 'redis'}://{where}:{the_port}"
+    launch.server = Server(
+        url=url,
+        host=None if (sock or tls) else host,
+        port=the_port,
+        unix_socket=sock,
+        binary=launch.exe,
+        process=proc,
+        workdir=wd,
+        logfile=wd / "server.log",
+        owns_workdir=launch.owns,
+        password=launch.password,
+        args=args,
+        client_options=tls.client_kwargs() if tls is not None else {},
+        netns=launch.netns,
+    )
+    with _live_lock:
+        _live.add(launch.server)
+
+
+def _await(launch: _Launch) -> Server:
+    """The second half of :func:`start_server`: wait until the server answers, launching it again on
+    another free port (up to ``launch.attempts`` in all) if the one picked was taken meanwhile."""
     last_err = ""
-    for _ in range(attempts):
-        if unix_socket:
-            sock = str(wd / "db.sock")
-            listen = ["--port", "0", "--unixsocket", sock, "--unixsocketperm", "700"]
-            the_port = None
-        else:
-            the_port = port if port is not None else (6379 if netns else _free_port(host))
-            listen = ["--port", str(the_port)]
-            sock = None
-        if tls is not None:
-            listen = ["--port", "0", "--tls-port", str(the_port), *tls.server_args()]
-        proc = _spawn(args + listen + list(extra_args), netns)
-        where = f"[{host}]" if ":" in host else host
-        url = f"unix://{sock}" if sock else f"{'rediss' if tls else 'redis'}://{where}:{the_port}"
-        server = Server(
-            url=url,
-            host=None if (sock or tls) else host,
-            port=the_port,
-            unix_socket=sock,
-            binary=exe,
-            process=proc,
-            workdir=wd,
-            logfile=logfile,
-            owns_workdir=owns,
-            password=password,
-            args=args + listen + list(extra_args),
-            client_options=tls.client_kwargs() if tls is not None else {},
-            netns=netns,
-        )
-        with _live_lock:
-            _live.add(server)
-        err = _wait_ready(server, startup_timeout)
+    for attempt in range(launch.attempts):
+        if attempt:
+            _spawn_attempt(launch)
+        server = launch.server
+        err = _wait_ready(server, launch.startup_timeout)
         if err is None:
             return server
         last_err = err
@@ -551,9 +653,9 @@ def start_server(
         server.stop()
         if "Address already in use" not in last_err:
             break
-    if owns:
-        shutil.rmtree(wd, ignore_errors=True)
-    raise ServerError(f"{exe} did not start: {last_err[-2000:] or 'no output (timed out)'}")
+    if launch.owns:
+        shutil.rmtree(launch.workdir, ignore_errors=True)
+    raise ServerError(f"{launch.exe} did not start: {last_err[-2000:] or 'no output (timed out)'}")
 
 
 _tls_support: dict[str, bool] = {}

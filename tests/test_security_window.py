@@ -164,21 +164,22 @@ def test_spirt_run_starts_every_database_closed(tmp_path, monkeypatch, mode):
 
     make_group(tmp_path, 2, "g")
     tried: list[str] = []
-    real = runner.start_server
+    real = runner.start_servers
 
-    def start_and_try(*args, **kwargs):
-        srv = real(*args, **kwargs)
-        c = srv.client(socket_timeout=2)
-        try:
-            c.execute_command(*BACKDOOR)
-            tried.append("open")
-        except redis.RedisError as exc:
-            tried.append(str(exc))
-        finally:
-            c.close()
-        return srv
+    def start_and_try(options):
+        servers = real(options)
+        for srv in servers:
+            c = srv.client(socket_timeout=2)
+            try:
+                c.execute_command(*BACKDOOR)
+                tried.append("open")
+            except redis.RedisError as exc:
+                tried.append(str(exc))
+            finally:
+                c.close()
+        return servers
 
-    monkeypatch.setattr(runner, "start_server", start_and_try)
+    monkeypatch.setattr(runner, "start_servers", start_and_try)
     df = runner.run_training(_cfg(tmp_path, **{"peers.mode": mode}), progress=False, timeout_s=300)
     assert len(tried) == 2 and "open" not in tried, tried
     assert sorted(df["round"]) == [0, 0, 1, 1] and (df["peers_aggregated"] == 2).all()

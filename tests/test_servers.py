@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from spirt.backends import get_backend
-from spirt.servers import ServerError, capabilities, connect, find_server_binary, start_server
+from spirt.servers import ServerError, capabilities, connect, find_server_binary, start_server, start_servers
 
 
 def _pid_alive(pid: int) -> bool:
@@ -88,6 +88,57 @@ def test_a_server_that_cannot_start_leaves_no_directory(tmp_path, monkeypatch):
         start_server("valkey", persistence=True, fsync="sometimes")
     with pytest.raises(ServerError, match="did not start"):
         start_server("valkey", extra_args=["--no-such-option", "1"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_start_servers_launches_every_server_before_waiting_for_any(monkeypatch):
+    """The servers of a run start side by side: each takes tens of milliseconds to answer, mostly
+    waiting, and ten waited for in turn held every run back by that much ten times over."""
+    import spirt.servers as servers
+
+    spawned: list[int] = []
+    at_first_wait: list[int] = []
+    real_spawn, real_wait = servers._spawn, servers._wait_ready
+
+    def spawn(args, netns=None):
+        proc = real_spawn(args, netns)
+        spawned.append(proc.pid)
+        return proc
+
+    def wait(server, timeout):
+        if not at_first_wait:
+            at_first_wait.append(len(spawned))
+        return real_wait(server, timeout)
+
+    monkeypatch.setattr(servers, "_spawn", spawn)
+    monkeypatch.setattr(servers, "_wait_ready", wait)
+    started = start_servers([{"unix_socket": True}] * 3 + [{"binary": "valkey", "module": False}])
+    try:
+        assert at_first_wait == [4]
+        assert [s.pid for s in started] == spawned  # in the order given
+        assert all(s.client().ping() for s in started)
+        assert started[3].unix_socket is None and started[3].port
+    finally:
+        for s in started:
+            s.stop()
+
+
+@pytest.mark.parametrize("bad", [{"extra_args": ["--no-such-option", "1"]}, {"fsync": "sometimes", "persistence": True}])
+def test_start_servers_stops_the_others_when_one_cannot_start(tmp_path, monkeypatch, bad):
+    """A server that fails to answer (or is refused before it is launched) ends the whole start: the
+    servers launched before and after it are stopped and no working directory is left."""
+    import tempfile
+
+    import spirt.servers as servers
+
+    spawned = []
+    real_spawn = servers._spawn
+    monkeypatch.setattr(servers, "_spawn", lambda args, netns=None: spawned.append(real_spawn(args, netns)) or spawned[-1])
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises((ServerError, ValueError)):
+        start_servers([{"unix_socket": True}, {"unix_socket": True}, {"unix_socket": True, **bad}, {"unix_socket": True}])
+    assert len(spawned) == (4 if "extra_args" in bad else 2)
+    assert all(_wait_dead(p.pid) for p in spawned)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -670,19 +670,12 @@ def _train(cell: Cell, t: Training, data_dir: str | None) -> dict[str, Any]:
 
 def _start_servers(t: Training, unix_socket: bool) -> list:
     """One database server per peer, as the launcher starts them (the module if the backend needs it, unix
-    sockets unless configured otherwise). One after the other, from this thread: a server is bound to
-    die with the thread that started it, so a helper thread's servers would die with the helper."""
+    sockets unless configured otherwise), side by side (:func:`spirt.servers.start_servers`)."""
     from ..backends import needs_module
-    from ..servers import start_server
+    from ..servers import start_servers
 
-    servers = []
-    try:
-        for _ in range(t.n_peers):
-            servers.append(start_server(t.server, module=needs_module(t.backend), unix_socket=unix_socket))
-    except BaseException:
-        _stop_servers(servers)
-        raise
-    return servers
+    return start_servers([dict(binary=t.server, module=needs_module(t.backend), unix_socket=unix_socket)]
+                         * t.n_peers)
 
 
 def _stop_servers(servers: list) -> None:
