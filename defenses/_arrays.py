@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import cache
 from typing import Any
 
@@ -170,25 +170,88 @@ def sorting_network(n: int) -> tuple[tuple[int, int], ...]:
     return tuple(pairs)
 
 
-def sort_columns(x: np.ndarray) -> np.ndarray:
+@cache
+def needed_comparators(n: int, wanted: tuple[int, ...]) -> tuple[tuple[int, int, bool, bool], ...]:
+    """The comparators of :func:`sorting_network` that the sorted positions ``wanted`` depend on, in order,
+    as (a, b, min needed, max needed).
+
+    Found backwards from the outputs: a comparator whose two outputs nothing later reads is dropped, and
+    of one whose min (or max) alone is read later, only that half is computed. What remains computes the
+    wanted positions with the very same operations on the very same values as the whole network. For
+    the median of 10 rows it keeps 19 of the 31 comparators, 9 of them halved.
+    """
+    need = set(wanted)
+    kept = []
+    for a, b in reversed(sorting_network(n)):
+        lo, hi = a in need, b in need
+        if lo or hi:
+            kept.append((a, b, lo, hi))
+            need |= {a, b}
+    return tuple(reversed(kept))
+
+
+def sort_columns(x: np.ndarray, wanted: range | None = None) -> np.ndarray:
     """``np.sort(x, axis=0)``: every column of an (n, d) array in ascending order, NaN last; a new array.
+    With ``wanted`` (a range of sorted positions), only those rows of it, e.g. ``range(n // 2, n // 2 + 1)``
+    for the median of an odd n.
 
     The peers' rules sort a few rows of many coordinates. ``np.sort`` along axis 0 sorts each strided
     column on its own; a comparator network instead runs elementwise min/max over whole rows, contiguous
-    and vectorized, 3.5 times as fast at n = 10. min/max do not order NaN, so an array holding one takes
-    ``np.sort``. The two may order -0.0 and +0.0 differently (they are equal); every other value sits in
-    the same place.
+    and vectorized, 3.5 times as fast at n = 10, and the positions not wanted are not computed
+    (:func:`needed_comparators`). min/max do not order NaN, so an array holding one takes ``np.sort``.
+    The two may order -0.0 and +0.0 differently (they are equal); every other value sits in the same
+    place.
     """
-    n = x.shape[0]
-    if not 0 < n <= NETWORK_MAX_ROWS or x.ndim != 2 or x.dtype.kind != "f" or np.isnan(x).any():
-        return np.sort(x, axis=0)
+    wanted = range(x.shape[0]) if wanted is None else wanted
+    if not _network_sorts(x):
+        return np.sort(x, axis=0)[wanted.start : wanted.stop]
+    return np.stack(_network_rows(x, wanted))
+
+
+def sorted_rows(x: np.ndarray, wanted: range) -> list[np.ndarray]:
+    """The rows ``wanted`` of :func:`sort_columns` as separate arrays of this call's own (the caller may
+    overwrite them), without stacking them into one: a rule that only sums or picks them saves a copy
+    of them all."""
+    if not _network_sorts(x):
+        srt = np.sort(x, axis=0)
+        return [srt[k] for k in wanted]
+    return _network_rows(x, wanted)
+
+
+def mean_of_rows(rows: Sequence[np.ndarray]) -> np.ndarray:
+    """``np.stack(rows).mean(axis=0)`` bit for bit, without the copy of every row that stacking makes.
+
+    numpy reduces an (m, d) float array along axis 0 by adding its rows in order to a +0.0 and dividing
+    by m; its pairwise summation applies along a contiguous axis only, which a single column (d = 1) is,
+    so that case, and any non-float one, takes numpy's own expression.
+    """
+    first = rows[0]
+    if first.ndim != 1 or first.shape[0] < 2 or first.dtype.kind != "f":
+        return np.stack(rows).mean(axis=0)
+    total = np.zeros_like(first)
+    for row in rows:
+        total += row
+    total /= len(rows)
+    return total
+
+
+def _network_sorts(x: np.ndarray) -> bool:
+    return 0 < x.shape[0] <= NETWORK_MAX_ROWS and x.ndim == 2 and x.dtype.kind == "f" and not np.isnan(x).any()
+
+
+def _network_rows(x: np.ndarray, wanted: range) -> list[np.ndarray]:
     rows = list(np.array(x, copy=True))  # views of one copy; the network swaps which buffer holds a row
     spare = np.empty_like(x[0])
-    for a, b in sorting_network(n):
-        np.minimum(rows[a], rows[b], out=spare)
-        np.maximum(rows[a], rows[b], out=rows[b])
-        rows[a], spare = spare, rows[a]
-    return np.stack(rows)
+    for a, b, lo, hi in needed_comparators(x.shape[0], tuple(wanted)):
+        if lo and hi:
+            np.minimum(rows[a], rows[b], out=spare)
+            np.maximum(rows[a], rows[b], out=rows[b])
+            rows[a], spare = spare, rows[a]
+        elif lo:  # nothing reads the max: the min goes where row a was
+            np.minimum(rows[a], rows[b], out=rows[a])
+        else:
+            np.maximum(rows[a], rows[b], out=rows[b])
+    return [rows[k] for k in wanted]
 
 
 def finite_rows(x: np.ndarray) -> np.ndarray:

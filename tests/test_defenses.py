@@ -667,6 +667,43 @@ def test_byzantine_sort_columns_is_numpys_sort(n, dtype):
     assert np.array_equal(defenses._arrays.sort_columns(x), np.sort(x, axis=0), equal_nan=True)
 
 
+@pytest.mark.parametrize("n", range(1, defenses._arrays.NETWORK_MAX_ROWS + 1))
+def test_byzantine_sorted_positions_alone_are_the_whole_sorts_bits(n):
+    """The median and the trimmed mean compute only the sorted rows they read (the comparators those
+    depend on, some of them halved): every range of positions has the whole network's values bit for
+    bit, signed zeros included (min/max keep the sign the whole network gives), and the 0/1 inputs of
+    every column show each pruned network still sorts those positions."""
+    rng = np.random.default_rng(100 + n)
+    x = np.concatenate([
+        rng.standard_normal((n, 200)),
+        np.round(rng.standard_normal((n, 100))),  # ties
+        np.where(rng.random((n, 100)) < 0.5, -0.0, 0.0),  # equal zeros of both signs
+        ((np.arange(2 ** min(n, 12))[None, :] >> np.arange(n)[:, None]) & 1).astype(float),  # 0/1 inputs
+    ], axis=1)
+    whole = defenses._arrays.sort_columns(x)
+    for lo in range(n):
+        for hi in range(lo + 1, n + 1):
+            part = defenses._arrays.sort_columns(x, range(lo, hi))
+            assert part.tobytes() == whole[lo:hi].tobytes(), (lo, hi)
+            rows = defenses._arrays.sorted_rows(x, range(lo, hi))
+            assert np.stack(rows).tobytes() == whole[lo:hi].tobytes(), (lo, hi)
+    median = defenses._arrays.needed_comparators(10, (4, 5))
+    assert len(median) < len(defenses._arrays.sorting_network(10))  # something is left out
+    assert not all(lo and hi for _, _, lo, hi in median)  # and something halved
+
+
+@pytest.mark.parametrize("d", [1, 2, 300])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_byzantine_mean_of_rows_is_numpys_mean(d, dtype):
+    """mean_of_rows adds the rows in order as numpy does along axis 0, except on a single column, where
+    numpy sums pairwise (it differs from in-order sums from 8 rows on): the same bits in every case."""
+    rng = np.random.default_rng(d)
+    for m in range(1, 21):
+        rows = [(rng.standard_normal(d) * 10.0 ** rng.integers(-3, 4)).astype(dtype) for _ in range(m)]
+        rows[0][rng.random(d) < 0.3] = -0.0
+        assert defenses._arrays.mean_of_rows(rows).tobytes() == np.stack(rows).mean(axis=0).tobytes(), m
+
+
 def _reference_geometric_median(x: np.ndarray, eps: float, max_iter: int, tol: float) -> np.ndarray:
     """The smoothed Weiszfeld iteration written plainly (median start), as the rule computed it before its
     kernels were made fast."""
