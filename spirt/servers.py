@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import inspect
 import os
 import shutil
 import signal
@@ -27,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import redis
@@ -462,10 +464,7 @@ def start_server(
         ``host``, an address of that namespace; ``port`` defaults to 6379 there (the namespace's ports
         are its own, and a free port cannot be looked up from here).
     """
-    return _await(_launch(binary, module=module, port=port, host=host, unix_socket=unix_socket,
-                          persistence=persistence, fsync=fsync, workdir=workdir, password=password,
-                          extra_args=extra_args, startup_timeout=startup_timeout, tls=tls,
-                          require_tls=require_tls, users=users, netns=netns))
+    return start_servers([locals()])[0]  # its parameters, before anything else is defined here
 
 
 def start_servers(options: Sequence[Mapping[str, Any]]) -> list[Server]:
@@ -482,7 +481,7 @@ def start_servers(options: Sequence[Mapping[str, Any]]) -> list[Server]:
     started: list[Server] = []
     try:
         for kw in options:
-            pending.append(_launch(**kw))
+            pending.append(_launch(kw))
         while pending:
             started.append(_await(pending[0]))
             pending.pop(0)
@@ -521,77 +520,65 @@ class _Launch:
         self.server.stop()
 
 
-def _launch(
-    binary: str | os.PathLike | None = None,
-    *,
-    module: bool | str | os.PathLike = True,
-    port: int | None = None,
-    host: str = "127.0.0.1",
-    unix_socket: bool = False,
-    persistence: bool = False,
-    fsync: str = "everysec",
-    workdir: str | os.PathLike | None = None,
-    password: str | None = None,
-    extra_args: list[str] | tuple[str, ...] = (),
-    startup_timeout: float = 15.0,
-    tls=None,
-    require_tls: bool = False,
-    users: Mapping[str, str] | None = None,
-    netns: str | None = None,
-) -> _Launch:
-    """The first half of :func:`start_server` (same parameters): check, prepare the directory, spawn."""
-    if users is not None and password:
+def _launch(options: Mapping[str, Any]) -> _Launch:
+    """The first half of :func:`start_server`: check, prepare the directory, spawn. ``options`` are its
+    keyword arguments, checked against its signature (its defaults for those not given)."""
+    bound = inspect.signature(start_server).bind(**options)
+    bound.apply_defaults()
+    o = SimpleNamespace(**bound.arguments)
+    if o.users is not None and o.password:
         raise ValueError("users and password: the default user's password belongs in users")
-    exe = find_server_binary(binary)
-    if require_tls and tls is None:
+    exe = find_server_binary(o.binary)
+    if o.require_tls and o.tls is None:
         raise ServerError("require_tls: no TLS certificate given for the database server")
-    if tls is not None and not supports_tls(exe):
+    if o.tls is not None and not supports_tls(exe):
         msg = (f"{exe} was built without TLS support: traffic to this database (including passwords) "
                "is not encrypted; use a server with TLS (Debian's redis-server) for peers on other hosts")
-        if require_tls:
+        if o.require_tls:
             raise ServerError(f"{msg}. require_tls is set: refusing to start it")
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
-        tls = None
-    if tls is not None:
-        unix_socket = False  # TLS is for TCP clients; a unix socket would bypass it
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        o.tls = None
+    if o.tls is not None:
+        o.unix_socket = False  # TLS is for TCP clients; a unix socket would bypass it
     # every check that can refuse comes before the working directory exists, so a refusal leaves none
-    if fsync not in ("always", "everysec", "no"):
-        raise ValueError(f"fsync must be 'always', 'everysec' or 'no', got {fsync!r}")
-    so = (module_path() if module is True else Path(module)) if module else None
+    if o.fsync not in ("always", "everysec", "no"):
+        raise ValueError(f"fsync must be 'always', 'everysec' or 'no', got {o.fsync!r}")
+    so = (module_path() if o.module is True else Path(o.module)) if o.module else None
     if so is not None and not Path(so).exists():
         raise ServerError(f"tensor module {str(so)!r} not found; build it with pip install -e .")
-    owns = workdir is None
-    wd = Path(tempfile.mkdtemp(prefix="spirt-db-")) if owns else Path(workdir)
+    owns = o.workdir is None
+    wd = Path(tempfile.mkdtemp(prefix="spirt-db-")) if owns else Path(o.workdir)
     wd.mkdir(parents=True, exist_ok=True)
     logfile = wd / "server.log"
 
-    args = [str(exe), "--bind", host, "--daemonize", "no", "--dir", str(wd), "--logfile", str(logfile)]
-    if host not in ("127.0.0.1", "::1", "localhost"):
+    args = [str(exe), "--bind", o.host, "--daemonize", "no", "--dir", str(wd), "--logfile", str(logfile)]
+    if o.host not in ("127.0.0.1", "::1", "localhost"):
         args += ["--protected-mode", "no"]
     aclfile = wd / "users.acl"
     try:
-        if users is not None:
-            write_acl_file(aclfile, users)
+        if o.users is not None:
+            write_acl_file(aclfile, o.users)
             args += ["--aclfile", str(aclfile)]
-        if persistence and not password and users is None:
+        if o.persistence and not o.password and o.users is None:
             write_acl_file(aclfile, {})  # ACL users (ACL SAVE) come back with the data after a restart
             args += ["--aclfile", str(aclfile)]
     except BaseException:
         if owns:
             shutil.rmtree(wd, ignore_errors=True)
         raise
-    if persistence:
-        args += ["--appendonly", "yes", "--appendfsync", fsync, "--save", ""]
+    if o.persistence:
+        args += ["--appendonly", "yes", "--appendfsync", o.fsync, "--save", ""]
     else:
         args += ["--appendonly", "no", "--save", ""]
-    if module:
+    if o.module:
         args += ["--loadmodule", str(so)]
-    if password:
-        args += ["--requirepass", password]
+    if o.password:
+        args += ["--requirepass", o.password]
 
-    launch = _Launch(server=None, exe=exe, workdir=wd, owns=owns, args=args, extra_args=list(extra_args),
-                     host=host, port=port, unix_socket=unix_socket, tls=tls, netns=netns, password=password,
-                     startup_timeout=startup_timeout, attempts=1 if (port is not None or unix_socket) else 5)
+    launch = _Launch(server=None, exe=exe, workdir=wd, owns=owns, args=args, extra_args=list(o.extra_args),
+                     host=o.host, port=o.port, unix_socket=o.unix_socket, tls=o.tls, netns=o.netns,
+                     password=o.password, startup_timeout=o.startup_timeout,
+                     attempts=1 if (o.port is not None or o.unix_socket) else 5)
     try:
         _spawn_attempt(launch)
     except BaseException:
