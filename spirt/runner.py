@@ -215,7 +215,6 @@ def run_training(cfg: Config, *, progress: bool = True, timeout_s: float | None 
         if cfg.peers.urls:
             urls = list(cfg.peers.urls)
         else:
-            servers = []
             if state_dir is not None:
                 Path(state_dir).mkdir(parents=True, exist_ok=True)
                 if not resume:
