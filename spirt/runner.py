@@ -495,12 +495,20 @@ def write_run_reports(df: pd.DataFrame, out_dir: str | Path, label: str = "") ->
     df.attrs.update(attrs)
     summary = summarize(df)
     df.to_csv(out / f"{stem}.csv", index=False)
+    # what the peers said happened (exclusions, state transfers, rollbacks, resumes...): a round missing
+    # from a peer's rows is explained there
+    events = attrs.get("events")
+    if events is None:
+        events = pd.DataFrame(columns=EVENT_COLUMNS)
+    events.to_csv(out / f"{stem}_events.csv", index=False)
+    counts = events["event"].value_counts()
+    said = ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items())) or "none"
     evals = df.dropna(subset=["accuracy"])
     notes = "\n".join(f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}" for k, v in summary.items())
     write_table(evals, out, f"{stem}_eval", f"Evaluated rounds {label}".strip(), notes)
     (out / f"{stem}.md").write_text(
-        f"# Training run {label}\n\n{notes}\n\nPer-round metrics of every peer: `{stem}.csv`; evaluated rounds: "
-        f"`{stem}_eval.md`; curves: `{stem}.png`.\n"
+        f"# Training run {label}\n\n{notes}\n- events: {said}\n\nPer-round metrics of every peer: `{stem}.csv`; "
+        f"the peers' events: `{stem}_events.csv`; evaluated rounds: `{stem}_eval.md`; curves: `{stem}.png`.\n"
     )
     plot_rounds(df, out / f"{stem}.png", title=f"SPIRT training {label}".strip())
     return summary

@@ -175,6 +175,10 @@ def test_run_in_processes_writes_rounds(tmp_path):
     for col in ["round", "peer", "loss", "accuracy", "t_compute", "t_store", "t_average", "t_exchange", "t_update"]:
         assert col in out.columns
     assert (tmp_path / "rounds_module.png").stat().st_size > 1000
+    # the peers' events go with the rows (none in a run without faults), and the summary counts them
+    events = pd.read_csv(tmp_path / "rounds_module_events.csv")
+    assert list(events.columns) == ["t", "round", "peer", "event", "about", "detail"] and events.empty
+    assert "- events: none" in (tmp_path / "rounds_module.md").read_text()
     assert out["functions_ok"].eq(cfg.peers.functions).all()
     assert 0.0 < summary["final_accuracy"] <= 1.0
     # peers stay identical: same accuracy at every evaluation
