@@ -3,6 +3,8 @@ the exchange counted by the servers, and the cost model's fit on synthetic point
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import psutil
@@ -20,13 +22,20 @@ def _children() -> set[int]:
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """``spirt bench scaling -- --quick``: P = 2 and 3, mlp, 2 measured rounds; the report directory and
-    the child processes that outlived it (none expected)."""
-    out = tmp_path_factory.mktemp("scaling")
+    """``spirt bench scaling -- --quick``: P = 2 and 3, mlp, 2 measured rounds, run from a fresh working
+    directory without ``--out``; the report directory and the child processes that outlived it (none
+    expected). A smoke run writes to results/, never over the committed reports/."""
+    cwd = tmp_path_factory.mktemp("scaling")
     before = _children()
-    assert scaling.main(["--quick", "--quiet", "--out", str(out)]) == 0
+    home = os.getcwd()
+    os.chdir(cwd)
+    try:
+        assert scaling.main(["--quick", "--quiet"]) == 0
+    finally:
+        os.chdir(home)
     left = {pid for pid in _children() - before if psutil.pid_exists(pid)}
-    return out, left
+    assert not (cwd / "reports").exists()
+    return cwd / "results", left
 
 
 def test_quick_run_writes_the_three_reports(quick):
@@ -42,7 +51,7 @@ def test_quick_run_writes_the_three_reports(quick):
     assert (df[[c for c in df if c.startswith("t_")]] > 0).all().all()
     assert (df["cpu_process_peer_s"] > 0).all() and (df["cpu_servers_peer_s"] > 0).all()
     md = (out / "scaling.md").read_text()
-    assert "Command: `spirt bench scaling -- --quick --quiet --out" in md
+    assert "Command: `spirt bench scaling -- --quick --quiet`" in md
     assert "2 cores" in md and "P = 1,000" in md and "every round of every cell had exactly P(P - 1)" in md
 
 
@@ -132,3 +141,16 @@ def test_exchange_commands_are_told_from_local_ones():
 def test_cli_wires_bench_scaling():
     args = build_parser().parse_args(["bench", "scaling", "--", "--quick"])
     assert args.func.__name__ == "_cmd_bench_scaling" and args.rest == ["--", "--quick"]
+
+
+def test_reports_go_to_out_else_results_for_a_smoke_run_else_reports(monkeypatch):
+    from pathlib import Path
+
+    from spirt.benchmarks.update import out_dir
+
+    monkeypatch.delenv("SPIRT_REPORTS_DIR", raising=False)
+    assert out_dir("/tmp/x", quick=True) == Path("/tmp/x")
+    assert out_dir(None, quick=True) == Path("results")
+    assert out_dir(None) == Path("reports")
+    monkeypatch.setenv("SPIRT_REPORTS_DIR", "/tmp/r")
+    assert out_dir(None) == Path("/tmp/r") and out_dir(None, quick=True) == Path("results")

@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from .update import RESNET18, SIZE_NAMES, measure_interleaved, reports_dir, steady_client_allocator
+from .update import RESNET18, SIZE_NAMES, measure_interleaved, out_dir, steady_client_allocator
 
 #: (rate in Mbit/s, requested round trip in ms: None = the kernel path alone)
 LINKS = [(1000, None), (1000, 0.5), (10000, None), (10000, 0.5)]
@@ -266,8 +266,9 @@ def write_reports(rows: list[dict], out_dir, command: str, rounds: list[dict] = 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="spirt bench network", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(reports_dir()),
-                   help="report directory (default: $SPIRT_REPORTS_DIR, else reports/ in the working directory)")
+    p.add_argument("--out", help="report directory (default: $SPIRT_REPORTS_DIR, else reports/ in the working "
+                                 "directory; with --quick: results/, so that a smoke run never replaces the full "
+                                 "run's reports)")
     p.add_argument("--budget", type=float, default=10.0, help="seconds of calls per backend and cell")
     p.add_argument("--quick", action="store_true", help="1M floats only, and a short mlp training (a smoke run)")
     p.add_argument("--no-rounds", action="store_true", help="the update-time part only")
@@ -294,8 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         models = {"mlp": (4, 2, 32, 3)} if args.quick else ROUND_MODELS
         rounds = round_times(models, log=log)
     command = "spirt bench network -- " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_reports(rows, args.out, command.strip(), rounds)
-    print(f"reports written to {args.out}/network.{{csv,md,png}}", file=sys.stderr)
+    out = out_dir(args.out, args.quick)
+    write_reports(rows, out, command.strip(), rounds)
+    print(f"reports written to {out}/network.{{csv,md,png}}", file=sys.stderr)
     return 0
 
 

@@ -943,16 +943,11 @@ def _model_order(col: pd.Series) -> pd.Series:
     return col.map(lambda m: order.get(m, len(order)))
 
 
-def reports_dir() -> Path:
-    from .update import reports_dir as default
-
-    return Path(default())
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="spirt bench scaling", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", help="report directory (default: $SPIRT_REPORTS_DIR, else reports)")
+    p.add_argument("--out", help="report directory (default: $SPIRT_REPORTS_DIR, else reports; with --quick: "
+                                 "results, so that a smoke run never replaces the full run's reports)")
     p.add_argument("--models", nargs="+", help=f"models (default: {' '.join(DEFAULT_MODELS)})")
     p.add_argument("--peers", nargs="+", type=int, help=f"group sizes (default: {' '.join(map(str, DEFAULT_PEERS))})")
     p.add_argument("--rounds", type=int, help=f"measured rounds after the warm-up (default: {Setting().rounds})")
@@ -979,7 +974,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)
     except ImportError:  # pragma: no cover
         pass
-    out = Path(args.out) if args.out else reports_dir()
+    from .update import out_dir
+
+    out = out_dir(args.out, args.quick)
     t0 = time.perf_counter()
     rows, _ = run(models, peers, setting, progress=not args.quiet)
     wall = time.perf_counter() - t0

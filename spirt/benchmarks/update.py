@@ -283,6 +283,15 @@ def reports_dir():
     return Path(os.environ.get("SPIRT_REPORTS_DIR") or "reports")
 
 
+def out_dir(given: str | None, quick: bool = False):
+    """Where a benchmark run writes its reports: ``given`` (its ``--out``); else, for a smoke run
+    (``--quick``), ``results/`` in the working directory, so that a smoke run never replaces the committed
+    figures of the full one; else :func:`reports_dir`."""
+    from pathlib import Path
+
+    return Path(given) if given else Path("results") if quick else reports_dir()
+
+
 PROFILES = {
     # CI-sized: quick, but large enough that the database paths are not dominated by round trips
     "small": dict(sizes=(100_000, 1_000_000), ks=(4, 8),
