@@ -199,7 +199,7 @@ COLUMNS = ["link_mbit", "delay", "rtt_requested_ms", "rtt_measured_ms", "backend
            "median_s", "min_s", "speedup_vs_client", "speedup_vs_default_client"]
 
 
-def write_reports(rows: list[dict], out_dir, command: str, rounds: list[dict] = ()) -> None:
+def write_reports(rows: list[dict], out, command: str, rounds: list[dict] = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -225,10 +225,10 @@ def write_reports(rows: list[dict], out_dir, command: str, rounds: list[dict] = 
         "the link. Medians of calls taken in alternation; ratios within one link and cell.\n\n"
         f"Command: `{command}`"
     )
-    _, md = write_table(df, out_dir, "network", "Update time over an emulated link", notes)
+    _, md = write_table(df, out, "network", "Update time over an emulated link", notes)
     if rounds:
         rt = pd.DataFrame(rounds)
-        rt.to_csv(Path(out_dir) / "network_rounds.csv", index=False)
+        rt.to_csv(Path(out) / "network_rounds.csv", index=False)
         cols = ["model", "backend", "network", "link_mbit", "mean_round_s", "vs_loopback"]
         cols += [c for c in rt.columns if c.startswith("t_")]
         with open(md, "a") as f:
@@ -259,7 +259,7 @@ def write_reports(rows: list[dict], out_dir, command: str, rounds: list[dict] = 
     axes[-1].legend(fontsize=8)
     fig.suptitle("Update time with the database across an emulated link")
     fig.tight_layout()
-    fig.savefig(Path(out_dir) / "network.png", dpi=110)
+    fig.savefig(Path(out) / "network.png", dpi=110)
     plt.close(fig)
 
 
